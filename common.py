@@ -1,0 +1,402 @@
+"""Helpers shared by the scripts: config cascade, the prompt template, model/tokenizer loading, CLI errors.
+
+Everything here is small on purpose: the scripts (`processing_meta_review.py`, `fine_tune.py`,
+`steer.py`, `evaluation.py`) import it so that training and inference build prompts the same way
+and every script reads its configuration the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# The prompt. One template, imported by every script, so training and inference never disagree.
+# The target is " " + meta-review + EOS: the leading space keeps the token boundary after the cue
+# clean, and the EOS is what teaches the model to stop.
+# ---------------------------------------------------------------------------------------------
+PROMPT_TEMPLATE = "Peer reviews of a paper:\n\n{reviews}\n\nMeta-review:"
+REVIEW_JOINER = "\n\n"
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input (flag, file, model path). Printed as one line, exit code 2."""
+
+
+def render_prompt(reviews: Sequence[str]) -> str:
+    """Fill the template. `render_prompt(["Good paper.", "Weak baselines."])` gives
+    'Peer reviews of a paper:\\n\\nGood paper.\\n\\nWeak baselines.\\n\\nMeta-review:'."""
+    return PROMPT_TEMPLATE.format(reviews=REVIEW_JOINER.join(reviews))
+
+
+def render_target(meta_review: str, eos_token: str) -> str:
+    """The training target: `render_target("Accept.", "<|endoftext|>")` -> ' Accept.<|endoftext|>'."""
+    return " " + meta_review + eos_token
+
+
+def allocate_budget(lengths: Sequence[int], budget: int) -> list[int]:
+    """Share `budget` tokens among reviews of the given lengths, max-min fair ("water filling").
+
+    Short reviews keep all their tokens; what they leave is shared equally by the long ones, so no
+    review is cut to nothing because it came last. `allocate_budget([10, 100, 100], 110)` -> [10, 50, 50].
+    """
+    budget = max(budget, 0)
+    alloc = [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    remaining = budget
+    for rank, i in enumerate(order):
+        left = len(order) - rank
+        share = remaining // left
+        alloc[i] = min(lengths[i], share)
+        remaining -= alloc[i]
+    # Integer division may leave up to (n - 1) tokens; give them to truncated reviews, longest first.
+    for i in sorted(order, key=lambda i: -lengths[i]):
+        if remaining == 0:
+            break
+        if alloc[i] < lengths[i]:
+            alloc[i] += 1
+            remaining -= 1
+    return alloc
+
+
+def build_prompt(reviews: Sequence[str], tokenizer, max_prompt_tokens: int | None) -> tuple[str, bool]:
+    """Render the prompt so that `tokenizer(prompt)` has at most `max_prompt_tokens` tokens.
+
+    The reviews are cut token-wise (the head of each review is kept) with the budget shared fairly
+    between reviews; the template itself is never cut. Returns (prompt, was_truncated).
+    """
+    prompt = render_prompt(reviews)
+    if max_prompt_tokens is None:
+        return prompt, False
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if n_prompt <= max_prompt_tokens:
+        return prompt, False
+    overhead = len(tokenizer(render_prompt([""] * len(reviews)), add_special_tokens=False)["input_ids"])
+    if overhead >= max_prompt_tokens:
+        raise UsageError(
+            f"the prompt template alone needs {overhead} tokens but only {max_prompt_tokens} are available; "
+            "raise --max_length (or lower --max_new_tokens)"
+        )
+    review_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in reviews]
+    budget = max_prompt_tokens - overhead
+    # Decoding cut ids and re-encoding the text can merge tokens differently at the cut, so the
+    # count is checked again and the budget shaved until the rendered prompt really fits.
+    while True:
+        alloc = allocate_budget([len(ids) for ids in review_ids], budget)
+        cut = [tokenizer.decode(ids[:n]).strip() for ids, n in zip(review_ids, alloc)]
+        prompt = render_prompt(cut)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n_prompt <= max_prompt_tokens or budget <= 0:
+            return prompt, True
+        budget -= max(1, n_prompt - max_prompt_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: dataclasses + HfArgumentParser, with JSON/YAML config files that cascade.
+# ---------------------------------------------------------------------------------------------
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _config_to_argv(key: str, value: Any) -> list[str]:
+    """{'lr': 1e-4} -> ['--lr', '0.0001']; lists become several values, dicts JSON, None 'None'."""
+    flag = f"--{key}"
+    if isinstance(value, bool):
+        return [flag, str(value).lower()]
+    if isinstance(value, (list, tuple)):
+        return [flag, *[str(v) for v in value]]
+    if isinstance(value, dict):
+        return [flag, json.dumps(value)]
+    return [flag, str(value)]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of flag names to values, not {type(data).__name__}")
+    return data
+
+
+def _check_config_value(parser, key: str, value: Any, source: Path) -> None:
+    """Reject unknown keys and values argparse could not convert, naming the key and the file."""
+    actions = {a.dest: a for a in parser._actions}
+    if key not in actions or key == "help":
+        close = difflib.get_close_matches(key, [d for d in actions if d != "help"], n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see --help for the known keys"
+        raise UsageError(f"unknown key '{key}' in config file {source}; {hint}")
+    action = actions[key]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if v is None:
+            continue
+        text = json.dumps(v) if isinstance(v, dict) else (str(v).lower() if isinstance(v, bool) else str(v))
+        try:
+            converted = action.type(text) if action.type else text
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UsageError(
+                f"config file {source}: key '{key}' has value {v!r}, which is not a valid "
+                f"{getattr(action.type, '__name__', 'value')}"
+            ) from None
+        if action.choices is not None and converted not in action.choices and text not in action.choices:
+            raise UsageError(
+                f"config file {source}: key '{key}' has value {v!r}; choose one of {list(action.choices)}"
+            )
+
+
+def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = None, description: str | None = None):
+    """Parse `[CONFIG ...] [--flag value ...]` into instances of `dataclass_types`.
+
+    Config files (JSON/YAML, given first) cascade: later files override earlier ones and
+    command-line flags override all. Unknown keys and ill-typed values raise UsageError naming
+    the key and the file.
+    """
+    from transformers import HfArgumentParser
+
+    args = list(sys.argv[1:] if args is None else args)
+    parser = HfArgumentParser(dataclass_types, description=description)
+    parser.usage = "%(prog)s [CONFIG.yaml|CONFIG.json ...] [--flag value ...]"
+    parser.epilog = (
+        "Config files come first and cascade: later files override earlier ones; "
+        "command-line flags override all files."
+    )
+    config_files = []
+    while args and not args[0].startswith("-") and args[0].endswith(CONFIG_SUFFIXES):
+        config_files.append(Path(args.pop(0)))
+    if args and not args[0].startswith("-"):
+        raise UsageError(
+            f"unexpected argument '{args[0]}': config files must end in {', '.join(CONFIG_SUFFIXES)} "
+            "and come before the flags"
+        )
+    file_argv: list[str] = []
+    for path in config_files:
+        for key, value in read_config_file(path).items():
+            _check_config_value(parser, key, value, path)
+            file_argv += _config_to_argv(key, value)
+    # Required fields given by a file are no longer required on the command line.
+    given = {a.lstrip("-") for a in file_argv if a.startswith("--")}
+    for action in parser._actions:
+        if action.dest in given:
+            action.required = False
+    return parser.parse_args_into_dataclasses(args=file_argv + args, look_for_args_file=False)
+
+
+def to_jsonable(*objs) -> dict[str, Any]:
+    """Merge dataclasses into one JSON-able dict (for `config.json`), tokens and secrets removed."""
+    out: dict[str, Any] = {}
+    for obj in objs:
+        if obj is None:
+            continue
+        items = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        for k, v in items.items():
+            if "token" in k and k not in ("max_new_tokens", "max_prompt_tokens") and isinstance(v, str):
+                v = "<redacted>"
+            out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI plumbing.
+# ---------------------------------------------------------------------------------------------
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True
+    )
+
+
+def cli(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `main` so that a UsageError ends in one line on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+@contextmanager
+def atomic_directory(output_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary directory beside `output_dir`; on success it replaces `output_dir`.
+
+    A crash (or an exception) leaves `output_dir` as it was and removes the half-written copy.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise UsageError(f"output directory {output_dir} already exists and is not empty; use --overwrite_output_dir")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    except OSError as err:
+        raise UsageError(f"cannot write to {output_dir.parent}: {err.strerror}; choose another --output_dir") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(old)
+        tmp.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(output_dir)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and tokenizers.
+# ---------------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    """Load a tokenizer and make sure it can pad without touching EOS.
+
+    Pythia's tokenizer has `<|padding|>` (id 1) in its vocabulary but older configs do not name it
+    as the pad token; pad = eos would make masking by id hide the real EOS, so we use `<|padding|>`
+    when it exists and fall back to EOS only for tokenizers that have no other choice (labels are
+    masked by position, not by id, so that is still safe).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"cannot load tokenizer '{name_or_path}': {first_line(err)}; pass a Hub id or a local directory "
+            "with tokenizer.json"
+        ) from None
+    if tokenizer.pad_token is None:
+        if "<|padding|>" in tokenizer.get_vocab():
+            tokenizer.pad_token = "<|padding|>"
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise UsageError(f"tokenizer '{name_or_path}' has no EOS token; the target must end with one")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str):
+    """Pythia checkpoints declare float16; on CPU that is slow and lossy, so 'auto' means float32
+    on CPU and bfloat16 on a GPU that supports it (float16 otherwise)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype '{dtype}' is not one of {DTYPES}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = True,
+):
+    """Load a causal LM from a Hub id, a local directory, or a LoRA adapter directory from fine_tune.py.
+
+    Weights load from safetensors only (no pickle). An adapter directory (adapter_config.json) is
+    loaded on its base model and, by default, merged so decoding pays nothing for it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    path = Path(name_or_path)
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            if merge_adapter:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"cannot load model '{name_or_path}': {first_line(err)}; pass a Hub id (e.g. EleutherAI/pythia-70m), "
+            "a directory written by save_pretrained, or a LoRA adapter directory from fine_tune.py"
+        ) from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def vocab_size_of(tokenizer) -> int:
+    """Number of real tokens (Pythia: 50,277, while its embedding matrix has 50,304 padded rows)."""
+    return len(tokenizer)
+
+
+def check_same_vocab(tokenizers: dict[str, Any]) -> None:
+    """Refuse to combine models whose tokenizers map text to different ids."""
+    items = list(tokenizers.items())
+    name0, tok0 = items[0]
+    vocab0 = tok0.get_vocab()
+    for name, tok in items[1:]:
+        if tok.get_vocab() != vocab0:
+            raise UsageError(
+                f"tokenizers of {name0} ({len(tok0)} tokens) and {name} ({len(tok)} tokens) differ; "
+                "steering needs models that share one tokenizer (e.g. all Pythia)"
+            )
+
+
+def clean_whitespace(text: str) -> str:
+    """`clean_whitespace("a  <sep> b\\t c ")` -> 'a\\nb c': MReD's `<sep>` markers become line breaks,
+    runs of spaces collapse, and blank lines are kept at most one deep."""
+    text = text.replace("<sep>", "\n")
+    text = re.sub(r"[ \t\r\f\v\u00a0]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
