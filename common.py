@@ -242,6 +242,13 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def run_cli(main: Callable[..., Any], dataclass_types: Sequence[type], doc: str | None = None) -> Any:
+    """The `if __name__ == "__main__":` body of every script: parse flags and config files, run
+    `main(*parsed)`, and turn a UsageError into one line on stderr and exit code 2."""
+    description = doc.strip().split("\n\n")[0] if doc else None
+    return cli(lambda: main(*parse_config(dataclass_types, description=description)))()
+
+
 @contextmanager
 def atomic_directory(output_dir: str | Path, overwrite: bool = False):
     """Yield a temporary directory beside `output_dir`; on success it replaces `output_dir`.

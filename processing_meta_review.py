@@ -34,12 +34,11 @@ from common import (
     atomic_directory,
     build_prompt,
     clean_whitespace,
-    cli,
     first_line,
     load_tokenizer,
-    parse_config,
     render_prompt,
     render_target,
+    run_cli,
     setup_logging,
     to_jsonable,
     write_json,
@@ -363,7 +362,8 @@ def process(args: ProcessingArguments, tokenizer) -> tuple[Any, dict]:
             prompt_lens.append(example["prompt_length"])
             target_lens.append(len(example["input_ids"]) - example["prompt_length"])
             n_truncated += example["truncated"]
-        out[name] = datasets.Dataset.from_list(rows, features=_features())
+        features = _features()
+        out[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
         stats["rows_kept"][name] = len(rows)
     stats["dropped"] = dict(sorted(drops.items()))
     stats["rows_in_total"] = sum(stats["rows_in"].values())
@@ -425,7 +425,6 @@ def push(dataset, args: ProcessingArguments) -> None:
     logger.info("pushed to https://huggingface.co/datasets/%s", args.hub_dataset_id)
 
 
-@cli
 def main(args: ProcessingArguments) -> dict:
     setup_logging()
     out = Path(args.output_dir)
@@ -450,5 +449,4 @@ def main(args: ProcessingArguments) -> dict:
 
 
 if __name__ == "__main__":
-    (cli_args,) = cli(parse_config)([ProcessingArguments], description=__doc__.split("\n\n")[0])
-    main(cli_args)
+    run_cli(main, [ProcessingArguments], __doc__)
