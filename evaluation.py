@@ -1,0 +1,1253 @@
+"""Generate meta-reviews with every system you name, score them, and write a workbook for human review.
+
+Four systems on 20 test examples (steered = the large model plus the blend found by steer.py):
+    python evaluation.py --dataset_path outputs/meta_review --split test --num_examples 20 \
+        --small_base_model EleutherAI/pythia-70m --small_tuned_model outputs/fine_tune/pythia-70m \
+        --large_model EleutherAI/pythia-410m --blend outputs/steer/blend.json --output_dir outputs/evaluation
+
+A raw JSONL/JSON/CSV file with Input/Output columns works too, and config files cascade:
+    python evaluation.py eval.yaml --dataset_path ../shared/data/meta_review/mred_val_longest.jsonl --alpha 1.0
+
+Sharded over processes (each generates its share; rank 0 merges and writes everything):
+    torchrun --nproc_per_node 4 evaluation.py eval.yaml
+    # or by hand: --shard_index K --num_shards N for each K, then the same command with --merge_only
+
+Systems: small_base, small_tuned, large, large_tuned, steered (a system runs when its models are given;
+--systems picks a subset). Every system gets the same prompts (the template of common.py, re-cut to fit
+min(model context, --max_length) - max_new_tokens) and the same decoding settings unless
+--decoding_overrides changes them for one system.
+
+Writes to --output_dir: eval_examples.xlsx (Examples with empty rating/comment columns, Summary with a
+chart, Run; ratings already typed into an existing workbook are carried over, never dropped),
+metrics.json, predictions.jsonl, prompt_template.txt and rouge_by_system.png.
+
+ROUGE-Lsum needs one sentence per line; nltk's punkt data cannot be downloaded here, so sentences are
+split with a regular expression (`split_sentences`) instead. Scores are F1 x 100, with percentile
+bootstrap confidence intervals over examples (the same resamples for every system, so they are paired).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import (
+    DTYPES,
+    PROMPT_TEMPLATE,
+    REVIEW_JOINER,
+    UsageError,
+    build_prompt,
+    check_same_vocab,
+    default_device,
+    first_line,
+    load_causal_lm,
+    load_tokenizer,
+    read_config_file,
+    run_cli,
+    setup_logging,
+    to_jsonable,
+    vocab_size_of,
+    write_json,
+)
+
+logger = logging.getLogger("evaluation")
+
+SYSTEMS = ("small_base", "small_tuned", "large", "large_tuned", "steered")
+# The model roles each system needs; the steered system is the large model pushed by (tuned - base).
+SYSTEM_ROLES = {
+    "small_base": ("small_base",),
+    "small_tuned": ("small_tuned",),
+    "large": ("large",),
+    "large_tuned": ("large_tuned",),
+    "steered": ("large", "small_base", "small_tuned"),
+}
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+DECODING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+# Workbook layout. Columns a reviewer types into are never generated; anything else a reviewer adds
+# (a new column, a new sheet) is carried over too.
+SHEET_EXAMPLES, SHEET_SUMMARY, SHEET_RUN, SHEET_KEPT = "Examples", "Summary", "Run", "Kept ratings"
+REVIEWER_COLUMNS = ("rating", "comment")
+EXAMPLE_COLUMNS = ("example_no", "example_id", "system", "reviews", "reference", "output", "rating", "comment",
+                   *ROUGE_TYPES, "words", "repetition", "ended_with_eos", "new_tokens", "perplexity", "note")
+KEPT_COLUMNS = ("example_id", "system", "rating", "comment", "reason", "output")
+COLUMN_WIDTHS = {"example_no": 6, "example_id": 18, "system": 12, "reviews": 70, "reference": 50, "output": 50,
+                 "rating": 8, "comment": 40, "note": 30, "reason": 30}
+TEXT_COLUMNS = {"reviews", "reference", "output", "comment", "note", "reason"}
+EXCEL_CELL_LIMIT = 32_767
+SHARD_FORMAT = "evaluation-shard-v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    small_base_model: str | None = field(default=None, metadata={"help": "Small base model (Hub id or dir)."})
+    small_tuned_model: str | None = field(
+        default=None, metadata={"help": "Small fine-tuned model: a dir from fine_tune.py (full or LoRA adapter)."}
+    )
+    large_model: str | None = field(default=None, metadata={"help": "Large base model (Hub id or dir)."})
+    large_tuned_model: str | None = field(default=None, metadata={"help": "Large fine-tuned model, if you have one."})
+    blend: str | None = field(
+        default=None, metadata={"help": "Blend JSON from steer.py; adds the 'steered' system (needs all three models)."}
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "Instead of --blend: steer with Blend.from_alpha(alpha) (1.0 = proxy-tuning)."}
+    )
+    systems: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Run only these systems (of {', '.join(SYSTEMS)}). Default: every system whose models are given."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer. Default: the large model's, else the first model given."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto': float32 on CPU).", "choices": list(DTYPES)})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... Default: cuda if available."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
+
+    def model_paths(self) -> dict[str, str]:
+        """{role: path} for the models given."""
+        roles = {"small_base": self.small_base_model, "small_tuned": self.small_tuned_model,
+                 "large": self.large_model, "large_tuned": self.large_tuned_model}
+        return {role: path for role, path in roles.items() if path}
+
+
+@dataclass
+class DataArguments:
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "A dataset dir from processing_meta_review.py, or a JSONL/JSON/CSV file with Input/Output."},
+    )
+    split: str = field(default="test", metadata={"help": "Split of a processed dataset (a raw file is one split)."})
+    num_examples: int | None = field(default=None, metadata={"help": "Evaluate this many examples (seeded sample). Default: all."})
+    seed: int = field(default=42, metadata={"help": "Seed of the example sample, of sampling and of the bootstrap."})
+    max_length: int = field(
+        default=2048, metadata={"help": "Prompt + generated tokens; capped by the models' context (Pythia: 2048)."}
+    )
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated at most per example."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL repetition penalty (1.0 = off)."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size (0 = off)."})
+    decoding_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Per-system changes, JSON text or a .json/.yaml file: "
+                  "'{\"steered\": {\"temperature\": 0.7, \"do_sample\": true}}'."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Examples per generation batch."})
+
+    def __post_init__(self):
+        problems = check_decoding(dataclasses.asdict(self), "")
+        if self.batch_size < 1:
+            problems.append(f"--batch_size {self.batch_size} must be >= 1")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+@dataclass
+class OutputArguments:
+    output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where metrics, predictions and plots go."})
+    output_xlsx: str | None = field(default=None, metadata={"help": "The workbook. Default: OUTPUT_DIR/eval_examples.xlsx."})
+    compute_perplexity: bool = field(
+        default=True, metadata={"help": "Also score the references: perplexity of each system (steered: of the blend)."}
+    )
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
+    confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
+    repetition_ngram: int = field(default=3, metadata={"help": "n of the repeated-n-gram share (words)."})
+    review_chars: int = field(default=2000, metadata={"help": "Reviews are cut to this many characters in the workbook."})
+    shard_index: int | None = field(default=None, metadata={"help": "This process's shard (default: $RANK, else 0)."})
+    num_shards: int | None = field(default=None, metadata={"help": "Number of shards (default: $WORLD_SIZE, else 1)."})
+    merge_only: bool = field(default=False, metadata={"help": "Only merge OUTPUT_DIR/shards/*.json and write the outputs."})
+    shard_timeout: float = field(default=10800, metadata={"help": "Seconds rank 0 waits for the other ranks."})
+
+    def __post_init__(self):
+        problems = []
+        if self.bootstrap_samples < 1:
+            problems.append(f"--bootstrap_samples {self.bootstrap_samples} must be >= 1")
+        if not 0 < self.confidence < 1:
+            problems.append(f"--confidence {self.confidence} must be in (0, 1), e.g. 0.95")
+        if self.repetition_ngram < 1:
+            problems.append(f"--repetition_ngram {self.repetition_ngram} must be >= 1")
+        if self.review_chars < 1:
+            problems.append(f"--review_chars {self.review_chars} must be >= 1")
+        if self.num_shards is not None and self.num_shards < 1:
+            problems.append(f"--num_shards {self.num_shards} must be >= 1")
+        if self.shard_index is not None and not 0 <= self.shard_index < (self.num_shards or 1):
+            problems.append(f"--shard_index {self.shard_index} must be in [0, --num_shards)")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    @property
+    def workbook_path(self) -> Path:
+        return Path(self.output_xlsx) if self.output_xlsx else Path(self.output_dir) / "eval_examples.xlsx"
+
+
+ARGUMENT_TYPES = (ModelArguments, DataArguments, GenerationArguments, OutputArguments)
+
+
+def check_decoding(settings: dict[str, Any], where: str) -> list[str]:
+    """Problems with one set of decoding settings (`where` names the system for overrides)."""
+    problems = []
+    if settings["max_new_tokens"] < 1:
+        problems.append(f"{where}max_new_tokens {settings['max_new_tokens']} must be >= 1")
+    if settings["temperature"] <= 0:
+        problems.append(f"{where}temperature {settings['temperature']} must be > 0 (use do_sample false for greedy)")
+    if not 0 < settings["top_p"] <= 1:
+        problems.append(f"{where}top_p {settings['top_p']} must be in (0, 1]")
+    if settings["repetition_penalty"] <= 0:
+        problems.append(f"{where}repetition_penalty {settings['repetition_penalty']} must be > 0")
+    if settings["no_repeat_ngram_size"] < 0:
+        problems.append(f"{where}no_repeat_ngram_size {settings['no_repeat_ngram_size']} must be >= 0")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Which systems run, with which settings
+# ---------------------------------------------------------------------------------------------
+def resolve_systems(model_args: ModelArguments) -> list[str]:
+    """The systems to run, in the canonical order; every problem is reported at once."""
+    given = model_args.model_paths()
+    steering = model_args.blend is not None or model_args.alpha is not None
+    problems = []
+    if model_args.blend is not None and model_args.alpha is not None:
+        problems.append("give --blend or --alpha, not both")
+    if model_args.systems is not None:
+        unknown = [s for s in model_args.systems if s not in SYSTEMS]
+        if unknown:
+            problems.append(f"unknown system(s) {unknown} in --systems; choose from {list(SYSTEMS)}")
+        wanted = [s for s in SYSTEMS if s in model_args.systems]
+    else:
+        wanted = [s for s in SYSTEMS if all(r in given for r in SYSTEM_ROLES[s]) and (s != "steered" or steering)]
+    if steering and "steered" not in wanted and model_args.systems is None:
+        missing = ", ".join(f"--{r}_model" for r in SYSTEM_ROLES["steered"] if r not in given)
+        problems.append(f"--blend/--alpha need the steered system's models; {missing} missing")
+    for system in wanted:
+        missing = [r for r in SYSTEM_ROLES[system] if r not in given]
+        if missing:
+            problems.append(f"system '{system}' needs --{missing[0]}_model")
+        if system == "steered" and not steering:
+            problems.append("system 'steered' needs --blend BLEND.json (from steer.py) or --alpha")
+    if model_args.blend is not None and not Path(model_args.blend).is_file():
+        problems.append(f"--blend {model_args.blend} is not a file; pass the blend JSON written by steer.py")
+    if not wanted and not problems:
+        problems.append("no system to evaluate: give at least one of --small_base_model, --small_tuned_model, "
+                        "--large_model, --large_tuned_model")
+    if problems:
+        raise UsageError("; ".join(problems))
+    if "steered" not in wanted and all(r in given for r in SYSTEM_ROLES["steered"]) and not steering:
+        logger.info("large, small_base and small_tuned are given: add --blend or --alpha to evaluate 'steered' too")
+    return wanted
+
+
+def resolve_decoding(gen_args: GenerationArguments, systems: list[str]) -> dict[str, dict[str, Any]]:
+    """{system: decoding settings}: the shared flags, changed per system by --decoding_overrides."""
+    base = {k: getattr(gen_args, k) for k in DECODING_FIELDS}
+    overrides = parse_overrides(gen_args.decoding_overrides)
+    problems = [f"--decoding_overrides names system '{s}', which is not evaluated ({', '.join(systems)})"
+                for s in overrides if s not in systems]
+    out = {}
+    for system in systems:
+        settings = dict(base)
+        for key, value in overrides.get(system, {}).items():
+            if key not in DECODING_FIELDS:
+                problems.append(f"--decoding_overrides: unknown setting '{key}' for {system}; use {list(DECODING_FIELDS)}")
+                continue
+            if not is_setting_type(value, base[key]):
+                problems.append(f"--decoding_overrides: {system}.{key} = {value!r} is not a {type(base[key]).__name__}")
+                continue
+            settings[key] = type(base[key])(value)
+        problems += check_decoding(settings, f"--decoding_overrides {system}: ") if system in overrides else []
+        out[system] = settings
+    if problems:
+        raise UsageError("; ".join(problems))
+    return out
+
+
+def is_setting_type(value: Any, like: Any) -> bool:
+    """JSON gives 1 for 1.0 and true for 1; accept what converts without loss, nothing else."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(like, bool) and isinstance(value, bool)
+    if isinstance(like, int):
+        return isinstance(value, int)
+    return isinstance(value, (int, float))
+
+
+def parse_overrides(text: str | None) -> dict[str, dict[str, Any]]:
+    """JSON text or a .json/.yaml file -> {system: {setting: value}}."""
+    if not text:
+        return {}
+    if text.strip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--decoding_overrides is not valid JSON: {err}") from None
+    else:
+        data = read_config_file(text)
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError("--decoding_overrides must map system names to settings, "
+                         "e.g. '{\"steered\": {\"temperature\": 0.7}}'")
+    return data
+
+
+def load_blend(model_args: ModelArguments):
+    """The steer.Blend to evaluate, from --blend or --alpha."""
+    import steer
+
+    if model_args.alpha is not None:
+        return steer.Blend.from_alpha(model_args.alpha)
+    try:
+        return steer.Blend.load(model_args.blend)
+    except UsageError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"cannot read --blend {model_args.blend}: {first_line(err)}; pass a blend JSON from steer.py") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
+    """Rows of the chosen split as {example_id, index, reviews, Input, Output}.
+
+    A processed dataset keeps its example_id and reviews columns; a raw file (or a dataset without them)
+    is cleaned like processing_meta_review.py does and gets the same content hash as example_id, so the
+    workbook matches rows across runs either way.
+    """
+    import datasets
+    from processing_meta_review import ProcessingArguments, clean_text, example_id, extract_reviews, load_raw_dataset
+
+    if not data_args.dataset_path:
+        raise UsageError("--dataset_path is required: a dir from processing_meta_review.py or a JSONL/JSON/CSV file")
+    path = Path(data_args.dataset_path).expanduser()
+    if not path.exists():
+        raise UsageError(f"--dataset_path {path} does not exist; pass a processed dataset dir or a data file")
+    if path.is_dir():
+        try:
+            source = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(f"{path} is not a dataset saved by processing_meta_review.py: {first_line(err)}") from None
+        if isinstance(source, datasets.DatasetDict):
+            if data_args.split not in source:
+                raise UsageError(f"split '{data_args.split}' is not in {path} (splits: {', '.join(source)}); "
+                                 "pass --split")
+            source = source[data_args.split]
+        table = source
+    else:
+        (table,) = load_raw_dataset(ProcessingArguments(dataset_name=str(path))).values()
+        logger.info("%s is one table; --split %s only labels it", path, data_args.split)
+    missing = [c for c in ("Input", "Output") if c not in table.column_names]
+    if missing:
+        raise UsageError(f"{path} has no column '{missing[0]}' (columns: {', '.join(table.column_names)}); "
+                         "evaluation needs Input (reviews) and Output (meta-review)")
+    rows, skipped = [], 0
+    for index, row in enumerate(table.to_list()):
+        reviews = row.get("reviews") or extract_reviews(row["Input"], None)
+        reviews = [r for r in (clean_text(r, "whitespace") for r in reviews if isinstance(r, str)) if r]
+        meta = clean_text(row["Output"], "whitespace") if isinstance(row["Output"], str) else ""
+        if not reviews or not meta:
+            skipped += 1
+            continue
+        eid = row.get("example_id") or example_id(reviews, meta)
+        rows.append({"example_id": str(eid), "index": index, "reviews": reviews,
+                     "Input": REVIEW_JOINER.join(reviews), "Output": meta})
+    if skipped:
+        logger.warning("skipped %d rows with empty Input or Output", skipped)
+    if not rows:
+        raise UsageError(f"{path} (split {data_args.split}) has no rows with both Input and Output")
+    make_ids_unique(rows)
+    return rows
+
+
+def make_ids_unique(rows: list[dict]) -> None:
+    """Duplicate rows share a content hash; '#2', '#3' ... keep workbook keys unique and stable."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        n = seen.get(row["example_id"], 0) + 1
+        seen[row["example_id"]] = n
+        if n > 1:
+            row["example_id"] = f"{row['example_id']}#{n}"
+
+
+def select_examples(n_rows: int, num_examples: int | None, seed: int) -> list[int]:
+    """A seeded sample of row positions, kept in dataset order: `select_examples(5, 2, 0)` -> [1, 3]... or all."""
+    if num_examples is None or num_examples >= n_rows:
+        return list(range(n_rows))
+    if num_examples < 1:
+        raise UsageError(f"--num_examples {num_examples} must be >= 1")
+    return sorted(random.Random(seed).sample(range(n_rows), num_examples))
+
+
+def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: int) -> None:
+    """Add prompt ids (cut to `prompt_budget` by common.build_prompt) and reference ids for scoring.
+
+    The reference is " " + meta-review + EOS, exactly the training target; for perplexity it is cut to
+    the context left after the prompt, which happens only for references longer than that.
+    """
+    eos = tokenizer.eos_token_id
+    for ex in examples:
+        prompt, truncated = build_prompt(ex["reviews"], tokenizer, prompt_budget)
+        ex["prompt_ids"] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ex["prompt_truncated"] = truncated
+        target = tokenizer(" " + ex["Output"], add_special_tokens=False)["input_ids"] + [eos]
+        ex["target_ids"] = target[: context - len(ex["prompt_ids"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def load_models(model_args: ModelArguments, systems: list[str], device: str) -> tuple[Any, dict[str, Any]]:
+    """(tokenizer, {role: model}) with each distinct model path loaded once."""
+    paths = {role: path for role, path in model_args.model_paths().items()
+             if any(role in SYSTEM_ROLES[s] for s in systems)}
+    tok_name = model_args.tokenizer_name or paths.get("large") or next(iter(paths.values()))
+    tokenizer = load_tokenizer(tok_name, trust_remote_code=model_args.trust_remote_code, padding_side="left")
+    # Long reviews are measured whole before build_prompt cuts them; silence "longer than the model".
+    tokenizer.model_max_length = int(1e30)
+    tokenizers = {f"tokenizer ({tok_name})": tokenizer}
+    for role, path in paths.items():
+        if path != tok_name and not any(label.endswith(f"({path})") for label in tokenizers):
+            try:
+                tokenizers[f"{role} ({path})"] = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
+            except UsageError:
+                logger.warning("no tokenizer beside %s (%s); its vocabulary is not checked", role, path)
+    check_same_vocab(tokenizers)
+    by_path: dict[str, Any] = {}
+    models = {}
+    for role, path in paths.items():
+        if path not in by_path:
+            logger.info("loading %s from %s", role, path)
+            by_path[path] = load_causal_lm(path, dtype=model_args.dtype, device=device,
+                                           trust_remote_code=model_args.trust_remote_code)
+        models[role] = by_path[path]
+        rows = models[role].get_output_embeddings().weight.shape[0]
+        if rows < vocab_size_of(tokenizer):
+            raise UsageError(f"{role} model {path} has {rows} output rows but the tokenizer has "
+                             f"{vocab_size_of(tokenizer)} tokens; pass --tokenizer_name of that model family")
+    return tokenizer, models
+
+
+def context_length(models: dict[str, Any]) -> int | None:
+    """The shortest context among the models (None if no config says)."""
+    lengths = [getattr(m.config, "max_position_embeddings", None) for m in models.values()]
+    lengths = [n for n in lengths if n]
+    return min(lengths) if lengths else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+def pad_left(sequences: list[list[int]], pad_id: int, device) -> tuple[Any, Any]:
+    """Left-pad so every prompt ends at the last position, where generation continues.
+    Returns input_ids (B, T) and attention_mask (B, T)."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
+    """`cut_at_eos([5, 6, 0, 1, 1], 0)` -> ([5, 6], True): tokens before the first EOS, and whether there was one."""
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id)], True
+    return tokens, False
+
+
+def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attention_mask, settings: dict,
+                   tokenizer, generator) -> Any:
+    """New tokens (B, <= max_new_tokens) for one left-padded batch."""
+    import torch
+
+    vocab = vocab_size_of(tokenizer)
+    if system == "steered":
+        import steer
+
+        new_tokens, _ = steer.steered_generate(
+            models["large"], models["small_base"], models["small_tuned"], input_ids, attention_mask, blend,
+            max_new_tokens=settings["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, do_sample=settings["do_sample"],
+            temperature=settings["temperature"], top_p=settings["top_p"],
+            repetition_penalty=settings["repetition_penalty"],
+            no_repeat_ngram_size=settings["no_repeat_ngram_size"], generator=generator,
+        )
+        return new_tokens
+    from transformers import GenerationConfig
+
+    model = models[system]
+    rows = model.get_output_embeddings().weight.shape[0]
+    sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"]) if settings["do_sample"] else {}
+    config = GenerationConfig(
+        do_sample=settings["do_sample"], max_new_tokens=settings["max_new_tokens"],
+        repetition_penalty=settings["repetition_penalty"], no_repeat_ngram_size=settings["no_repeat_ngram_size"],
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        # Pythia's output matrix is wider than its tokenizer; the padding rows are not tokens.
+        suppress_tokens=list(range(vocab, rows)) or None, **sampling,
+    )
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return out[:, input_ids.shape[1]:]  # (B, <= max_new_tokens)
+
+
+def generate(system: str, examples: list[dict], models: dict[str, Any], blend, settings: dict, tokenizer,
+             batch_size: int, seed: int) -> list[dict]:
+    """Generate for every example; returns one record per example, in the order given."""
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    device = models[SYSTEM_ROLES[system][0]].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # Longest prompts first: similar lengths share a batch (less padding) and memory trouble shows at once.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["prompt_ids"]))
+    records: list[dict | None] = [None] * len(examples)
+    for start in tqdm(range(0, len(order), batch_size), desc=f"generate {system}", unit="batch"):
+        batch = order[start:start + batch_size]
+        input_ids, attention_mask = pad_left([examples[i]["prompt_ids"] for i in batch], tokenizer.pad_token_id, device)
+        new_tokens = generate_batch(system, models, blend, input_ids, attention_mask, settings, tokenizer, generator)
+        for i, row in zip(batch, new_tokens.tolist()):
+            tokens, ended = cut_at_eos(row, tokenizer.eos_token_id)
+            records[i] = {
+                "example_id": examples[i]["example_id"], "system": system,
+                "prediction": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "new_tokens": len(tokens), "ended_with_eos": ended,
+                "prompt_tokens": len(examples[i]["prompt_ids"]), "prompt_truncated": examples[i]["prompt_truncated"],
+            }
+    return records
+
+
+def score_references(systems: list[str], examples: list[dict], models: dict[str, Any], blend, tokenizer,
+                     batch_size: int) -> dict[str, list[tuple[float, int]]]:
+    """{system: [(summed NLL, tokens) per example]} of the reference meta-reviews, via steer.score_targets.
+    One forward pass per model role; the steered system's NLL is the blend of the cached scores."""
+    import steer
+
+    roles = sorted({r for s in systems for r in SYSTEM_ROLES[s]})
+    cached = steer.score_targets({r: models[r] for r in roles}, [ex["prompt_ids"] for ex in examples],
+                                 [ex["target_ids"] for ex in examples], vocab_size=vocab_size_of(tokenizer),
+                                 batch_size=batch_size)
+    out = {}
+    for system in systems:
+        nll = steer.blend_nll(cached, blend) if system == "steered" else cached_nll(cached, system)
+        out[system] = [(float(v), len(ex["target_ids"])) for v, ex in zip(nll, examples)]
+    return out
+
+
+def cached_nll(cached: dict, role: str) -> list[float]:
+    """Per-example summed NLL of one model from steer.score_targets' result."""
+    return list(cached["nll"][role])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+SENTENCE_END = re.compile(r"(?<=[.!?][\"')\]])\s+|(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """A stand-in for nltk's punkt (its data cannot be downloaded here): split after . ! ? and at line breaks.
+    `split_sentences("Good paper. Weak baselines!\\nAccept")` -> ['Good paper.', 'Weak baselines!', 'Accept']."""
+    return [s.strip() for s in SENTENCE_END.split(text) if s and s.strip()]
+
+
+def make_rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def score_rouge(scorer, prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE F1 x 100; rougeLsum sees one sentence per line, as rouge-score expects."""
+    scores = scorer.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
+    return {k: 100 * scores[k].fmeasure for k in ROUGE_TYPES}
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one: `repetition_rate("a b a b a b", 2)` -> 0.6."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score_records(records: list[dict], references: dict[str, str], repetition_ngram: int) -> None:
+    """Add rouge*, words and repetition to every record (in place)."""
+    scorer = make_rouge_scorer()
+    for rec in records:
+        rec.update(score_rouge(scorer, rec["prediction"], references[rec["example_id"]]))
+        rec["words"] = len(rec["prediction"].split())
+        rec["repetition"] = repetition_rate(rec["prediction"], repetition_ngram)
+
+
+def summarize(records: list[dict], systems: list[str], n_examples: int, samples: int, confidence: float,
+              seed: int) -> dict[str, dict[str, Any]]:
+    """{system: {metric: {mean, ci_low, ci_high}}} with a percentile bootstrap over examples.
+
+    The same resampled example sets serve every system and metric, so intervals are paired. Perplexity
+    is corpus-level: exp(total NLL / total tokens), resampled the same way.
+    """
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, n_examples, size=(samples, n_examples))  # (S, N)
+    lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+
+    def interval(stat) -> dict[str, float]:
+        point = float(stat(np.arange(n_examples)[None])[0])
+        boot = stat(idx)
+        return {"mean": point, "ci_low": float(np.percentile(boot, lo)), "ci_high": float(np.percentile(boot, hi))}
+
+    out = {}
+    for system in systems:
+        recs = [r for r in records if r["system"] == system]
+        summary: dict[str, Any] = {"n": len(recs)}
+        for metric in (*ROUGE_TYPES, "words", "repetition", "ended_with_eos"):
+            values = np.array([float(r[metric]) for r in recs])
+            summary["eos_share" if metric == "ended_with_eos" else metric] = interval(lambda ix: values[ix].mean(-1))
+        if all(r.get("nll") is not None for r in recs):
+            nll = np.array([r["nll"] for r in recs])
+            tokens = np.array([r["target_tokens"] for r in recs], dtype=float)
+            summary["perplexity"] = interval(lambda ix: np.exp(nll[ix].sum(-1) / tokens[ix].sum(-1)))
+        out[system] = summary
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: each process generates a share of the examples; rank 0 merges the shard files.
+# ---------------------------------------------------------------------------------------------
+def resolve_sharding(out_args: OutputArguments) -> tuple[int, int, bool]:
+    """(shard_index, num_shards, launched_by_torchrun): flags win, else RANK/WORLD_SIZE, else one process."""
+    if out_args.num_shards is not None or out_args.shard_index is not None:
+        return out_args.shard_index or 0, out_args.num_shards or 1, False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return int(os.environ.get("RANK", "0")), world, True
+    return 0, 1, False
+
+
+def shard_path(output_dir: Path, index: int, num_shards: int) -> Path:
+    return output_dir / "shards" / f"shard-{index:05d}-of-{num_shards:05d}.json"
+
+
+def write_shard(path: Path, shard: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, shard)
+
+
+def merge_shards(output_dir: Path, num_shards: int | None) -> dict:
+    """Read every shard file of one run; refuse missing shards and shards of different runs."""
+    files = sorted((output_dir / "shards").glob("shard-*-of-*.json"))
+    counts = {int(f.stem.split("-of-")[1]) for f in files}
+    if num_shards is None or num_shards == 1:
+        if len(counts) != 1:
+            raise UsageError(f"{output_dir}/shards holds shards of {sorted(counts) or 'no'} run sizes; "
+                             "pass --num_shards N (or re-run the shards)")
+        (num_shards,) = counts
+    shards = []
+    for k in range(num_shards):
+        path = shard_path(output_dir, k, num_shards)
+        if not path.is_file():
+            raise UsageError(f"shard {k} of {num_shards} is missing ({path}); run it with --shard_index {k} "
+                             f"--num_shards {num_shards}")
+        shards.append(json.loads(path.read_text(encoding="utf-8")))
+    if {s["run_key"] for s in shards} != {shards[0]["run_key"]}:
+        raise UsageError(f"the shards in {output_dir}/shards come from different runs (models, data or "
+                         "settings differ); re-run all shards with the same flags")
+    merged = {**shards[0], "examples": [], "records": []}
+    for s in shards:
+        merged["examples"] += s["examples"]
+        merged["records"] += s["records"]
+    merged["examples"].sort(key=lambda e: e["position"])
+    return merged
+
+
+def wait_for_ranks(timeout: float) -> bool:
+    """Barrier across torchrun/accelerate processes (gloo, so it works on CPU too). Returns True if this
+    call set up the process group (and should tear it down)."""
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise UsageError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun or accelerate "
+                             "launch, or shard by hand with --shard_index/--num_shards and --merge_only")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+        created = True
+    dist.barrier()
+    return created
+
+
+# ---------------------------------------------------------------------------------------------
+# The workbook: what reviewers typed is read back and carried over before anything is replaced.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ReviewerInput:
+    """Everything a person typed into an earlier workbook."""
+
+    by_key: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # Examples rows: values + output
+    kept: list[dict[str, Any]] = field(default_factory=list)  # rows of the 'Kept ratings' sheet
+    extra_columns: list[str] = field(default_factory=list)  # columns a reviewer added to Examples
+    extra_sheets: dict[str, list[list[Any]]] = field(default_factory=dict)  # sheets a reviewer added
+    signature: tuple[int, int] | None = None  # (mtime_ns, size) of the file that was read
+
+
+def lock_files(path: Path) -> list[Path]:
+    """Lock files of office programs that have `path` open (LibreOffice, Excel)."""
+    names = [f".~lock.{path.name}#", f"~${path.name}", f"~${path.name[2:]}"]
+    return [path.with_name(n) for n in names if path.with_name(n).exists()]
+
+
+def file_signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def read_reviewer_input(path: Path) -> ReviewerInput:
+    """Read ratings, comments, added columns and added sheets from an existing workbook.
+
+    Raises UsageError (and touches nothing) if the path is a directory, the workbook is open in an office
+    program, unreadable, or not one this script wrote.
+    """
+    from openpyxl import load_workbook
+
+    if path.is_dir():
+        raise UsageError(f"workbook path {path} is a directory; pass --output_xlsx FILE.xlsx")
+    locks = lock_files(path)
+    if locks:
+        raise UsageError(f"workbook {path} is open in another program (lock file {locks[0].name}); "
+                         "save and close it, then re-run")
+    signature = file_signature(path)
+    if signature is None:
+        return ReviewerInput()
+    if path.suffix.lower() != ".xlsx":
+        raise UsageError(f"workbook path {path} must end in .xlsx; pass --output_xlsx FILE.xlsx")
+    try:
+        wb = load_workbook(path)
+    except PermissionError:
+        raise UsageError(f"cannot read workbook {path}: permission denied; fix its permissions") from None
+    except Exception as err:  # openpyxl raises zip, XML and key errors for damaged files
+        raise UsageError(f"workbook {path} cannot be read ({type(err).__name__}: {first_line(err)}); it was left "
+                         "untouched: repair or move it, or pass another --output_xlsx") from None
+    if SHEET_EXAMPLES not in wb.sheetnames:
+        raise UsageError(f"workbook {path} has no '{SHEET_EXAMPLES}' sheet, so it was not written by evaluation.py; "
+                         "it was left untouched: move it or pass another --output_xlsx")
+    found = ReviewerInput(signature=signature)
+    header, rows = read_table(wb[SHEET_EXAMPLES])
+    if "example_id" not in header or "system" not in header:
+        raise UsageError(f"sheet '{SHEET_EXAMPLES}' of {path} lacks the example_id/system columns; it was left "
+                         "untouched: restore the header row or pass another --output_xlsx")
+    found.extra_columns = [h for h in header if h not in EXAMPLE_COLUMNS]
+    typed = [*REVIEWER_COLUMNS, *found.extra_columns]
+    for row in rows:
+        values = {h: row.get(h) for h in typed if not is_empty(row.get(h))}
+        if values and not is_empty(row.get("example_id")):
+            found.by_key[(str(row["example_id"]), str(row.get("system")))] = {"values": values, "output": row.get("output")}
+    if SHEET_KEPT in wb.sheetnames:
+        kept_header, kept_rows = read_table(wb[SHEET_KEPT])
+        extra = [h for h in kept_header if h not in KEPT_COLUMNS and h not in found.extra_columns]
+        found.extra_columns += extra
+        for row in kept_rows:
+            values = {h: row.get(h) for h in (*REVIEWER_COLUMNS, *found.extra_columns) if not is_empty(row.get(h))}
+            if values:
+                found.kept.append({"key": (str(row.get("example_id")), str(row.get("system"))), "values": values,
+                                   "output": row.get("output"), "reason": row.get("reason")})
+    for name in wb.sheetnames:
+        if name not in (SHEET_EXAMPLES, SHEET_SUMMARY, SHEET_RUN, SHEET_KEPT):
+            found.extra_sheets[name] = [list(r) for r in wb[name].iter_rows(values_only=True)]
+    wb.close()
+    return found
+
+
+def read_table(ws) -> tuple[list[str], list[dict[str, Any]]]:
+    """A sheet as (header, rows as dicts). A column without a header but with values gets a name."""
+    grid = [list(r) for r in ws.iter_rows(values_only=True)]
+    if not grid:
+        return [], []
+    width = max(len(r) for r in grid)
+    header = []
+    for j in range(width):
+        name = grid[0][j] if j < len(grid[0]) else None
+        header.append(str(name).strip() if not is_empty(name) else f"column {j + 1}")
+    rows = [{h: (r[j] if j < len(r) else None) for j, h in enumerate(header)} for r in grid[1:]]
+    rows = [r for r in rows if any(not is_empty(v) for v in r.values())]
+    used = [h for j, h in enumerate(header) if not h.startswith("column ") or any(not is_empty(r[h]) for r in rows)]
+    return used, rows
+
+
+def carry_reviewer_input(rows: list[dict], found: ReviewerInput, run_date: str) -> list[dict]:
+    """Put earlier ratings/comments onto this run's rows (matched by example id and system); return the
+    rows for the 'Kept ratings' sheet: rated pairs not in this run, and rated outputs that changed."""
+    kept = list(found.kept)
+    returning = {}
+    for rec in found.kept:
+        if rec["reason"] and str(rec["reason"]).startswith("not in run"):
+            returning.setdefault(rec["key"], rec)
+    for row in rows:
+        key = (row["example_id"], row["system"])
+        rec = found.by_key.get(key) or returning.get(key)
+        if rec is None:
+            continue
+        if rec in kept:
+            kept.remove(rec)
+        row.update(rec["values"])
+        if not is_empty(rec["output"]) and rec["output"] != cell_text(row["output"]):
+            kept.append({**rec, "key": key, "reason": f"output changed since rated (run of {run_date})"})
+    in_run = {(r["example_id"], r["system"]) for r in rows}
+    for key, rec in found.by_key.items():
+        if key not in in_run:
+            kept.append({**rec, "key": key, "reason": f"not in run of {run_date}"})
+    changed = {rec["key"] for rec in kept}
+    for row in rows:
+        if (row["example_id"], row["system"]) in changed:
+            row["note"] = f"earlier rating(s) of this pair are in '{SHEET_KEPT}'"
+    return kept
+
+
+def cell_text(value: Any, limit: int = EXCEL_CELL_LIMIT) -> Any:
+    """Values Excel accepts: control characters removed, text cut at the cell limit."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+    if not isinstance(value, str):
+        return value
+    value = ILLEGAL_CHARACTERS_RE.sub("", value)
+    if len(value) > limit:
+        marker = f" [... {len(value) - limit} more characters]"
+        value = value[: max(0, limit - len(marker))] + marker
+    return value
+
+
+def write_table(ws, header: list[str], rows: list[dict], *, text_limits: dict[str, int] | None = None,
+                keep_formulas: set[str] = frozenset()) -> None:
+    """Header + rows with frozen header, wrapped text, widths and an autofilter."""
+    from openpyxl.styles import Alignment, Font, PatternFill
+    from openpyxl.utils import get_column_letter
+
+    ws.append(header)
+    for cell in ws[1]:
+        cell.font = Font(bold=True)
+        cell.fill = PatternFill("solid", fgColor="DDEBF7")
+    for row in rows:
+        ws.append([cell_text(row.get(h), (text_limits or {}).get(h, EXCEL_CELL_LIMIT)) for h in header])
+        for cell, h in zip(ws[ws.max_row], header):
+            # Generated text starting with '=' is text, not a formula; reviewer formulas stay formulas.
+            if isinstance(cell.value, str) and cell.value.startswith("=") and h not in keep_formulas:
+                cell.data_type = "s"
+            cell.alignment = Alignment(wrap_text=h in TEXT_COLUMNS, vertical="top")
+    for j, h in enumerate(header, 1):
+        ws.column_dimensions[get_column_letter(j)].width = COLUMN_WIDTHS.get(h, 20 if h not in EXAMPLE_COLUMNS else 11)
+    ws.auto_filter.ref = f"A1:{get_column_letter(len(header))}{max(ws.max_row, 2)}"
+
+
+def add_rating_rules(ws, header: list[str]) -> None:
+    """Ratings are whole numbers 1-5 (Excel refuses anything else); rating/comment cells are tinted."""
+    from openpyxl.styles import PatternFill
+    from openpyxl.utils import get_column_letter
+    from openpyxl.worksheet.datavalidation import DataValidation
+
+    col = get_column_letter(header.index("rating") + 1)
+    last = max(ws.max_row, 2)
+    rule = DataValidation(type="whole", operator="between", formula1="1", formula2="5", allow_blank=True,
+                          showErrorMessage=True, errorTitle="Rating", error="Enter a whole number from 1 (poor) to 5 (excellent).",
+                          showInputMessage=True, promptTitle="Rating", prompt="1 (poor) to 5 (excellent)")
+    rule.add(f"{col}2:{col}{last}")
+    ws.add_data_validation(rule)
+    fill = PatternFill("solid", fgColor="FFF2CC")
+    for name in REVIEWER_COLUMNS:
+        for (cell,) in ws.iter_rows(min_row=2, max_row=ws.max_row, min_col=header.index(name) + 1,
+                                    max_col=header.index(name) + 1):
+            cell.fill = fill
+
+
+def build_workbook(rows: list[dict], kept: list[dict], found: ReviewerInput, summary: dict, run_info: dict,
+                   review_chars: int):
+    """The whole workbook, in memory: Examples, Summary (+ chart), Run, Kept ratings, reviewer sheets."""
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.title = SHEET_EXAMPLES
+    header = [h for h in EXAMPLE_COLUMNS if h != "perplexity" or run_info["compute_perplexity"]]
+    header += found.extra_columns
+    write_table(ws, header, rows, text_limits={"reviews": review_chars}, keep_formulas={*REVIEWER_COLUMNS, *found.extra_columns})
+    ws.freeze_panes = "D2"  # header row and example_no/example_id/system stay in view
+    for r in range(2, ws.max_row + 1):
+        ws.row_dimensions[r].height = 150
+    add_rating_rules(ws, header)
+    write_summary_sheet(wb.create_sheet(SHEET_SUMMARY), summary, run_info, header)
+    write_run_sheet(wb.create_sheet(SHEET_RUN), run_info)
+    if kept:
+        ws_kept = wb.create_sheet(SHEET_KEPT)
+        kept_header = [*KEPT_COLUMNS[:4], *found.extra_columns, *KEPT_COLUMNS[4:]]
+        kept_rows = [{"example_id": k["key"][0], "system": k["key"][1], **k["values"], "reason": k["reason"],
+                      "output": k["output"]} for k in kept]
+        write_table(ws_kept, kept_header, kept_rows, keep_formulas={*REVIEWER_COLUMNS, *found.extra_columns})
+        ws_kept.freeze_panes = "C2"
+        add_rating_rules(ws_kept, kept_header)
+    for name, grid in found.extra_sheets.items():
+        extra = wb.create_sheet(name)
+        for r in grid:
+            extra.append([cell_text(v) for v in r])
+    return wb
+
+
+SUMMARY_METRICS = (*ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity")
+
+
+def write_summary_sheet(ws, summary: dict, run_info: dict, example_header: list[str]) -> None:
+    """Means per system (with live mean ratings), the confidence intervals, and a ROUGE bar chart."""
+    from openpyxl.chart import BarChart, Reference
+    from openpyxl.styles import Font
+    from openpyxl.utils import get_column_letter
+
+    metrics = [m for m in SUMMARY_METRICS if any(m in s for s in summary.values())]
+    ws.append(["system", "model", "n", *metrics, "mean_rating", "n_rated"])
+    rating = f"{SHEET_EXAMPLES}!${get_column_letter(example_header.index('rating') + 1)}:$" \
+             f"{get_column_letter(example_header.index('rating') + 1)}"
+    system_col = f"{SHEET_EXAMPLES}!$C:$C"
+    for i, (system, s) in enumerate(summary.items(), 2):
+        ws.append([system, run_info["systems"][system]["model"], s["n"],
+                   *[round(s[m]["mean"], 4) if m in s else None for m in metrics],
+                   f'=IFERROR(AVERAGEIFS({rating},{system_col},$A{i}),"")',
+                   f'=COUNTIFS({system_col},$A{i},{rating},"<>")'])
+    n_systems = len(summary)
+    ws.append([])
+    ci_start = ws.max_row + 1
+    ws.append(["system", "metric", "mean", "ci_low", "ci_high", f"{run_info['confidence']:.0%} percentile bootstrap, "
+               f"{run_info['bootstrap_samples']} resamples of the {run_info['n_examples']} examples"])
+    for system, s in summary.items():
+        for m in metrics:
+            if m in s:
+                ws.append([system, m, *(round(s[m][k], 4) for k in ("mean", "ci_low", "ci_high"))])
+    for r in (1, ci_start):
+        for cell in ws[r]:
+            cell.font = Font(bold=True)
+    for j in range(1, ws.max_column + 1):
+        ws.column_dimensions[get_column_letter(j)].width = 14
+    ws.column_dimensions["B"].width = 40
+
+    chart = BarChart()
+    chart.type = "col"
+    chart.title = "ROUGE F1 (x100) per system"
+    chart.y_axis.title = "F1 x 100"
+    chart.x_axis.title = "system"
+    data = Reference(ws, min_col=4, max_col=3 + len(ROUGE_TYPES), min_row=1, max_row=1 + n_systems)
+    chart.add_data(data, titles_from_data=True)
+    chart.set_categories(Reference(ws, min_col=1, min_row=2, max_row=1 + n_systems))
+    chart.width, chart.height = 18, 9
+    ws.add_chart(chart, f"{get_column_letter(len(metrics) + 7)}2")
+
+
+def write_run_sheet(ws, run_info: dict) -> None:
+    """Key/value rows: what was evaluated, how, and when."""
+    from openpyxl.styles import Alignment, Font
+
+    ws.append(["key", "value"])
+    for cell in ws[1]:
+        cell.font = Font(bold=True)
+    for key, value in flatten(run_info):
+        ws.append([key, cell_text(value if isinstance(value, (str, int, float, bool)) or value is None
+                                  else json.dumps(value))])
+        ws[ws.max_row][1].alignment = Alignment(wrap_text=True, vertical="top")
+        if isinstance(ws[ws.max_row][1].value, str) and ws[ws.max_row][1].value.startswith("="):
+            ws[ws.max_row][1].data_type = "s"
+    ws.column_dimensions["A"].width = 45
+    ws.column_dimensions["B"].width = 90
+    ws.freeze_panes = "A2"
+
+
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """`flatten({"a": {"b": 1}, "c": 2})` -> [('a.b', 1), ('c', 2)]."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def save_workbook_atomically(wb, path: Path, expected: tuple[int, int] | None) -> bool:
+    """Write to a temporary file beside `path`, fsync, then os.replace: a crash leaves the old file whole.
+
+    Returns False (replacing nothing) if `path` changed since it was read (`expected` signature), so
+    the caller can re-read what was typed meanwhile.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        # mkstemp makes the file private; give it the old file's mode, or the usual one for a new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            wb.save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        locks = lock_files(path)
+        if locks:
+            raise UsageError(f"workbook {path} was opened in another program during the run (lock file "
+                             f"{locks[0].name}); it was left untouched: close it and re-run")
+        if file_signature(path) != expected:
+            tmp.unlink()
+            return False
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return True
+
+
+def write_workbook(path: Path, rows: list[dict], summary: dict, run_info: dict, review_chars: int) -> list[dict]:
+    """Read what reviewers typed, build the new workbook, replace the old one atomically.
+    Returns the 'Kept ratings' rows. If the file changes while being rebuilt, it is read again."""
+    for _ in range(5):
+        found = read_reviewer_input(path)
+        fresh = [dict(r) for r in rows]
+        kept = carry_reviewer_input(fresh, found, run_info["date"])
+        wb = build_workbook(fresh, kept, found, summary, run_info, review_chars)
+        try:
+            if save_workbook_atomically(wb, path, found.signature):
+                return kept
+        except OSError as err:
+            raise UsageError(f"cannot write workbook {path}: {err.strerror or first_line(err)}; "
+                             "the previous workbook is untouched") from None
+        logger.info("%s changed while it was being rebuilt; reading it again", path)
+    raise UsageError(f"workbook {path} keeps changing; close the program writing it and re-run")
+
+
+# ---------------------------------------------------------------------------------------------
+# The other artifacts
+# ---------------------------------------------------------------------------------------------
+def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_systems(path: Path, summary: dict) -> None:
+    """Grouped bars of ROUGE per system with the bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    systems = list(summary)
+    x = np.arange(len(systems))
+    width = 0.8 / len(ROUGE_TYPES)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(systems), 4))
+    for k, metric in enumerate(ROUGE_TYPES):
+        means = np.array([summary[s][metric]["mean"] for s in systems])
+        err = np.array([[means[i] - summary[s][metric]["ci_low"], summary[s][metric]["ci_high"] - means[i]]
+                        for i, s in enumerate(systems)]).T  # (2, n_systems)
+        ax.bar(x + (k - (len(ROUGE_TYPES) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=metric)
+    ax.set_xticks(x, systems)
+    ax.set_ylabel("F1 x 100")
+    ax.set_title(f"ROUGE per system (n = {summary[systems[0]]['n']}, bootstrap CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
+    """Score the merged predictions and write the workbook (first: it is the file that can refuse), metrics.json,
+    predictions.jsonl, prompt_template.txt and the PNG. Returns metrics.json's content."""
+    run_info = merged["run_info"]
+    systems = list(run_info["systems"])
+    examples = {e["example_id"]: e for e in merged["examples"]}
+    position = {e["example_id"]: e["position"] for e in merged["examples"]}
+    records = sorted(merged["records"], key=lambda r: (position[r["example_id"]], systems.index(r["system"])))
+    score_records(records, {k: e["reference"] for k, e in examples.items()}, out_args.repetition_ngram)
+    for rec in records:
+        rec["perplexity"] = math.exp(rec["nll"] / rec["target_tokens"]) if rec.get("nll") is not None else None
+    summary = summarize(records, systems, len(examples), out_args.bootstrap_samples, out_args.confidence,
+                        run_info["seed"])
+    rows = [{"example_no": position[r["example_id"]] + 1, "reviews": examples[r["example_id"]]["input"],
+             "reference": examples[r["example_id"]]["reference"], "output": r["prediction"], **r}
+            for r in records]
+    for row in rows:
+        row["ended_with_eos"] = "yes" if row["ended_with_eos"] else "no"
+        for k in (*ROUGE_TYPES, "repetition", "perplexity"):
+            row[k] = round(row[k], 4) if row.get(k) is not None else None
+    out_dir = Path(out_args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = write_workbook(out_args.workbook_path, rows, summary, run_info, out_args.review_chars)
+    metrics = {"n_examples": len(examples), "systems": summary, "run": run_info, "kept_ratings": len(kept),
+               "notes": {"rouge": "F1 x 100, rouge-score with Porter stemming; rougeLsum on sentences split by a "
+                         "regex (nltk punkt data is not available offline)",
+                         "intervals": f"{out_args.confidence:.0%} percentile bootstrap over examples, "
+                         f"{out_args.bootstrap_samples} resamples shared by all systems",
+                         "repetition": f"share of repeated word {out_args.repetition_ngram}-grams",
+                         "perplexity": "of the reference ' ' + meta-review + EOS given the prompt; corpus-level"}}
+    write_json(out_dir / "metrics.json", metrics)
+    write_jsonl_atomically(out_dir / "predictions.jsonl",
+                           [{**r, "reference": examples[r["example_id"]]["reference"]} for r in records])
+    (out_dir / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+    plot_systems(out_dir / "rouge_by_system.png", summary)
+    return metrics
+
+
+def format_table(summary: dict) -> str:
+    """The summary as aligned text for the log."""
+    metrics = [m for m in SUMMARY_METRICS if any(m in s for s in summary.values())]
+    lines = [f"{'system':<12} " + " ".join(f"{m:>10}" for m in metrics)]
+    for system, s in summary.items():
+        lines.append(f"{system:<12} " + " ".join(f"{s[m]['mean']:>10.3f}" if m in s else f"{'':>10}" for m in metrics))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def run_key(run_info: dict, example_ids: list[str]) -> str:
+    """What must agree between shards of one run (not the date)."""
+    keyed = {k: v for k, v in run_info.items() if k not in ("date", "device")}
+    return hashlib.sha1(json.dumps([keyed, example_ids], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_args: GenerationArguments,
+                   out_args: OutputArguments, shard_index: int, num_shards: int, device: str) -> dict:
+    """Load data and models, generate (and score references) for this process's share of the examples."""
+    systems = resolve_systems(model_args)
+    decoding = resolve_decoding(gen_args, systems)
+    blend = load_blend(model_args) if "steered" in systems else None
+    rows = load_examples(data_args)
+    positions = select_examples(len(rows), data_args.num_examples, data_args.seed)
+    selected = [{**rows[i], "position": p} for p, i in enumerate(positions)]
+    tokenizer, models = load_models(model_args, systems, device)
+    max_new = max(s["max_new_tokens"] for s in decoding.values())
+    context = min(n for n in (context_length(models), data_args.max_length) if n)
+    prompt_budget = context - max_new
+    if prompt_budget < 16:
+        raise UsageError(f"only {prompt_budget} prompt tokens are left (context {context} - max_new_tokens "
+                         f"{max_new}); raise --max_length or lower --max_new_tokens")
+    mine = [ex for ex in selected if ex["position"] % num_shards == shard_index]
+    build_inputs(mine, tokenizer, prompt_budget, context)
+    paths = model_args.model_paths()
+    run_info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dataset_path": data_args.dataset_path, "split": data_args.split, "n_examples": len(selected),
+        "rows_in_split": len(rows), "seed": data_args.seed,
+        "systems": {s: {"model": " + ".join(f"{r}={paths[r]}" for r in SYSTEM_ROLES[s]) if s == "steered"
+                        else paths[s], "decoding": decoding[s]} for s in systems},
+        "blend": blend.to_dict() if blend is not None else None,
+        "tokenizer": model_args.tokenizer_name or paths.get("large") or next(iter(paths.values())),
+        "context": context, "max_length": data_args.max_length, "prompt_token_budget": prompt_budget,
+        "prompt_template": PROMPT_TEMPLATE, "dtype": model_args.dtype, "device": device,
+        "compute_perplexity": out_args.compute_perplexity, "bootstrap_samples": out_args.bootstrap_samples,
+        "confidence": out_args.confidence, "shards": num_shards, "versions": library_versions(),
+    }
+    logger.info("evaluating %s on %d of %d examples of %s[%s] (this shard: %d); prompt budget %d tokens, "
+                "decoding %s", ", ".join(systems), len(selected), len(rows), data_args.dataset_path,
+                data_args.split, len(mine), prompt_budget, json.dumps(decoding))
+    records = []
+    for system in systems:
+        records += generate(system, mine, models, blend, decoding[system], tokenizer, gen_args.batch_size,
+                            data_args.seed)
+    if out_args.compute_perplexity and mine:
+        nll = score_references(systems, mine, models, blend, tokenizer, gen_args.batch_size)
+        by_id = {ex["example_id"]: k for k, ex in enumerate(mine)}
+        for rec in records:
+            rec["nll"], rec["target_tokens"] = nll[rec["system"]][by_id[rec["example_id"]]]
+    return {
+        "format": SHARD_FORMAT, "run_key": run_key(run_info, [ex["example_id"] for ex in selected]),
+        "shard_index": shard_index, "num_shards": num_shards, "run_info": run_info,
+        "examples": [{"example_id": ex["example_id"], "position": ex["position"], "index": ex["index"],
+                      "input": ex["Input"], "reference": ex["Output"], "prompt_truncated": ex["prompt_truncated"]}
+                     for ex in mine],
+        "records": records,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("torch", "transformers", "rouge-score", "openpyxl")}
+
+
+def main(model_args: ModelArguments, data_args: DataArguments, gen_args: GenerationArguments,
+         out_args: OutputArguments) -> dict | None:
+    """Evaluate; returns metrics.json's content (None on ranks other than 0 and on hand-run shards)."""
+    setup_logging()
+    shard_index, num_shards, launched = resolve_sharding(out_args)
+    out_dir = Path(out_args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output_dir {out_dir} is a file; choose a directory")
+    writes_outputs = out_args.merge_only or shard_index == 0 and (num_shards == 1 or launched)
+    if writes_outputs:
+        read_reviewer_input(out_args.workbook_path)  # fail now, not after an hour of generation
+    if out_args.merge_only:
+        merged = merge_shards(out_dir, out_args.num_shards)
+    else:
+        started = time.perf_counter()
+        device = model_args.device or default_device()
+        if launched and device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', shard_index)}"
+        shard = evaluate_shard(model_args, data_args, gen_args, out_args, shard_index, num_shards, device)
+        logger.info("generated in %.1f s", time.perf_counter() - started)
+        if num_shards == 1:
+            merged = shard
+        else:
+            write_shard(shard_path(out_dir, shard_index, num_shards), shard)
+            if not launched:
+                logger.info("wrote shard %d of %d; when all are done, run the same command with --merge_only",
+                            shard_index, num_shards)
+                return None
+            created = wait_for_ranks(out_args.shard_timeout)
+            try:
+                if shard_index != 0:
+                    return None
+                merged = merge_shards(out_dir, num_shards)
+            finally:
+                if created:
+                    import torch.distributed as dist
+
+                    dist.destroy_process_group()
+    metrics = write_outputs(merged, out_args)
+    print(format_table(metrics["systems"]))
+    logger.info("wrote %s and metrics/predictions/plot to %s", out_args.workbook_path, out_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, ARGUMENT_TYPES, __doc__)

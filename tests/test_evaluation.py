@@ -1,0 +1,414 @@
+"""evaluation.py: end to end with tiny models, ratings that survive re-runs, atomic workbook replacement,
+the workbook's sheets/validation/chart read back with openpyxl, metrics against references, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import evaluation
+from common import PROMPT_TEMPLATE, UsageError, cli, parse_config
+
+N_EXAMPLES = 3
+BASE_SYSTEMS = ["small_base", "small_tuned", "large"]
+
+
+def make_args(tiny_model_dirs, data: Path, out: Path, *extra: str, models=("small_base", "small_tuned", "large")):
+    argv = ["--dataset_path", str(data), "--num_examples", str(N_EXAMPLES), "--max_new_tokens", "4",
+            "--batch_size", "2", "--bootstrap_samples", "50", "--output_dir", str(out), "--compute_perplexity", "false"]
+    for role in models:
+        argv += [f"--{role}_model", str(tiny_model_dirs[role])]
+    return parse_config(evaluation.ARGUMENT_TYPES, argv + list(extra))
+
+
+def run(tiny_model_dirs, data, out, *extra, **kw) -> dict:
+    return evaluation.main(*make_args(tiny_model_dirs, data, out, *extra, **kw))
+
+
+def read_sheet(path: Path, name: str) -> tuple[list[str], list[dict]]:
+    from openpyxl import load_workbook
+
+    wb = load_workbook(path)
+    rows = list(wb[name].iter_rows(values_only=True))
+    return list(rows[0]), [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+@pytest.fixture
+def first_run(tiny_model_dirs, jsonl_file, tmp_path):
+    out = tmp_path / "out"
+    metrics = run(tiny_model_dirs, jsonl_file, out)
+    return out, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+def test_end_to_end_writes_workbook_and_artifacts(first_run):
+    out, metrics = first_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["eval_examples.xlsx", "metrics.json", "predictions.jsonl", "prompt_template.txt", "rouge_by_system.png"])
+    assert (out / "prompt_template.txt").read_text() == PROMPT_TEMPLATE + "\n"
+    assert (out / "rouge_by_system.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["systems"]) == BASE_SYSTEMS == list(metrics["systems"])
+    for s in saved["systems"].values():
+        assert s["n"] == N_EXAMPLES
+        for m in (*evaluation.ROUGE_TYPES, "words", "repetition", "eos_share"):
+            assert s[m]["ci_low"] <= s[m]["mean"] <= s[m]["ci_high"]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == N_EXAMPLES * len(BASE_SYSTEMS)
+    assert {p["system"] for p in preds} == set(BASE_SYSTEMS)
+    # Random models never stop by themselves: every output hits the 4-token limit.
+    assert all(p["new_tokens"] == 4 and not p["ended_with_eos"] for p in preds)
+    assert saved["run"]["systems"]["large"]["decoding"]["max_new_tokens"] == 4
+
+
+def test_workbook_sheets_validation_and_chart(first_run):
+    from openpyxl import load_workbook
+
+    out, _ = first_run
+    wb = load_workbook(out / "eval_examples.xlsx")
+    assert wb.sheetnames == ["Examples", "Summary", "Run"]
+    ws = wb["Examples"]
+    header = [c.value for c in ws[1]]
+    assert header[:8] == ["example_no", "example_id", "system", "reviews", "reference", "output", "rating", "comment"]
+    assert ws.max_row == 1 + N_EXAMPLES * len(BASE_SYSTEMS)
+    assert ws.freeze_panes == "D2"
+    assert ws.auto_filter.ref == f"A1:{ws.cell(1, len(header)).column_letter}{ws.max_row}"
+    assert all(ws.cell(r, header.index("rating") + 1).value is None for r in range(2, ws.max_row + 1))
+    assert ws.cell(2, header.index("output") + 1).alignment.wrap_text
+    assert ws.column_dimensions["D"].width == 70
+    (rule,) = ws.data_validations.dataValidation
+    assert (rule.type, rule.operator, rule.formula1, rule.formula2) == ("whole", "between", "1", "5")
+    assert rule.showErrorMessage
+    assert str(rule.sqref) == f"G2:G{ws.max_row}"  # G = rating
+
+    summary = wb["Summary"]
+    assert [c.value for c in summary[1]][:7] == ["system", "model", "n", *evaluation.ROUGE_TYPES]
+    assert [summary.cell(r, 1).value for r in range(2, 5)] == BASE_SYSTEMS
+    (chart,) = summary._charts
+    assert chart.tagname == "barChart" and len(chart.series) == len(evaluation.ROUGE_TYPES)
+    assert chart.series[0].val.numRef.f == "'Summary'!$D$2:$D$4"
+
+    run_info = {r[0]: r[1] for r in wb["Run"].iter_rows(min_row=2, values_only=True)}
+    assert run_info["split"] == "test" and run_info["n_examples"] == N_EXAMPLES
+    assert run_info["systems.small_tuned.model"].endswith("small_tuned")
+    assert run_info["systems.large.decoding.do_sample"] is False
+    assert run_info["prompt_template"] == PROMPT_TEMPLATE
+
+
+def test_ratings_survive_rerun(first_run, tiny_model_dirs, jsonl_file):
+    """Ratings, comments and a column the reviewer added come back after re-runs, including for a system
+    that is left out of one run (kept aside, then restored)."""
+    from openpyxl import load_workbook
+
+    out, _ = first_run
+    path = out / "eval_examples.xlsx"
+    wb = load_workbook(path)
+    ws = wb["Examples"]
+    header = [c.value for c in ws[1]]
+    col = {h: header.index(h) + 1 for h in header}
+    ws.cell(1, len(header) + 1, "second_opinion")
+    typed = {}
+    for r, (rating, comment) in zip((2, 4, 6), ((4, "fluent but vague"), (1, "=not a formula"), (5, None))):
+        ws.cell(r, col["rating"], rating)
+        if comment:
+            ws.cell(r, col["comment"], comment)
+        ws.cell(r, len(header) + 1, f"note {r}")
+        key = (ws.cell(r, col["example_id"]).value, ws.cell(r, col["system"]).value)
+        typed[key] = {"rating": rating, "comment": comment, "second_opinion": f"note {r}"}
+    wb.save(path)
+    assert any(k[1] == "small_base" for k in typed)
+
+    def typed_in(sheet):
+        _, rows = read_sheet(path, sheet)
+        return {(r["example_id"], r["system"]): {k: r.get(k) for k in ("rating", "comment", "second_opinion")}
+                for r in rows if r.get("rating") is not None}
+
+    run(tiny_model_dirs, jsonl_file, out)
+    assert typed_in("Examples") == typed
+
+    # small_base left out: its rated rows move to 'Kept ratings', nothing is dropped.
+    run(tiny_model_dirs, jsonl_file, out, models=("small_tuned", "large"))
+    from openpyxl import load_workbook as reload
+
+    assert "Kept ratings" in reload(path).sheetnames
+    kept = typed_in("Kept ratings")
+    assert kept == {k: v for k, v in typed.items() if k[1] == "small_base"}
+    assert {**typed_in("Examples"), **kept} == typed
+
+    run(tiny_model_dirs, jsonl_file, out)
+    assert typed_in("Examples") == typed
+    assert "Kept ratings" not in reload(path).sheetnames
+
+
+def test_changed_output_keeps_the_rating_and_the_rated_output(first_run, tiny_model_dirs, jsonl_file):
+    from openpyxl import load_workbook
+
+    out, _ = first_run
+    path = out / "eval_examples.xlsx"
+    wb = load_workbook(path)
+    ws = wb["Examples"]
+    ws["G2"] = 3
+    old_output = ws["F2"].value
+    wb.save(path)
+    run(tiny_model_dirs, jsonl_file, out, "--max_new_tokens", "6")
+    _, rows = read_sheet(path, "Examples")
+    assert rows[0]["rating"] == 3 and rows[0]["output"] != old_output and "Kept ratings" in rows[0]["note"]
+    _, kept = read_sheet(path, "Kept ratings")
+    assert [(k["rating"], k["output"]) for k in kept] == [(3, old_output)]
+    assert kept[0]["reason"].startswith("output changed since rated")
+
+
+def test_workbook_replaced_atomically_when_saving_fails(first_run, tiny_model_dirs, jsonl_file, monkeypatch):
+    from openpyxl.workbook.workbook import Workbook
+
+    out, _ = first_run
+    path = out / "eval_examples.xlsx"
+    before = path.read_bytes()
+
+    def crash(self, filename):
+        (filename.write if hasattr(filename, "write") else open(filename, "wb").write)(b"PK\x03\x04 half a workbook")
+        raise RuntimeError("disk pulled out mid-write")
+
+    monkeypatch.setattr(Workbook, "save", crash)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        run(tiny_model_dirs, jsonl_file, out)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+    def disk_full(self, filename):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Workbook, "save", disk_full)
+    with pytest.raises(UsageError, match="previous workbook is untouched"):
+        run(tiny_model_dirs, jsonl_file, out)
+    assert path.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, generation, sharding
+# ---------------------------------------------------------------------------------------------
+def test_processed_dataset_split_and_ids_are_used(tiny_model_dirs, rows, tmp_path):
+    import datasets
+
+    def table(offset):
+        return datasets.Dataset.from_list([{"example_id": f"ex{offset + i}", "reviews": [r["Input"]],
+                                            "Input": r["Input"], "Output": r["Output"]}
+                                           for i, r in enumerate(rows[offset:offset + 4])])
+
+    data = tmp_path / "processed"
+    datasets.DatasetDict({"train": table(0), "validation": table(4), "test": table(8)}).save_to_disk(str(data))
+    run(tiny_model_dirs, data, tmp_path / "out", "--split", "validation", "--num_examples", "10",
+        models=("large",))
+    _, got = read_sheet(tmp_path / "out" / "eval_examples.xlsx", "Examples")
+    assert [r["example_id"] for r in got] == ["ex4", "ex5", "ex6", "ex7"]
+    assert got[0]["reference"] == rows[4]["Output"]
+
+
+def test_raw_file_ids_match_processing(tiny_model_dirs, jsonl_file, rows):
+    from processing_meta_review import clean_text, example_id
+
+    data_args = make_args(tiny_model_dirs, jsonl_file, Path("unused"))[1]
+    loaded = evaluation.load_examples(data_args)
+    first = rows[0]
+    assert loaded[0]["example_id"] == example_id([clean_text(first["Input"], "whitespace")],
+                                                 clean_text(first["Output"], "whitespace"))
+    assert "<sep>" not in loaded[0]["Input"]
+    assert len({r["example_id"] for r in loaded}) == len(rows)
+
+
+def test_example_selection_is_seeded_and_in_order():
+    a = evaluation.select_examples(100, 10, seed=1)
+    assert a == evaluation.select_examples(100, 10, seed=1) == sorted(a)
+    assert a != evaluation.select_examples(100, 10, seed=2)
+    assert evaluation.select_examples(5, None, 0) == evaluation.select_examples(5, 50, 0) == [0, 1, 2, 3, 4]
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, tiny_tokenizer):
+    """Left padding with an attention mask must not change greedy outputs."""
+    from common import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
+    prompts = ["Peer reviews of a paper:\n\nGood.\n\nMeta-review:",
+               "Peer reviews of a paper:\n\nThe method is simple and effective but the evaluation is thin.\n\nMeta-review:"]
+    examples = [{"example_id": str(i), "prompt_ids": tiny_tokenizer(p)["input_ids"], "prompt_truncated": False}
+                for i, p in enumerate(prompts)]
+    settings = {"max_new_tokens": 6, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    together = evaluation.generate("large", examples, {"large": model}, None, settings, tiny_tokenizer, 2, 0)
+    alone = [evaluation.generate("large", [ex], {"large": model}, None, settings, tiny_tokenizer, 1, 0)[0]
+             for ex in examples]
+    assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
+    assert len({r["prediction"] for r in together}) == 2
+
+
+def test_shards_merge_to_the_single_process_result(tiny_model_dirs, jsonl_file, tmp_path):
+    def predictions(out):
+        return [(p["example_id"], p["system"], p["prediction"])
+                for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())]
+
+    run(tiny_model_dirs, jsonl_file, tmp_path / "single", models=("small_base",))
+    sharded = tmp_path / "sharded"
+    for k in (1, 0):
+        assert run(tiny_model_dirs, jsonl_file, sharded, "--shard_index", str(k), "--num_shards", "2",
+                   models=("small_base",)) is None
+    assert not (sharded / "eval_examples.xlsx").exists()
+    evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, ["--output_dir", str(sharded), "--merge_only"]))
+    assert predictions(sharded) == predictions(tmp_path / "single")
+    assert (sharded / "eval_examples.xlsx").is_file()
+
+
+def test_merge_refuses_missing_or_mixed_shards(tiny_model_dirs, jsonl_file, tmp_path):
+    run(tiny_model_dirs, jsonl_file, tmp_path, "--shard_index", "0", "--num_shards", "2", models=("small_base",))
+    with pytest.raises(UsageError, match="shard 1 of 2 is missing"):
+        evaluation.merge_shards(tmp_path, 2)
+    run(tiny_model_dirs, jsonl_file, tmp_path, "--shard_index", "1", "--num_shards", "2", "--seed", "7",
+        models=("small_base",))
+    with pytest.raises(UsageError, match="different runs"):
+        evaluation.merge_shards(tmp_path, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+def test_rouge_matches_rouge_score_with_newline_sentences():
+    from rouge_score import rouge_scorer
+
+    pred, ref = "The paper is strong. Accept it!", "The paper is strong overall.\nWe accept it."
+    ours = evaluation.score_rouge(evaluation.make_rouge_scorer(), pred, ref)
+    theirs = rouge_scorer.RougeScorer(list(evaluation.ROUGE_TYPES), use_stemmer=True).score(
+        "The paper is strong overall.\nWe accept it.", "The paper is strong.\nAccept it!")
+    assert ours == pytest.approx({k: 100 * v.fmeasure for k, v in theirs.items()})
+    assert evaluation.score_rouge(evaluation.make_rouge_scorer(), ref, ref)["rougeLsum"] == pytest.approx(100)
+
+
+def test_split_sentences_and_repetition():
+    assert evaluation.split_sentences('He said "no." Then left!\nNew line? yes') == \
+        ['He said "no."', "Then left!", "New line?", "yes"]
+    assert evaluation.split_sentences("  ") == []
+    assert evaluation.repetition_rate("a b a b a b", 2) == pytest.approx(0.6)
+    assert evaluation.repetition_rate("one two three four", 3) == 0.0
+    assert evaluation.repetition_rate("short", 3) == 0.0
+    assert evaluation.cut_at_eos([5, 6, 0, 1, 1], 0) == ([5, 6], True)
+    assert evaluation.cut_at_eos([5, 6, 7], 0) == ([5, 6, 7], False)
+
+
+def test_summary_means_intervals_and_corpus_perplexity():
+    import math
+
+    records = [{"system": "s", "example_id": str(i), "rouge1": v, "rouge2": v, "rougeL": v, "rougeLsum": v,
+                "words": 10, "repetition": 0.0, "ended_with_eos": i % 2 == 0, "nll": nll, "target_tokens": n}
+               for i, (v, nll, n) in enumerate([(10, 2.0, 1), (20, 6.0, 3), (30, 4.0, 4), (40, 0.0, 2)])]
+    summary = evaluation.summarize(records, ["s"], 4, samples=200, confidence=0.9, seed=0)["s"]
+    assert summary["rouge1"]["mean"] == pytest.approx(25)
+    assert 10 <= summary["rouge1"]["ci_low"] < 25 < summary["rouge1"]["ci_high"] <= 40
+    assert summary["words"] == {"mean": 10, "ci_low": 10, "ci_high": 10}
+    assert summary["eos_share"]["mean"] == pytest.approx(0.5)
+    assert summary["perplexity"]["mean"] == pytest.approx(math.exp(12 / 10))
+
+
+def test_decoding_overrides_apply_to_one_system(tmp_path):
+    gen = evaluation.GenerationArguments(max_new_tokens=16, decoding_overrides='{"steered": {"do_sample": true, '
+                                         '"temperature": 0.7, "max_new_tokens": 32}}')
+    got = evaluation.resolve_decoding(gen, ["large", "steered"])
+    assert got["large"]["do_sample"] is False and got["large"]["max_new_tokens"] == 16
+    assert got["steered"] == {**got["large"], "do_sample": True, "temperature": 0.7, "max_new_tokens": 32}
+    path = tmp_path / "o.yaml"
+    path.write_text("large:\n  top_p: 0.9\n")
+    assert evaluation.resolve_decoding(evaluation.GenerationArguments(decoding_overrides=str(path)),
+                                       ["large"])["large"]["top_p"] == 0.9
+    for bad, match in [('{"large": {"top_k": 5}}', "unknown setting 'top_k'"),
+                       ('{"large": {"max_new_tokens": 2.5}}', "is not a int"),
+                       ('{"large": {"temperature": 0}}', "temperature 0.0 must be > 0"),
+                       ('{"small_base": {"top_p": 0.5}}', "not evaluated"),
+                       ("{not json", "not valid JSON")]:
+        with pytest.raises(UsageError, match=match):
+            evaluation.resolve_decoding(evaluation.GenerationArguments(decoding_overrides=bad), ["large"])
+
+
+def test_text_that_looks_like_a_formula_stays_text(tmp_path):
+    from openpyxl import Workbook, load_workbook
+
+    wb = Workbook()
+    evaluation.write_table(wb.active, ["output", "rating"], [{"output": "=1+1 \x07bell", "rating": "=2+2"}],
+                           keep_formulas={"rating"})
+    wb.save(tmp_path / "t.xlsx")
+    ws = load_workbook(tmp_path / "t.xlsx").active
+    assert (ws["A2"].value, ws["A2"].data_type) == ("=1+1 bell", "s")
+    assert ws["B2"].data_type == "f"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2, nothing touched
+# ---------------------------------------------------------------------------------------------
+def expect_usage_error(capsys, args, match: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(evaluation.main)(*args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error:"), err
+    assert err.count("error:") == 1 and match in err.splitlines()[-1], err
+
+
+def test_bad_inputs_fail_cleanly(tiny_model_dirs, jsonl_file, tmp_path, capsys):
+    import datasets
+
+    data = tmp_path / "processed"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"Input": "a", "Output": "b"}])}).save_to_disk(str(data))
+    out = tmp_path / "out"
+    expect_usage_error(capsys, make_args(tiny_model_dirs, data, out, "--split", "tset"), "split 'tset' is not in")
+    expect_usage_error(capsys, make_args(tiny_model_dirs, tmp_path / "nope.jsonl", out), "does not exist")
+    args = make_args(tiny_model_dirs, jsonl_file, out)
+    args[0].large_model = str(tmp_path / "no_such_model")
+    expect_usage_error(capsys, args, "cannot load")
+    expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--systems", "steered"),
+                       "needs --blend")
+    expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--alpha", "1", models=("large",)),
+                       "--small_base_model, --small_tuned_model missing")
+    expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--output_xlsx", str(tmp_path)),
+                       "is a directory")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["corrupt", "locked", "foreign"])
+def test_unusable_existing_workbook_is_left_untouched(case, tiny_model_dirs, jsonl_file, tmp_path, capsys):
+    from openpyxl import Workbook
+
+    path = tmp_path / "book.xlsx"
+    if case == "corrupt":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    else:
+        wb = Workbook()
+        wb.active.title = "Examples" if case == "locked" else "My budget"
+        wb.save(path)
+        if case == "locked":
+            (tmp_path / ".~lock.book.xlsx#").write_text("someone,host,2026")
+    before = path.read_bytes()
+    match = {"corrupt": "cannot be read", "locked": "open in another program", "foreign": "not written by"}[case]
+    expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, tmp_path / "out", "--output_xlsx", str(path)),
+                       match)
+    assert path.read_bytes() == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_reviewer_sheets_and_unnamed_columns_are_kept(first_run, tiny_model_dirs, jsonl_file):
+    from openpyxl import load_workbook
+
+    out, _ = first_run
+    path = out / "eval_examples.xlsx"
+    wb = load_workbook(path)
+    wb.create_sheet("My notes").append(["to discuss", 42])
+    ws = wb["Examples"]
+    ws.cell(3, ws.max_column + 3, "typed without a header")
+    wb.save(path)
+    run(tiny_model_dirs, jsonl_file, out)
+    wb = load_workbook(path)
+    assert [list(r) for r in wb["My notes"].iter_rows(values_only=True)] == [["to discuss", 42]]
+    header, rows = read_sheet(path, "Examples")
+    extra = [h for h in header if h.startswith("column ")]
+    assert len(extra) == 1 and rows[1][extra[0]] == "typed without a header"
+    assert zipfile.is_zipfile(path)
