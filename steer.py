@@ -1,0 +1,1076 @@
+"""Steer a large base model with a small fine-tuned one at decoding time (proxy-tuning / EFT up-scaling).
+
+Generate (OUT/ is fine_tune.py's output: a model directory or a LoRA adapter directory):
+    python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
+        --small_tuned_model OUT/ --alpha 1.0 --prompt "The paper proposes ..." --max_new_tokens 128
+
+Many prompts (JSONL with an `Input` column of reviews) with a tuned blend, written to a directory:
+    python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
+        --small_tuned_model OUT/ --blend outputs/tune/blend.json \
+        --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer
+
+Tune the blend on validation perplexity of meta-reviews given reviews (writes blend.json, tune_report.json):
+    python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
+        --small_tuned_model OUT/ --tune --validation_data outputs/meta_review --n_trials 200 --output_dir outputs/tune
+
+The next-token distribution is, normalised over the whole vocabulary,
+
+    log p~(x) = w_L * log p_L(x; T_L) + w_tuned * log p_S_tuned(x; T_S) - w_base * log p_S(x; T_S) - log Z
+
+w_L = 1, w_tuned = w_base = alpha is proxy-tuning (Liu et al. 2024, arXiv:2401.08565) and EFT up-scaling
+(Mitchell et al. 2023). The three models must share one tokenizer; each keeps its own KV cache, so after the
+prompt every step costs one token per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from common import (
+    UsageError,
+    atomic_directory,
+    build_prompt,
+    check_same_vocab,
+    cli,
+    first_line,
+    load_causal_lm,
+    load_tokenizer,
+    parse_config,
+    setup_logging,
+    to_jsonable,
+    vocab_size_of,
+    write_json,
+)
+from processing_meta_review import clean_text, extract_reviews, tokenize_example
+
+logger = logging.getLogger("steer")
+
+# Model roles: the keys of the `models` dicts passed around and of score_targets' results.
+LARGE, SMALL_BASE, SMALL_TUNED, LARGE_TUNED = "large", "small_base", "small_tuned", "large_tuned"
+ROLES = (LARGE, SMALL_BASE, SMALL_TUNED, LARGE_TUNED)
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Search ranges for --tune. A weight is an inverse temperature (see Blend), so [1/3, 3] for the temperature
+# searches maps onto the weight range and every baseline's optimum is a point of the free search.
+WEIGHT_RANGE = (0.0, 3.0)
+BASE_WEIGHT_RANGE = (-1.0, 3.0)  # negative: S is added rather than subtracted
+TEMPERATURE_RANGE = (1 / 3, 3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The blend
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Blend:
+    """Weights and temperatures of the steered distribution; the file --tune writes and --blend reads.
+
+    Temperatures and weights overlap: w * log_softmax(z / T) = (w / T) * log_softmax(z) + const, and the
+    constant vanishes when the blend is normalised, so only w / T matters for the distribution. The
+    temperatures are kept because they are how people think about single models ("L at T = 0.8") and because
+    L's plausibility filter looks at L's tempered distribution.
+    """
+
+    large_weight: float = 1.0  # w_L
+    tuned_weight: float = 1.0  # weight on log p_S_tuned
+    base_weight: float = 1.0  # weight subtracted on log p_S (proxy-tuning: tuned_weight == base_weight == alpha)
+    large_temperature: float = 1.0
+    small_temperature: float = 1.0  # shared by S_tuned and S so that their difference stays a clean delta
+    # Restrict the blend to L's nucleus (DExperts) and/or to tokens with p_L >= ratio * max p_L (contrastive
+    # decoding), so the delta cannot promote a token L finds implausible. None = no restriction.
+    plausibility_top_p: float | None = None
+    plausibility_min_ratio: float | None = None
+
+    def __post_init__(self):
+        problems = []
+        for name in ("large_weight", "tuned_weight", "base_weight"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} {getattr(self, name)} must be a finite number")
+        for name in ("large_weight", "tuned_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} {getattr(self, name)} must be >= 0 (a negative weight inverts the model)")
+        for name in ("large_temperature", "small_temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} {value} must be > 0 (1.0 leaves the model as it is)")
+        if self.plausibility_top_p is not None and not 0 < self.plausibility_top_p <= 1:
+            problems.append(f"plausibility_top_p {self.plausibility_top_p} must be in (0, 1], or None for no limit")
+        if self.plausibility_min_ratio is not None and not 0 < self.plausibility_min_ratio <= 1:
+            problems.append(
+                f"plausibility_min_ratio {self.plausibility_min_ratio} must be in (0, 1], or None for no limit"
+            )
+        if problems:
+            raise UsageError("blend: " + "; ".join(problems))
+
+    @classmethod
+    def from_alpha(cls, alpha: float, **kw) -> Blend:
+        """Proxy-tuning: `Blend.from_alpha(0.5)` -> w_L = 1, w_tuned = w_base = 0.5."""
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise UsageError(f"--alpha {alpha} must be a finite number >= 0 (0 = the large model alone, 1 = proxy-tuning)")
+        return cls(tuned_weight=alpha, base_weight=alpha, **kw)
+
+    @property
+    def has_plausibility_limit(self) -> bool:
+        return self.plausibility_top_p is not None or self.plausibility_min_ratio is not None
+
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """(c_L, c_tuned, c_base): the multipliers of each model's log-softmax, temperatures folded in."""
+        return (
+            self.large_weight / self.large_temperature,
+            self.tuned_weight / self.small_temperature,
+            -self.base_weight / self.small_temperature,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        text = (f"w_L={self.large_weight:.3g} w_tuned={self.tuned_weight:.3g} w_base={self.base_weight:.3g} "
+                f"T_L={self.large_temperature:.3g} T_S={self.small_temperature:.3g}")
+        if self.plausibility_top_p is not None:
+            text += f" top_p(L)={self.plausibility_top_p:.3g}"
+        if self.plausibility_min_ratio is not None:
+            text += f" min_ratio(L)={self.plausibility_min_ratio:.3g}"
+        return text
+
+    def save(self, path: str | Path, report: dict | None = None) -> None:
+        """Write the blend as JSON; `report` (tuning numbers) goes under a 'report' key that load() skips."""
+        write_json(path, {**self.to_dict(), **({"report": report} if report else {})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Blend:
+        """Read a blend JSON: the fields above, optionally a 'report' (as --tune writes), or {"alpha": a, ...}."""
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"blend file {path} does not exist; write one with `python steer.py ... --tune`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"blend file {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"blend file {path} must hold a JSON object, not {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k != "report"}
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names and k != "alpha"]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [*names, "alpha"], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}, alpha"
+            raise UsageError(f"blend file {path}: unknown key '{unknown[0]}'; {hint}")
+        for key, value in data.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UsageError(f"blend file {path}: '{key}' is {value!r}, expected a number")
+        if "alpha" in data:
+            alpha = data.pop("alpha")
+            if "tuned_weight" in data or "base_weight" in data:
+                raise UsageError(f"blend file {path}: give either 'alpha' or 'tuned_weight'/'base_weight', not both")
+            return cls.from_alpha(float(alpha), **data)
+        return cls(**data)
+
+
+def slice_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Drop the padded rows past the tokenizer (Pythia: 50,304 logits for 50,277 tokens). Those ids are never
+    produced by the tokenizer, and keeping them would let the blend put mass on tokens that decode to nothing."""
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(
+            f"the model has {logits.shape[-1]} output logits but the tokenizer has {vocab_size} tokens; "
+            "it was trained with another vocabulary and cannot be combined with these models"
+        )
+    return logits[..., :vocab_size]
+
+
+def nucleus_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(..., V) normalised log-probs -> (..., V) bool: the smallest set of most likely tokens holding at least
+    `top_p` of the mass (the most likely token is always in). `nucleus_mask(log([.5, .3, .2]), .6)` -> [T, T, F]."""
+    sorted_logp, order = logp.sort(dim=-1, descending=True)  # (..., V)
+    probs = sorted_logp.exp()
+    mass_before = probs.cumsum(dim=-1) - probs  # (..., V) mass of strictly more likely tokens
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def plausible_mask(logp_large: torch.Tensor, blend: Blend) -> torch.Tensor:
+    """(..., V) log p_L -> (..., V) bool: the tokens L finds plausible under the blend's limits."""
+    keep = torch.ones_like(logp_large, dtype=torch.bool)
+    if blend.plausibility_top_p is not None and blend.plausibility_top_p < 1:
+        tempered = logp_large if blend.large_temperature == 1 else torch.log_softmax(
+            logp_large / blend.large_temperature, dim=-1)
+        keep &= nucleus_mask(tempered, blend.plausibility_top_p)
+    if blend.plausibility_min_ratio is not None:
+        # p_L(x; T) >= r * max p_L(.; T)  <=>  (log p_L(x) - max log p_L) / T >= log r
+        top = logp_large.max(dim=-1, keepdim=True).values
+        keep &= (logp_large - top) / blend.large_temperature >= math.log(blend.plausibility_min_ratio)
+    return keep
+
+
+def blend_logprobs(
+    logp_large: torch.Tensor | None,
+    logp_tuned: torch.Tensor | None,
+    logp_base: torch.Tensor | None,
+    blend: Blend,
+) -> torch.Tensor:
+    """The steering arithmetic, on log-softmaxed logits of shape (B, V) or (B, T, V) -> blended log-probs, same shape.
+
+        log p~ = log_softmax( c_L * log p_L + c_tuned * log p_S_tuned + c_base * log p_S ),  c = Blend.coefficients
+
+    An input may be None when its coefficient is 0 (the model need not run). With blend = Blend.from_alpha(0)
+    the result is log_softmax(logp_large), i.e. L itself.
+    """
+    inputs = {"logp_large": logp_large, "logp_tuned": logp_tuned, "logp_base": logp_base}
+    shapes = {name: tuple(t.shape) for name, t in inputs.items() if t is not None}
+    if not shapes:
+        raise ValueError("blend_logprobs needs at least one model's log-probs")
+    if len(set(shapes.values())) > 1:
+        raise ValueError(
+            f"log-prob shapes differ: {shapes}; slice every model's logits to len(tokenizer) (slice_vocab) and "
+            "use models that share one tokenizer"
+        )
+    mixed = None  # (..., V)
+    for coef, (name, logp) in zip(blend.coefficients, inputs.items()):
+        if coef == 0:
+            continue  # skipping (not multiplying by 0) keeps a -inf in an unused model from turning into NaN
+        if logp is None:
+            raise ValueError(f"{name} is None but its coefficient in the blend is {coef}")
+        mixed = coef * logp if mixed is None else mixed.add_(logp, alpha=coef)
+    if mixed is None:  # every weight 0: the uniform distribution
+        mixed = torch.zeros_like(next(t for t in inputs.values() if t is not None))
+    if blend.has_plausibility_limit:
+        if logp_large is None:
+            raise ValueError("the blend's plausibility limit needs logp_large")
+        mixed = mixed.masked_fill(~plausible_mask(logp_large, blend), float("-inf"))
+    return torch.log_softmax(mixed, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) left-padded mask -> (B, T) position ids counting real tokens only, 0 on padding (as generate() does);
+    without this a left-padded row would start at position = number of pads and differ from the same row alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`left_pad([[5, 6], [7]], 1)` -> ids [[5, 6], [1, 7]], mask [[1, 1], [0, 1]]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+class ModelStream:
+    """One model's view of a batch being decoded: its KV cache, attention mask and positions, on its own device."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.mask = attention_mask.to(model.device)  # (B, T) grows by one column per step
+        self.positions = positions_from_mask(self.mask)  # (B, T)
+        self.ids = input_ids.to(model.device)  # (B, T) the whole sequence without a cache, else the tokens not yet seen
+        self.cache = None
+
+    def next_logprobs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Run the model on what it has not seen; -> (B, V) log-softmax of the last position, on `device`."""
+        n_new = self.ids.shape[1]
+        out = self.model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.positions[:, -n_new:],
+            past_key_values=self.cache,
+            use_cache=self.use_cache,
+            logits_to_keep=1,  # only the last position: skips the (T, V) output matrix of the prompt
+        )
+        if self.use_cache:
+            self.cache = out.past_key_values
+        logits = slice_vocab(out.logits[:, -1, :], vocab_size)  # (B, V)
+        return torch.log_softmax(logits.float(), dim=-1).to(device, non_blocking=True)
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Feed the step's tokens (B,): with a cache the model sees only them next time."""
+        tokens = tokens.to(self.model.device)[:, None]  # (B, 1)
+        self.ids = tokens if self.use_cache else torch.cat([self.ids, tokens], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+
+
+class NgramBlocker:
+    """no_repeat_ngram_size: ban a token that would complete an n-gram already in the row (prompt included,
+    padding not). Kept incrementally, O(1) per row and step, instead of rescanning the sequence."""
+
+    def __init__(self, n: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.n = n
+        self.seqs = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+        self.seen: list[dict[tuple, set[int]]] = [{} for _ in self.seqs]
+        for row, seq in enumerate(self.seqs):
+            for end in range(n, len(seq) + 1):
+                self._add(row, seq[end - n:end])
+
+    def _add(self, row: int, gram: list[int]) -> None:
+        self.seen[row].setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def ban(self, scores: torch.Tensor, active: list[int]) -> torch.Tensor:
+        """(B, V) scores -> the same with banned tokens at -inf (rows in `active` only)."""
+        rows, cols = [], []
+        for row in active:
+            prefix = tuple(self.seqs[row][len(self.seqs[row]) - self.n + 1:]) if self.n > 1 else ()
+            banned = self.seen[row].get(prefix, ())
+            rows += [row] * len(banned)
+            cols += list(banned)
+        if rows:
+            scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
+        return scores
+
+    def append(self, tokens: list[int], active: list[int]) -> None:
+        for row in active:
+            self.seqs[row].append(tokens[row])
+            if len(self.seqs[row]) >= self.n:
+                self._add(row, self.seqs[row][-self.n:])
+
+
+def check_decoding_args(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
+                        no_repeat_ngram_size: int) -> None:
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"--max_new_tokens {max_new_tokens} must be >= 1")
+    if not (math.isfinite(temperature) and temperature > 0):
+        problems.append(f"--temperature {temperature} must be > 0 (use --do_sample false for greedy decoding)")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top_p {top_p} must be in (0, 1]")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        problems.append(f"--repetition_penalty {repetition_penalty} must be > 0 (1.0 = off)")
+    if no_repeat_ngram_size < 0:
+        problems.append(f"--no_repeat_ngram_size {no_repeat_ngram_size} must be >= 0 (0 = off)")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+@torch.inference_mode()
+def steered_generate(
+    large,
+    small_base,
+    small_tuned,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    blend: Blend,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    vocab_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    return_logprobs: bool = False,
+):
+    """Decode from the blend of three models, each with its own KV cache.
+
+    input_ids / attention_mask: (B, T), LEFT-padded, so that every row's next token sits in the last column.
+    Returns (new_tokens (B, N) with N <= max_new_tokens, pad_token_id after a row's EOS; ended_with_eos (B,)),
+    plus (B, N, V) blended log-probs (before repetition penalties / sampling warps) if `return_logprobs`.
+    A model whose coefficient in the blend is 0 is not run at all. The arithmetic happens on large's device;
+    `use_cache=False` recomputes every prefix (for tests: it must give the same result).
+    """
+    check_decoding_args(max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram_size)
+    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be (batch, length)")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("every row must end with a real token: pad prompts on the LEFT (tokenizer.padding_side='left')")
+    device = large.device
+    c_large, c_tuned, c_base = blend.coefficients
+    roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit),
+             SMALL_TUNED: (small_tuned, c_tuned != 0), SMALL_BASE: (small_base, c_base != 0)}
+    streams = {role: ModelStream(model, input_ids, attention_mask, use_cache)
+               for role, (model, needed) in roles.items() if needed}
+    if not streams:
+        raise ValueError(f"the blend ({blend.describe()}) uses no model")
+
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch = input_ids.shape[0]
+    new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    ended_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    history = []
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, vocab_size, device=device)  # (B, V) > 0 where the row already holds the token
+        seen.scatter_add_(1, input_ids, attention_mask.float())
+        seen = seen > 0
+    blocker = NgramBlocker(no_repeat_ngram_size, input_ids, attention_mask) if no_repeat_ngram_size else None
+
+    n_steps = 0
+    for step in range(max_new_tokens):
+        logps = {role: stream.next_logprobs(vocab_size, device) for role, stream in streams.items()}  # each (B, V)
+        logp = blend_logprobs(logps.get(LARGE), logps.get(SMALL_TUNED), logps.get(SMALL_BASE), blend)  # (B, V)
+        if return_logprobs:
+            history.append(logp)
+        scores = logp
+        if seen is not None:
+            # On log-probs (all <= 0) multiplying by the penalty always lowers the token; on raw logits, as in
+            # HF's processor, the sign decides, and a negative logit would be pushed the wrong way.
+            scores = torch.where(seen, scores * repetition_penalty, scores)
+        if blocker is not None:
+            active = (~finished).nonzero().flatten().tolist()
+            scores = blocker.ban(scores.clone(), active)
+        if do_sample:
+            scores = torch.log_softmax(scores / temperature, dim=-1)
+            if top_p < 1:
+                scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
+            next_tokens = torch.multinomial(scores.exp(), 1, generator=generator)[:, 0]  # (B,)
+        else:
+            next_tokens = scores.argmax(dim=-1)  # (B,)
+        next_tokens = next_tokens.masked_fill(finished, pad_token_id)
+        new_tokens[:, step] = next_tokens
+        n_steps = step + 1
+        just_ended = ~finished & (next_tokens == eos_token_id)
+        ended_with_eos |= just_ended
+        finished |= just_ended
+        if seen is not None:
+            seen[torch.arange(batch, device=device), next_tokens] = True
+        if blocker is not None:
+            blocker.append(next_tokens.tolist(), active)
+        if bool(finished.all()):
+            break
+        if step + 1 < max_new_tokens:
+            for stream in streams.values():
+                stream.append(next_tokens)
+    new_tokens = new_tokens[:, :n_steps]
+    if return_logprobs:
+        return new_tokens, ended_with_eos, torch.stack(history, dim=1)  # (B, N, V)
+    return new_tokens, ended_with_eos
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring (teacher forcing): the metric the blend is tuned on
+# ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def score_targets(
+    models: dict[str, Any],
+    prompt_ids: list[list[int]],
+    target_ids: list[list[int]],
+    *,
+    vocab_size: int,
+    batch_size: int = 8,
+    blend: Blend | None = None,
+    keep_logprobs: Collection[str] = (),
+    cache_device: str | torch.device | None = None,
+    cache_dtype: torch.dtype = torch.float32,
+    pad_token_id: int = 0,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Teacher-forced NLL of each target given its prompt, one forward pass per model and batch.
+
+    Returns, for N examples:
+      result[name]     (N,) float64: summed NLL of the target tokens under models[name] (log-softmax over the
+                       sliced vocabulary), for every name in `models`;
+      result["blend"]  (N,) the same under `blend` (needs models 'large', 'small_tuned', 'small_base');
+      result["n_tokens"] (N,) long: target lengths, so ppl = exp(result[name].sum() / result["n_tokens"].sum());
+    and for the models named in `keep_logprobs`, the rows blend_nll needs to re-score any blend without a model:
+      result[f"logprobs/{name}"] (R, V) log-softmax rows at the R target positions (cache_dtype, cache_device),
+      result["targets"] (R,), result["example_index"] (R,).
+    """
+    n = len(prompt_ids)
+    if len(target_ids) != n or n == 0:
+        raise ValueError(f"need as many targets as prompts, at least one: got {n} prompts and {len(target_ids)} targets")
+    contexts = [c for c in (context_length(m) for m in models.values()) if c]
+    context = min(contexts) if contexts else None
+    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
+        if not p or not t:
+            raise ValueError(f"example {i}: the prompt ({len(p)} tokens) and the target ({len(t)}) must not be empty")
+        if context and len(p) + len(t) > context:
+            raise ValueError(f"example {i}: prompt + target = {len(p)} + {len(t)} tokens exceeds the context ({context})")
+    if blend is not None and not {LARGE, SMALL_TUNED, SMALL_BASE} <= set(models):
+        raise ValueError(f"scoring a blend needs models {LARGE}, {SMALL_TUNED}, {SMALL_BASE}; got {sorted(models)}")
+    cache_device = torch.device(cache_device or next(iter(models.values())).device)
+
+    result = {name: torch.zeros(n, dtype=torch.float64) for name in [*models, *(["blend"] if blend else [])]}
+    result["n_tokens"] = torch.tensor([len(t) for t in target_ids], dtype=torch.long)
+    rows = {name: [] for name in keep_logprobs}
+    row_targets, row_examples = [], []
+    # Longest first, so batches hold similar lengths and the first batch shows whether memory suffices.
+    order = sorted(range(n), key=lambda i: -(len(prompt_ids[i]) + len(target_ids[i])))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    for idx in tqdm(batches, desc="scoring", unit="batch", disable=not show_progress):
+        # Left padding puts every target at the right edge, so only the last (t_max + 1) positions need logits.
+        ids, mask = left_pad([prompt_ids[i] + target_ids[i] for i in idx], pad_token_id)  # (B, L)
+        positions = positions_from_mask(mask)
+        t_len = torch.tensor([len(target_ids[i]) for i in idx])
+        t_max = int(t_len.max())
+        targets = ids[:, -t_max:].to(cache_device)  # (B, t_max) right-aligned target tokens
+        valid = (torch.arange(t_max) >= t_max - t_len[:, None]).to(cache_device)  # (B, t_max) False left of a target
+        logps = {}
+        for name, model in models.items():
+            dev = model.device
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                           use_cache=False, logits_to_keep=t_max + 1).logits  # (B, t_max + 1, V_model)
+            # position j predicts token j + 1: drop the last position, which predicts past the target
+            logp = torch.log_softmax(slice_vocab(logits[:, :-1], vocab_size).float(), dim=-1).to(cache_device)
+            logps[name] = logp  # (B, t_max, V)
+        if blend is not None:
+            logps["blend"] = blend_logprobs(logps[LARGE], logps[SMALL_TUNED], logps[SMALL_BASE], blend)
+        for name, logp in logps.items():
+            nll = -logp.gather(-1, targets[..., None])[..., 0]  # (B, t_max)
+            result[name][idx] = torch.where(valid, nll, 0.0).sum(-1).double().cpu()
+            if name in rows:
+                rows[name].append(logp[valid].to(cache_dtype))  # (r, V)
+        if rows:
+            row_targets.append(targets[valid])
+            row_examples.append(torch.tensor(idx, device=cache_device)[:, None].expand_as(valid)[valid])
+    if rows:
+        for name, chunks in rows.items():
+            result[f"logprobs/{name}"] = torch.cat(chunks)
+        result["targets"] = torch.cat(row_targets)
+        result["example_index"] = torch.cat(row_examples)
+    return result
+
+
+def blend_nll(cached: dict[str, torch.Tensor], blend: Blend, chunk_rows: int = 2048) -> torch.Tensor:
+    """Per-example summed NLL (N,) float64 of `blend`, from score_targets(..., keep_logprobs=(large, small_tuned,
+    small_base)) rows: no model runs, so a tuning trial costs only this arithmetic."""
+    targets, examples = cached["targets"], cached["example_index"]  # (R,)
+    out = torch.zeros(cached["n_tokens"].shape[0], dtype=torch.float64, device=targets.device)
+    needed = dict(zip((LARGE, SMALL_TUNED, SMALL_BASE), blend.coefficients))
+    needed[LARGE] = needed[LARGE] or blend.has_plausibility_limit
+    for start in range(0, targets.shape[0], chunk_rows):
+        end = start + chunk_rows
+        logps = [cached[f"logprobs/{role}"][start:end].float() if needed[role] else None
+                 for role in (LARGE, SMALL_TUNED, SMALL_BASE)]  # each (r, V) or None
+        logp = blend_logprobs(*logps, blend)  # (r, V)
+        nll = -logp.gather(-1, targets[start:end, None])[:, 0]  # (r,)
+        out.index_add_(0, examples[start:end], nll.double())
+    return out.cpu()
+
+
+def per_token_nll(nll: torch.Tensor, n_tokens: torch.Tensor) -> float:
+    """Corpus-level NLL per token (the log of the perplexity) from per-example sums and counts."""
+    return float(nll.sum() / n_tokens.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    large_model: str = field(metadata={"help": "L, the large base model: Hub id, local directory or LoRA adapter dir."})
+    small_base_model: str = field(metadata={"help": "S, the small base model the tuned one started from."})
+    small_tuned_model: str = field(metadata={"help": "S_tuned, fine_tune.py's output (model or LoRA adapter directory)."})
+    large_tuned_model: str | None = field(
+        default=None, metadata={"help": "L_tuned, only scored by --tune as the reference the blend tries to reach."})
+    large_device: str | None = field(default=None, metadata={"help": "Device of L (default: cuda if available, else cpu)."})
+    small_base_device: str | None = field(default=None, metadata={"help": "Device of S (default as L)."})
+    small_tuned_device: str | None = field(default=None, metadata={"help": "Device of S_tuned (default as L)."})
+    large_tuned_device: str | None = field(default=None, metadata={"help": "Device of L_tuned (default as L)."})
+    large_dtype: str = field(default="auto", metadata={"help": "auto = float32 on CPU, bfloat16 on GPU.",
+                                                      "choices": ["auto", "float32", "bfloat16", "float16"]})
+    small_base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    small_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    large_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models/tokenizers to run their code."})
+
+
+@dataclass
+class SteerArguments:
+    alpha: float | None = field(
+        default=None, metadata={"help": "Proxy-tuning strength: w_L = 1, w_tuned = w_base = alpha (default 1.0)."})
+    blend: str | None = field(default=None, metadata={"help": "A blend JSON (from --tune); excludes --alpha."})
+    plausibility_top_p: float | None = field(
+        default=None, metadata={"help": "Keep only tokens in L's top-p nucleus (overrides the blend file's value)."})
+    prompt: str | None = field(default=None, metadata={"help": "Reviews text (put into the prompt template)."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSONL with a column of reviews (--input_column), or .txt with one per line."})
+    input_column: str = field(default="Input", metadata={"help": "Reviews column of --prompts_file."})
+    use_template: bool = field(
+        default=True, metadata={"help": "Wrap the text in the meta-review template; false = use the text as the prompt."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate at most (the prompt gets the rest)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the blended distribution."})
+    top_p: float = field(default=1.0, metadata={"help": "Sampling nucleus of the blended distribution."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 lowers tokens already in the row."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size (0 = off)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts decoded together (also the --tune scoring batch)."})
+    seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --tune example draw and search."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Write generations.jsonl/config.json (or --tune's files) here; else print."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+
+    def __post_init__(self):
+        problems = []
+        if self.alpha is not None and self.blend is not None:
+            problems.append("give either --alpha or --blend, not both")
+        if self.batch_size < 1:
+            problems.append(f"--batch_size {self.batch_size} must be >= 1")
+        if self.prompt is not None and self.prompts_file is not None:
+            problems.append("give either --prompt or --prompts_file, not both")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+@dataclass
+class TuneArguments:
+    tune: bool = field(default=False, metadata={"help": "Search the blend on validation perplexity instead of generating."})
+    validation_data: str | None = field(
+        default=None, metadata={"help": "processing_meta_review.py's output directory, or a JSONL with Input/Output."})
+    validation_split: str = field(default="validation", metadata={"help": "Split of a DatasetDict directory."})
+    n_examples: int = field(default=64, metadata={"help": "Validation examples drawn (seeded) for tuning and holdout."})
+    holdout_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the examples not tuned on, reported as the honest score (0 = none)."})
+    max_target_tokens: int = field(
+        default=128, metadata={"help": "Score at most this many tokens of each meta-review (bounds the cache)."})
+    n_trials: int = field(default=100, metadata={"help": "Optuna trials per search."})
+    cache_dtype: str = field(default="float32", metadata={"help": "dtype of the cached log-prob rows.",
+                                                          "choices": list(CACHE_DTYPES)})
+    max_cache_gb: float = field(default=8.0, metadata={"help": "Refuse to cache more log-prob rows than this."})
+
+    def __post_init__(self):
+        problems = []
+        if self.n_examples < 1:
+            problems.append(f"--n_examples {self.n_examples} must be >= 1")
+        if not 0 <= self.holdout_fraction < 1:
+            problems.append(f"--holdout_fraction {self.holdout_fraction} must be in [0, 1)")
+        if self.max_target_tokens < 1:
+            problems.append(f"--max_target_tokens {self.max_target_tokens} must be >= 1")
+        if self.n_trials < 1:
+            problems.append(f"--n_trials {self.n_trials} must be >= 1")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def check_model_path(name_or_path: str, flag: str) -> None:
+    """A path that cannot be a Hub id ('org/name') and does not exist is a typo: say so before loading anything."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith("/") or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise UsageError(f"--{flag} {name_or_path} does not exist; pass a Hub id (e.g. EleutherAI/pythia-70m) or a "
+                         "directory written by fine_tune.py / save_pretrained")
+
+
+def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[dict[str, Any], Any]:
+    """Load the models once, each on its own device/dtype, and refuse a set that does not share one tokenizer."""
+    paths = {LARGE: args.large_model, SMALL_BASE: args.small_base_model, SMALL_TUNED: args.small_tuned_model}
+    if with_large_tuned and args.large_tuned_model:
+        paths[LARGE_TUNED] = args.large_tuned_model
+    for role, path in paths.items():
+        check_model_path(path, f"{role}_model")
+    tokenizers = {f"--{role}_model {path}": load_tokenizer(path, args.trust_remote_code, padding_side="left")
+                  for role, path in paths.items()}
+    check_same_vocab(tokenizers)
+    tokenizer = next(iter(tokenizers.values()))
+    # Reviews are measured whole before build_prompt cuts them; silence "longer than the model" warnings.
+    tokenizer.model_max_length = int(1e30)
+    vocab_size = vocab_size_of(tokenizer)
+    large_device = args.large_device
+    models = {}
+    for role, path in paths.items():
+        device = getattr(args, f"{role}_device") or large_device
+        models[role] = load_causal_lm(path, dtype=getattr(args, f"{role}_dtype"), device=device,
+                                      trust_remote_code=args.trust_remote_code)
+        large_device = large_device or str(models[LARGE].device)
+        width = models[role].get_output_embeddings().weight.shape[0]
+        if width < vocab_size:
+            raise UsageError(f"--{role}_model {path} has {width} output rows but the tokenizer has {vocab_size} "
+                             "tokens; steering needs models that share one vocabulary")
+        logger.info("%s: %s (%.0fM parameters, %s, %s)", role, path, models[role].num_parameters() / 1e6,
+                    models[role].device, models[role].dtype)
+    return models, tokenizer
+
+
+def model_context(models: dict[str, Any]) -> int:
+    contexts = [c for c in (context_length(m) for m in models.values()) if c]
+    return min(contexts) if contexts else 2048
+
+
+def reviews_of(value: Any) -> list[str]:
+    """A row's reviews, cleaned as processing_meta_review.py cleans them (MReD <sep> markers become line breaks)."""
+    return [r for r in (clean_text(r, "whitespace") for r in extract_reviews(value, None)) if r]
+
+
+def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
+    """-> [(reviews value, source row)] from --prompt or --prompts_file."""
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty; pass the reviews text to steer on")
+        return [(args.prompt, {})]
+    if args.prompts_file is None:
+        raise UsageError("nothing to generate from: pass --prompt TEXT or --prompts_file FILE (or --tune)")
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise UsageError(f"--prompts_file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".jsonl", ".json"):
+        items = [(line, {}) for line in text.splitlines() if line.strip()]
+    else:
+        try:
+            rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                    if line.strip()]
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--prompts_file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and args.input_column in r for r in rows):
+            raise UsageError(f"--prompts_file {path}: every record needs an '{args.input_column}' column; "
+                             "set --input_column")
+        items = [(row[args.input_column], row) for row in rows]
+    if not items:
+        raise UsageError(f"--prompts_file {path} holds no prompts")
+    return items
+
+
+def build_prompts(items: list[tuple[Any, dict]], tokenizer, budget: int, use_template: bool) -> list[str]:
+    """Reviews -> prompt texts of at most `budget` tokens (reviews cut fairly, as in training)."""
+    prompts, n_truncated = [], 0
+    for i, (value, _) in enumerate(items):
+        if use_template:
+            reviews = reviews_of(value)
+            if not reviews:
+                raise UsageError(f"prompt {i} has no review text; every prompt needs the reviews to summarise")
+            prompt, truncated = build_prompt(reviews, tokenizer, budget)
+            n_truncated += truncated
+        else:
+            prompt = value if isinstance(value, str) else "\n\n".join(map(str, value))
+            if not prompt.strip():
+                raise UsageError(f"prompt {i} is empty")
+            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if n > budget:
+                raise UsageError(f"prompt {i} has {n} tokens but the context leaves {budget} after --max_new_tokens; "
+                                 "shorten it, lower --max_new_tokens, or use the template (which cuts reviews)")
+        prompts.append(prompt)
+    if n_truncated:
+        logger.info("%d of %d prompts had their reviews cut to fit %d tokens", n_truncated, len(prompts), budget)
+    return prompts
+
+
+def resolve_blend(args: SteerArguments) -> Blend:
+    blend = Blend.load(args.blend) if args.blend else Blend.from_alpha(1.0 if args.alpha is None else args.alpha)
+    if args.plausibility_top_p is not None:
+        blend = dataclasses.replace(blend, plausibility_top_p=args.plausibility_top_p)
+    return blend
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+def generate_texts(models: dict[str, Any], tokenizer, prompts: list[str], blend: Blend, args: SteerArguments) -> list[dict]:
+    """Decode every prompt in batches (longest first, so rows of a batch have similar lengths)."""
+    large = models[LARGE]
+    generator = torch.Generator(device=large.device).manual_seed(args.seed)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[dict] = [{} for _ in prompts]
+    for start in tqdm(range(0, len(order), args.batch_size), desc="generating", unit="batch"):
+        idx = order[start:start + args.batch_size]
+        ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+        tokens, ended = steered_generate(
+            large, models[SMALL_BASE], models[SMALL_TUNED], ids.to(large.device), mask.to(large.device), blend,
+            max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size_of(tokenizer), do_sample=args.do_sample,
+            temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size, generator=generator)
+        for row, i in enumerate(idx):
+            row_tokens = tokens[row].tolist()
+            if ended[row]:
+                row_tokens = row_tokens[:row_tokens.index(tokenizer.eos_token_id)]
+            results[i] = {"generation": tokenizer.decode(row_tokens, skip_special_tokens=True).strip(),
+                          "ended_with_eos": bool(ended[row]), "n_new_tokens": len(row_tokens),
+                          "n_prompt_tokens": len(encoded[i])}
+    return results
+
+
+def write_generations(items, prompts, results, blend, config: dict, output_dir: str | None, overwrite: bool) -> None:
+    rows = []
+    for (value, source), prompt, result in zip(items, prompts, results):
+        row = {"prompt": prompt, **result}
+        if "Output" in source:
+            row["reference"] = source["Output"]
+        rows.append(row)
+    if output_dir is None:
+        for i, row in enumerate(rows):
+            print(f"=== {i}: {row['n_prompt_tokens']} prompt tokens, {row['n_new_tokens']} new"
+                  f"{', ended with EOS' if row['ended_with_eos'] else ''}\n{row['generation']}\n")
+        return
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+        with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_json(tmp / "config.json", {**config, "resolved_blend": blend.to_dict()})
+    logger.info("wrote %d generations to %s", len(rows), Path(output_dir) / "generations.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+def load_validation_pairs(args: TuneArguments, tokenizer, context: int, seed: int) -> tuple[list, list]:
+    """Validation (prompt ids, target ids), drawn with `seed`: from processing_meta_review.py's saved dataset
+    (its input_ids / prompt_length, so the tokens are exactly those fine-tuning saw) or from a raw Input/Output
+    JSONL, prompted with the same code. Targets are cut to --max_target_tokens; prompts to fit the context."""
+    path = Path(args.validation_data)
+    if not path.exists():
+        raise UsageError(f"--validation_data {path} does not exist; pass processing_meta_review.py's output_dir "
+                         "or a JSONL with Input/Output columns")
+    if path.is_dir():
+        import datasets
+
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(f"--validation_data {path} is not a saved dataset: {first_line(err)}") from None
+        if isinstance(data, datasets.DatasetDict):
+            if args.validation_split not in data:
+                raise UsageError(f"--validation_split {args.validation_split} is not in {path} (splits: {list(data)})")
+            data = data[args.validation_split]
+        missing = {"input_ids", "prompt_length"} - set(data.column_names)
+        if missing:
+            raise UsageError(f"--validation_data {path} lacks columns {sorted(missing)}; run processing_meta_review.py")
+        rows = list(data.select_columns(["input_ids", "prompt_length"]))
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--validation_data {path} line {number} is not JSON: {err}") from None
+            if not isinstance(row, dict) or "Input" not in row or "Output" not in row:
+                raise UsageError(f"--validation_data {path} line {number} needs Input and Output columns")
+            rows.append(row)
+    if not rows:
+        raise UsageError(f"--validation_data {path} holds no examples")
+    import random
+
+    picked = sorted(random.Random(seed).sample(range(len(rows)), min(args.n_examples, len(rows))))
+    prompts, targets, n_cut = [], [], 0
+    for i in picked:
+        row = rows[i]
+        if "input_ids" not in row:
+            meta = clean_text(row["Output"], "whitespace") if isinstance(row["Output"], str) else ""
+            reviews = reviews_of(row["Input"])
+            if not meta or not reviews:
+                continue
+            row = tokenize_example({"reviews": reviews, "Output": meta}, tokenizer, context)
+            if row is None:  # the meta-review alone fills the context
+                continue
+        ids, n_prompt = list(row["input_ids"]), int(row["prompt_length"])
+        prompt, target = ids[:n_prompt], ids[n_prompt:][:args.max_target_tokens]
+        if len(prompt) + len(target) > context:
+            prompt, n_cut = prompt[len(prompt) + len(target) - context:], n_cut + 1
+        if prompt and target:
+            prompts.append(prompt)
+            targets.append(target)
+    if n_cut:
+        logger.warning("%d prompts were longer than the context (%d) and lost their first tokens", n_cut, context)
+    if not prompts:
+        raise UsageError(f"--validation_data {path}: no usable example (empty reviews or meta-reviews)")
+    return prompts, targets
+
+
+def suggest_large_alone(trial) -> Blend:
+    return Blend(1.0, 0.0, 0.0, large_temperature=trial.suggest_float("large_temperature", *TEMPERATURE_RANGE, log=True))
+
+
+def suggest_tuned_alone(trial) -> Blend:
+    return Blend(0.0, 1.0, 0.0, small_temperature=trial.suggest_float("small_temperature", *TEMPERATURE_RANGE, log=True))
+
+
+def suggest_product(trial) -> Blend:
+    return Blend(trial.suggest_float("large_weight", *WEIGHT_RANGE), trial.suggest_float("tuned_weight", *WEIGHT_RANGE),
+                 0.0)
+
+
+def suggest_proxy(trial) -> Blend:
+    return Blend.from_alpha(trial.suggest_float("alpha", *WEIGHT_RANGE))
+
+
+def suggest_free(trial) -> Blend:
+    return Blend(trial.suggest_float("large_weight", *WEIGHT_RANGE), trial.suggest_float("tuned_weight", *WEIGHT_RANGE),
+                 trial.suggest_float("base_weight", *BASE_WEIGHT_RANGE))
+
+
+# name -> (how a trial picks its blend, the points tried first). Each search starts from its plain (T = 1,
+# alpha = 1) points, so a tuned baseline is never worse than its untuned self. Temperatures are searched only
+# for the single-model baselines: in a blend they are redundant with the weights (see Blend).
+SEARCHES = {
+    "large, tuned temperature": (suggest_large_alone, [{"large_temperature": 1.0}]),
+    "small_tuned, tuned temperature": (suggest_tuned_alone, [{"small_temperature": 1.0}]),
+    "large x small_tuned (no S term)": (suggest_product, [{"large_weight": 1.0, "tuned_weight": 0.0},
+                                                          {"large_weight": 1.0, "tuned_weight": 1.0}]),
+    "proxy-tuning, tuned alpha": (suggest_proxy, [{"alpha": 0.0}, {"alpha": 1.0}]),
+    "free blend": (suggest_free, []),
+}
+# The single models and plain proxy-tuning as blends: starting points of the free search.
+PLAIN_BLENDS = [Blend(1.0, 0.0, 0.0), Blend(0.0, 1.0, 0.0), Blend(0.0, 0.0, -1.0), Blend.from_alpha(1.0)]
+
+
+def as_free_params(blend: Blend) -> dict[str, float]:
+    """The free search's coordinates of any blend without a plausibility limit (temperatures folded in)."""
+    c_large, c_tuned, c_base = blend.coefficients
+    return {"large_weight": c_large, "tuned_weight": c_tuned, "base_weight": -c_base}
+
+
+def run_search(name: str, suggest, cache: dict, n_trials: int, seed: int, starts: Sequence[dict]) -> tuple[Blend, int]:
+    """Minimise the per-token NLL of the blends `suggest` proposes on the cached rows, trying the `starts`
+    parameter sets first. -> (best blend, number of trials)."""
+    import optuna
+
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                study_name=name)
+    for params in starts:
+        study.enqueue_trial(params)
+
+    def objective(trial) -> float:
+        value = per_token_nll(blend_nll(cache, suggest(trial)), cache["n_tokens"])
+        return value if math.isfinite(value) else float("inf")
+
+    logger.info("search: %s (%d trials)", name, n_trials)
+    study.optimize(objective, n_trials=max(n_trials, len(starts)), show_progress_bar=True)
+    return suggest(optuna.trial.FixedTrial(study.best_params)), len(study.trials)
+
+
+def tune(models: dict[str, Any], tokenizer, args: TuneArguments, seed: int, batch_size: int) -> dict:
+    """Score every validation example once per model, then search blends on the cached rows. -> report dict."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context = model_context(models)
+    prompts, targets = load_validation_pairs(args, tokenizer, context, seed)
+    n = len(prompts)
+    n_holdout = min(round(n * args.holdout_fraction), n - 1)  # at least one example to tune on
+    split = {"tune": list(range(n - n_holdout)), "holdout": list(range(n - n_holdout, n))}
+    vocab_size = vocab_size_of(tokenizer)
+    n_rows = sum(len(t) for t in targets)
+    cache_gb = n_rows * vocab_size * 3 * CACHE_DTYPES[args.cache_dtype].itemsize / 1e9
+    logger.info("tuning on %d examples, holding out %d; %d target tokens -> %.2f GB of cached log-prob rows",
+                n - n_holdout, n_holdout, n_rows, cache_gb)
+    if cache_gb > args.max_cache_gb:
+        raise UsageError(f"the log-prob cache would take {cache_gb:.1f} GB > --max_cache_gb {args.max_cache_gb}; "
+                         "lower --n_examples or --max_target_tokens, or use --cache_dtype bfloat16")
+
+    started = time.perf_counter()
+    caches = {}
+    for part, idx in split.items():
+        if idx:
+            caches[part] = score_targets(
+                models, [prompts[i] for i in idx], [targets[i] for i in idx], vocab_size=vocab_size,
+                batch_size=batch_size, keep_logprobs=(LARGE, SMALL_TUNED, SMALL_BASE),
+                cache_dtype=CACHE_DTYPES[args.cache_dtype], pad_token_id=tokenizer.pad_token_id)
+    logger.info("scored in %.1f s", time.perf_counter() - started)
+
+    def score_entry(blend: Blend | None, model: str | None = None, n_trials: int = 0) -> dict:
+        entry = {"blend": blend.to_dict() if blend else None, "n_trials": n_trials}
+        for part, cache in caches.items():
+            nll = cache[model] if model else blend_nll(cache, blend)
+            entry[f"{part}_nll"] = per_token_nll(nll, cache["n_tokens"])
+            entry[f"{part}_ppl"] = math.exp(entry[f"{part}_nll"])
+        return entry
+
+    entries = {f"{role} (T=1)": score_entry(None, model=role) for role in models}
+    entries["proxy-tuning, alpha=1"] = score_entry(Blend.from_alpha(1.0))
+    started = time.perf_counter()
+    best: dict[str, Blend] = {}
+    for i, (name, (suggest, starts)) in enumerate(SEARCHES.items()):
+        if name == "free blend":
+            # The plain models and every baseline's optimum start the free search, so the chosen blend is never
+            # worse on the tuning split than anything it is compared with (L_tuned aside: it is another model).
+            starts = [as_free_params(b) for b in [*PLAIN_BLENDS, *best.values()]]
+        best[name], n_trials = run_search(name, suggest, caches["tune"], args.n_trials, seed + i, starts)
+        entries[name] = score_entry(best[name], n_trials=n_trials)
+    logger.info("searched in %.1f s", time.perf_counter() - started)
+    return {
+        "chosen": "free blend",
+        "blend": best["free blend"].to_dict(),
+        "entries": entries,
+        "n_examples": {part: len(idx) for part, idx in split.items()},
+        "n_target_tokens": {part: int(c["n_tokens"].sum()) for part, c in caches.items()},
+        "n_trials": args.n_trials,
+        "normalisation": f"full vocabulary ({vocab_size} tokens)",
+        "validation_data": str(args.validation_data),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The tuning report as a small fixed-width table."""
+    has_holdout = any("holdout_ppl" in e for e in report["entries"].values())
+    header = f"{'model / blend':34} {'w_L':>6} {'w_tuned':>7} {'w_base':>6} {'T_L':>5} {'T_S':>5} {'tune ppl':>9}"
+    header += f" {'holdout ppl':>11}" if has_holdout else ""
+    lines = [header, "-" * len(header)]
+    for name, e in report["entries"].items():
+        b = e["blend"]
+        cells = ("{:>6.3g} {:>7.3g} {:>6.3g} {:>5.3g} {:>5.3g}".format(
+            b["large_weight"], b["tuned_weight"], b["base_weight"], b["large_temperature"], b["small_temperature"])
+            if b else f"{'':>6} {'':>7} {'':>6} {'':>5} {'':>5}")
+        line = f"{name:34} {cells} {e['tune_ppl']:>9.3f}"
+        line += f" {e['holdout_ppl']:>11.3f}" if has_holdout else ""
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_tune_outputs(report: dict, config: dict, output_dir: str, overwrite: bool) -> None:
+    chosen = report["entries"][report["chosen"]]
+    summary = {k: v for k, v in chosen.items() if k != "blend"} | {
+        "chosen": report["chosen"], "n_examples": report["n_examples"], "validation_data": report["validation_data"]}
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+        Blend(**report["blend"]).save(tmp / "blend.json", report=summary)
+        write_json(tmp / "tune_report.json", {**report, "config": config})
+    logger.info("wrote %s and %s", Path(output_dir) / "blend.json", Path(output_dir) / "tune_report.json")
+
+
+# ---------------------------------------------------------------------------------------------
+@cli
+def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: TuneArguments) -> Any:
+    """Generate with the steered blend, or (--tune) search the blend. Returns the rows / the report."""
+    setup_logging()
+    config = to_jsonable(model_args, steer_args, tune_args)
+    if tune_args.tune and not (tune_args.validation_data and steer_args.output_dir):
+        raise UsageError("--tune needs --validation_data (processed dataset dir or Input/Output JSONL) and --output_dir")
+    check_decoding_args(steer_args.max_new_tokens, steer_args.temperature, steer_args.top_p,
+                        steer_args.repetition_penalty, steer_args.no_repeat_ngram_size)
+    out = Path(steer_args.output_dir) if steer_args.output_dir else None
+    if out and out.is_dir() and any(out.iterdir()) and not steer_args.overwrite_output_dir:
+        raise UsageError(f"output directory {out} already exists and is not empty; use --overwrite_output_dir")
+    if not tune_args.tune:
+        blend = resolve_blend(steer_args)  # a bad blend file fails before the models load
+        items = read_prompt_texts(steer_args)
+    logger.info("config: %s", json.dumps(config))
+    torch.manual_seed(steer_args.seed)
+    models, tokenizer = load_models(model_args, with_large_tuned=tune_args.tune)
+
+    if tune_args.tune:
+        report = tune(models, tokenizer, tune_args, steer_args.seed, steer_args.batch_size)
+        print(format_report(report))
+        write_tune_outputs(report, config, steer_args.output_dir, steer_args.overwrite_output_dir)
+        return report
+
+    context = model_context(models)
+    budget = context - steer_args.max_new_tokens
+    if budget < 1:
+        raise UsageError(f"--max_new_tokens {steer_args.max_new_tokens} leaves no room for the prompt in the "
+                         f"{context}-token context; lower it")
+    prompts = build_prompts(items, tokenizer, budget, steer_args.use_template)
+    logger.info("%d prompts, blend %s, %s decoding, max_new_tokens=%d", len(prompts), blend.describe(),
+                "sampled" if steer_args.do_sample else "greedy", steer_args.max_new_tokens)
+    results = generate_texts(models, tokenizer, prompts, blend, steer_args)
+    write_generations(items, prompts, results, blend, config, steer_args.output_dir, steer_args.overwrite_output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main(*cli(parse_config)([ModelArguments, SteerArguments, TuneArguments], description=__doc__.split("\n\n")[0]))
