@@ -415,8 +415,12 @@ def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: i
 # ---------------------------------------------------------------------------------------------
 def load_models(model_args: ModelArguments, systems: list[str], device: str) -> tuple[Any, dict[str, Any]]:
     """(tokenizer, {role: model}) with each distinct model path loaded once."""
+    from steer import check_model_path
+
     paths = {role: path for role, path in model_args.model_paths().items()
              if any(role in SYSTEM_ROLES[s] for s in systems)}
+    for role, path in paths.items():
+        check_model_path(path, f"{role}_model")
     tok_name = model_args.tokenizer_name or paths.get("large") or next(iter(paths.values()))
     tokenizer = load_tokenizer(tok_name, trust_remote_code=model_args.trust_remote_code, padding_side="left")
     # Long reviews are measured whole before build_prompt cuts them; silence "longer than the model".
@@ -444,30 +448,9 @@ def load_models(model_args: ModelArguments, systems: list[str], device: str) -> 
     return tokenizer, models
 
 
-def context_length(models: dict[str, Any]) -> int | None:
-    """The shortest context among the models (None if no config says)."""
-    lengths = [getattr(m.config, "max_position_embeddings", None) for m in models.values()]
-    lengths = [n for n in lengths if n]
-    return min(lengths) if lengths else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
-def pad_left(sequences: list[list[int]], pad_id: int, device) -> tuple[Any, Any]:
-    """Left-pad so every prompt ends at the last position, where generation continues.
-    Returns input_ids (B, T) and attention_mask (B, T)."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[i, width - len(seq):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
     """`cut_at_eos([5, 6, 0, 1, 1], 0)` -> ([5, 6], True): tokens before the first EOS, and whether there was one."""
     if eos_id in tokens:
@@ -516,6 +499,8 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
     import torch
     from tqdm.auto import tqdm
 
+    from steer import left_pad
+
     torch.manual_seed(seed)
     device = models[SYSTEM_ROLES[system][0]].device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -524,7 +509,8 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
     records: list[dict | None] = [None] * len(examples)
     for start in tqdm(range(0, len(order), batch_size), desc=f"generate {system}", unit="batch"):
         batch = order[start:start + batch_size]
-        input_ids, attention_mask = pad_left([examples[i]["prompt_ids"] for i in batch], tokenizer.pad_token_id, device)
+        input_ids, attention_mask = left_pad([examples[i]["prompt_ids"] for i in batch], tokenizer.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (B, T) each
         new_tokens = generate_batch(system, models, blend, input_ids, attention_mask, settings, tokenizer, generator)
         for i, row in zip(batch, new_tokens.tolist()):
             tokens, ended = cut_at_eos(row, tokenizer.eos_token_id)
@@ -539,24 +525,17 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
 
 def score_references(systems: list[str], examples: list[dict], models: dict[str, Any], blend, tokenizer,
                      batch_size: int) -> dict[str, list[tuple[float, int]]]:
-    """{system: [(summed NLL, tokens) per example]} of the reference meta-reviews, via steer.score_targets.
-    One forward pass per model role; the steered system's NLL is the blend of the cached scores."""
-    import steer
+    """{system: [(summed NLL, tokens) per example]} of the reference meta-reviews given the prompts, from
+    steer.score_targets: one forward pass per model; the steered system is scored as the blend of them."""
+    from steer import score_targets
 
     roles = sorted({r for s in systems for r in SYSTEM_ROLES[s]})
-    cached = steer.score_targets({r: models[r] for r in roles}, [ex["prompt_ids"] for ex in examples],
-                                 [ex["target_ids"] for ex in examples], vocab_size=vocab_size_of(tokenizer),
-                                 batch_size=batch_size)
-    out = {}
-    for system in systems:
-        nll = steer.blend_nll(cached, blend) if system == "steered" else cached_nll(cached, system)
-        out[system] = [(float(v), len(ex["target_ids"])) for v, ex in zip(nll, examples)]
-    return out
-
-
-def cached_nll(cached: dict, role: str) -> list[float]:
-    """Per-example summed NLL of one model from steer.score_targets' result."""
-    return list(cached["nll"][role])
+    scores = score_targets({r: models[r] for r in roles}, [ex["prompt_ids"] for ex in examples],
+                           [ex["target_ids"] for ex in examples], vocab_size=vocab_size_of(tokenizer),
+                           batch_size=batch_size, blend=blend if "steered" in systems else None,
+                           pad_token_id=tokenizer.pad_token_id)
+    n_tokens = scores["n_tokens"].tolist()
+    return {s: list(zip(scores["blend" if s == "steered" else s].tolist(), n_tokens)) for s in systems}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1156,7 +1135,9 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     selected = [{**rows[i], "position": p} for p, i in enumerate(positions)]
     tokenizer, models = load_models(model_args, systems, device)
     max_new = max(s["max_new_tokens"] for s in decoding.values())
-    context = min(n for n in (context_length(models), data_args.max_length) if n)
+    from steer import model_context
+
+    context = min(model_context(models), data_args.max_length)
     prompt_budget = context - max_new
     if prompt_budget < 16:
         raise UsageError(f"only {prompt_budget} prompt tokens are left (context {context} - max_new_tokens "

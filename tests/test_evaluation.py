@@ -4,6 +4,7 @@ the workbook's sheets/validation/chart read back with openpyxl, metrics against 
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -13,15 +14,35 @@ import evaluation
 from common import PROMPT_TEMPLATE, UsageError, cli, parse_config
 
 N_EXAMPLES = 3
-BASE_SYSTEMS = ["small_base", "small_tuned", "large"]
+SYSTEMS = ["small_base", "small_tuned", "large", "steered"]
 
 
 def make_args(tiny_model_dirs, data: Path, out: Path, *extra: str, models=("small_base", "small_tuned", "large")):
     argv = ["--dataset_path", str(data), "--num_examples", str(N_EXAMPLES), "--max_new_tokens", "4",
-            "--batch_size", "2", "--bootstrap_samples", "50", "--output_dir", str(out), "--compute_perplexity", "false"]
+            "--batch_size", "2", "--bootstrap_samples", "50", "--output_dir", str(out)]
     for role in models:
         argv += [f"--{role}_model", str(tiny_model_dirs[role])]
     return parse_config(evaluation.ARGUMENT_TYPES, argv + list(extra))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def blend_file(tmp_path) -> Path:
+    from steer import Blend
+
+    path = tmp_path / "blend.json"
+    Blend.from_alpha(1.0).save(path)
+    return path
 
 
 def run(tiny_model_dirs, data, out, *extra, **kw) -> dict:
@@ -37,45 +58,84 @@ def read_sheet(path: Path, name: str) -> tuple[list[str], list[dict]]:
 
 
 @pytest.fixture
-def first_run(tiny_model_dirs, jsonl_file, tmp_path):
+def first_run(tiny_model_dirs, jsonl_file, tmp_path, blend_file):
+    """All four systems on N_EXAMPLES examples; returns (output dir, metrics, a re-run with the same flags)."""
     out = tmp_path / "out"
-    metrics = run(tiny_model_dirs, jsonl_file, out)
-    return out, metrics
+    metrics = run(tiny_model_dirs, jsonl_file, out, "--blend", str(blend_file))
+    return out, metrics, lambda *extra, **kw: run(tiny_model_dirs, jsonl_file, out, "--blend", str(blend_file),
+                                                  *extra, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
 def test_end_to_end_writes_workbook_and_artifacts(first_run):
-    out, metrics = first_run
+    out, metrics, _ = first_run
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["eval_examples.xlsx", "metrics.json", "predictions.jsonl", "prompt_template.txt", "rouge_by_system.png"])
     assert (out / "prompt_template.txt").read_text() == PROMPT_TEMPLATE + "\n"
     assert (out / "rouge_by_system.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "metrics.json").read_text())
-    assert list(saved["systems"]) == BASE_SYSTEMS == list(metrics["systems"])
+    assert list(saved["systems"]) == SYSTEMS == list(metrics["systems"])
     for s in saved["systems"].values():
         assert s["n"] == N_EXAMPLES
-        for m in (*evaluation.ROUGE_TYPES, "words", "repetition", "eos_share"):
+        for m in (*evaluation.ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity"):
             assert s[m]["ci_low"] <= s[m]["mean"] <= s[m]["ci_high"]
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == N_EXAMPLES * len(BASE_SYSTEMS)
-    assert {p["system"] for p in preds} == set(BASE_SYSTEMS)
+    assert len(preds) == N_EXAMPLES * len(SYSTEMS)
+    assert {p["system"] for p in preds} == set(SYSTEMS)
     # Random models never stop by themselves: every output hits the 4-token limit.
     assert all(p["new_tokens"] == 4 and not p["ended_with_eos"] for p in preds)
     assert saved["run"]["systems"]["large"]["decoding"]["max_new_tokens"] == 4
+    assert saved["run"]["blend"]["tuned_weight"] == 1.0
+    assert all(p["perplexity"] == pytest.approx(math.exp(p["nll"] / p["target_tokens"])) for p in preds)
+
+
+def test_reference_perplexity_is_the_nll_of_the_training_target(first_run, tiny_model_dirs, tiny_tokenizer):
+    """Recompute one example's reference NLL under the large model by hand: prompt ids + ' ' + meta-review + EOS."""
+    import torch
+
+    from common import build_prompt, load_causal_lm
+
+    out, _, _ = first_run
+    pred = next(p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
+                if p["system"] == "large")
+    _, rows = read_sheet(out / "eval_examples.xlsx", "Examples")
+    reviews = next(r["reviews"] for r in rows if r["example_id"] == pred["example_id"])
+    prompt, _ = build_prompt([reviews], tiny_tokenizer, 512 - 4)
+    prompt_ids = tiny_tokenizer(prompt)["input_ids"]
+    target_ids = tiny_tokenizer(" " + pred["reference"])["input_ids"] + [tiny_tokenizer.eos_token_id]
+    model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0, len(prompt_ids) - 1:-1]
+    logp = torch.log_softmax(logits[:, :len(tiny_tokenizer)], dim=-1)  # padded rows are not tokens
+    nll = -logp.gather(1, torch.tensor(target_ids)[:, None]).sum().item()
+    assert pred["target_tokens"] == len(target_ids)
+    assert pred["nll"] == pytest.approx(nll, rel=1e-4)
+
+
+def test_steering_with_alpha_zero_is_the_large_model(tiny_model_dirs, jsonl_file, tmp_path):
+    """Blend.from_alpha(0) is L alone: the steered loop must reproduce HF generate's greedy output and L's NLL."""
+    run(tiny_model_dirs, jsonl_file, tmp_path, "--alpha", "0", "--systems", "large", "steered",
+        "--max_new_tokens", "8")
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    by_system = {s: [(p["example_id"], p["prediction"], p["new_tokens"]) for p in preds if p["system"] == s]
+                 for s in ("large", "steered")}
+    assert by_system["large"] == by_system["steered"]
+    nll = {s: [p["nll"] for p in preds if p["system"] == s] for s in ("large", "steered")}
+    assert nll["steered"] == pytest.approx(nll["large"], rel=1e-5)
 
 
 def test_workbook_sheets_validation_and_chart(first_run):
     from openpyxl import load_workbook
 
-    out, _ = first_run
+    out, _, rerun = first_run
     wb = load_workbook(out / "eval_examples.xlsx")
     assert wb.sheetnames == ["Examples", "Summary", "Run"]
     ws = wb["Examples"]
     header = [c.value for c in ws[1]]
     assert header[:8] == ["example_no", "example_id", "system", "reviews", "reference", "output", "rating", "comment"]
-    assert ws.max_row == 1 + N_EXAMPLES * len(BASE_SYSTEMS)
+    assert ws.max_row == 1 + N_EXAMPLES * len(SYSTEMS)
     assert ws.freeze_panes == "D2"
     assert ws.auto_filter.ref == f"A1:{ws.cell(1, len(header)).column_letter}{ws.max_row}"
     assert all(ws.cell(r, header.index("rating") + 1).value is None for r in range(2, ws.max_row + 1))
@@ -88,10 +148,10 @@ def test_workbook_sheets_validation_and_chart(first_run):
 
     summary = wb["Summary"]
     assert [c.value for c in summary[1]][:7] == ["system", "model", "n", *evaluation.ROUGE_TYPES]
-    assert [summary.cell(r, 1).value for r in range(2, 5)] == BASE_SYSTEMS
+    assert [summary.cell(r, 1).value for r in range(2, 6)] == SYSTEMS
     (chart,) = summary._charts
     assert chart.tagname == "barChart" and len(chart.series) == len(evaluation.ROUGE_TYPES)
-    assert chart.series[0].val.numRef.f == "'Summary'!$D$2:$D$4"
+    assert chart.series[0].val.numRef.f == "'Summary'!$D$2:$D$5"
 
     run_info = {r[0]: r[1] for r in wb["Run"].iter_rows(min_row=2, values_only=True)}
     assert run_info["split"] == "test" and run_info["n_examples"] == N_EXAMPLES
@@ -105,7 +165,7 @@ def test_ratings_survive_rerun(first_run, tiny_model_dirs, jsonl_file):
     that is left out of one run (kept aside, then restored)."""
     from openpyxl import load_workbook
 
-    out, _ = first_run
+    out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     wb = load_workbook(path)
     ws = wb["Examples"]
@@ -128,34 +188,32 @@ def test_ratings_survive_rerun(first_run, tiny_model_dirs, jsonl_file):
         return {(r["example_id"], r["system"]): {k: r.get(k) for k in ("rating", "comment", "second_opinion")}
                 for r in rows if r.get("rating") is not None}
 
-    run(tiny_model_dirs, jsonl_file, out)
+    rerun()
     assert typed_in("Examples") == typed
 
-    # small_base left out: its rated rows move to 'Kept ratings', nothing is dropped.
+    # small_base (and with it steered) left out: their rated rows move to 'Kept ratings', nothing is dropped.
     run(tiny_model_dirs, jsonl_file, out, models=("small_tuned", "large"))
-    from openpyxl import load_workbook as reload
-
-    assert "Kept ratings" in reload(path).sheetnames
+    assert "Kept ratings" in load_workbook(path).sheetnames
     kept = typed_in("Kept ratings")
-    assert kept == {k: v for k, v in typed.items() if k[1] == "small_base"}
+    assert kept == {k: v for k, v in typed.items() if k[1] in ("small_base", "steered")}
     assert {**typed_in("Examples"), **kept} == typed
 
-    run(tiny_model_dirs, jsonl_file, out)
+    rerun()
     assert typed_in("Examples") == typed
-    assert "Kept ratings" not in reload(path).sheetnames
+    assert "Kept ratings" not in load_workbook(path).sheetnames
 
 
 def test_changed_output_keeps_the_rating_and_the_rated_output(first_run, tiny_model_dirs, jsonl_file):
     from openpyxl import load_workbook
 
-    out, _ = first_run
+    out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     wb = load_workbook(path)
     ws = wb["Examples"]
     ws["G2"] = 3
     old_output = ws["F2"].value
     wb.save(path)
-    run(tiny_model_dirs, jsonl_file, out, "--max_new_tokens", "6")
+    rerun("--max_new_tokens", "6")
     _, rows = read_sheet(path, "Examples")
     assert rows[0]["rating"] == 3 and rows[0]["output"] != old_output and "Kept ratings" in rows[0]["note"]
     _, kept = read_sheet(path, "Kept ratings")
@@ -166,7 +224,7 @@ def test_changed_output_keeps_the_rating_and_the_rated_output(first_run, tiny_mo
 def test_workbook_replaced_atomically_when_saving_fails(first_run, tiny_model_dirs, jsonl_file, monkeypatch):
     from openpyxl.workbook.workbook import Workbook
 
-    out, _ = first_run
+    out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     before = path.read_bytes()
 
@@ -176,7 +234,7 @@ def test_workbook_replaced_atomically_when_saving_fails(first_run, tiny_model_di
 
     monkeypatch.setattr(Workbook, "save", crash)
     with pytest.raises(RuntimeError, match="mid-write"):
-        run(tiny_model_dirs, jsonl_file, out)
+        rerun()
     assert path.read_bytes() == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
@@ -185,7 +243,7 @@ def test_workbook_replaced_atomically_when_saving_fails(first_run, tiny_model_di
 
     monkeypatch.setattr(Workbook, "save", disk_full)
     with pytest.raises(UsageError, match="previous workbook is untouched"):
-        run(tiny_model_dirs, jsonl_file, out)
+        rerun()
     assert path.read_bytes() == before
 
 
@@ -364,7 +422,13 @@ def test_bad_inputs_fail_cleanly(tiny_model_dirs, jsonl_file, tmp_path, capsys):
     expect_usage_error(capsys, make_args(tiny_model_dirs, tmp_path / "nope.jsonl", out), "does not exist")
     args = make_args(tiny_model_dirs, jsonl_file, out)
     args[0].large_model = str(tmp_path / "no_such_model")
-    expect_usage_error(capsys, args, "cannot load")
+    expect_usage_error(capsys, args, "--large_model")
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    args = make_args(tiny_model_dirs, jsonl_file, out)
+    args[0].small_base_model = str(broken)
+    expect_usage_error(capsys, args, "cannot load model")
     expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--systems", "steered"),
                        "needs --blend")
     expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--alpha", "1", models=("large",)),
@@ -398,14 +462,14 @@ def test_unusable_existing_workbook_is_left_untouched(case, tiny_model_dirs, jso
 def test_reviewer_sheets_and_unnamed_columns_are_kept(first_run, tiny_model_dirs, jsonl_file):
     from openpyxl import load_workbook
 
-    out, _ = first_run
+    out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     wb = load_workbook(path)
     wb.create_sheet("My notes").append(["to discuss", 42])
     ws = wb["Examples"]
     ws.cell(3, ws.max_column + 3, "typed without a header")
     wb.save(path)
-    run(tiny_model_dirs, jsonl_file, out)
+    rerun()
     wb = load_workbook(path)
     assert [list(r) for r in wb["My notes"].iter_rows(values_only=True)] == [["to discuss", 42]]
     header, rows = read_sheet(path, "Examples")
