@@ -47,7 +47,7 @@ from common import (
     first_line,
     load_causal_lm,
     load_tokenizer,
-    parse_config,
+    run_cli,
     setup_logging,
     to_jsonable,
     vocab_size_of,
@@ -66,6 +66,7 @@ CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 WEIGHT_RANGE = (0.0, 3.0)
 BASE_WEIGHT_RANGE = (-1.0, 3.0)  # negative: S is added rather than subtracted
 TEMPERATURE_RANGE = (1 / 3, 3.0)
+DEFAULT_TUNE_DIR = "outputs/steer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +546,7 @@ def score_targets(
     return result
 
 
-def blend_nll(cached: dict[str, torch.Tensor], blend: Blend, chunk_rows: int = 2048) -> torch.Tensor:
+def blend_nll(cached: dict[str, torch.Tensor], blend: Blend, chunk_rows: int = 256) -> torch.Tensor:
     """Per-example summed NLL (N,) float64 of `blend`, from score_targets(..., keep_logprobs=(large, small_tuned,
     small_base)) rows: no model runs, so a tuning trial costs only this arithmetic."""
     targets, examples = cached["targets"], cached["example_index"]  # (R,)
@@ -572,9 +573,13 @@ def per_token_nll(nll: torch.Tensor, n_tokens: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelArguments:
-    large_model: str = field(metadata={"help": "L, the large base model: Hub id, local directory or LoRA adapter dir."})
-    small_base_model: str = field(metadata={"help": "S, the small base model the tuned one started from."})
-    small_tuned_model: str = field(metadata={"help": "S_tuned, fine_tune.py's output (model or LoRA adapter directory)."})
+    large_model: str = field(
+        default="EleutherAI/pythia-410m", metadata={"help": "L, the large base model: Hub id, local dir or LoRA adapter dir."})
+    small_base_model: str = field(
+        default="EleutherAI/pythia-70m", metadata={"help": "S, the small base model the tuned one started from."})
+    small_tuned_model: str = field(
+        default="outputs/pythia-70m-meta-review/final",
+        metadata={"help": "S_tuned: fine_tune.py's result (its --output_dir/final; a model or a LoRA adapter)."})
     large_tuned_model: str | None = field(
         default=None, metadata={"help": "L_tuned, only scored by --tune as the reference the blend tries to reach."})
     large_device: str | None = field(default=None, metadata={"help": "Device of L (default: cuda if available, else cpu)."})
@@ -611,7 +616,8 @@ class SteerArguments:
     batch_size: int = field(default=8, metadata={"help": "Prompts decoded together (also the --tune scoring batch)."})
     seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --tune example draw and search."})
     output_dir: str | None = field(
-        default=None, metadata={"help": "Write generations.jsonl/config.json (or --tune's files) here; else print."})
+        default=None, metadata={"help": "Write generations.jsonl + config.json here (default: print them); with "
+                                "--tune, blend.json + tune_report.json (default: outputs/steer)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
     def __post_init__(self):
@@ -629,8 +635,9 @@ class SteerArguments:
 @dataclass
 class TuneArguments:
     tune: bool = field(default=False, metadata={"help": "Search the blend on validation perplexity instead of generating."})
-    validation_data: str | None = field(
-        default=None, metadata={"help": "processing_meta_review.py's output directory, or a JSONL with Input/Output."})
+    validation_data: str = field(
+        default="outputs/meta_review",
+        metadata={"help": "processing_meta_review.py's output directory, or a JSONL with Input/Output columns."})
     validation_split: str = field(default="validation", metadata={"help": "Split of a DatasetDict directory."})
     n_examples: int = field(default=64, metadata={"help": "Validation examples drawn (seeded) for tuning and holdout."})
     holdout_fraction: float = field(
@@ -674,8 +681,13 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
         paths[LARGE_TUNED] = args.large_tuned_model
     for role, path in paths.items():
         check_model_path(path, f"{role}_model")
-    tokenizers = {f"--{role}_model {path}": load_tokenizer(path, args.trust_remote_code, padding_side="left")
-                  for role, path in paths.items()}
+    tokenizers = {}
+    for role, path in paths.items():
+        try:
+            tokenizers[f"--{role}_model {path}"] = load_tokenizer(path, args.trust_remote_code, padding_side="left")
+        except UsageError as err:
+            raise UsageError(f"--{role}_model {path}: {err}; steering checks that all models share one tokenizer, "
+                             "so keep the tokenizer beside every model (fine_tune.py saves it)") from None
     check_same_vocab(tokenizers)
     tokenizer = next(iter(tokenizers.values()))
     # Reviews are measured whole before build_prompt cuts them; silence "longer than the model" warnings.
@@ -1038,9 +1050,9 @@ def write_tune_outputs(report: dict, config: dict, output_dir: str, overwrite: b
 def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: TuneArguments) -> Any:
     """Generate with the steered blend, or (--tune) search the blend. Returns the rows / the report."""
     setup_logging()
+    if tune_args.tune and steer_args.output_dir is None:
+        steer_args = dataclasses.replace(steer_args, output_dir=DEFAULT_TUNE_DIR)
     config = to_jsonable(model_args, steer_args, tune_args)
-    if tune_args.tune and not (tune_args.validation_data and steer_args.output_dir):
-        raise UsageError("--tune needs --validation_data (processed dataset dir or Input/Output JSONL) and --output_dir")
     check_decoding_args(steer_args.max_new_tokens, steer_args.temperature, steer_args.top_p,
                         steer_args.repetition_penalty, steer_args.no_repeat_ngram_size)
     out = Path(steer_args.output_dir) if steer_args.output_dir else None
@@ -1073,4 +1085,4 @@ def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: Tune
 
 
 if __name__ == "__main__":
-    main(*cli(parse_config)([ModelArguments, SteerArguments, TuneArguments], description=__doc__.split("\n\n")[0]))
+    run_cli(main, [ModelArguments, SteerArguments, TuneArguments], __doc__)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GenerationConfig
 
-from common import parse_config
+from common import cli, parse_config
 from steer import (
     LARGE,
     SMALL_BASE,
@@ -257,7 +257,7 @@ def test_blend_file_round_trip_and_errors(tmp_path):
 
 
 # --- the CLI -----------------------------------------------------------------------------------------
-def run_cli(argv):
+def run_main(argv):
     return main(*parse_config([ModelArguments, SteerArguments, TuneArguments], argv))
 
 
@@ -268,19 +268,19 @@ def model_flags(dirs):
 
 def test_help_exits_zero():
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["--help"])
+        run_main(["--help"])
     assert exit_info.value.code == 0
 
 
 def test_cli_generates_from_a_prompt_and_a_prompts_file(tiny_model_dirs, jsonl_file, tmp_path, capsys):
-    rows = run_cli([*model_flags(tiny_model_dirs), "--alpha", "0.5", "--prompt", "Good paper. Weak baselines.",
+    rows = run_main([*model_flags(tiny_model_dirs), "--alpha", "0.5", "--prompt", "Good paper. Weak baselines.",
                     "--max_new_tokens", "6"])
     assert len(rows) == 1 and rows[0]["n_new_tokens"] <= 6
     assert "=== 0:" in capsys.readouterr().out
     blend_file = tmp_path / "blend.json"
     Blend(1.0, 1.3, 0.4).save(blend_file)
     out = tmp_path / "gen"
-    run_cli([*model_flags(tiny_model_dirs), "--blend", str(blend_file), "--prompts_file", str(jsonl_file),
+    run_main([*model_flags(tiny_model_dirs), "--blend", str(blend_file), "--prompts_file", str(jsonl_file),
              "--max_new_tokens", "5", "--batch_size", "5", "--do_sample", "true", "--output_dir", str(out)])
     written = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(written) == 24 and all({"prompt", "generation", "reference"} <= set(r) for r in written)
@@ -290,7 +290,7 @@ def test_cli_generates_from_a_prompt_and_a_prompts_file(tiny_model_dirs, jsonl_f
 
 def test_cli_tune_writes_a_blend_that_beats_its_baselines(tiny_model_dirs, jsonl_file, tmp_path, capsys):
     out = tmp_path / "tune"
-    report = run_cli([*model_flags(tiny_model_dirs), "--large_tuned_model", str(tiny_model_dirs["small_tuned"]),
+    report = run_main([*model_flags(tiny_model_dirs), "--large_tuned_model", str(tiny_model_dirs["small_tuned"]),
                       "--tune", "--validation_data", str(jsonl_file), "--n_examples", "8", "--n_trials", "8",
                       "--max_target_tokens", "12", "--output_dir", str(out)])
     assert "free blend" in capsys.readouterr().out
@@ -313,7 +313,7 @@ def test_cli_tune_reads_a_processed_dataset_directory(tiny_model_dirs, tiny_toke
     target_ids = tiny_tokenizer(" Accept.")["input_ids"] + [tiny_tokenizer.eos_token_id]
     rows = {"input_ids": [prompt_ids + target_ids] * 3, "prompt_length": [len(prompt_ids)] * 3}
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
-    report = run_cli([*model_flags(tiny_model_dirs), "--tune", "--validation_data", str(tmp_path / "data"),
+    report = run_main([*model_flags(tiny_model_dirs), "--tune", "--validation_data", str(tmp_path / "data"),
                       "--n_trials", "3", "--holdout_fraction", "0", "--output_dir", str(tmp_path / "tune")])
     assert report["n_target_tokens"] == {"tune": 3 * len(target_ids)}
 
@@ -330,7 +330,7 @@ def test_cli_tune_on_shared_data_with_the_pythia_tokenizer(tmp_path):
         model.save_pretrained(dirs[role])
         tokenizer.save_pretrained(dirs[role])
     out = tmp_path / "tune"
-    report = run_cli([*model_flags(dirs), "--tune", "--validation_data", str(SHARED_DATA / "mred_val_longest.jsonl"),
+    report = run_main([*model_flags(dirs), "--tune", "--validation_data", str(SHARED_DATA / "mred_val_longest.jsonl"),
                       "--n_examples", "4", "--max_target_tokens", "16", "--n_trials", "3", "--output_dir", str(out)])
     assert report["normalisation"] == "full vocabulary (50277 tokens)"
     assert report["n_target_tokens"] == {"tune": 48, "holdout": 16}
@@ -364,15 +364,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tiny_model_dirs, other_vocab
         "no_room_for_prompt": ["--max_new_tokens", "512", "--prompt", "Good."],
     }[case]
     with pytest.raises(SystemExit) as exit_info:
-        run_cli_wrapped([*flags, *extra])
+        steer_cli([*flags, *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: ") and err.count("error: ") == 1, err
     assert "Traceback" not in err
 
 
-def run_cli_wrapped(argv):
-    """As `python steer.py` runs: argument errors too end in one line and exit 2."""
-    from common import cli
-
-    return main(*cli(parse_config)([ModelArguments, SteerArguments, TuneArguments], argv))
+def steer_cli(argv):
+    """As `python steer.py` runs (common.run_cli): argument errors too end in one line and exit 2."""
+    return cli(lambda: main(*parse_config([ModelArguments, SteerArguments, TuneArguments], argv)))()
