@@ -1,0 +1,147 @@
+"""Steering cost, side by side in one run: steered decoding vs L alone, blend scoring vs one L forward,
+and peak memory vs the weights' bytes. Random weights with the real Pythia-410m / -70m shapes.
+
+    python bench/bench_steering.py                 # full: 410m/70m shapes, records to bench/RESULTS.md
+    python bench/bench_steering.py --ci            # tiny shapes, seconds, no record (CI keeps it from rotting)
+
+Targets (issue 7): decode ratio <= 1.45 at batch 1 and 8 (the floor, L's step plus two small steps, is ~1.40
+here), scoring ratio <= 1.45, peak RSS / weight bytes <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _util import PYTHIA_VOCAB, TOKENIZER_VOCAB, random_model, record, timeit  # noqa: E402
+
+from steer import Blend, score_targets, steered_generate  # noqa: E402
+
+# An id past the sliced vocabulary: neither system can emit it, so every run decodes exactly N tokens.
+NEVER_EOS = TOKENIZER_VOCAB + 10
+
+
+def load_three(large_shape: str, small_shape: str):
+    return (random_model(large_shape, seed=0), random_model(small_shape, seed=1), random_model(small_shape, seed=2))
+
+
+def prompts(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, TOKENIZER_VOCAB, (batch, length), generator=g)  # (B, T)
+    return ids, torch.ones_like(ids)
+
+
+def decode_large_alone(large, ids, mask, new_tokens: int):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=1)
+    return large.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+
+def decode_steered(models, ids, mask, new_tokens: int):
+    large, small_base, small_tuned = models
+    return steered_generate(large, small_base, small_tuned, ids, mask, Blend.from_alpha(1.0),
+                            max_new_tokens=new_tokens, eos_token_id=NEVER_EOS, pad_token_id=1,
+                            vocab_size=TOKENIZER_VOCAB)
+
+
+def bench_decoding(models, batches, prompt_len: int, new_tokens: int, repeats: int) -> list[tuple]:
+    rows = []
+    with torch.inference_mode():
+        for batch in batches:
+            ids, mask = prompts(batch, prompt_len)
+            # Alternate the two systems inside timeit's repeats so drift hits both alike.
+            t_large = timeit(lambda: decode_large_alone(models[0], ids, mask, new_tokens), repeats=repeats)
+            t_steer = timeit(lambda: decode_steered(models, ids, mask, new_tokens), repeats=repeats)
+            t_small = timeit(lambda: decode_large_alone(models[1], ids, mask, new_tokens), repeats=repeats)
+            floor = (t_large + 2 * t_small) / t_large
+            rows.append((f"decode batch {batch}", f"{t_large:.2f} s", f"{t_steer:.2f} s",
+                         f"**{t_steer / t_large:.2f}**", f"{floor:.2f}", "<= 1.45"))
+    return rows
+
+
+def bench_scoring(models, n_targets: int, prompt_len: int, target_len: int, repeats: int) -> tuple:
+    large, small_base, small_tuned = models
+    ids, _ = prompts(n_targets, prompt_len + target_len, seed=1)
+    prompt_ids = [row[:prompt_len].tolist() for row in ids]
+    target_ids = [row[prompt_len:].tolist() for row in ids]
+    named = {"large": large, "small_base": small_base, "small_tuned": small_tuned}
+
+    def one_forward():
+        with torch.inference_mode():
+            large(input_ids=ids).logits  # (B, T, V): the cheapest honest baseline, no loss, no softmax
+
+    def blend():
+        return score_targets(named, prompt_ids, target_ids, vocab_size=TOKENIZER_VOCAB, batch_size=n_targets,
+                             blend=Blend.from_alpha(1.0), show_progress=False)
+
+    t_fwd = timeit(one_forward, repeats=repeats)
+    t_blend = timeit(blend, repeats=repeats)
+    return (f"score {n_targets}x{target_len} tokens", f"{t_fwd:.2f} s", f"{t_blend:.2f} s",
+            f"**{t_blend / t_fwd:.2f}**", "", "<= 1.45")
+
+
+def memory_child(large_shape: str, small_shape: str, batch: int, prompt_len: int, new_tokens: int) -> None:
+    """Runs in a fresh process so its peak RSS is steered decoding's alone."""
+    models = load_three(large_shape, small_shape)
+    weight_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    ids, mask = prompts(batch, prompt_len)
+    with torch.inference_mode():
+        decode_steered(models, ids, mask, new_tokens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"peak_rss": peak, "weight_bytes": weight_bytes}))
+
+
+def bench_memory(large_shape: str, small_shape: str, batch: int, prompt_len: int, new_tokens: int) -> tuple:
+    cmd = [sys.executable, __file__, "--_memory_child", "--large", large_shape, "--small", small_shape,
+           "--batch", str(batch), "--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens)]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    ratio = out["peak_rss"] / out["weight_bytes"]
+    return (f"memory, decode batch {batch}", f"weights {out['weight_bytes'] / 2**30:.2f} GiB",
+            f"peak RSS {out['peak_rss'] / 2**30:.2f} GiB", f"**{ratio:.2f}**", "", "<= 1.3")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ci", action="store_true", help="tiny shapes, a few tokens, no record")
+    parser.add_argument("--large", default="pythia-410m")
+    parser.add_argument("--small", default="pythia-70m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt_len", type=int, default=256)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_record", action="store_true")
+    parser.add_argument("--_memory_child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory_child:
+        return memory_child(args.large, args.small, args.batch, args.prompt_len, args.new_tokens)
+    if args.ci:
+        args.large, args.small, args.prompt_len, args.new_tokens, args.repeats = "tiny-large", "tiny", 16, 4, 1
+    models = load_three(args.large, args.small)
+    rows = bench_decoding(models, sorted({1, args.batch}), args.prompt_len, args.new_tokens, args.repeats)
+    rows.append(bench_scoring(models, args.batch, 56 if not args.ci else 8, 200 if not args.ci else 8, args.repeats))
+    del models
+    rows.append(bench_memory(args.large, args.small, args.batch, args.prompt_len, args.new_tokens))
+    header = ("what", "baseline (L alone)", "steered", "ratio", "floor", "target")
+    title = (f"Steering cost: L={args.large} shape, S={args.small} shape, {args.prompt_len}-token prompts, "
+             f"{args.new_tokens} new tokens, vocab {PYTHIA_VOCAB} sliced to {TOKENIZER_VOCAB}")
+    notes = ("Decode baseline: `model.generate` greedy on L alone. Floor = (t_L + 2 t_S) / t_L with t_S the small "
+             "model's own `generate` time. Scoring baseline: one forward pass of L over the same 8 prompt+target "
+             "sequences; blend = `steer.score_targets` (three forwards, log-softmax over the full vocabulary, blend "
+             "NLL). Memory: peak RSS of a fresh process that builds the three models and decodes, over their "
+             "weight bytes (float32).")
+    if args.ci or args.no_record:
+        print("\n".join(" | ".join(str(c) for c in r) for r in rows))
+    else:
+        print(record(title, rows, header, notes))
+
+
+if __name__ == "__main__":
+    main()
