@@ -402,10 +402,16 @@ def steered_generate(
     c_large, c_tuned, c_base = blend.coefficients
     roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit),
              SMALL_TUNED: (small_tuned, c_tuned != 0), SMALL_BASE: (small_base, c_base != 0)}
+    missing = [role for role, (model, needed) in roles.items() if needed and model is None]
+    if missing:
+        raise ValueError(f"the blend ({blend.describe()}) needs the {', '.join(missing)} model, which is None")
+    contexts = [c for c in (context_length(m) for m, needed in roles.values() if needed) if c]
+    longest = int(attention_mask.sum(-1).max())
+    if contexts and longest + max_new_tokens > min(contexts):
+        raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
+                         f"context ({min(contexts)} tokens); shorten the prompt or lower max_new_tokens")
     streams = {role: ModelStream(model, input_ids, attention_mask, use_cache)
                for role, (model, needed) in roles.items() if needed}
-    if not streams:
-        raise ValueError(f"the blend ({blend.describe()}) uses no model")
 
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]

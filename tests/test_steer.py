@@ -214,6 +214,11 @@ def test_decoding_arguments_out_of_range_are_refused(models, batch):
     for bad in (dict(temperature=0.0), dict(top_p=1.5), dict(max_new_tokens=0), dict(repetition_penalty=-1.0)):
         with pytest.raises(ValueError):
             generate(models, *batch, Blend(), **bad)
+    with pytest.raises(ValueError, match="exceeds the models' context"):
+        generate(models, *batch, Blend(), max_new_tokens=510)  # tiny models: 512 positions, prompts up to 7 tokens
+    with pytest.raises(ValueError, match="needs the small_base model"):
+        steered_generate(models[LARGE], None, models[SMALL_TUNED], *batch, Blend(), max_new_tokens=2,
+                         eos_token_id=EOS, pad_token_id=PAD, vocab_size=V)
     with pytest.raises(ValueError, match="LEFT"):
         generate(models, torch.tensor([[5, 6], [7, PAD]]), torch.tensor([[1, 1], [1, 0]]), Blend())  # right-padded
 
