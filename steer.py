@@ -70,7 +70,7 @@ DEFAULT_TUNE_DIR = "outputs/steer"
 
 
 # ---------------------------------------------------------------------------------------------
-# The blend
+# The blend: what --tune writes and --blend reads
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Blend:
@@ -179,6 +179,104 @@ class Blend:
         return cls(**data)
 
 
+# ---------------------------------------------------------------------------------------------
+# Command-line arguments
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    large_model: str = field(
+        default="EleutherAI/pythia-410m", metadata={"help": "L, the large base model: Hub id, local dir or LoRA adapter dir."})
+    small_base_model: str = field(
+        default="EleutherAI/pythia-70m", metadata={"help": "S, the small base model the tuned one started from."})
+    small_tuned_model: str = field(
+        default="outputs/pythia-70m-meta-review/final",
+        metadata={"help": "S_tuned: fine_tune.py's result (its --output_dir/final; a model or a LoRA adapter)."})
+    large_tuned_model: str | None = field(
+        default=None, metadata={"help": "L_tuned, only scored by --tune as the reference the blend tries to reach."})
+    large_device: str | None = field(default=None, metadata={"help": "Device of L (default: cuda if available, else cpu)."})
+    small_base_device: str | None = field(default=None, metadata={"help": "Device of S (default as L)."})
+    small_tuned_device: str | None = field(default=None, metadata={"help": "Device of S_tuned (default as L)."})
+    large_tuned_device: str | None = field(default=None, metadata={"help": "Device of L_tuned (default as L)."})
+    large_dtype: str = field(default="auto", metadata={"help": "auto = float32 on CPU, bfloat16 on GPU.",
+                                                      "choices": ["auto", "float32", "bfloat16", "float16"]})
+    small_base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    small_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    large_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models/tokenizers to run their code."})
+
+
+@dataclass
+class SteerArguments:
+    alpha: float | None = field(
+        default=None, metadata={"help": "Proxy-tuning strength: w_L = 1, w_tuned = w_base = alpha (default 1.0)."})
+    blend: str | None = field(default=None, metadata={"help": "A blend JSON (from --tune); excludes --alpha."})
+    plausibility_top_p: float | None = field(
+        default=None, metadata={"help": "Keep only tokens in L's top-p nucleus (overrides the blend file's value)."})
+    prompt: str | None = field(default=None, metadata={"help": "Reviews text (put into the prompt template)."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSONL with a column of reviews (--input_column), or .txt with one per line."})
+    input_column: str = field(default="Input", metadata={"help": "Reviews column of --prompts_file."})
+    use_template: bool = field(
+        default=True, metadata={"help": "Wrap the text in the meta-review template; false = use the text as the prompt."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate at most (the prompt gets the rest)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the blended distribution."})
+    top_p: float = field(default=1.0, metadata={"help": "Sampling nucleus of the blended distribution."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 lowers tokens already in the row."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size (0 = off)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts decoded together (also the --tune scoring batch)."})
+    seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --tune example draw and search."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Write generations.jsonl + config.json here (default: print them); with "
+                                "--tune, blend.json + tune_report.json (default: outputs/steer)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+
+    def __post_init__(self):
+        problems = []
+        if self.alpha is not None and self.blend is not None:
+            problems.append("give either --alpha or --blend, not both")
+        if self.batch_size < 1:
+            problems.append(f"--batch_size {self.batch_size} must be >= 1")
+        if self.prompt is not None and self.prompts_file is not None:
+            problems.append("give either --prompt or --prompts_file, not both")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+@dataclass
+class TuneArguments:
+    tune: bool = field(default=False, metadata={"help": "Search the blend on validation perplexity instead of generating."})
+    validation_data: str = field(
+        default="outputs/meta_review",
+        metadata={"help": "processing_meta_review.py's output directory, or a JSONL with Input/Output columns."})
+    validation_split: str = field(default="validation", metadata={"help": "Split of a DatasetDict directory."})
+    n_examples: int = field(default=64, metadata={"help": "Validation examples drawn (seeded) for tuning and holdout."})
+    holdout_fraction: float = field(
+        default=0.25, metadata={"help": "Share of the examples not tuned on, reported as the honest score (0 = none)."})
+    max_target_tokens: int = field(
+        default=128, metadata={"help": "Score at most this many tokens of each meta-review (bounds the cache)."})
+    n_trials: int = field(default=100, metadata={"help": "Optuna trials per search."})
+    cache_dtype: str = field(default="float32", metadata={"help": "dtype of the cached log-prob rows.",
+                                                          "choices": list(CACHE_DTYPES)})
+    max_cache_gb: float = field(default=8.0, metadata={"help": "Refuse to cache more log-prob rows than this."})
+
+    def __post_init__(self):
+        problems = []
+        if self.n_examples < 1:
+            problems.append(f"--n_examples {self.n_examples} must be >= 1")
+        if not 0 <= self.holdout_fraction < 1:
+            problems.append(f"--holdout_fraction {self.holdout_fraction} must be in [0, 1)")
+        if self.max_target_tokens < 1:
+            problems.append(f"--max_target_tokens {self.max_target_tokens} must be >= 1")
+        if self.n_trials < 1:
+            problems.append(f"--n_trials {self.n_trials} must be >= 1")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# The steering arithmetic
+# ---------------------------------------------------------------------------------------------
 def slice_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Drop the padded rows past the tokenizer (Pythia: 50,304 logits for 50,277 tokens). Those ids are never
     produced by the tokenizer, and keeping them would let the blend put mass on tokens that decode to nothing."""
@@ -273,8 +371,9 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     return ids, mask
 
 
-def context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+def model_context(models: dict[str, Any]) -> int:
+    """The shortest context of the models (max_position_embeddings; 2048, Pythia's, where a config has none)."""
+    return min(getattr(m.config, "max_position_embeddings", None) or 2048 for m in models.values())
 
 
 class ModelStream:
@@ -405,11 +504,11 @@ def steered_generate(
     missing = [role for role, (model, needed) in roles.items() if needed and model is None]
     if missing:
         raise ValueError(f"the blend ({blend.describe()}) needs the {', '.join(missing)} model, which is None")
-    contexts = [c for c in (context_length(m) for m, needed in roles.values() if needed) if c]
+    context = model_context({role: model for role, (model, needed) in roles.items() if needed})
     longest = int(attention_mask.sum(-1).max())
-    if contexts and longest + max_new_tokens > min(contexts):
+    if longest + max_new_tokens > context:
         raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
-                         f"context ({min(contexts)} tokens); shorten the prompt or lower max_new_tokens")
+                         f"context ({context} tokens); shorten the prompt or lower max_new_tokens")
     streams = {role: ModelStream(model, input_ids, attention_mask, use_cache)
                for role, (model, needed) in roles.items() if needed}
 
@@ -500,12 +599,11 @@ def score_targets(
     n = len(prompt_ids)
     if len(target_ids) != n or n == 0:
         raise ValueError(f"need as many targets as prompts, at least one: got {n} prompts and {len(target_ids)} targets")
-    contexts = [c for c in (context_length(m) for m in models.values()) if c]
-    context = min(contexts) if contexts else None
+    context = model_context(models)
     for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
         if not p or not t:
             raise ValueError(f"example {i}: the prompt ({len(p)} tokens) and the target ({len(t)}) must not be empty")
-        if context and len(p) + len(t) > context:
+        if len(p) + len(t) > context:
             raise ValueError(f"example {i}: prompt + target = {len(p)} + {len(t)} tokens exceeds the context ({context})")
     if blend is not None and not {LARGE, SMALL_TUNED, SMALL_BASE} <= set(models):
         raise ValueError(f"scoring a blend needs models {LARGE}, {SMALL_TUNED}, {SMALL_BASE}; got {sorted(models)}")
@@ -575,101 +673,6 @@ def per_token_nll(nll: torch.Tensor, n_tokens: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class ModelArguments:
-    large_model: str = field(
-        default="EleutherAI/pythia-410m", metadata={"help": "L, the large base model: Hub id, local dir or LoRA adapter dir."})
-    small_base_model: str = field(
-        default="EleutherAI/pythia-70m", metadata={"help": "S, the small base model the tuned one started from."})
-    small_tuned_model: str = field(
-        default="outputs/pythia-70m-meta-review/final",
-        metadata={"help": "S_tuned: fine_tune.py's result (its --output_dir/final; a model or a LoRA adapter)."})
-    large_tuned_model: str | None = field(
-        default=None, metadata={"help": "L_tuned, only scored by --tune as the reference the blend tries to reach."})
-    large_device: str | None = field(default=None, metadata={"help": "Device of L (default: cuda if available, else cpu)."})
-    small_base_device: str | None = field(default=None, metadata={"help": "Device of S (default as L)."})
-    small_tuned_device: str | None = field(default=None, metadata={"help": "Device of S_tuned (default as L)."})
-    large_tuned_device: str | None = field(default=None, metadata={"help": "Device of L_tuned (default as L)."})
-    large_dtype: str = field(default="auto", metadata={"help": "auto = float32 on CPU, bfloat16 on GPU.",
-                                                      "choices": ["auto", "float32", "bfloat16", "float16"]})
-    small_base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
-    small_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
-    large_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models/tokenizers to run their code."})
-
-
-@dataclass
-class SteerArguments:
-    alpha: float | None = field(
-        default=None, metadata={"help": "Proxy-tuning strength: w_L = 1, w_tuned = w_base = alpha (default 1.0)."})
-    blend: str | None = field(default=None, metadata={"help": "A blend JSON (from --tune); excludes --alpha."})
-    plausibility_top_p: float | None = field(
-        default=None, metadata={"help": "Keep only tokens in L's top-p nucleus (overrides the blend file's value)."})
-    prompt: str | None = field(default=None, metadata={"help": "Reviews text (put into the prompt template)."})
-    prompts_file: str | None = field(
-        default=None, metadata={"help": "JSONL with a column of reviews (--input_column), or .txt with one per line."})
-    input_column: str = field(default="Input", metadata={"help": "Reviews column of --prompts_file."})
-    use_template: bool = field(
-        default=True, metadata={"help": "Wrap the text in the meta-review template; false = use the text as the prompt."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate at most (the prompt gets the rest)."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the blended distribution."})
-    top_p: float = field(default=1.0, metadata={"help": "Sampling nucleus of the blended distribution."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 lowers tokens already in the row."})
-    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size (0 = off)."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts decoded together (also the --tune scoring batch)."})
-    seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --tune example draw and search."})
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Write generations.jsonl + config.json here (default: print them); with "
-                                "--tune, blend.json + tune_report.json (default: outputs/steer)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
-
-    def __post_init__(self):
-        problems = []
-        if self.alpha is not None and self.blend is not None:
-            problems.append("give either --alpha or --blend, not both")
-        if self.batch_size < 1:
-            problems.append(f"--batch_size {self.batch_size} must be >= 1")
-        if self.prompt is not None and self.prompts_file is not None:
-            problems.append("give either --prompt or --prompts_file, not both")
-        if problems:
-            raise UsageError("; ".join(problems))
-
-
-@dataclass
-class TuneArguments:
-    tune: bool = field(default=False, metadata={"help": "Search the blend on validation perplexity instead of generating."})
-    validation_data: str = field(
-        default="outputs/meta_review",
-        metadata={"help": "processing_meta_review.py's output directory, or a JSONL with Input/Output columns."})
-    validation_split: str = field(default="validation", metadata={"help": "Split of a DatasetDict directory."})
-    n_examples: int = field(default=64, metadata={"help": "Validation examples drawn (seeded) for tuning and holdout."})
-    holdout_fraction: float = field(
-        default=0.25, metadata={"help": "Share of the examples not tuned on, reported as the honest score (0 = none)."})
-    max_target_tokens: int = field(
-        default=128, metadata={"help": "Score at most this many tokens of each meta-review (bounds the cache)."})
-    n_trials: int = field(default=100, metadata={"help": "Optuna trials per search."})
-    cache_dtype: str = field(default="float32", metadata={"help": "dtype of the cached log-prob rows.",
-                                                          "choices": list(CACHE_DTYPES)})
-    max_cache_gb: float = field(default=8.0, metadata={"help": "Refuse to cache more log-prob rows than this."})
-
-    def __post_init__(self):
-        problems = []
-        if self.n_examples < 1:
-            problems.append(f"--n_examples {self.n_examples} must be >= 1")
-        if not 0 <= self.holdout_fraction < 1:
-            problems.append(f"--holdout_fraction {self.holdout_fraction} must be in [0, 1)")
-        if self.max_target_tokens < 1:
-            problems.append(f"--max_target_tokens {self.max_target_tokens} must be >= 1")
-        if self.n_trials < 1:
-            problems.append(f"--n_trials {self.n_trials} must be >= 1")
-        if problems:
-            raise UsageError("; ".join(problems))
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 def check_model_path(name_or_path: str, flag: str) -> None:
@@ -713,11 +716,6 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
         logger.info("%s: %s (%.0fM parameters, %s, %s)", role, path, models[role].num_parameters() / 1e6,
                     models[role].device, models[role].dtype)
     return models, tokenizer
-
-
-def model_context(models: dict[str, Any]) -> int:
-    contexts = [c for c in (context_length(m) for m in models.values()) if c]
-    return min(contexts) if contexts else 2048
 
 
 def reviews_of(value: Any) -> list[str]:
