@@ -57,7 +57,6 @@ from common import (
     read_config_file,
     run_cli,
     setup_logging,
-    to_jsonable,
     vocab_size_of,
     write_json,
 )
@@ -137,6 +136,15 @@ class DataArguments:
     max_length: int = field(
         default=2048, metadata={"help": "Prompt + generated tokens; capped by the models' context (Pythia: 2048)."}
     )
+
+    def __post_init__(self):
+        problems = []
+        if self.num_examples is not None and self.num_examples < 1:
+            problems.append(f"--num_examples {self.num_examples} must be >= 1 (leave it out for all examples)")
+        if self.max_length < 32:
+            problems.append(f"--max_length {self.max_length} is too small; use at least 32 (Pythia: 2048)")
+        if problems:
+            raise UsageError("; ".join(problems))
 
 
 @dataclass
@@ -282,7 +290,8 @@ def resolve_decoding(gen_args: GenerationArguments, systems: list[str]) -> dict[
 
 
 def is_setting_type(value: Any, like: Any) -> bool:
-    """JSON gives 1 for 1.0 and true for 1; accept what converts without loss, nothing else."""
+    """An override has its flag's type: a bool for do_sample, an int for the token counts, a number otherwise
+    (`is_setting_type(1, 1.0)` -> True; `is_setting_type(2.5, 128)` and `is_setting_type(1, False)` -> False)."""
     if isinstance(like, bool) or isinstance(value, bool):
         return isinstance(like, bool) and isinstance(value, bool)
     if isinstance(like, int):
@@ -313,12 +322,7 @@ def load_blend(model_args: ModelArguments):
 
     if model_args.alpha is not None:
         return steer.Blend.from_alpha(model_args.alpha)
-    try:
-        return steer.Blend.load(model_args.blend)
-    except UsageError:
-        raise
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UsageError(f"cannot read --blend {model_args.blend}: {first_line(err)}; pass a blend JSON from steer.py") from None
+    return steer.Blend.load(model_args.blend)  # names the file and the bad key in a UsageError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +336,8 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
     workbook matches rows across runs either way.
     """
     import datasets
-    from processing_meta_review import ProcessingArguments, clean_text, example_id, extract_reviews, load_raw_dataset
+    from processing_meta_review import ProcessingArguments, clean_text, example_id, load_raw_dataset
+    from steer import reviews_of
 
     if not data_args.dataset_path:
         raise UsageError("--dataset_path is required: a dir from processing_meta_review.py or a JSONL/JSON/CSV file")
@@ -359,8 +364,7 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
                          "evaluation needs Input (reviews) and Output (meta-review)")
     rows, skipped = [], 0
     for index, row in enumerate(table.to_list()):
-        reviews = row.get("reviews") or extract_reviews(row["Input"], None)
-        reviews = [r for r in (clean_text(r, "whitespace") for r in reviews if isinstance(r, str)) if r]
+        reviews = reviews_of(row.get("reviews") or row["Input"])
         meta = clean_text(row["Output"], "whitespace") if isinstance(row["Output"], str) else ""
         if not reviews or not meta:
             skipped += 1
@@ -387,11 +391,10 @@ def make_ids_unique(rows: list[dict]) -> None:
 
 
 def select_examples(n_rows: int, num_examples: int | None, seed: int) -> list[int]:
-    """A seeded sample of row positions, kept in dataset order: `select_examples(5, 2, 0)` -> [1, 3]... or all."""
+    """A seeded sample of row positions, kept in dataset order: `select_examples(5, 2, 0)` -> [3, 4];
+    all rows when `num_examples` is None or not smaller than `n_rows`."""
     if num_examples is None or num_examples >= n_rows:
         return list(range(n_rows))
-    if num_examples < 1:
-        raise UsageError(f"--num_examples {num_examples} must be >= 1")
     return sorted(random.Random(seed).sample(range(n_rows), num_examples))
 
 
@@ -1205,7 +1208,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, gen_args: Generat
         if launched and device.startswith("cuda") and ":" not in device:
             device = f"cuda:{os.environ.get('LOCAL_RANK', shard_index)}"
         shard = evaluate_shard(model_args, data_args, gen_args, out_args, shard_index, num_shards, device)
-        logger.info("generated in %.1f s", time.perf_counter() - started)
+        logger.info("loaded, generated and scored in %.1f s", time.perf_counter() - started)
         if num_shards == 1:
             merged = shard
         else:
