@@ -724,11 +724,11 @@ def read_reviewer_input(path: Path) -> ReviewerInput:
     if locks:
         raise UsageError(f"workbook {path} is open in another program (lock file {locks[0].name}); "
                          "save and close it, then re-run")
+    if path.suffix.lower() != ".xlsx":
+        raise UsageError(f"workbook path {path} must end in .xlsx; pass --output_xlsx FILE.xlsx")
     signature = file_signature(path)
     if signature is None:
         return ReviewerInput()
-    if path.suffix.lower() != ".xlsx":
-        raise UsageError(f"workbook path {path} must end in .xlsx; pass --output_xlsx FILE.xlsx")
     try:
         wb = load_workbook(path)
     except PermissionError:

@@ -435,6 +435,10 @@ def test_bad_inputs_fail_cleanly(tiny_model_dirs, jsonl_file, tmp_path, capsys):
                        "--small_base_model, --small_tuned_model missing")
     expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--output_xlsx", str(tmp_path)),
                        "is a directory")
+    expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, out, "--output_xlsx", str(tmp_path / "a.xls")),
+                       "must end in .xlsx")
+    with pytest.raises(UsageError, match="--num_examples 0 must be >= 1"):
+        make_args(tiny_model_dirs, jsonl_file, out, "--num_examples", "0")
     assert not out.exists()
 
 
