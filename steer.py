@@ -1,17 +1,21 @@
 """Steer a large base model with a small fine-tuned one at decoding time (proxy-tuning / EFT up-scaling).
 
-Generate (OUT/ is fine_tune.py's output: a model directory or a LoRA adapter directory):
+Generate (OUT/final is fine_tune.py's result: a model directory or a LoRA adapter directory):
     python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
-        --small_tuned_model OUT/ --alpha 1.0 --prompt "The paper proposes ..." --max_new_tokens 128
-
-Many prompts (JSONL with an `Input` column of reviews) with a tuned blend, written to a directory:
-    python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
-        --small_tuned_model OUT/ --blend outputs/tune/blend.json \
-        --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer
+        --small_tuned_model OUT/final --alpha 1.0 --prompt "The paper proposes ..." --max_new_tokens 128
 
 Tune the blend on validation perplexity of meta-reviews given reviews (writes blend.json, tune_report.json):
     python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
-        --small_tuned_model OUT/ --tune --validation_data outputs/meta_review --n_trials 200 --output_dir outputs/tune
+        --small_tuned_model OUT/final --tune --validation_data outputs/meta_review --n_trials 200 \
+        --output_dir outputs/steer
+
+Generate for many reviews (JSONL with an `Input` column) with the tuned blend, written to a directory:
+    python steer.py --large_model EleutherAI/pythia-410m --small_base_model EleutherAI/pythia-70m \
+        --small_tuned_model OUT/final --blend outputs/steer/blend.json \
+        --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer_generations
+
+Each model may sit on its own device and dtype (--large_device cuda:0 --small_base_device cuda:1 --large_dtype
+bfloat16 ...); the arithmetic runs on L's device.
 
 The next-token distribution is, normalised over the whole vocabulary,
 
@@ -39,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (
+    DTYPES,
     UsageError,
     atomic_directory,
     build_prompt,
@@ -59,7 +64,6 @@ logger = logging.getLogger("steer")
 
 # Model roles: the keys of the `models` dicts passed around and of score_targets' results.
 LARGE, SMALL_BASE, SMALL_TUNED, LARGE_TUNED = "large", "small_base", "small_tuned", "large_tuned"
-ROLES = (LARGE, SMALL_BASE, SMALL_TUNED, LARGE_TUNED)
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Search ranges for --tune. A weight is an inverse temperature (see Blend), so [1/3, 3] for the temperature
 # searches maps onto the weight range and every baseline's optimum is a point of the free search.
@@ -198,10 +202,10 @@ class ModelArguments:
     small_tuned_device: str | None = field(default=None, metadata={"help": "Device of S_tuned (default as L)."})
     large_tuned_device: str | None = field(default=None, metadata={"help": "Device of L_tuned (default as L)."})
     large_dtype: str = field(default="auto", metadata={"help": "auto = float32 on CPU, bfloat16 on GPU.",
-                                                      "choices": ["auto", "float32", "bfloat16", "float16"]})
-    small_base_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
-    small_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
-    large_tuned_dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+                                                      "choices": list(DTYPES)})
+    small_base_dtype: str = field(default="auto", metadata={"help": "dtype of S.", "choices": list(DTYPES)})
+    small_tuned_dtype: str = field(default="auto", metadata={"help": "dtype of S_tuned.", "choices": list(DTYPES)})
+    large_tuned_dtype: str = field(default="auto", metadata={"help": "dtype of L_tuned.", "choices": list(DTYPES)})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models/tokenizers to run their code."})
 
 
@@ -703,11 +707,12 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
     tokenizer.model_max_length = int(1e30)
     vocab_size = vocab_size_of(tokenizer)
     large_device = args.large_device
-    models = {}
+    models, loaded = {}, {}
     for role, path in paths.items():
-        device = getattr(args, f"{role}_device") or large_device
-        models[role] = load_causal_lm(path, dtype=getattr(args, f"{role}_dtype"), device=device,
-                                      trust_remote_code=args.trust_remote_code)
+        key = (path, getattr(args, f"{role}_device") or large_device, getattr(args, f"{role}_dtype"))
+        if key not in loaded:  # a path given for two roles (same device and dtype) loads once
+            loaded[key] = load_causal_lm(path, dtype=key[2], device=key[1], trust_remote_code=args.trust_remote_code)
+        models[role] = loaded[key]
         large_device = large_device or str(models[LARGE].device)
         width = models[role].get_output_embeddings().weight.shape[0]
         if width < vocab_size:
