@@ -454,7 +454,7 @@ def check_decoding_args(max_new_tokens: int, temperature: float, top_p: float, r
     if max_new_tokens < 1:
         problems.append(f"--max_new_tokens {max_new_tokens} must be >= 1")
     if not (math.isfinite(temperature) and temperature > 0):
-        problems.append(f"--temperature {temperature} must be > 0 (use --do_sample false for greedy decoding)")
+        problems.append(f"--temperature {temperature} must be > 0 (greedy decoding is --do_sample false, the default)")
     if not 0 < top_p <= 1:
         problems.append(f"--top_p {top_p} must be in (0, 1]")
     if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
