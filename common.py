@@ -213,7 +213,9 @@ def to_jsonable(*objs) -> dict[str, Any]:
             continue
         items = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
         for k, v in items.items():
-            if "token" in k and k not in ("max_new_tokens", "max_prompt_tokens") and isinstance(v, str):
+            # Secrets (hub_token, token, ...) go; tokenizer names and token counts are settings, not secrets.
+            secret = "token" in k and not k.startswith("tokenizer") and k not in ("max_new_tokens", "max_prompt_tokens")
+            if secret and isinstance(v, str):
                 v = "<redacted>"
             out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
     return out

@@ -21,7 +21,8 @@ Layout of --output_dir:
     runs/                    TensorBoard logs (with --report_to tensorboard)
     final/                   the result, written atomically (temporary directory, then rename): model or LoRA
                              adapter + tokenizer (safetensors), README.md (model card), fine_tune_config.json,
-                             metrics.json, trainer_state.json, training_curve.png, samples.jsonl, prompt_template.txt
+                             metrics.json, trainer_state.json, training_curve.png, samples.jsonl and (meta-review
+                             mode) prompt_template.txt
 Pass `--output_dir .../final` to steer.py and evaluation.py (common.load_causal_lm loads models and adapters).
 """
 
@@ -113,7 +114,9 @@ class ModelArguments:
                   "master weights; use --bf16/--fp16 for mixed precision on a GPU. 'bfloat16' (or 'auto': float32 on "
                   "CPU, bfloat16 on a GPU that has it) suits a frozen LoRA base.", "choices": list(DTYPES)},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models/tokenizers to run their own code."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow Hub models/tokenizers to run their own code."}
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
@@ -162,7 +165,9 @@ class DataArguments:
                   "run_clm.py does. False: one example per row, ending in EOS unless it had to be cut."},
     )
     input_column: str = field(default="Input", metadata={"help": "Raw meta-review data: column with the reviews."})
-    output_column: str = field(default="Output", metadata={"help": "Raw meta-review data: column with the meta-review."})
+    output_column: str = field(
+        default="Output", metadata={"help": "Raw meta-review data: column with the meta-review."}
+    )
     max_length: int = field(
         default=2048,
         metadata={"help": "Tokens per example (prompt + meta-review; or block size in plain-text mode). Pythia: 2048."},
@@ -550,8 +555,8 @@ def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed:
             samples.append({"id": str(i), "prompt_ids": list(row["input_ids"][:n]),
                             "prompt": tokenizer.decode(row["input_ids"][:n]),
                             "reference": tokenizer.decode(row["input_ids"][n:])})
-        description = (f"plain text, column '{data_args.text_column}', "
-                       + ("packed into blocks" if data_args.packing else "one example per row") + ", loss on all tokens")
+        layout = "packed into blocks" if data_args.packing else "one example per row"
+        description = f"plain text, column '{data_args.text_column}', {layout}, loss on all tokens"
     if len(train) == 0:
         raise UsageError(f"no training examples from {data_args.dataset_path} at --max_length {data_args.max_length}; "
                          "check the data, or lower --max_length in plain-text mode")
@@ -1014,8 +1019,9 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
 def model_card(model_args, data_args, training_args, data: PreparedData, metrics: dict, samples: list[dict]) -> str:
     """README.md for final/: base model, data, hyperparameters, results, prompt, one sample."""
     base = None if model_args.config_name else model_args.model_name_or_path
-    front = ["---", "library_name: " + ("peft" if model_args.use_lora and not model_args.merge_lora else "transformers"),
-             "pipeline_tag: text-generation", "tags: [meta-review, proxy-tuning, fine_tune.py]"]
+    library = "peft" if model_args.use_lora and not model_args.merge_lora else "transformers"
+    front = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
+             "tags: [meta-review, proxy-tuning, fine_tune.py]"]
     if base:
         front.append(f"base_model: {base}")
     front.append("---")
@@ -1070,7 +1076,8 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
         plot_training_curve(trainer.state.log_history, tmp / "training_curve.png")
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+        if data.mode == "meta_review":
+            (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
         # After save_pretrained: peft writes a README.md of its own that this card replaces.
         (tmp / "README.md").write_text(model_card(model_args, data_args, training_args, data, metrics, samples),
                                        encoding="utf-8")
@@ -1092,7 +1099,9 @@ def push_final(final: Path, training_args: FineTuneTrainingArguments) -> None:
         api.upload_folder(repo_id=repo.repo_id, folder_path=str(final), commit_message="End of training",
                           revision=training_args.hub_revision)
     except Exception as err:  # network and auth failures come in many types
-        raise UsageError(f"push to {repo_id} failed: {first_line(err)}; check `hf auth login` and --hub_model_id") from None
+        raise UsageError(
+            f"push to {repo_id} failed: {first_line(err)}; check `hf auth login` and --hub_model_id"
+        ) from None
     logger.info("pushed %s to https://huggingface.co/%s", final, repo.repo_id)
 
 

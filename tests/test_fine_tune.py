@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import fine_tune
 from common import UsageError, load_causal_lm, load_tokenizer
@@ -52,7 +53,8 @@ def save_processed(out: Path, examples: list[dict], tokenizer_name: str, max_len
 
     val = split(validation if validation is not None else examples)
     datasets.DatasetDict({"train": split(examples), "validation": val, "test": val}).save_to_disk(str(out))
-    (out / "processing_config.json").write_text(json.dumps({"max_length": max_length, "tokenizer_name": tokenizer_name}))
+    made_with = {"max_length": max_length, "tokenizer_name": tokenizer_name}
+    (out / "processing_config.json").write_text(json.dumps(made_with))
     return out
 
 
@@ -95,6 +97,39 @@ def test_task_defaults():
     assert no_eval.load_best_model_at_end is False  # nothing to pick the best by
 
 
+def test_run_config_redacts_tokens_and_push_uploads_final(tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+
+    from common import to_jsonable
+
+    model_args, data_args, training = fine_tune.parse_args(["--hub_token", "hf_SECRET", "--hub_model_id", "me/tuned",
+                                                            "--output_dir", str(tmp_path / "run")])
+    config = to_jsonable(model_args, data_args, training)
+    assert "hf_SECRET" not in json.dumps(config) and config["hub_token"] == "<redacted>"
+    assert config["tokenizer_name"] is None and to_jsonable(fine_tune.ModelArguments(tokenizer_name="tok/x"))[
+        "tokenizer_name"] == "tok/x"  # a setting, not a secret
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["repo"] = repo_id
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            calls["folder"] = folder_path
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    with caplog.at_level("INFO"):
+        fine_tune.push_final(final, training)
+    assert calls == {"token": "hf_SECRET", "repo": "me/tuned", "folder": str(final)}
+    assert "hf_SECRET" not in caplog.text
+
+
 def test_labels_mask_prompt_by_position_and_keep_eos():
     assert fine_tune.build_labels([5, 6, 7, 0], 2) == [IGNORE, IGNORE, 7, 0]
     # pad = eos = 0: the failure mode where masking by id would hide the target's EOS.
@@ -110,7 +145,8 @@ def test_labels_mask_prompt_by_position_and_keep_eos():
 
 
 def test_collator_pads_to_multiple():
-    batch = fine_tune.CausalLMCollator(pad_token_id=1, pad_to_multiple_of=8)([{"input_ids": [3] * 5, "labels": [3] * 5}])
+    collate = fine_tune.CausalLMCollator(pad_token_id=1, pad_to_multiple_of=8)
+    batch = collate([{"input_ids": [3] * 5, "labels": [3] * 5}])
     assert batch["input_ids"].shape == (1, 8) and batch["labels"][0, 5:].eq(IGNORE).all()
 
 
@@ -185,8 +221,10 @@ def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokeniz
     from processing_meta_review import tokenize_example
 
     rows = [
-        {"example_id": "a", "reviews": ["Novel idea with strong results on CIFAR."], "Input": "", "Output": "Strong results. Accept."},
-        {"example_id": "b", "reviews": ["The writing needs work."], "Input": "", "Output": "The paper is not ready. Reject."},
+        {"example_id": "a", "reviews": ["Novel idea with strong results on CIFAR."], "Input": "",
+         "Output": "Strong results. Accept."},
+        {"example_id": "b", "reviews": ["The writing needs work."], "Input": "",
+         "Output": "The paper is not ready. Reject."},
     ]
     examples = [tokenize_example(r, tiny_tokenizer, 128) for r in rows]
     data_dir = save_processed(tmp_path / "data", examples, str(tiny_tokenizer_dir), 128)
@@ -195,12 +233,13 @@ def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokeniz
         "--model_name_or_path", str(base_model_dir), "--dataset_path", str(data_dir), "--max_length", "128",
         "--max_steps", "60", "--learning_rate", "1e-2", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
         "--per_device_train_batch_size", "2", "--save_steps", "30", "--num_samples", "2", "--max_new_tokens", "30",
-        "--output_dir", str(out),
+        "--do_predict", "--output_dir", str(out),
     )
     final = out / "final"
     assert result["status"] == "trained" and result["final_dir"] == final
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.json", "trainer_state.json",
-                 "training_curve.png", "samples.jsonl", "fine_tune_config.json", "prompt_template.txt"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.json",
+                 "trainer_state.json", "training_curve.png", "samples.jsonl", "fine_tune_config.json",
+                 "prompt_template.txt"):
         assert (final / name).is_file(), name
     assert (out / "fine_tune_config.json").is_file() and (out / "checkpoint-60").is_dir()
 
@@ -212,6 +251,7 @@ def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokeniz
     assert train_losses[-1] < 0.2 * train_losses[0] and eval_losses[-1] < eval_losses[0]
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
+    assert metrics["test_loss"] == pytest.approx(metrics["eval_loss"])  # --do_predict; test = validation here
     assert metrics["samples_stopped_with_eos"] == 1.0
     config = json.loads((final / "fine_tune_config.json").read_text())
     assert config["max_length"] == 128 and config["learning_rate"] == 0.01
@@ -221,11 +261,10 @@ def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokeniz
 
     model = load_causal_lm(str(final), device="cpu")
     tokenizer = load_tokenizer(str(final))
-    prompt = torch.tensor([examples[1]["input_ids"][: examples[1]["prompt_length"]]])
-    from transformers import GenerationConfig
-
-    generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=GenerationConfig(
-        max_new_tokens=30, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    prompt = torch.tensor([examples[1]["input_ids"][: examples[1]["prompt_length"]]])  # (1, T)
+    greedy = GenerationConfig(max_new_tokens=30, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)
     new = generated[0, prompt.shape[1]:].tolist()
     assert new[-1] == tokenizer.eos_token_id and len(new) < 30  # stopped by itself
     assert tokenizer.decode(new, skip_special_tokens=True) == " The paper is not ready. Reject."
