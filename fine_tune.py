@@ -1108,7 +1108,6 @@ def push_final(final: Path, training_args: FineTuneTrainingArguments) -> None:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-@cli
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: FineTuneTrainingArguments) -> dict:
     """Train and write output_dir/final. Returns {"status": "trained"|"done", "final_dir", "metrics",
     "resumed_from"}."""
@@ -1167,4 +1166,4 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
 
 
 if __name__ == "__main__":
-    main(*cli(parse_args)())
+    cli(lambda: main(*parse_args()))()

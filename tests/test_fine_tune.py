@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig
 
 import fine_tune
-from common import UsageError, load_causal_lm, load_tokenizer
+from common import UsageError, cli, load_causal_lm, load_tokenizer
 from processing_meta_review import clean_text
 from conftest import PYTHIA_TOKENIZER, SHARED_DATA, make_rows, make_tiny_model, requires_shared
 
@@ -410,7 +410,7 @@ def bad_input_flags(tmp_path, fixture_jsonl, tiny_tokenizer_dir, base_model_dir)
 def test_bad_input_is_one_line_exit_2(case, bad_input_flags, capsys):
     flags, expected = bad_input_flags[case]
     with pytest.raises(SystemExit) as exit_info:
-        run_main(*flags)
+        cli(run_main)(*flags)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error: ")]
@@ -432,8 +432,7 @@ def test_foreign_output_dir_is_not_touched(tmp_path, fixture_jsonl, base_model_d
     out = tmp_path / "elsewhere"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="holds no fine_tune.py run"):
         run_main("--model_name_or_path", str(base_model_dir), "--dataset_path", str(fixture_jsonl),
                  "--output_dir", str(out))
-    assert "holds no fine_tune.py run" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
