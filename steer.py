@@ -48,7 +48,6 @@ from common import (
     atomic_directory,
     build_prompt,
     check_same_vocab,
-    cli,
     first_line,
     load_causal_lm,
     load_tokenizer,
@@ -1055,7 +1054,6 @@ def write_tune_outputs(report: dict, config: dict, output_dir: str, overwrite: b
 
 
 # ---------------------------------------------------------------------------------------------
-@cli
 def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: TuneArguments) -> Any:
     """Generate with the steered blend, or (--tune) search the blend. Returns the rows / the report."""
     setup_logging()
