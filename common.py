@@ -202,7 +202,21 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
     for action in parser._actions:
         if action.dest in given:
             action.required = False
-    return parser.parse_args_into_dataclasses(args=file_argv + args, look_for_args_file=False)
+    parser.error = _refuse_flags  # argparse would print its usage and exit; one line naming the flag instead
+    *parsed, unknown = parser.parse_args_into_dataclasses(
+        args=file_argv + args, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        flag = next((a for a in unknown if a.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag.lstrip("-"), [a.dest for a in parser._actions if a.dest != "help"], n=1)
+        hint = f"did you mean '--{close[0]}'?" if close else "see --help for the flags"
+        raise UsageError(f"unknown flag or stray value '{flag}'; {hint}")
+    return tuple(parsed)
+
+
+def _refuse_flags(message: str) -> None:
+    """argparse's error(): `--max_length abc` -> UsageError("argument --max_length...: invalid int value: 'abc'")."""
+    raise UsageError(f"{message}; see --help")
 
 
 def to_jsonable(*objs) -> dict[str, Any]:
@@ -277,6 +291,24 @@ def atomic_directory(output_dir: str | Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(output_dir)
+
+
+def check_output_dir(path: str | Path, flag: str = "--output_dir") -> None:
+    """Fail before any work if `path` could not be created or written; creates nothing.
+
+    The nearest existing ancestor must be a writable directory: `check_output_dir("notes.txt/out")` raises,
+    naming notes.txt, instead of a NotADirectoryError traceback after an hour of training.
+    """
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # exists() is also False below a file (ENOTDIR)
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
+        raise UsageError(f"{flag} {path} {where}; choose a directory path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} is not writable ({probe}: permission denied or read-only); "
+                         f"choose another {flag} or fix the permissions")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -374,6 +406,12 @@ def load_causal_lm(
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
+        if path.is_dir() and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
+            raise UsageError(
+                f"model directory {name_or_path} holds only pickle weights (*.bin), which are not loaded (a pickle can "
+                "run code); convert it once, from a source you trust: AutoModelForCausalLM.from_pretrained(DIR, "
+                "use_safetensors=False).save_pretrained(DIR)"
+            ) from None
         raise UsageError(
             f"cannot load model '{name_or_path}': {first_line(err)}; pass a Hub id (e.g. EleutherAI/pythia-70m), "
             "a directory written by save_pretrained, or a LoRA adapter directory from fine_tune.py"
