@@ -47,6 +47,7 @@ from common import (
     UsageError,
     atomic_directory,
     build_prompt,
+    check_output_dir,
     check_same_vocab,
     first_line,
     load_causal_lm,
@@ -727,6 +728,14 @@ def reviews_of(value: Any) -> list[str]:
     return [r for r in (clean_text(r, "whitespace") for r in extract_reviews(value, None)) if r]
 
 
+def read_utf8(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UsageError(f"{flag} {path} is not UTF-8 (line {line}); re-encode it, e.g. iconv -t UTF-8") from None
+
+
 def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
     """-> [(reviews value, source row)] from --prompt or --prompts_file."""
     if args.prompt is not None:
@@ -738,7 +747,7 @@ def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise UsageError(f"--prompts_file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "--prompts_file")
     if path.suffix not in (".jsonl", ".json"):
         items = [(line, {}) for line in text.splitlines() if line.strip()]
     else:
@@ -863,7 +872,7 @@ def load_validation_pairs(args: TuneArguments, tokenizer, context: int, seed: in
         rows = list(data.select_columns(["input_ids", "prompt_length"]))
     else:
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_utf8(path, "--validation_data").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -1063,6 +1072,8 @@ def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: Tune
     check_decoding_args(steer_args.max_new_tokens, steer_args.temperature, steer_args.top_p,
                         steer_args.repetition_penalty, steer_args.no_repeat_ngram_size)
     out = Path(steer_args.output_dir) if steer_args.output_dir else None
+    if out:
+        check_output_dir(out)
     if out and out.is_dir() and any(out.iterdir()) and not steer_args.overwrite_output_dir:
         raise UsageError(f"output directory {out} already exists and is not empty; use --overwrite_output_dir")
     if not tune_args.tune:
