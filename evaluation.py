@@ -49,6 +49,7 @@ from common import (
     REVIEW_JOINER,
     UsageError,
     build_prompt,
+    check_output_dir,
     check_same_vocab,
     default_device,
     first_line,
@@ -1197,8 +1198,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, gen_args: Generat
     out_dir = Path(out_args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output_dir {out_dir} is a file; choose a directory")
+    check_output_dir(out_dir)  # fail now, not after an hour of generation
     writes_outputs = out_args.merge_only or shard_index == 0 and (num_shards == 1 or launched)
     if writes_outputs:
+        check_output_dir(out_args.workbook_path.parent, f"--output_xlsx {out_args.workbook_path}: directory")
         read_reviewer_input(out_args.workbook_path)  # fail now, not after an hour of generation
     if out_args.merge_only:
         merged = merge_shards(out_dir, out_args.num_shards)

@@ -33,6 +33,7 @@ from common import (
     UsageError,
     atomic_directory,
     build_prompt,
+    check_output_dir,
     clean_whitespace,
     first_line,
     load_tokenizer,
@@ -430,6 +431,7 @@ def main(args: ProcessingArguments) -> dict:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; choose a directory")
+    check_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise UsageError(f"output directory {out} already exists and is not empty; use --overwrite_output_dir")
     logger.info("processing %s with tokenizer %s, max_length=%d, clean=%s",
