@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SaveStrategy, SchedulerType
 
 from common import (
@@ -48,6 +49,7 @@ from common import (
     PROMPT_TEMPLATE,
     UsageError,
     atomic_directory,
+    check_output_dir,
     cli,
     default_device,
     first_line,
@@ -243,6 +245,9 @@ class FineTuneTrainingArguments(TrainingArguments):
     )
     # GPT-NeoX uses every parameter in every step; searching for unused ones costs an extra graph traversal.
     ddp_find_unused_parameters: bool | None = _retuned("ddp_find_unused_parameters", False)
+    # A resumed run must stop where the uninterrupted one would: keep early stopping's patience counter (and a
+    # stop already decided) from the checkpoint instead of starting them afresh.
+    restore_callback_states_from_checkpoint: bool = _retuned("restore_callback_states_from_checkpoint", True)
 
     def __post_init__(self):
         import torch
@@ -768,6 +773,7 @@ def plan_run(training_args: FineTuneTrainingArguments) -> RunPlan:
     need_optimizer = not training_args.save_only_model
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; choose a directory")
+    check_output_dir(out)
     ours = [out / FINAL_DIR, out / RUN_CONFIG, *list_checkpoints(out)]
     if main_process and out.is_dir():
         # Leftovers of a final/ write that was killed before its rename (common.atomic_directory's names).
@@ -847,6 +853,30 @@ def reload_weights(model, checkpoint_dir: str | Path) -> None:
     model.load_state_dict(fresh.state_dict(), strict=True)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """group_by_length batches whose order depends only on (seed, epoch).
+
+    The Trainer's LengthGroupedSampler draws each epoch's order from the global RNG as it stands when the epoch
+    starts. A run resumed mid-epoch rebuilds that epoch's iterator from a freshly seeded RNG, so the batches it
+    skips and the ones it then trains on are not those of the interrupted run. Seeding from (seed, epoch) makes
+    the resumed run see the same batches (the Trainer calls set_epoch before every epoch, on every rank).
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=list(lengths))
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class LMTrainer(Trainer):
     """The Trainer, with logits only where there is a loss (trim_to_label_logits), perplexity = exp(loss) next
     to every evaluation loss, and checkpoints reloaded with their weight names converted (reload_weights)."""
@@ -873,6 +903,13 @@ class LMTrainer(Trainer):
         logger.info("loading the best model, %s (%s %.4f)", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
         reload_weights(self.model, self.state.best_model_checkpoint)
+
+    def _get_train_sampler(self, train_dataset=None):
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "length" not in train_dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                               lengths=train_dataset["length"], seed=self.args.seed)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -1086,13 +1123,13 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
     return final
 
 
-def push_final(final: Path, training_args: FineTuneTrainingArguments) -> None:
+def push_final(final: Path, training_args: FineTuneTrainingArguments, hub_token: str | None = None) -> None:
     """Upload final/ (model, tokenizer, card, metrics). Trainer.push_to_hub is not used: it re-saves the model
     into output_dir and replaces the card with its own. The token comes from --hub_token, HF_TOKEN or
     `hf auth login`, and is never logged."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=training_args.hub_token)
+    api = HfApi(token=hub_token)
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
     try:
         repo = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
@@ -1139,6 +1176,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     # The Trainer's own pushes would copy checkpoint files into output_dir and write its own card; final/ is
     # pushed once at the end instead (push_final).
     push, training_args.push_to_hub = training_args.push_to_hub, False
+    # The Trainer pickles its arguments into every checkpoint (training_args.bin); the token must not be in them.
+    hub_token, training_args.hub_token = training_args.hub_token, None
     trainer = build_trainer(model, tokenizer, data, training_args)
     log_startup(model_args, data_args, training_args, data, model, plan)
     if training_args.should_save:
@@ -1161,7 +1200,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     final = save_final(trainer, tokenizer, model_args, data_args, training_args, data, metrics, samples)
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))
     if push:
-        push_final(final, training_args)
+        push_final(final, training_args, hub_token)
     return result
 
 
