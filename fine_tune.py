@@ -1142,6 +1142,19 @@ def push_final(final: Path, training_args: FineTuneTrainingArguments, hub_token:
     logger.info("pushed %s to https://huggingface.co/%s", final, repo.repo_id)
 
 
+def finish_distributed() -> None:
+    """Under torchrun, every rank waits here until rank 0 has written final/, then leaves the process group.
+
+    A rank that simply exits while the others still use the group aborts inside gloo/NCCL ("terminate called
+    without an active exception"), and torchrun then kills rank 0 before final/ is written.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -1190,6 +1203,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     metrics = evaluate_final(trainer, data, train_result.metrics, training_args)
     result = {"status": "trained", "final_dir": out / FINAL_DIR, "metrics": metrics, "resumed_from": plan.resume_from}
     if not trainer.is_world_process_zero():
+        finish_distributed()
         return result
 
     samples = generate_samples(trainer.model, tokenizer, data.samples, data_args.max_new_tokens,
@@ -1199,6 +1213,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None})
     final = save_final(trainer, tokenizer, model_args, data_args, training_args, data, metrics, samples)
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))
+    finish_distributed()
     if push:
         push_final(final, training_args, hub_token)
     return result
