@@ -1018,6 +1018,9 @@ def save_workbook_atomically(wb, path: Path, expected: tuple[int, int] | None) -
 def write_workbook(path: Path, rows: list[dict], summary: dict, run_info: dict, review_chars: int) -> list[dict]:
     """Read what reviewers typed, build the new workbook, replace the old one atomically.
     Returns the 'Kept ratings' rows. If the file changes while being rebuilt, it is read again."""
+    # Half-written copies left by a run killed mid-save (save_workbook_atomically's names) hold nothing to keep.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     for _ in range(5):
         found = read_reviewer_input(path)
         fresh = [dict(r) for r in rows]
