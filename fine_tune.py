@@ -1129,7 +1129,7 @@ def push_final(final: Path, training_args: FineTuneTrainingArguments, hub_token:
     `hf auth login`, and is never logged."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=hub_token)
+    api = HfApi(token=hub_token or training_args.hub_token)  # main() passes the token it took off training_args
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
     try:
         repo = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
