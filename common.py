@@ -332,6 +332,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     """
     from transformers import AutoTokenizer
 
+    if is_missing_local_path(name_or_path):
+        raise UsageError(f"cannot load tokenizer '{name_or_path}': no such directory; pass a Hub id "
+                         "(e.g. EleutherAI/pythia-70m) or a local directory with tokenizer.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -348,6 +351,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
         raise UsageError(f"tokenizer '{name_or_path}' has no EOS token; the target must end with one")
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def is_missing_local_path(name_or_path: str) -> bool:
+    """A Hub id is 'name' or 'org/name'; './x', '/x', '~/x' and 'a/b/c' can only be local paths, so when they do
+    not exist, say that rather than the Hub's "Repo id must be in the form ..."."""
+    local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    return local and not Path(name_or_path).expanduser().exists()
 
 
 def first_line(err: BaseException) -> str:
@@ -396,6 +406,9 @@ def load_causal_lm(
     torch_dtype = resolve_dtype(dtype, device)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     path = Path(name_or_path)
+    if is_missing_local_path(name_or_path):
+        raise UsageError(f"cannot load model '{name_or_path}': no such directory; pass a Hub id "
+                         "(e.g. EleutherAI/pythia-70m) or a directory written by save_pretrained / fine_tune.py")
     try:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM

@@ -137,14 +137,21 @@ def check_text_file(path: Path) -> None:
             if f.read(4) != b"PAR1":
                 raise UsageError(f"data file {path} is not a Parquet file; fix the file or its extension")
         return
+    json_lines = path.suffix == ".jsonl"
     with path.open("rb") as f:
         for i, line in enumerate(f, 1):
             try:
-                line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError:
                 raise UsageError(
                     f"data file {path} is not UTF-8 (line {i}); re-encode it, e.g. iconv -t UTF-8"
                 ) from None
+            if json_lines and text.strip():
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"cannot read data file {path}: line {i} is not JSON ({err.msg}); fix the "
+                                     "line, or the extension if the file is not JSON lines") from None
 
 
 def load_raw_dataset(args: ProcessingArguments):
