@@ -230,7 +230,8 @@ BAD_INPUTS: dict[str, Bad] = {
     "processing/non_utf8_data_file": Bad("processing_meta_review.py",
                                          lambda i, d: processing(i, d, i.file("latin1.jsonl")), ("not UTF-8", "iconv")),
     "processing/misformatted_jsonl": Bad("processing_meta_review.py",
-                                         lambda i, d: processing(i, d, i.file("csv_inside.jsonl")), ("cannot read",)),
+                                         lambda i, d: processing(i, d, i.file("csv_inside.jsonl")),
+                                         ("line 1 is not JSON",)),
     "processing/not_parquet": Bad("processing_meta_review.py", lambda i, d: processing(i, d, i.file("fake.parquet")),
                                   ("not a Parquet file",)),
     "processing/unknown_extension": Bad("processing_meta_review.py", lambda i, d: processing(i, d, i.file("data.xml")),
@@ -258,7 +259,7 @@ BAD_INPUTS: dict[str, Bad] = {
         ("--validation_split_percentage 150.0 must be in [0, 100)",)),
     "processing/nonexistent_tokenizer": Bad(
         "processing_meta_review.py", lambda i, d: [*processing(i, d, i.data), "--tokenizer_name", d / "no_tokenizer"],
-        ("cannot load tokenizer",)),
+        ("cannot load tokenizer", "no such directory")),
     "processing/unwritable_output_dir": Bad(
         "processing_meta_review.py", lambda i, d: [*processing(i, d, i.data), "--output_dir", i.file("a_file") / "out"],
         ("cannot be created", "a_file is a file")),
@@ -268,7 +269,7 @@ BAD_INPUTS: dict[str, Bad] = {
     # fine_tune.py
     "fine_tune/nonexistent_model_path": Bad("fine_tune.py",
                                             lambda i, d: fine_tune(i, d, "--model_name_or_path", d / "no-model"),
-                                            ("no-model",)),
+                                            ("no-model", "no such directory")),
     "fine_tune/pickle_only_weights": Bad("fine_tune.py",
                                          lambda i, d: fine_tune(i, d, "--model_name_or_path", i.pickle_only),
                                          ("pickle weights", "use_safetensors=False")),
