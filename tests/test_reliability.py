@@ -46,9 +46,9 @@ SCRIPTS = ("processing_meta_review.py", "fine_tune.py", "steer.py", "evaluation.
 def quiet_env() -> dict[str, str]:
     """CPU only (results are compared across runs; a 1-GPU machine would also give rank 1 no device), one thread
     (tiny models, shared cores), no Hub access, and the fake tokens where a real user's would be."""
-    return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_TOKEN": ENV_TOKEN,
-            "HUGGING_FACE_HUB_TOKEN": ENV_TOKEN, "MPLBACKEND": "Agg"}
+    return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_TOKEN": ENV_TOKEN, "HUGGING_FACE_HUB_TOKEN": ENV_TOKEN, "MPLBACKEND": "Agg"}
 
 
 @pytest.fixture(scope="module")
