@@ -491,6 +491,10 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         # Pythia's output matrix is wider than its tokenizer; the padding rows are not tokens.
         suppress_tokens=list(range(vocab, rows)) or None, **sampling,
+        # A KV cache allocated once for prompt + new tokens: the default cache concatenates every layer's keys and
+        # values at each step, which at batch 8 with ~1,000-token prompts was up to 3x the step's time on CPU
+        # (bench/bench_evaluation.py). Same outputs. No auto torch.compile (it would recompile per prompt width).
+        cache_implementation="static", disable_compile=True,
     )
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)

@@ -304,6 +304,38 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, ti
     assert len({r["prediction"] for r in together}) == 2
 
 
+@pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
+def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_tokenizer, penalties):
+    """generate_batch preallocates its KV cache (faster batched decoding, bench/bench_evaluation.py); the new
+    tokens must be exactly those of HF generate with its default (dynamic) cache, left padding included."""
+    import torch
+    from transformers import GenerationConfig
+
+    from common import load_causal_lm, vocab_size_of
+    from steer import left_pad
+
+    model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
+    prompts = ["Peer reviews of a paper:\n\nGood.\n\nMeta-review:",
+               "Peer reviews of a paper:\n\nThe method is simple and effective but the evaluation is thin."
+               "\n\nMeta-review:",
+               "Peer reviews of a paper:\n\nWell written.\n\nStrong results on CIFAR.\n\nMeta-review:"]
+    ids, mask = left_pad([tiny_tokenizer(p)["input_ids"] for p in prompts], tiny_tokenizer.pad_token_id)  # (3, T)
+    settings = {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, **penalties}
+    new = evaluation.generate_batch("large", {"large": model}, None, ids, mask, settings, tiny_tokenizer, None)
+
+    vocab, rows = vocab_size_of(tiny_tokenizer), model.get_output_embeddings().weight.shape[0]
+    reference = GenerationConfig(
+        do_sample=False, max_new_tokens=12, repetition_penalty=settings["repetition_penalty"],
+        no_repeat_ngram_size=settings["no_repeat_ngram_size"], eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id, suppress_tokens=list(range(vocab, rows)))
+    assert reference.cache_implementation is None  # HF's default: a DynamicCache
+    with torch.inference_mode():
+        expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=reference)[:, ids.shape[1]:]
+    assert new.shape == expected.shape and torch.equal(new, expected)
+    assert len({tuple(row) for row in new.tolist()}) == 3
+
+
 def test_shards_merge_to_the_single_process_result(tiny_model_dirs, jsonl_file, tmp_path):
     def predictions(out):
         return [(p["example_id"], p["system"], p["prediction"])
