@@ -1,0 +1,32 @@
+"""The benchmarks keep running: each bench script's `--ci --no_record` mode (tiny shapes, seconds) exits 0 and
+prints its table rows with the ratio in bold. Timings are not asserted; bench/RESULTS.md holds the real runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, requires_shared
+
+RATIO = re.compile(r"\*\*\d+\.\d+\*\*")  # the bold ratio cell of a bench table row, e.g. **1.42**
+
+
+def run_bench_ci(script: str, cwd) -> str:
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--ci", "--no_record"],
+                         capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert RATIO.search(res.stdout), f"no ratio line in the output of {script}:\n{res.stdout}"
+    return res.stdout
+
+
+def test_bench_steering_ci(tmp_path):
+    run_bench_ci("bench_steering.py", tmp_path)
+
+
+@requires_shared
+def test_bench_evaluation_ci(tmp_path):
+    out = run_bench_ci("bench_evaluation.py", tmp_path)
+    assert "ratio (examples/s batch 8 / batch 1):" in out
+    assert "identical predictions batched vs alone: 4/4" in out  # left padding leaves greedy outputs unchanged
+
