@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -100,7 +101,8 @@ def memory_child(large_shape: str, small_shape: str, batch: int, prompt_len: int
 
 
 def bench_memory(large_shape: str, small_shape: str, batch: int, prompt_len: int, new_tokens: int) -> tuple:
-    cmd = [sys.executable, __file__, "--_memory_child", "--large", large_shape, "--small", small_shape,
+    cmd = [sys.executable, __file__, "--_memory_child", "--threads", str(torch.get_num_threads()),
+           "--large", large_shape, "--small", small_shape,
            "--batch", str(batch), "--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens)]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     ratio = out["peak_rss"] / out["weight_bytes"]
@@ -118,8 +120,12 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no_record", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 on a machine shared with other jobs; default: torch's choice)")
     parser.add_argument("--_memory_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._memory_child:
         return memory_child(args.large, args.small, args.batch, args.prompt_len, args.new_tokens)
     if args.ci:
@@ -132,7 +138,9 @@ def main() -> None:
     header = ("what", "baseline (L alone)", "steered", "ratio", "floor", "target")
     title = (f"Steering cost: L={args.large} shape, S={args.small} shape, {args.prompt_len}-token prompts, "
              f"{args.new_tokens} new tokens, vocab {PYTHIA_VOCAB} sliced to {TOKENIZER_VOCAB}")
-    notes = ("Decode baseline: `model.generate` greedy on L alone. Floor = (t_L + 2 t_S) / t_L with t_S the small "
+    load = os.getloadavg()
+    notes = (f"torch threads {torch.get_num_threads()}; load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
+             "(1/5/15 min) on 2 cores. Decode baseline: `model.generate` greedy on L alone. Floor = (t_L + 2 t_S) / t_L with t_S the small "
              "model's own `generate` time. Scoring baseline: one forward pass of L over the same 8 prompt+target "
              "sequences; blend = `steer.score_targets` (three forwards, log-softmax over the full vocabulary, blend "
              "NLL). Memory: peak RSS of a fresh process that builds the three models and decodes, over their "

@@ -48,6 +48,17 @@ def make_rows(n: int = 24) -> list[dict]:
     return rows
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rows() -> list[dict]:
     return make_rows()

@@ -25,16 +25,6 @@ def make_args(tiny_model_dirs, data: Path, out: Path, *extra: str, models=("smal
     return parse_config(evaluation.ARGUMENT_TYPES, argv + list(extra))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost seconds."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def blend_file(tmp_path) -> Path:

@@ -23,15 +23,6 @@ IGNORE = fine_tune.IGNORE_INDEX
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 shared cores run several times faster on one thread (no contention between threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_main(*flags: str) -> dict:
     return fine_tune.main(*fine_tune.parse_args([*QUIET, *flags]))
 
