@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -89,15 +88,34 @@ def bench_scoring(models, n_targets: int, prompt_len: int, target_len: int, repe
             f"**{t_blend / t_fwd:.2f}**", "", "<= 1.45")
 
 
+def peak_rss_since_reset() -> int:
+    """VmHWM (peak resident set) in bytes since the last reset_peak_rss()."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Drop what building the models freed, then restart the peak counter (Linux: clear_refs 5)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def memory_child(large_shape: str, small_shape: str, batch: int, prompt_len: int, new_tokens: int) -> None:
-    """Runs in a fresh process so its peak RSS is steered decoding's alone."""
+    """Runs in a fresh process: the peak RSS of steered decoding, counted from when the models are built
+    (random initialisation's temporaries are not part of decoding's cost)."""
     models = load_three(large_shape, small_shape)
     weight_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     ids, mask = prompts(batch, prompt_len)
+    reset_peak_rss()
     with torch.inference_mode():
         decode_steered(models, ids, mask, new_tokens)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"peak_rss": peak, "weight_bytes": weight_bytes}))
+    print(json.dumps({"peak_rss": peak_rss_since_reset(), "weight_bytes": weight_bytes}))
 
 
 def bench_memory(large_shape: str, small_shape: str, batch: int, prompt_len: int, new_tokens: int) -> tuple:
@@ -119,6 +137,8 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=256)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", default=["decode", "score", "memory"],
+                        choices=["decode", "score", "memory"], help="which measurements to run")
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 on a machine shared with other jobs; default: torch's choice)")
@@ -130,11 +150,18 @@ def main() -> None:
         return memory_child(args.large, args.small, args.batch, args.prompt_len, args.new_tokens)
     if args.ci:
         args.large, args.small, args.prompt_len, args.new_tokens, args.repeats = "tiny-large", "tiny", 16, 4, 1
-    models = load_three(args.large, args.small)
-    rows = bench_decoding(models, sorted({1, args.batch}), args.prompt_len, args.new_tokens, args.repeats)
-    rows.append(bench_scoring(models, args.batch, 56 if not args.ci else 8, 200 if not args.ci else 8, args.repeats))
-    del models
-    rows.append(bench_memory(args.large, args.small, args.batch, args.prompt_len, args.new_tokens))
+    rows = []
+    if {"decode", "score"} & set(args.parts):
+        models = load_three(args.large, args.small)
+        if "decode" in args.parts:
+            rows += bench_decoding(models, sorted({1, args.batch}), args.prompt_len, args.new_tokens, args.repeats)
+        if "score" in args.parts:
+            rows.append(bench_scoring(models, args.batch, 56 if not args.ci else 8, 200 if not args.ci else 8,
+                                      args.repeats))
+        del models
+    if "memory" in args.parts:
+        for batch in sorted({1, args.batch}):
+            rows.append(bench_memory(args.large, args.small, batch, args.prompt_len, args.new_tokens))
     header = ("what", "baseline (L alone)", "steered", "ratio", "floor", "target")
     title = (f"Steering cost: L={args.large} shape, S={args.small} shape, {args.prompt_len}-token prompts, "
              f"{args.new_tokens} new tokens, vocab {PYTHIA_VOCAB} sliced to {TOKENIZER_VOCAB}")
@@ -143,8 +170,9 @@ def main() -> None:
              "(1/5/15 min) on 2 cores. Decode baseline: `model.generate` greedy on L alone. Floor = (t_L + 2 t_S) / t_L with t_S the small "
              "model's own `generate` time. Scoring baseline: one forward pass of L over the same 8 prompt+target "
              "sequences; blend = `steer.score_targets` (three forwards, log-softmax over the full vocabulary, blend "
-             "NLL). Memory: peak RSS of a fresh process that builds the three models and decodes, over their "
-             "weight bytes (float32).")
+             "NLL). Memory: peak RSS (VmHWM, reset after the three models are built) of a fresh process while it "
+             "decodes, over the models' weight bytes (float32); it includes the Python/torch runtime and the three "
+             "KV caches.")
     if args.ci or args.no_record:
         print("\n".join(" | ".join(str(c) for c in r) for r in rows))
     else:
