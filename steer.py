@@ -383,12 +383,20 @@ def model_context(models: dict[str, Any]) -> int:
 class ModelStream:
     """One model's view of a batch being decoded: its KV cache, attention mask and positions, on its own device."""
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True):
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True,
+                 max_new_tokens: int | None = None):
         self.model, self.use_cache = model, use_cache
         self.mask = attention_mask.to(model.device)  # (B, T) grows by one column per step
         self.positions = positions_from_mask(self.mask)  # (B, T)
         self.ids = input_ids.to(model.device)  # (B, T) the whole sequence without a cache, else the tokens not yet seen
         self.cache = None
+        if use_cache and max_new_tokens is not None:
+            from transformers import StaticCache
+
+            # Allocated once for prompt + new tokens (as evaluation.py's generate does): HF's default cache
+            # concatenates every layer's keys and values at each step, a copy of the whole cache per step and
+            # model (bench/bench_evaluation.py: up to 3x a batched CPU step with long prompts). Same outputs.
+            self.cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
 
     def next_logprobs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """Run the model on what it has not seen; -> (B, V) log-softmax of the last position, on `device`."""
@@ -513,7 +521,7 @@ def steered_generate(
     if longest + max_new_tokens > context:
         raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
                          f"context ({context} tokens); shorten the prompt or lower max_new_tokens")
-    streams = {role: ModelStream(model, input_ids, attention_mask, use_cache)
+    streams = {role: ModelStream(model, input_ids, attention_mask, use_cache, max_new_tokens)
                for role, (model, needed) in roles.items() if needed}
 
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
