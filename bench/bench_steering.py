@@ -41,7 +41,10 @@ def prompts(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch
 def decode_large_alone(large, ids, mask, new_tokens: int):
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=1)
+    # The same preallocated KV cache as evaluation.py's generate and steer.py's streams, so that the ratio
+    # compares the steering, not two cache kinds.
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=1,
+                              cache_implementation="static", disable_compile=True)
     return large.generate(input_ids=ids, attention_mask=mask, generation_config=config)
 
 
@@ -167,7 +170,7 @@ def main() -> None:
              f"{args.new_tokens} new tokens, vocab {PYTHIA_VOCAB} sliced to {TOKENIZER_VOCAB}")
     load = os.getloadavg()
     notes = (f"torch threads {torch.get_num_threads()}; load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
-             "(1/5/15 min) on 2 cores. Decode baseline: `model.generate` greedy on L alone. Floor = (t_L + 2 t_S) / t_L with t_S the small "
+             "(1/5/15 min) on 2 cores. Decode baseline: `model.generate` greedy on L alone, static KV cache (as steer.py and evaluation.py). Floor = (t_L + 2 t_S) / t_L with t_S the small "
              "model's own `generate` time. Scoring baseline: one forward pass of L over the same 8 prompt+target "
              "sequences; blend = `steer.score_targets` (three forwards, log-softmax over the full vocabulary, blend "
              "NLL). Memory: peak RSS (VmHWM, reset after the three models are built) of a fresh process while it "
