@@ -1,0 +1,895 @@
+"""Offline steering lab: does a small fine-tuned pair steer a larger base model on real meta-reviews?
+
+No pretrained Pythia can be downloaded here, so the lab builds the whole experiment at CPU size, through the
+project's own scripts: S and L are GPT-NeoX models trained from scratch on IMDB (general English) with
+fine_tune.py, fine-tuned on MReD meta-reviews (S_tuned, L_tuned), the blend is tuned with `steer.py --tune`
+on the validation split, and every system is evaluated with evaluation.py on the test split.
+
+    python bench/steering_lab.py --threads 1                    # everything: 41 min on 2 shared cores; cached per stage
+    python bench/steering_lab.py --threads 1 --redo tune        # re-tune the blend and re-evaluate, cached models
+    python bench/steering_lab.py --test_file papers.jsonl       # the finished models on other Input/Output papers
+
+(`--threads 1`: on cores other jobs also use, one torch thread beats two, which wait on each other.)
+
+A quick end-to-end check with tiny everything (about a minute; results stay in its work directory):
+    python bench/steering_lab.py --smoke --work_dir /tmp/steering-lab-smoke
+
+Stages run in this order, each writing under --work_dir and skipped when its output is there:
+    corpus, tokenizer, data, pretrain_small, pretrain_large, finetune_small, finetune_large, tune, evaluate,
+    alpha_curve. `--redo STAGE` runs STAGE and every later one again. The commands the lab ran are in
+    WORK_DIR/commands.sh (each script's own command line), the timings in WORK_DIR/stages.json.
+The report (a dated section of bench/RESULTS.md and assets/steering_lab.png) is rebuilt on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gzip
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import ROOT, record  # noqa: E402
+
+from common import UsageError, parse_config, run_cli, setup_logging, write_json  # noqa: E402
+
+logger = logging.getLogger("steering_lab")
+
+SHARED = ROOT.parent / "shared"
+IMDB = SHARED / "data" / "imdb" / "imdb_partial.jsonl.gz"
+MRED = SHARED / "data" / "meta_review" / "mred_val_longest.jsonl"
+STAGES = ("corpus", "tokenizer", "data", "pretrain_small", "pretrain_large", "finetune_small", "finetune_large",
+          "tune", "evaluate", "alpha_curve")
+EVAL_STAGES = ("evaluate", "alpha_curve")  # kept apart per evaluation file (the test split or --test_file)
+# Systems in the report: (label, evaluation run, system inside that run's predictions).
+SYSTEMS = (
+    ("S", "main", "small_base"),
+    ("S_tuned", "main", "small_tuned"),
+    ("L", "main", "large"),
+    ("L_tuned", "main", "large_tuned"),
+    ("steered L, alpha=1", "main", "steered"),
+    ("steered L, tuned blend", "tuned_blend", "steered"),
+    ("L, tuned temperature", "large_temperature", "steered"),
+    ("L x S_tuned (no S term)", "product", "steered"),
+)
+STEERED = ("steered L, alpha=1", "steered L, tuned blend")  # the systems the headline is about
+# Blend evaluation runs -> the entry of steer.py's tune_report.json that holds their blend. (Proxy-tuning with a
+# tuned alpha is in the validation table only: one more test run would break the 10-minute re-run budget.)
+TUNED_ENTRIES = {
+    "tuned_blend": "free blend",
+    "large_temperature": "large, tuned temperature",
+    "product": "large x small_tuned (no S term)",
+}
+EVAL_RUNS = ("main", *TUNED_ENTRIES)  # 'main': S, S_tuned, L, L_tuned and alpha = 1 in one evaluation.py run
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and budgets
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """Everything that sets the size of the lab; `full` fits the 45-minute budget on 2 cores."""
+
+    max_papers: int | None  # MReD rows read (None = all 665); processing_meta_review.py's --max_examples
+    corpus_rows: int  # IMDB reviews sampled (seeded, both labels and splits) for pretraining and the tokenizer
+    heldout_percentage: float  # of them held out for perplexity (fine_tune.py carves them with the seed)
+    vocab_size: int  # byte-level BPE trained by the lab
+    small: dict[str, int]  # GPTNeoXConfig fields
+    large: dict[str, int]
+    block_size: int  # pretraining block = task context
+    pretrain_batch: int
+    pretrain_steps: int
+    pretrain_lr_small: float
+    pretrain_lr_large: float
+    max_length: int  # prompt + meta-review tokens in fine-tuning and evaluation
+    finetune_epochs: int
+    finetune_batch: int
+    finetune_lr_small: float
+    finetune_lr_large: float
+    max_train_examples: int | None  # None = the whole train split
+    tune_examples: int
+    tune_trials: int
+    test_examples: int | None  # None = the whole test split
+    max_new_tokens: int
+    eval_batch: int
+    bootstrap_samples: int
+    alphas: tuple[float, ...]
+
+
+def neox(hidden: int, layers: int, heads: int) -> dict[str, int]:
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden)
+
+
+PROFILES = {
+    "full": Profile(
+        max_papers=None, corpus_rows=4500, heldout_percentage=2.0, vocab_size=8192,
+        small=neox(96, 2, 4), large=neox(256, 4, 4),
+        block_size=512, pretrain_batch=8, pretrain_steps=300, pretrain_lr_small=2e-3, pretrain_lr_large=1.5e-3,
+        max_length=512, finetune_epochs=2, finetune_batch=8, finetune_lr_small=1e-3, finetune_lr_large=7e-4,
+        max_train_examples=None, tune_examples=64, tune_trials=100, test_examples=None, max_new_tokens=128,
+        eval_batch=16, bootstrap_samples=1000, alphas=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5),
+    ),
+    "smoke": Profile(
+        max_papers=200, corpus_rows=200, heldout_percentage=10.0, vocab_size=512,
+        small=neox(16, 1, 2), large=neox(32, 2, 4),
+        block_size=128, pretrain_batch=4, pretrain_steps=12, pretrain_lr_small=3e-3, pretrain_lr_large=3e-3,
+        max_length=512, finetune_epochs=1, finetune_batch=4, finetune_lr_small=1e-3, finetune_lr_large=1e-3,
+        max_train_examples=24, tune_examples=8, tune_trials=4, test_examples=6, max_new_tokens=12,
+        eval_batch=8, bootstrap_samples=200, alphas=(0.0, 0.5, 1.0, 2.0),
+    ),
+}
+
+
+@dataclass
+class LabArguments:
+    work_dir: str | None = field(
+        default=None, metadata={"help": "Where every stage writes (default: outputs/lab, or outputs/lab-smoke)."})
+    smoke: bool = field(default=False, metadata={"help": "Tiny everything: an end-to-end check in about a minute."})
+    redo: list[str] = field(
+        default_factory=list, metadata={"help": f"Run these stages and every later one again ({', '.join(STAGES)})."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Evaluate the finished models on this Input/Output JSONL instead of the test "
+                                "split (trains them first if they are not there)."})
+    num_test_examples: int | None = field(
+        default=None, metadata={"help": "Evaluate this many papers (seeded sample). Default: all (smoke: 6)."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Use this tokenizer directory (e.g. ../shared/tokenizers/pythia) instead of "
+                                "training a small BPE (the default: 50k rows of embedding dominate tiny models)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the corpus sample, the splits, training and the bootstrap."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+    results_file: str | None = field(
+        default=None, metadata={"help": "Append the report here (default: bench/RESULTS.md; smoke: WORK_DIR/RESULTS.md)."})
+    figure: str | None = field(
+        default=None, metadata={"help": "The figure (default: assets/steering_lab.png, or WORK_DIR/... for smoke "
+                                "runs and --test_file)."})
+
+    def __post_init__(self):
+        problems = []
+        unknown = [s for s in self.redo if s not in STAGES]
+        if unknown:
+            problems.append(f"--redo {' '.join(unknown)}: unknown stage; choose from {', '.join(STAGES)}")
+        if self.num_test_examples is not None and self.num_test_examples < 1:
+            problems.append(f"--num_test_examples {self.num_test_examples} must be >= 1 (leave it out for all)")
+        if self.test_file is not None and not Path(self.test_file).is_file():
+            problems.append(f"--test_file {self.test_file} is not a file; pass a JSONL with Input and Output columns")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            problems.append(f"--tokenizer {self.tokenizer} is not a directory; pass a tokenizer saved with "
+                            "save_pretrained, or leave it out to train one")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads} must be >= 1")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+@dataclass
+class Lab:
+    """Resolved paths and settings of one run."""
+
+    args: LabArguments
+    profile: Profile
+    work: Path
+    eval_name: str  # 'test' or a name for --test_file
+    results_file: Path
+    figure: Path
+    commands: list[str] = field(default_factory=list)
+
+    def path(self, *parts: str) -> Path:
+        return self.work.joinpath(*parts)
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path("eval", self.eval_name)
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.args.tokenizer or str(self.path("tokenizer"))
+
+    def model(self, name: str) -> str:
+        return str(self.path(name, "final"))
+
+
+def resolve_lab(args: LabArguments) -> Lab:
+    profile = PROFILES["smoke" if args.smoke else "full"]
+    if args.num_test_examples is not None:
+        profile = dataclasses.replace(profile, test_examples=args.num_test_examples)
+    work = Path(args.work_dir or ROOT / ("outputs/lab-smoke" if args.smoke else "outputs/lab")).resolve()
+    eval_name = "test"
+    if args.test_file:
+        digest = hashlib.sha1(Path(args.test_file).read_bytes()).hexdigest()[:8]
+        eval_name = f"{Path(args.test_file).stem}-{digest}"
+    local = args.smoke or args.test_file
+    results = Path(args.results_file) if args.results_file else (
+        work / "RESULTS.md" if args.smoke else ROOT / "bench" / "RESULTS.md")
+    figure = Path(args.figure) if args.figure else (
+        work / "eval" / eval_name / "steering_lab.png" if local else ROOT / "assets" / "steering_lab.png")
+    return Lab(args, profile, work, eval_name, results, figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a stage: the script's own parser and main(), cached by output, timed, logged as a command
+# ---------------------------------------------------------------------------------------------
+SCRIPT_ARGUMENTS = {
+    "processing_meta_review": lambda m: [m.ProcessingArguments],
+    "steer": lambda m: [m.ModelArguments, m.SteerArguments, m.TuneArguments],
+    "evaluation": lambda m: list(m.ARGUMENT_TYPES),
+}
+
+
+def run_script(lab: Lab, script: str, argv: list[str]) -> Any:
+    """`python SCRIPT.py ARGV`, run in this process through the script's own parser and main(), so the lab
+    exercises exactly what a user runs (and pays the library imports once). The command goes to commands.sh."""
+    command = f"python {script}.py {shlex.join(argv)}"
+    logger.info("$ %s", command)
+    lab.commands.append(command)
+    module = importlib.import_module(script)
+    parsed = module.parse_args(argv) if hasattr(module, "parse_args") else parse_config(
+        SCRIPT_ARGUMENTS[script](module), argv)
+    result = module.main(*parsed)
+    setup_logging()  # the scripts configure logging themselves; keep the lab's lines in the same format
+    return result
+
+
+def read_stages(lab: Lab) -> dict:
+    path = lab.path("stages.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def stage_key(lab: Lab, name: str) -> str:
+    return f"{name}:{lab.eval_name}" if name in EVAL_STAGES else name
+
+
+def stage_outputs(lab: Lab, name: str) -> list[Path]:
+    """What a stage writes; it is done when the first path exists (written last, or atomically)."""
+    return {
+        "corpus": [lab.path("corpus", "imdb_sample.jsonl")],
+        "tokenizer": [lab.path("tokenizer", "tokenizer.json"), lab.path("tokenizer")],
+        "data": [lab.path("data", "stats.json"), lab.path("data")],
+        "pretrain_small": [lab.path("small", "final"), lab.path("small")],
+        "pretrain_large": [lab.path("large", "final"), lab.path("large")],
+        "finetune_small": [lab.path("small_tuned", "final"), lab.path("small_tuned")],
+        "finetune_large": [lab.path("large_tuned", "final"), lab.path("large_tuned")],
+        "tune": [lab.path("steer", "blends", "done.json"), lab.path("steer")],
+        "evaluate": [lab.eval_dir / "evaluations.json", *[lab.eval_dir / run for run in EVAL_RUNS]],
+        "alpha_curve": [lab.eval_dir / "alpha_curve.json"],
+    }[name]
+
+
+def forget_stages(lab: Lab, first: str) -> None:
+    """--redo: delete `first` and every later stage's outputs, so they run again."""
+    stages = read_stages(lab)
+    for name in STAGES[STAGES.index(first):]:
+        if name == "tokenizer" and lab.args.tokenizer:
+            continue
+        for path in stage_outputs(lab, name):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        stages.pop(stage_key(lab, name), None)
+    write_json(lab.path("stages.json"), stages)
+
+
+def run_stage(lab: Lab, name: str, settings: dict, fn) -> dict:
+    """Run `fn()` unless the stage's output is there. The stage's settings are recorded with it; a cached stage
+    made with other settings is refused, since its results would silently describe another experiment."""
+    stages = read_stages(lab)
+    key = stage_key(lab, name)
+    done = stage_outputs(lab, name)[0].exists()
+    settings = json.loads(json.dumps(settings, default=str).replace(str(lab.work), "{work_dir}"))
+    if done:
+        recorded = stages.get(key, {}).get("settings")
+        if recorded is not None and recorded != settings:
+            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+            raise UsageError(f"stage '{name}' in {lab.work} was made with other settings ({', '.join(changed)}); "
+                             f"pass --redo {name} to run it (and the later stages) again, or another --work_dir")
+        logger.info("stage %s: cached (%s)", name, stage_outputs(lab, name)[0])
+        entry = stages.get(key, {"seconds": None})
+        return {**entry, "cached": True}
+    logger.info("stage %s: running", name)
+    started = time.perf_counter()
+    n_commands = len(lab.commands)
+    fn()
+    seconds = time.perf_counter() - started
+    entry = {"seconds": round(seconds, 1), "finished": dt.datetime.now().isoformat(timespec="seconds"),
+             "settings": settings, "commands": lab.commands[n_commands:]}
+    stages = read_stages(lab)
+    stages[key] = entry
+    write_json(lab.path("stages.json"), stages)
+    logger.info("stage %s: done in %.1f s", name, seconds)
+    return {**entry, "cached": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 1-2: general text, tokenizer, task data
+# ---------------------------------------------------------------------------------------------
+def sample_corpus(lab: Lab) -> None:
+    """A seeded sample of IMDB reviews (the file is sorted by split and label; a prefix would be all positive)."""
+    with gzip.open(IMDB, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    picked = random.Random(lab.args.seed).sample(range(len(texts)), lab.profile.corpus_rows)
+    out = lab.path("corpus", "imdb_sample.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": texts[i]}) + "\n" for i in picked), encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def processing_arguments(lab: Lab, tokenizer_dir: str | None = None) -> list[str]:
+    """processing_meta_review.py's flags: the seeded train/validation/test split of MReD (longest review)."""
+    argv = ["--dataset_name", str(MRED), "--tokenizer_name", tokenizer_dir or lab.tokenizer_dir,
+            "--max_length", str(lab.profile.max_length), "--validation_split_percentage", "10",
+            "--test_split_percentage", "15", "--seed", str(lab.args.seed)]
+    if lab.profile.max_papers is not None:
+        argv += ["--max_examples", str(lab.profile.max_papers)]
+    return argv
+
+
+def train_split_texts(lab: Lab) -> list[str]:
+    """Reviews and meta-reviews of the papers processing_meta_review.py will put in the TRAIN split, found with its
+    own cleaning and splitting helpers, so that the tokenizer never sees a validation or test paper."""
+    import datasets
+    from processing_meta_review import ProcessingArguments, clean_rows, split_rows
+
+    (pargs,) = parse_config([ProcessingArguments], processing_arguments(lab, tokenizer_dir="unused"))
+    rows = datasets.load_dataset("json", data_files={"train": str(MRED)})["train"].to_list()
+    if pargs.max_examples is not None:
+        rows = rows[: pargs.max_examples]
+    cleaned = clean_rows(rows, pargs.input_column, pargs.output_column, pargs, set(), {})
+    train = split_rows(cleaned, pargs.validation_split_percentage, pargs.test_split_percentage, pargs.seed)["train"]
+    return [text for row in train for text in (row["Input"], row["Output"])]
+
+
+def train_tokenizer(lab: Lab) -> None:
+    """A byte-level BPE with Pythia's special-token layout (<|endoftext|> = 0 = eos/bos/unk, <|padding|> = 1),
+    trained on the IMDB sample and the train split's reviews and meta-reviews, saved as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [json.loads(line)["text"] for line in
+              lab.path("corpus", "imdb_sample.jsonl").read_text(encoding="utf-8").splitlines()]
+    corpus += train_split_texts(lab)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=lab.profile.vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|padding|>",
+                                   model_max_length=lab.profile.max_length)
+    out = lab.path("tokenizer")
+    tmp = lab.path(".tokenizer.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 3-4: pretraining and fine-tuning, both with fine_tune.py
+# ---------------------------------------------------------------------------------------------
+QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--dataloader_num_workers", "0"]
+
+
+def pretrain_arguments(lab: Lab, size: str) -> list[str]:
+    """fine_tune.py from scratch: a GPT-NeoX of the profile's shape on packed IMDB blocks, loss on every token."""
+    p = lab.profile
+    # The context is the task's: pretraining blocks may be shorter (smoke), fine-tuning uses max_length.
+    shape = {**(p.small if size == "small" else p.large), "max_position_embeddings": max(p.block_size, p.max_length)}
+    lr = p.pretrain_lr_small if size == "small" else p.pretrain_lr_large
+    checkpoint_every = max(1, p.pretrain_steps // 2)
+    return [
+        "--config_name", "pythia-14m", "--config_overrides", ",".join(f"{k}={v}" for k, v in shape.items()),
+        "--tokenizer_name", lab.tokenizer_dir, "--dataset_path", str(lab.path("corpus", "imdb_sample.jsonl")),
+        "--text_column", "text", "--max_length", str(p.block_size),
+        "--validation_split_percentage", str(p.heldout_percentage),
+        "--max_steps", str(p.pretrain_steps), "--per_device_train_batch_size", str(p.pretrain_batch),
+        "--per_device_eval_batch_size", "16", "--learning_rate", str(lr), "--weight_decay", "0.01",
+        "--save_steps", str(checkpoint_every), "--logging_steps", str(max(1, p.pretrain_steps // 20)),
+        "--num_samples", "2", "--max_new_tokens", "32", "--seed", str(lab.args.seed),
+        "--output_dir", str(lab.path(size)), *QUIET,
+    ]
+
+
+def finetune_arguments(lab: Lab, size: str) -> list[str]:
+    """fine_tune.py on the processed meta-review data: reviews -> meta-review + EOS, loss on the meta-review."""
+    p = lab.profile
+    lr = p.finetune_lr_small if size == "small" else p.finetune_lr_large
+    argv = [
+        "--model_name_or_path", lab.model(size), "--dataset_path", str(lab.path("data")),
+        "--max_length", str(p.max_length), "--num_train_epochs", str(p.finetune_epochs),
+        "--per_device_train_batch_size", str(p.finetune_batch), "--per_device_eval_batch_size", "8",
+        "--learning_rate", str(lr), "--eval_strategy", "epoch", "--save_strategy", "epoch", "--logging_steps", "10",
+        "--num_samples", "2", "--max_new_tokens", str(p.max_new_tokens), "--seed", str(lab.args.seed),
+        "--output_dir", str(lab.path(f"{size}_tuned")), *QUIET,
+    ]
+    if p.max_train_examples is not None:
+        argv += ["--max_train_samples", str(p.max_train_examples)]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 5: the blend, tuned on validation perplexity by steer.py
+# ---------------------------------------------------------------------------------------------
+def tune_arguments(lab: Lab) -> list[str]:
+    p = lab.profile
+    return [
+        "--large_model", lab.model("large"), "--small_base_model", lab.model("small"),
+        "--small_tuned_model", lab.model("small_tuned"), "--large_tuned_model", lab.model("large_tuned"),
+        "--tune", "--validation_data", str(lab.path("data")), "--validation_split", "validation",
+        "--n_examples", str(p.tune_examples), "--max_target_tokens", str(p.max_new_tokens),
+        "--n_trials", str(p.tune_trials), "--batch_size", "8", "--seed", str(lab.args.seed),
+        "--output_dir", str(lab.path("steer")), "--overwrite_output_dir", "true",
+    ]
+
+
+def tune_blend(lab: Lab) -> None:
+    """steer.py --tune, then one blend file per tuned system (the tuned blend and the baselines' optima)."""
+    import steer
+
+    run_script(lab, "steer", tune_arguments(lab))
+    report = json.loads(lab.path("steer", "tune_report.json").read_text(encoding="utf-8"))
+    blends = lab.path("steer", "blends")
+    blends.mkdir(exist_ok=True)
+    for run, entry in TUNED_ENTRIES.items():
+        if entry not in report["entries"]:
+            raise UsageError(f"steer.py's tune report has no entry '{entry}' (entries: {', '.join(report['entries'])})"
+                             "; update TUNED_ENTRIES in bench/steering_lab.py")
+        steer.Blend(**report["entries"][entry]["blend"]).save(blends / f"{run}.json")
+    write_json(blends / "done.json", {"runs": list(TUNED_ENTRIES)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 6: evaluation.py on the test split (or --test_file), one run per blend
+# ---------------------------------------------------------------------------------------------
+def evaluation_data(lab: Lab) -> list[str]:
+    p = lab.profile
+    data = (["--dataset_path", str(Path(lab.args.test_file).resolve())] if lab.args.test_file
+            else ["--dataset_path", str(lab.path("data")), "--split", "test"])
+    if p.test_examples is not None:
+        data += ["--num_examples", str(p.test_examples)]
+    return [*data, "--seed", str(lab.args.seed), "--max_length", str(p.max_length)]
+
+
+def evaluation_arguments(lab: Lab, run: str) -> list[str]:
+    p = lab.profile
+    if run == "main":
+        models = ["--small_base_model", lab.model("small"), "--small_tuned_model", lab.model("small_tuned"),
+                  "--large_model", lab.model("large"), "--large_tuned_model", lab.model("large_tuned"),
+                  "--alpha", "1.0"]
+    else:
+        models = ["--small_base_model", lab.model("small"), "--small_tuned_model", lab.model("small_tuned"),
+                  "--large_model", lab.model("large"), "--systems", "steered",
+                  "--blend", str(lab.path("steer", "blends", f"{run}.json"))]
+    return [*models, *evaluation_data(lab), "--max_new_tokens", str(p.max_new_tokens),
+            "--batch_size", str(p.eval_batch), "--device", "cpu", "--bootstrap_samples", str(p.bootstrap_samples),
+            "--output_dir", str(lab.eval_dir / run)]
+
+
+def evaluate_systems(lab: Lab) -> None:
+    """One evaluation.py run per blend; a run that finished (predictions.jsonl is written atomically) is kept."""
+    for run in EVAL_RUNS:
+        if not (lab.eval_dir / run / "predictions.jsonl").is_file():
+            run_script(lab, "evaluation", evaluation_arguments(lab, run))
+    write_json(lab.eval_dir / "evaluations.json", {"runs": list(EVAL_RUNS)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 7: test NLL against alpha, with steer.py's scoring on evaluation.py's prompts
+# ---------------------------------------------------------------------------------------------
+def score_alpha_curve(lab: Lab) -> None:
+    """Per-paper NLL of the reference under Blend.from_alpha(a) for the profile's alphas.
+
+    The prompts and references are built by evaluation.py's own helpers with its budget, so alpha = 1 must
+    reproduce evaluation.py's steered perplexity; each chunk of papers is scored once per model by
+    steer.score_targets and every alpha re-blends the cached rows (steer.blend_nll)."""
+    import evaluation
+    import steer
+
+    from common import load_causal_lm, load_tokenizer, vocab_size_of
+
+    p = lab.profile
+    (_, data_args, _, _) = parse_config(evaluation.ARGUMENT_TYPES, evaluation_data(lab))
+    rows = evaluation.load_examples(data_args)
+    examples = [rows[i] for i in evaluation.select_examples(len(rows), data_args.num_examples, data_args.seed)]
+    roles = {steer.LARGE: "large", steer.SMALL_TUNED: "small_tuned", steer.SMALL_BASE: "small"}
+    models = {role: load_causal_lm(lab.model(name), device="cpu") for role, name in roles.items()}
+    tokenizer = load_tokenizer(lab.model("large"), padding_side="left")
+    tokenizer.model_max_length = int(1e30)
+    context = min(steer.model_context(models), data_args.max_length)
+    evaluation.build_inputs(examples, tokenizer, context - p.max_new_tokens, context)
+    nll = {a: [] for a in p.alphas}
+    chunk = 16  # papers per scoring call: bounds the cached (tokens, vocab) rows of three models
+    for start in range(0, len(examples), chunk):
+        part = examples[start:start + chunk]
+        cached = steer.score_targets(models, [e["prompt_ids"] for e in part], [e["target_ids"] for e in part],
+                                     vocab_size=vocab_size_of(tokenizer), batch_size=8,
+                                     keep_logprobs=tuple(models), pad_token_id=tokenizer.pad_token_id,
+                                     show_progress=False)
+        for a in p.alphas:
+            nll[a] += steer.blend_nll(cached, steer.Blend.from_alpha(a)).tolist()
+        del cached
+    tokens = [len(e["target_ids"]) for e in examples]
+    write_json(lab.eval_dir / "alpha_curve.json", {
+        "example_ids": [e["example_id"] for e in examples], "target_tokens": tokens,
+        "nll": {str(a): v for a, v in nll.items()}})
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+def read_predictions(lab: Lab) -> dict[str, dict[str, Any]]:
+    """{system label: per-paper arrays (nll, tokens, rouge*, new_tokens, eos), papers in one shared order}."""
+    import numpy as np
+
+    out, order = {}, None
+    for label, run, system in SYSTEMS:
+        path = lab.eval_dir / run / "predictions.jsonl"
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        recs = {r["example_id"]: r for r in recs if r["system"] == system}
+        order = order or sorted(recs)
+        if sorted(recs) != order:
+            raise RuntimeError(f"{path}: the evaluation runs scored different papers; re-run with --redo evaluate")
+        get = lambda key: np.array([float(recs[i][key]) for i in order])  # noqa: E731
+        out[label] = {"nll": get("nll"), "tokens": get("target_tokens"), "rouge1": get("rouge1"),
+                      "rouge2": get("rouge2"), "rougeL": get("rougeL"), "new_tokens": get("new_tokens"),
+                      "words": get("words"), "eos": get("ended_with_eos"), "repetition": get("repetition")}
+    return out
+
+
+def interval(point: float, boot, confidence: float = 0.95) -> dict[str, float]:
+    import numpy as np
+
+    boot = np.asarray(boot, dtype=float)
+    boot = boot[np.isfinite(boot)]
+    lo, hi = (np.percentile(boot, [50 * (1 - confidence), 50 * (1 + confidence)]) if len(boot)
+              else (float("nan"), float("nan")))
+    return {"mean": float(point), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def analyse(per_system: dict[str, dict], samples: int, seed: int) -> dict:
+    """Per-system metrics and the headline (gap closed, steered vs each model) with a paired percentile bootstrap
+    over papers: every statistic is recomputed on the same resampled sets of papers."""
+    import numpy as np
+
+    n = len(next(iter(per_system.values()))["nll"])
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))  # (B, N)
+    full = np.arange(n)[None]  # (1, N): the point estimate
+
+    def nll(name, ix):  # corpus-level NLL per token (B,)
+        s = per_system[name]
+        return s["nll"][ix].sum(-1) / s["tokens"][ix].sum(-1)
+
+    def mean(name, key, ix):
+        return per_system[name][key][ix].mean(-1)
+
+    def stat(fn) -> dict[str, float]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return interval(fn(full)[0], fn(idx))
+
+    systems = {}
+    for name in per_system:
+        systems[name] = {
+            "nll": stat(lambda ix: nll(name, ix)),
+            "perplexity": stat(lambda ix: np.exp(nll(name, ix))),
+            **{k: stat(lambda ix, k=k: mean(name, k, ix)) for k in ("rouge1", "rouge2", "rougeL", "new_tokens",
+                                                                    "words", "eos", "repetition")},
+        }
+    headline = {}
+    for st in STEERED:
+        h = {
+            "gap_closed_nll": stat(lambda ix: (nll("L", ix) - nll(st, ix)) / (nll("L", ix) - nll("L_tuned", ix))),
+            "gap_closed_rougeL": stat(lambda ix: (mean(st, "rougeL", ix) - mean("L", "rougeL", ix))
+                                      / (mean("L_tuned", "rougeL", ix) - mean("L", "rougeL", ix))),
+        }
+        for other in ("S", "S_tuned", "L"):
+            # positive = the steered model is better (lower NLL, higher ROUGE-L)
+            h[f"nll_gain_vs_{other}"] = stat(lambda ix, o=other: nll(o, ix) - nll(st, ix))
+            h[f"rougeL_gain_vs_{other}"] = stat(lambda ix, o=other: mean(st, "rougeL", ix) - mean(o, "rougeL", ix))
+        h["beats_all_nll"] = all(h[f"nll_gain_vs_{o}"]["mean"] > 0 for o in ("S", "S_tuned", "L"))
+        h["beats_all_rougeL"] = all(h[f"rougeL_gain_vs_{o}"]["mean"] > 0 for o in ("S", "S_tuned", "L"))
+        h["beats_all_significant"] = all(h[f"{m}_gain_vs_{o}"]["ci_low"] > 0
+                                         for m in ("nll", "rougeL") for o in ("S", "S_tuned", "L"))
+        headline[st] = h
+    return {"n_papers": n, "bootstrap_samples": samples, "systems": systems, "headline": headline}
+
+
+def count_parameters(model_dir: str) -> dict[str, int]:
+    from common import load_causal_lm
+
+    model = load_causal_lm(model_dir, device="cpu")
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    total = sum(p.numel() for p in model.parameters())
+    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    return {"total": total, "non_embedding": non_embedding}
+
+
+def describe_models(lab: Lab) -> dict[str, dict]:
+    """Shapes, parameters, training tokens and held-out losses, from what fine_tune.py wrote."""
+    out = {}
+    p = lab.profile
+    for name, size in (("S", "small"), ("L", "large"), ("S_tuned", "small_tuned"), ("L_tuned", "large_tuned")):
+        final = Path(lab.model(size))
+        metrics = json.loads((final / "metrics.json").read_text(encoding="utf-8"))
+        config = json.loads((final / "config.json").read_text(encoding="utf-8"))
+        state = json.loads((final / "trainer_state.json").read_text(encoding="utf-8"))
+        entry = {"shape": f"d={config['hidden_size']}, {config['num_hidden_layers']} layers, "
+                          f"{config['num_attention_heads']} heads",
+                 **count_parameters(str(final)), "steps": state["global_step"],
+                 "eval_loss": metrics.get("eval_loss"), "eval_perplexity": metrics.get("eval_perplexity"),
+                 "train_seconds": metrics.get("train_runtime")}
+        if size in ("small", "large"):
+            entry["train_tokens"] = state["global_step"] * p.pretrain_batch * p.block_size
+        out[name] = entry
+    return out
+
+
+def data_counts(lab: Lab) -> dict[str, Any]:
+    import datasets
+
+    data = datasets.load_from_disk(str(lab.path("data")))
+    counts = {}
+    for split in data:
+        lengths = data[split].select_columns(["input_ids", "prompt_length"]).to_list()
+        counts[split] = {"papers": len(lengths), "tokens": sum(len(r["input_ids"]) for r in lengths),
+                         "target_tokens": sum(len(r["input_ids"]) - r["prompt_length"] for r in lengths)}
+    stats = json.loads(lab.path("data", "stats.json").read_text(encoding="utf-8"))
+    return {"splits": counts, "dropped": stats["dropped"], "prompts_truncated": stats["prompts_truncated"]}
+
+
+def fmt(entry: dict, digits: int = 2) -> str:
+    return f"{entry['mean']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+
+
+def pct(entry: dict) -> str:
+    """A gap-closed share; undefined (0 / 0) when L and L_tuned score the same."""
+    if not math.isfinite(entry["mean"]):
+        return "undefined (L and L_tuned score the same)"
+    return f"{100 * entry['mean']:.0f}% [{100 * entry['ci_low']:.0f}, {100 * entry['ci_high']:.0f}]"
+
+
+def plot_report(path: Path, analysis: dict, curve: dict, title: str) -> None:
+    """Perplexity and ROUGE-L per system with bootstrap intervals, and test NLL against alpha."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+
+    systems = list(analysis["systems"])
+    colors = ["#999999" if n in ("S", "L") else "#4c72b0" if n in ("S_tuned", "L_tuned")
+              else "#dd8452" if n in STEERED else "#55a868" for n in systems]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    for ax, metric, label in ((axes[0], "perplexity", "perplexity of the meta-review (lower is better)"),
+                              (axes[1], "rougeL", "ROUGE-L F1 x 100 (higher is better)")):
+        e = [analysis["systems"][s][metric] for s in systems]
+        means = np.array([x["mean"] for x in e])
+        err = np.array([[x["mean"] - x["ci_low"], x["ci_high"] - x["mean"]] for x in e]).T  # (2, n_systems)
+        y = np.arange(len(systems))[::-1]
+        if metric == "perplexity":
+            # Base models sit near 1,000 and tuned ones near 150: a log axis keeps both readable, and points
+            # rather than bars, whose length would depend on where the log axis happens to start.
+            ax.errorbar(means, y, xerr=err, fmt="none", ecolor="k", capsize=3, zorder=1)
+            ax.scatter(means, y, c=colors, s=60, zorder=2)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([100, 150, 200, 300, 500, 1000, 2000]))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        else:
+            ax.barh(y, means, xerr=err, color=colors, capsize=3)
+        ax.set_yticks(y, systems, fontsize=8)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    keys = sorted(curve["nll"], key=float)
+    alphas = [float(k) for k in keys]
+    values = [sum(curve["nll"][k]) / sum(curve["target_tokens"]) for k in keys]  # NLL per token at each alpha
+    ax = axes[2]
+    ax.plot(alphas, values, marker="o", color="#dd8452", label="L + alpha (S_tuned - S)")
+    for name, style in (("L_tuned", "--"), ("S_tuned", ":"), ("L", "-.")):
+        ax.axhline(analysis["systems"][name]["nll"]["mean"], linestyle=style, color="k", alpha=0.6, label=name)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("NLL per token of the meta-review")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"{title} (n = {analysis['n_papers']} papers, 95% bootstrap intervals)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(lab: Lab, stage_times: dict[str, dict], total_seconds: float) -> dict:
+    """Analyse the evaluation runs, draw the figure and append the dated section to the results file."""
+    per_system = read_predictions(lab)
+    analysis = analyse(per_system, lab.profile.bootstrap_samples, lab.args.seed)
+    curve = json.loads((lab.eval_dir / "alpha_curve.json").read_text(encoding="utf-8"))
+    steered_nll = analysis["systems"]["steered L, alpha=1"]["nll"]["mean"]
+    curve_nll = sum(curve["nll"]["1.0"]) / sum(curve["target_tokens"]) if "1.0" in curve["nll"] else None
+    if curve_nll is not None and abs(curve_nll - steered_nll) > 1e-3:
+        logger.warning("alpha curve at alpha=1 (%.4f) differs from evaluation.py's steered NLL (%.4f)",
+                       curve_nll, steered_nll)
+    models = describe_models(lab)
+    counts = data_counts(lab)
+    tune_report = json.loads(lab.path("steer", "tune_report.json").read_text(encoding="utf-8"))
+    where = f"--test_file {lab.args.test_file}" if lab.args.test_file else "MReD test split"
+    title = f"Steering lab ({'smoke' if lab.args.smoke else 'full'}, {where})"
+    plot_report(lab.figure, analysis, curve, title)
+
+    header = ("system", "NLL/token [95% CI]", "perplexity", "ROUGE-1", "ROUGE-2", "ROUGE-L [95% CI]",
+              "mean new tokens", "EOS rate", "repeated 3-grams")
+    table = []
+    for name, s in analysis["systems"].items():
+        table.append((name, fmt(s["nll"], 3), f"{s['perplexity']['mean']:.1f}", f"{s['rouge1']['mean']:.1f}",
+                      f"{s['rouge2']['mean']:.1f}", fmt(s["rougeL"], 1), f"{s['new_tokens']['mean']:.0f}",
+                      f"{s['eos']['mean']:.2f}", f"{s['repetition']['mean']:.2f}"))
+    notes = headline_lines(analysis) + [""] + design_lines(lab, models, counts, tune_report) + [""]
+    notes += stage_lines(stage_times, total_seconds, lab) + ["", f"Figure: `{display(lab.figure)}`."]
+    text = record(title, table, header, notes="\n".join(notes), results=lab.results_file)
+    summary = {"analysis": analysis, "models": models, "data": counts, "stages": stage_times,
+               "total_seconds": total_seconds, "results_file": str(lab.results_file), "figure": str(lab.figure),
+               "alpha_curve_nll_at_1": curve_nll}
+    write_json(lab.eval_dir / "lab_report.json", summary)
+    print(text)
+    return summary
+
+
+def headline_lines(analysis: dict) -> list[str]:
+    lines = [f"**Headline** ({analysis['n_papers']} test papers; 95% paired bootstrap over papers, "
+             f"{analysis['bootstrap_samples']} resamples). Gap closed = (NLL_L - NLL_steered) / (NLL_L - NLL_L_tuned), "
+             "and the same for ROUGE-L; the published proxy-tuning result closes 88-91% on task metrics.", ""]
+    for st, h in analysis["headline"].items():
+        beats = "yes" if h["beats_all_nll"] and h["beats_all_rougeL"] else (
+            "on NLL only" if h["beats_all_nll"] else "on ROUGE-L only" if h["beats_all_rougeL"] else "no")
+        lines.append(
+            f"- {st}: gap closed {pct(h['gap_closed_nll'])} on NLL, {pct(h['gap_closed_rougeL'])} on ROUGE-L. "
+            f"Better than S, S_tuned and L on its own: {beats}"
+            f"{' (every difference significant)' if h['beats_all_significant'] else ''}. "
+            "NLL gain vs S / S_tuned / L: " + " / ".join(fmt(h[f"nll_gain_vs_{o}"], 3) for o in ("S", "S_tuned", "L"))
+            + "; ROUGE-L gain: " + " / ".join(fmt(h[f"rougeL_gain_vs_{o}"], 1) for o in ("S", "S_tuned", "L")) + ".")
+    return lines
+
+
+def design_lines(lab: Lab, models: dict, counts: dict, tune_report: dict) -> list[str]:
+    p = lab.profile
+    tok = (f"`{lab.args.tokenizer}`" if lab.args.tokenizer else
+           f"byte-level BPE, {p.vocab_size} tokens, trained by the lab on the IMDB sample + the train split's reviews "
+           "and meta-reviews (Pythia's special tokens: <|endoftext|> = 0, <|padding|> = 1)")
+    lines = [f"**Design.** Tokenizer: {tok}. General text: {p.corpus_rows} IMDB reviews (seeded sample), "
+             f"{p.heldout_percentage:g}% held out; blocks of {p.block_size} tokens. Task: MReD `mred_val_longest.jsonl`, "
+             f"seeded split 75/10/15 by processing_meta_review.py, max_length {p.max_length} (reviews cut by its fair "
+             f"budget rule); evaluation prompts cut to {p.max_length} - {p.max_new_tokens} tokens, greedy decoding of "
+             f"at most {p.max_new_tokens} tokens, reference NLL over the tokens that fit the context.", "",
+             "| model | shape | non-embedding params | total params | training | held-out loss (ppl) | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        if name in ("S", "L"):
+            training = f"{m['steps']} steps, {m['train_tokens']:,} IMDB tokens"
+            heldout = f"IMDB {m['eval_loss']:.3f} ({m['eval_perplexity']:.1f})"
+        else:
+            training = f"{m['steps']} steps ({p.finetune_epochs} epochs max, best by validation loss)"
+            heldout = f"MReD val {m['eval_loss']:.3f} ({m['eval_perplexity']:.1f})"
+        lines.append(f"| {name} | {m['shape']} | {m['non_embedding']:,} | {m['total']:,} | {training} | {heldout} | "
+                     f"{m['train_seconds'] or 0:.0f} |")
+    ratio = models["L"]["non_embedding"] / models["S"]["non_embedding"]
+    s = counts["splits"]
+    lines += ["", f"L / S non-embedding parameters: {ratio:.1f}x. Task splits (papers; tokens; meta-review tokens): "
+              + ", ".join(f"{k} {v['papers']}; {v['tokens']:,}; {v['target_tokens']:,}" for k, v in s.items())
+              + f". Dropped by processing: {counts['dropped'] or 'none'}; prompts cut: {counts['prompts_truncated']}.",
+              "", f"Blends tuned by `steer.py --tune` on {tune_report['n_examples']['tune']} validation papers, "
+              f"{tune_report['n_examples'].get('holdout', 0)} more held out ({tune_report['n_trials']} trials per "
+              "search; perplexity of the first tokens of each meta-review):", "", "```text", format_tune(tune_report), "```"]
+    return lines
+
+
+def format_tune(report: dict) -> str:
+    import steer
+
+    return steer.format_report(report)
+
+
+def stage_lines(stage_times: dict[str, dict], total_seconds: float, lab: Lab) -> list[str]:
+    """Each stage's time when it last ran; a cached stage shows the time of the invocation that made it."""
+    cells = []
+    for name, t in stage_times.items():
+        seconds = "?" if t.get("seconds") is None else f"{t['seconds']:.0f} s"
+        made = f" (cached, made {t['finished']})" if t.get("cached") and t.get("finished") else (
+            " (cached)" if t.get("cached") else "")
+        cells.append(f"{name} {seconds}{made}")
+    ran = sum(t["seconds"] or 0 for t in stage_times.values())
+    return [f"**Wall time per stage** (this invocation: torch threads {lab.args.threads or 'default'}, load average "
+            f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, 1/5/15 min): " + ", ".join(cells)
+            + f". Sum of the stages {ran / 60:.1f} min; this invocation {total_seconds / 60:.1f} min. "
+            f"Commands: `{display(lab.work / 'commands.sh')}`."]
+
+
+def display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def write_commands(lab: Lab) -> None:
+    """Append this invocation's script commands to commands.sh: the lab, replayable by hand."""
+    if not lab.commands:
+        return
+    path = lab.path("commands.sh")
+    with path.open("a", encoding="utf-8") as f:
+        f.write(f"# {dt.datetime.now():%Y-%m-%d %H:%M} (run from {ROOT})\n" + "\n".join(lab.commands) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+def check_inputs(lab: Lab) -> None:
+    missing = [str(p) for p in (IMDB, MRED) if not p.is_file()]
+    if missing:
+        raise UsageError(f"the lab needs the shared data beside the repo; missing {', '.join(missing)}")
+
+
+def main(args: LabArguments) -> dict:
+    """Run (or reuse) every stage, then write the report. Returns the report's content."""
+    setup_logging()
+    # Everything is local; never wait on the Hub.
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    lab = resolve_lab(args)
+    check_inputs(lab)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    lab.work.mkdir(parents=True, exist_ok=True)
+    for name in args.redo:
+        forget_stages(lab, name)
+    logger.info("steering lab: profile %s, work dir %s, evaluating on %s\n  %s", "smoke" if args.smoke else "full",
+                lab.work, lab.eval_name, json.dumps(dataclasses.asdict(lab.profile)))
+    started = time.perf_counter()
+    p = lab.profile
+    stages: dict[str, dict] = {}
+    try:
+        stages["corpus"] = run_stage(lab, "corpus", {"rows": p.corpus_rows, "seed": args.seed},
+                                     lambda: sample_corpus(lab))
+        if not args.tokenizer:
+            stages["tokenizer"] = run_stage(lab, "tokenizer", {"vocab": p.vocab_size, "data": processing_arguments(lab)},
+                                            lambda: train_tokenizer(lab))
+        argv = [*processing_arguments(lab), "--output_dir", str(lab.path("data"))]
+        stages["data"] = run_stage(lab, "data", {"argv": argv}, lambda: run_script(lab, "processing_meta_review", argv))
+        for size in ("small", "large"):
+            argv_p = pretrain_arguments(lab, size)
+            stages[f"pretrain_{size}"] = run_stage(lab, f"pretrain_{size}", {"argv": argv_p},
+                                                   lambda a=argv_p: run_script(lab, "fine_tune", a))
+        for size in ("small", "large"):
+            argv_f = finetune_arguments(lab, size)
+            stages[f"finetune_{size}"] = run_stage(lab, f"finetune_{size}", {"argv": argv_f},
+                                                   lambda a=argv_f: run_script(lab, "fine_tune", a))
+        stages["tune"] = run_stage(lab, "tune", {"argv": tune_arguments(lab)}, lambda: tune_blend(lab))
+        eval_settings = {"argv": {run: evaluation_arguments(lab, run) for run in EVAL_RUNS}}
+        stages["evaluate"] = run_stage(lab, "evaluate", eval_settings, lambda: evaluate_systems(lab))
+        stages["alpha_curve"] = run_stage(lab, "alpha_curve", {"data": evaluation_data(lab), "alphas": p.alphas},
+                                          lambda: score_alpha_curve(lab))
+    finally:
+        write_commands(lab)
+    summary = write_report(lab, stages, time.perf_counter() - started)
+    logger.info("steering lab done in %.1f min; report appended to %s, figure %s",
+                (time.perf_counter() - started) / 60, lab.results_file, lab.figure)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, [LabArguments], __doc__)
