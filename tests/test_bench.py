@@ -30,3 +30,10 @@ def test_bench_evaluation_ci(tmp_path):
     assert "ratio (examples/s batch 8 / batch 1):" in out
     assert "identical predictions batched vs alone: 4/4" in out  # left padding leaves greedy outputs unchanged
 
+
+@requires_shared
+def test_bench_fine_tune_ci(tmp_path):
+    out = run_bench_ci("bench_fine_tune.py", tmp_path)
+    # Every trainer (fine_tune.py, padding to max_length, TRL matched and default) trained on the same targets.
+    assert "Label tokens counted from the batches each trainer built: the same in every system" in out
+    assert out.count("**") == 6  # a bold ratio for each of the three comparisons
