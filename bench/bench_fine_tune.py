@@ -4,7 +4,11 @@ real Pythia-70m shape, float32 on CPU, the real Pythia tokenizer and real meta-r
 rows with the longest reviews) made by processing_meta_review.py's own functions.
 
     python bench/bench_fine_tune.py                 # 70m shape, max_length 1024, batch 4, 8 timed steps; records
+    python bench/bench_fine_tune.py --systems ours padded --max_length 2048   # vs (a) at fine_tune.py's default
     python bench/bench_fine_tune.py --ci            # tiny shape, 8 examples, 2 steps, max_length 128, no record
+
+The full run takes ~25 min on 2 shared CPU cores, TRL's two runs most of it (on CPU its chunked LM head scores
+every position and recomputes the projection in backward).
 
 Metric: loss-bearing tokens (labels != -100: the meta-review and its EOS), counted in the batches each system
 actually trained on, per second of training wall time. Every system trains one epoch over the same examples with
@@ -306,16 +310,20 @@ def main() -> None:
         f"loss-bearing share {results['ours']['label_tokens'] / sum(lengths):.0%}). Label tokens counted from the "
         f"batches each trainer built: {same}. One epoch each, {results['ours']['threads']} torch threads, after one "
         f"untimed warm-up step on the same model and optimizer; each system "
-        f"{'in this process on a fresh model' if args.ci else 'in a fresh process'}. Wall time = "
-        f"on_train_begin to the last on_step_end (data loading, forward, backward, optimizer step); CPU time = the "
-        f"training process's over the same span. TRL defaults other than those shown: max_length 1024, packing off, "
-        f"padding_free off, completion_only_loss on for prompt/completion data, logging every 10 steps; its default "
-        f"bf16=True is replaced by fp32 because a bf16 matmul on this CPU takes {bf16_matmul_slowdown():.1f}x the fp32 "
-        f"time (no native bf16). TRL on CPU scores every position in its chunked LM head (it keeps only labelled "
-        f"positions on CUDA/XPU with Triton) and recomputes the projection in backward. Whole comparison "
-        f"{minutes:.1f} min; load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
-        f"{os.cpu_count()} cores shared with other jobs."
+        f"{'in this process on a fresh model' if args.ci else 'in a fresh process'}. Wall time = on_train_begin to "
+        f"the last on_step_end (data loading, forward, backward, optimizer step); CPU time = the training process's "
+        f"over the same span."
     )
+    if "trl_defaults" in results:
+        notes += (f" TRL defaults other than those shown: max_length 1024, packing off, padding_free off, "
+                  f"completion_only_loss on for prompt/completion data, logging every 10 steps; its default bf16=True "
+                  f"is replaced by fp32 because a bf16 matmul on this CPU takes {bf16_matmul_slowdown():.1f}x the fp32 "
+                  f"time (no native bf16).")
+    if any(s.startswith("trl") for s in results):
+        notes += (" TRL on CPU scores every position in its chunked LM head (it keeps only labelled positions on "
+                  "CUDA/XPU with Triton) and recomputes the projection in backward.")
+    notes += (f" Whole comparison {minutes:.1f} min; load average (1 min) {load_before[0]:.1f} before, "
+              f"{load_after[0]:.1f} after, on {os.cpu_count()} cores shared with other jobs.")
     if args.ci or args.no_record:
         print("\n".join(" | ".join(str(c) for c in r) for r in out))
         print(notes)
