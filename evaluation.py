@@ -482,9 +482,17 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
         return new_tokens
     from transformers import GenerationConfig
 
+    from steer import prefill_rows, prefill_separately
+
     model = models[system]
     rows = model.get_output_embeddings().weight.shape[0]
     sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"]) if settings["do_sample"] else {}
+    cache = None
+    if prefill_separately(model, input_ids):
+        # On CPU the prompts' pass runs one row at a time into one batched cache; generate() then runs the last
+        # column and the decoding steps batched (steer.prefill_rows says why; bench/bench_evaluation.py).
+        with torch.inference_mode():
+            cache = prefill_rows(model, input_ids, attention_mask, input_ids.shape[1] + settings["max_new_tokens"])
     config = GenerationConfig(
         do_sample=settings["do_sample"], max_new_tokens=settings["max_new_tokens"],
         repetition_penalty=settings["repetition_penalty"], no_repeat_ngram_size=settings["no_repeat_ngram_size"],
@@ -494,10 +502,11 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
         # A KV cache allocated once for prompt + new tokens: the default cache concatenates every layer's keys and
         # values at each step, which at batch 8 with ~1,000-token prompts was up to 3x the step's time on CPU
         # (bench/bench_evaluation.py). Same outputs. No auto torch.compile (it would recompile per prompt width).
-        cache_implementation="static", disable_compile=True,
+        cache_implementation=None if cache is not None else "static", disable_compile=True,
     )
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             generation_config=config)
     return out[:, input_ids.shape[1]:]  # (B, <= max_new_tokens)
 
 

@@ -375,6 +375,51 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     return ids, mask
 
 
+@torch.no_grad()
+def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_cache_len: int):
+    """A StaticCache holding a LEFT-padded batch's prompts minus each row's last token, computed one row at a time.
+
+    On CPU a batched prompt pass is slower than the same rows one at a time: padding is computed too, attention
+    grows with the square of the padded width, and big activations spill the CPU caches (bench/RESULTS.md: 1.8x
+    one at a time with prompts of 550-1,064 tokens; still ~1.1x with no padding at all). Each row's keys and
+    values are placed right-aligned, where a batched pass would have put them; the padding columns stay zero
+    (the attention mask hides them). The caller feeds the last column next: generate() slices its inputs to what
+    the cache has not seen (cache.get_seq_length() == T - 1), and so does ModelStream.
+    -> the cache, or None when there is nothing to prefill (T == 1).
+    """
+    from transformers import DynamicCache, StaticCache
+
+    batch, width = input_ids.shape
+    if width < 2:
+        return None
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    for row in range(batch):
+        prompt = input_ids[row, attention_mask[row].bool()][None, :-1]  # (1, t) the row's real tokens but the last
+        if prompt.shape[1] == 0:
+            continue
+        # logits_to_keep=1: the output matrix sees one position (the logits are not used; the LM head is kept
+        # in the call so that any wrapper, e.g. a PEFT model, runs as it would in generate()).
+        out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        end, t = width - 1, prompt.shape[1]
+        for layer, computed in zip(cache.layers, out.past_key_values.layers):
+            keys, values = computed.keys, computed.values  # (1, heads, t, head_dim) each
+            if not layer.is_initialized:  # shapes, dtype and device as the model produced them
+                layer.lazy_initialization(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+            layer.keys[row, :, end - t:end] = keys[0]
+            layer.values[row, :, end - t:end] = values[0]
+    if not cache.layers[0].is_initialized:
+        return None
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(width - 1)
+    return cache
+
+
+def prefill_separately(model, input_ids: torch.Tensor) -> bool:
+    """Whether to build a batch's prompt cache one row at a time (prefill_rows): on CPU, for more than one row.
+    A GPU runs a padded batch in parallel, so there the batched pass stays."""
+    return input_ids.shape[0] > 1 and model.device.type == "cpu"
+
+
 def model_context(models: dict[str, Any]) -> int:
     """The shortest context of the models (max_position_embeddings; 2048, Pythia's, where a config has none)."""
     return min(getattr(m.config, "max_position_embeddings", None) or 2048 for m in models.values())
@@ -396,7 +441,13 @@ class ModelStream:
             # Allocated once for prompt + new tokens (as evaluation.py's generate does): HF's default cache
             # concatenates every layer's keys and values at each step, a copy of the whole cache per step and
             # model (bench/bench_evaluation.py: up to 3x a batched CPU step with long prompts). Same outputs.
-            self.cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
+            max_cache_len = input_ids.shape[1] + max_new_tokens
+            if prefill_separately(model, self.ids):
+                self.cache = prefill_rows(model, self.ids, self.mask, max_cache_len)
+                if self.cache is not None:
+                    self.ids = self.ids[:, -1:]  # (B, 1) the only column the cache has not seen
+            if self.cache is None:
+                self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
 
     def next_logprobs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """Run the model on what it has not seen; -> (B, V) log-softmax of the last position, on `device`."""

@@ -3,7 +3,8 @@ vs the same examples one at a time (batch 1, same settings). Random weights with
 real Pythia tokenizer and real prompts (MReD validation rows with the longest reviews), built by evaluation.py's
 own helpers (load_examples, select_examples, build_inputs, resolve_decoding).
 
-    python bench/bench_evaluation.py                # 70m shape, 16 examples, 64 new tokens; records to bench/RESULTS.md
+    python bench/bench_evaluation.py                # 70m shape, 16 examples, evaluation.py's default max_new_tokens
+                                                    # (128), torch's default threads; records to bench/RESULTS.md
     python bench/bench_evaluation.py --threads 1    # the same on a machine shared with other jobs (see below)
     python bench/bench_evaluation.py --ci           # tiny shape, 4 examples, 4 new tokens, seconds, no record
 
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--shape", default="pythia-70m")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=None,
+                        help="new tokens per example (default: evaluation.py's --max_new_tokens default)")
     parser.add_argument("--max_length", type=int, default=2048, help="evaluation.py's --max_length (prompt + new)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
@@ -133,6 +135,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.ci:
         args.shape, args.examples, args.new_tokens, args.max_length, args.repeats = "tiny", 4, 4, 256, 1
+    if args.new_tokens is None:
+        import evaluation
+
+        args.new_tokens = evaluation.GenerationArguments().max_new_tokens
     if not (DATA.is_file() and TOKENIZER.is_dir()):
         sys.exit(f"needs the real data and tokenizer: {DATA} and {TOKENIZER} (../shared beside the repo)")
 
@@ -184,8 +190,10 @@ def main() -> None:
               "target")
     title = (f"Evaluation generation: {args.shape} shape, batch {args.batch} vs 1, {n} real prompts, "
              f"{args.new_tokens} new tokens, greedy")
-    notes = ("Both sides call `evaluation.generate` (HF `generate`, KV cache, greedy, left padding, longest prompts "
-             "first) on the same examples built by `evaluation.build_inputs`; only `batch_size` differs. Random "
+    notes = ("Both sides call `evaluation.generate` (HF `generate`, static KV cache, greedy, left padding, longest "
+             "prompts first; at batch > 1 on CPU the prompts run row by row into one batched cache, "
+             "`steer.prefill_rows`) on the same examples built by `evaluation.build_inputs`; only `batch_size` "
+             "differs. Random "
              f"weights, so EOS is swapped for id {NEVER_EOS}, a suppressed padding row of the output matrix: every "
              f"example gets exactly {args.new_tokens} new tokens on both sides (checked). Median of "
              f"{args.repeats} interleaved runs, {torch.get_num_threads()} torch threads; ratio = wall-time examples/s, "

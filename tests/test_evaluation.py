@@ -295,14 +295,15 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, ti
 
 
 @pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
-def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_tokenizer, penalties):
-    """generate_batch preallocates its KV cache (faster batched decoding, bench/bench_evaluation.py); the new
+def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_tokenizer, penalties,
+                                                          monkeypatch):
+    """generate_batch preallocates its KV cache and, on CPU, fills it row by row (bench/bench_evaluation.py); the new
     tokens must be exactly those of HF generate with its default (dynamic) cache, left padding included."""
     import torch
     from transformers import GenerationConfig
 
     from common import load_causal_lm, vocab_size_of
-    from steer import left_pad
+    from steer import left_pad, prefill_rows
 
     model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
     prompts = ["Peer reviews of a paper:\n\nGood.\n\nMeta-review:",
@@ -312,7 +313,12 @@ def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_
     ids, mask = left_pad([tiny_tokenizer(p)["input_ids"] for p in prompts], tiny_tokenizer.pad_token_id)  # (3, T)
     settings = {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
                 "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, **penalties}
+    import steer
+
+    calls = []
+    monkeypatch.setattr(steer, "prefill_rows", lambda *a, **k: calls.append(a) or prefill_rows(*a, **k))
     new = evaluation.generate_batch("large", {"large": model}, None, ids, mask, settings, tiny_tokenizer, None)
+    assert len(calls) == 1  # on CPU the prompts ran row by row into one cache (steer.prefill_rows)
 
     vocab, rows = vocab_size_of(tiny_tokenizer), model.get_output_embeddings().weight.shape[0]
     reference = GenerationConfig(

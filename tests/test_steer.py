@@ -27,6 +27,8 @@ from steer import (
     left_pad,
     main,
     nucleus_mask,
+    prefill_rows,
+    prefill_separately,
     score_targets,
     slice_vocab,
     steered_generate,
@@ -174,6 +176,31 @@ def test_batched_decoding_equals_one_by_one(models):
         alone, _, alone_logps = generate(models, *left_pad([prompt], PAD), blend, return_logprobs=True)
         assert torch.equal(tokens[row, :alone.shape[1]], alone[0])
         torch.testing.assert_close(logps[row, :alone.shape[1]], alone_logps[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_row_by_row_prefill_equals_a_batched_prompt_pass(models):
+    """prefill_rows (the CPU path of every batched prompt pass) holds, at each row's real positions, the keys and
+    values a left-padded batched pass computes; padding columns stay empty; generate() will feed the last column."""
+    from transformers import DynamicCache
+
+    from steer import positions_from_mask
+
+    model = models[LARGE]
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], PAD)  # (3, 7)
+    cache = prefill_rows(model, ids, mask, max_cache_len=ids.shape[1] + 4)
+    batched = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_from_mask(mask)[:, :-1],
+                    past_key_values=DynamicCache(), use_cache=True).past_key_values
+    assert cache.get_seq_length() == ids.shape[1] - 1
+    real = mask[:, :-1].bool()  # (3, 6) the positions the cache must hold
+    for mine, theirs in zip(cache.layers, batched.layers):
+        assert mine.keys.shape[2] == ids.shape[1] + 4  # preallocated for the new tokens too
+        for row in range(3):
+            torch.testing.assert_close(mine.keys[row][:, :6][:, real[row]], theirs.keys[row][:, real[row]])
+            torch.testing.assert_close(mine.values[row][:, :6][:, real[row]], theirs.values[row][:, real[row]])
+            assert not mine.keys[row][:, :6][:, ~real[row]].any()
+    assert prefill_separately(model, ids) and not prefill_separately(model, ids[:1])
+    assert prefill_rows(model, ids[:, -1:], mask[:, -1:], 4) is None  # one column: nothing to prefill
 
 
 def test_sampling_is_deterministic_under_a_seed(models, batch):
