@@ -336,8 +336,7 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
     is cleaned like processing_meta_review.py does and gets the same content hash as example_id, so the
     workbook matches rows across runs either way.
     """
-    import datasets
-    from processing_meta_review import ProcessingArguments, clean_text, example_id, load_raw_dataset
+    from processing_meta_review import ProcessingArguments, clean_text, example_id, load_raw_dataset, load_saved_split
     from steer import reviews_of
 
     if not data_args.dataset_path:
@@ -346,16 +345,7 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
     if not path.exists():
         raise UsageError(f"--dataset_path {path} does not exist; pass a processed dataset dir or a data file")
     if path.is_dir():
-        try:
-            source = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise UsageError(f"{path} is not a dataset saved by processing_meta_review.py: {first_line(err)}") from None
-        if isinstance(source, datasets.DatasetDict):
-            if data_args.split not in source:
-                raise UsageError(f"split '{data_args.split}' is not in {path} (splits: {', '.join(source)}); "
-                                 "pass --split")
-            source = source[data_args.split]
-        table = source
+        table = load_saved_split(path, data_args.split, "--dataset_path")
     else:
         (table,) = load_raw_dataset(ProcessingArguments(dataset_name=str(path))).values()
         logger.info("%s is one table; --split %s only labels it", path, data_args.split)

@@ -179,10 +179,12 @@ class DataArguments:
     )
     max_train_samples: int | None = field(
         default=None,
-        metadata={"help": "Use at most this many training examples (plain-text mode: rows, taken before packing)."},
+        metadata={"help": "Use at most this many training examples, a seeded sample (plain-text mode: rows, "
+                          "taken before packing)."},
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use at most this many validation examples (plain-text mode: rows)."}
+        default=None, metadata={"help": "Use at most this many validation examples, a seeded sample (plain-text mode: "
+                                  "rows)."}
     )
     num_samples: int = field(
         default=4, metadata={"help": "Validation examples to generate from after training (samples.jsonl); 0 = none."}
@@ -485,13 +487,19 @@ def load_text_dataset(data_args: DataArguments, seed: int):
         validation = train.select([])
     if column != "text":
         train, validation = train.rename_column(column, "text"), validation.rename_column(column, "text")
-    train = limit(train, data_args.max_train_samples)
-    validation = limit(validation, data_args.max_eval_samples)
+    train = limit(train, data_args.max_train_samples, seed)
+    validation = limit(validation, data_args.max_eval_samples, seed)
     return datasets.DatasetDict({"train": train, "validation": validation})
 
 
-def limit(split, n: int | None):
-    return split if n is None or len(split) <= n else split.select(range(n))
+def limit(split, n: int | None, seed: int):
+    """At most n rows: a seeded sample kept in file order (the first n rows of a file sorted by label or by
+    date would be one class or one period)."""
+    if n is None or len(split) <= n:
+        return split
+    import numpy as np
+
+    return split.select(sorted(np.random.default_rng(seed).permutation(len(split))[:n].tolist()))
 
 
 def tokenize_texts(split, tokenizer, max_length: int, packing: bool):
@@ -540,9 +548,9 @@ def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed:
     if mode == "meta_review":
         check_template_fits(tokenizer, data_args.max_length)
         dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name)
-        train = limit(dataset["train"], data_args.max_train_samples)
-        validation = limit(dataset["validation"], data_args.max_eval_samples)
-        test = limit(dataset["test"], data_args.max_eval_samples) if "test" in dataset else None
+        train = limit(dataset["train"], data_args.max_train_samples, seed)
+        validation = limit(dataset["validation"], data_args.max_eval_samples, seed)
+        test = limit(dataset["test"], data_args.max_eval_samples, seed) if "test" in dataset else None
         samples = [
             {"id": row["example_id"], "prompt_ids": list(row["input_ids"][: row["prompt_length"]]),
              "prompt": row["prompt"], "reference": row["Output"]}

@@ -414,6 +414,22 @@ def summarize(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def load_saved_split(path: Path, split: str, flag: str, split_flag: str = "--split"):
+    """One split of a dataset this script saved (`save`), for the scripts that read it back; a saved single
+    Dataset is returned whole. Errors name the flag: `flag` for the path, `split_flag` for the split."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"{flag} {path} is not a dataset saved by processing_meta_review.py: {first_line(err)}") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise UsageError(f"{split_flag} {split} is not in {path} (splits: {', '.join(data)})")
+        data = data[split]
+    return data
+
+
 def save(dataset, stats: dict, args: ProcessingArguments) -> None:
     """Write everything into a temporary directory that replaces --output_dir only when complete."""
     with atomic_directory(args.output_dir, overwrite=args.overwrite_output_dir) as tmp:

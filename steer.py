@@ -58,7 +58,7 @@ from common import (
     vocab_size_of,
     write_json,
 )
-from processing_meta_review import clean_text, extract_reviews, tokenize_example
+from processing_meta_review import clean_text, extract_reviews, load_saved_split, tokenize_example
 
 logger = logging.getLogger("steer")
 
@@ -915,16 +915,7 @@ def load_validation_pairs(args: TuneArguments, tokenizer, context: int, seed: in
         raise UsageError(f"--validation_data {path} does not exist; pass processing_meta_review.py's output_dir "
                          "or a JSONL with Input/Output columns")
     if path.is_dir():
-        import datasets
-
-        try:
-            data = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise UsageError(f"--validation_data {path} is not a saved dataset: {first_line(err)}") from None
-        if isinstance(data, datasets.DatasetDict):
-            if args.validation_split not in data:
-                raise UsageError(f"--validation_split {args.validation_split} is not in {path} (splits: {list(data)})")
-            data = data[args.validation_split]
+        data = load_saved_split(path, args.validation_split, "--validation_data", "--validation_split")
         missing = {"input_ids", "prompt_length"} - set(data.column_names)
         if missing:
             raise UsageError(f"--validation_data {path} lacks columns {sorted(missing)}; run processing_meta_review.py")

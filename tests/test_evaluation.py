@@ -446,7 +446,7 @@ def test_bad_inputs_fail_cleanly(tiny_model_dirs, jsonl_file, tmp_path, capsys):
     data = tmp_path / "processed"
     datasets.DatasetDict({"test": datasets.Dataset.from_list([{"Input": "a", "Output": "b"}])}).save_to_disk(str(data))
     out = tmp_path / "out"
-    expect_usage_error(capsys, make_args(tiny_model_dirs, data, out, "--split", "tset"), "split 'tset' is not in")
+    expect_usage_error(capsys, make_args(tiny_model_dirs, data, out, "--split", "tset"), "--split tset is not in")
     expect_usage_error(capsys, make_args(tiny_model_dirs, tmp_path / "nope.jsonl", out), "does not exist")
     args = make_args(tiny_model_dirs, jsonl_file, out)
     args[0].large_model = str(tmp_path / "no_such_model")

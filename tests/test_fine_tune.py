@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -343,6 +344,22 @@ def test_plain_text_mode_packs_blocks(tmp_path, tiny_tokenizer, tiny_tokenizer_d
     assert result["status"] == "trained"
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["vocab_size"] == 384 and config["hidden_size"] == 32  # 300 tokens rounded up to 128s
+
+
+def test_max_samples_is_a_seeded_sample_not_the_first_rows(tmp_path, tiny_tokenizer):
+    """A file sorted by label (like the IMDB sample): --max_train_samples must not take one class only."""
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{'good' if i < 50 else 'bad'} film number {i}"}) + "\n"
+                            for i in range(100)))
+    args = fine_tune.DataArguments(dataset_path=str(path), text_column="text", packing=False, max_length=32,
+                                   validation_split_percentage=0, max_train_samples=10)
+    texts = lambda seed: [tiny_tokenizer.decode(ids) for ids in  # noqa: E731
+                          fine_tune.prepare_data(args, tiny_tokenizer, "tok", seed=seed).train["input_ids"]]
+    first, again, other = texts(0), texts(0), texts(1)
+    assert len(first) == 10 and first == again and first != other
+    assert any("good" in t for t in first) and any("bad" in t for t in first)
+    numbers = [int(re.search(r"number (\d+)", t).group(1)) for t in first]
+    assert numbers == sorted(numbers)  # kept in file order
 
 
 @requires_shared
