@@ -5,6 +5,7 @@ own helpers (load_examples, select_examples, build_inputs, resolve_decoding).
 
     python bench/bench_evaluation.py                # 70m shape, 16 examples, evaluation.py's default max_new_tokens
                                                     # (128), torch's default threads; records to bench/RESULTS.md
+    python bench/bench_evaluation.py --examples 64  # a test split's worth (~20 min): less padding per batch
     python bench/bench_evaluation.py --threads 1    # the same on a machine shared with other jobs (see below)
     python bench/bench_evaluation.py --ci           # tiny shape, 4 examples, 4 new tokens, seconds, no record
 
@@ -113,6 +114,36 @@ def bench_generation(model, examples, tokenizer, settings: dict, batch: int, rep
             "records_one": out[1], "records_batched": out[batch], "padding": padding[batch]}
 
 
+def profile_steps(model, examples, tokenizer, settings: dict, batch: int, steps: int = 16) -> list[tuple]:
+    """Where a decoding step's time goes, batch 1 vs `batch` (torch profiler, self time per operator): each side
+    generates 1 and 1 + `steps` new tokens for the same `batch` examples; the difference is `steps` decoding
+    steps. -> rows (operator, ms per example-step alone, ms per example-step batched, gain), biggest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    group = examples[:batch]
+
+    def op_times(size: int, new_tokens: int) -> dict[str, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_all(model, group, tokenizer, {**settings, "max_new_tokens": new_tokens}, size, 0)
+        return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}  # ms
+
+    per_step = {}
+    for size in (1, batch):
+        generate_all(model, group, tokenizer, {**settings, "max_new_tokens": 2}, size, 0)  # warm-up
+        short, long = op_times(size, 1), op_times(size, 1 + steps)
+        per_step[size] = {k: (v - short.get(k, 0.0)) / (steps * len(group)) for k, v in long.items()}
+    ops = sorted(per_step[batch], key=lambda k: -per_step[batch][k])
+    rows = []
+    for name in ops[:6] + ["(all operators)"]:
+        if name == "(all operators)":
+            alone, batched = sum(per_step[1].values()), sum(per_step[batch].values())
+        else:
+            alone, batched = per_step[1].get(name, 0.0), per_step[batch][name]
+        rows.append((f"`{name}`", f"{alone:.2f} ms", f"{batched:.2f} ms",
+                     f"{alone / batched:.2f}" if batched > 0 else ""))
+    return rows
+
+
 def format_row(what: str, t1: float, tb: float, cpu1: float, cpub: float, n: int, target: str = "") -> tuple:
     return (what, f"{t1:.2f} s ({n / t1:.2f} ex/s)", f"{tb:.2f} s ({n / tb:.2f} ex/s)", f"**{t1 / tb:.2f}**",
             f"{cpu1 / cpub:.2f}", target)
@@ -132,6 +163,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 avoids thread fights on a busy machine")
     parser.add_argument("--no_record", action="store_true")
+    parser.add_argument("--no_profile", action="store_true", help="skip the per-operator table of a decoding step")
     args = parser.parse_args()
     if args.ci:
         args.shape, args.examples, args.new_tokens, args.max_length, args.repeats = "tiny", 4, 4, 256, 1
@@ -165,6 +197,8 @@ def main() -> None:
         if lengths != {args.new_tokens} or any(r["ended_with_eos"] for r in records):
             sys.exit(f"not like for like: new-token counts {sorted(lengths)}, expected {args.new_tokens} for all")
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(full["records_one"], full["records_batched"]))
+    op_rows = [] if args.no_profile else profile_steps(model, examples, never_stopping, settings, args.batch,
+                                                        steps=2 if args.ci else 16)
     padding = full["padding"]
 
     n = len(examples)
@@ -199,9 +233,14 @@ def main() -> None:
              f"{args.repeats} interleaved runs, {torch.get_num_threads()} torch threads; ratio = wall-time examples/s, "
              "CPU-time ratio = the same from this process's CPU time (robust to other load when threads = 1). "
              + facts)
+    if op_rows:
+        notes += ("\n\nWhere a decoding step goes (torch profiler, self time per operator, per example and step: "
+                  f"the first {args.batch} examples, 16 steps, batch 1 vs {args.batch}; gain = alone / batched):\n\n"
+                  f"| operator | alone | batch {args.batch} | gain |\n|---|---|---|---|\n"
+                  + "\n".join("| " + " | ".join(r) + " |" for r in op_rows))
     print(f"ratio (examples/s batch {args.batch} / batch 1): {t1 / tb:.2f} wall, {c1 / cb:.2f} CPU time")
     if args.ci or args.no_record:
-        print("\n".join(" | ".join(str(c) for c in r) for r in rows))
+        print("\n".join(" | ".join(str(c) for c in r) for r in rows + op_rows))
         print(facts)
     else:
         print(record(title, rows, header, notes))
