@@ -380,11 +380,13 @@ def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
     """A StaticCache holding a LEFT-padded batch's prompts minus each row's last token, computed one row at a time.
 
     On CPU a batched prompt pass is slower than the same rows one at a time: padding is computed too, attention
-    grows with the square of the padded width, and big activations spill the CPU caches (bench/RESULTS.md: 1.8x
-    one at a time with prompts of 550-1,064 tokens; still ~1.1x with no padding at all). Each row's keys and
-    values are placed right-aligned, where a batched pass would have put them; the padding columns stay zero
-    (the attention mask hides them). The caller feeds the last column next: generate() slices its inputs to what
-    the cache has not seen (cache.get_seq_length() == T - 1), and so does ModelStream.
+    grows with the square of the padded width, and big activations spill the CPU caches (bench/RESULTS.md,
+    evaluation generation: the batched prompt pass took 1.8x the one-at-a-time time; this way, 1.0x). Each row's
+    keys and values are placed right-aligned, where a batched pass would have put them; the padding columns stay
+    zero (the attention mask hides them). The caller feeds the last column next: generate() slices its inputs to
+    what the cache has not seen (cache.get_seq_length() == T - 1), and so does ModelStream.
+    Writes transformers 5's StaticLayer fields directly (keys, values, cumulative_length); tests/test_steer.py
+    checks the result against a batched pass, so a library change shows there.
     -> the cache, or None when there is nothing to prefill (T == 1).
     """
     from transformers import DynamicCache, StaticCache
