@@ -477,12 +477,11 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
     model = models[system]
     rows = model.get_output_embeddings().weight.shape[0]
     sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"]) if settings["do_sample"] else {}
+    # On CPU the prompts' pass runs one row at a time into one batched cache; generate() then runs the last
+    # column and the decoding steps batched (steer.prefill_rows says why; bench/bench_evaluation.py).
     cache = None
     if prefill_separately(model, input_ids):
-        # On CPU the prompts' pass runs one row at a time into one batched cache; generate() then runs the last
-        # column and the decoding steps batched (steer.prefill_rows says why; bench/bench_evaluation.py).
-        with torch.inference_mode():
-            cache = prefill_rows(model, input_ids, attention_mask, input_ids.shape[1] + settings["max_new_tokens"])
+        cache = prefill_rows(model, input_ids, attention_mask, input_ids.shape[1] + settings["max_new_tokens"])
     config = GenerationConfig(
         do_sample=settings["do_sample"], max_new_tokens=settings["max_new_tokens"],
         repetition_penalty=settings["repetition_penalty"], no_repeat_ngram_size=settings["no_repeat_ngram_size"],

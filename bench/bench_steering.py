@@ -91,12 +91,12 @@ def bench_scoring(models, n_targets: int, prompt_len: int, target_len: int, repe
             f"**{t_blend / t_fwd:.2f}**", "", "<= 1.45")
 
 
-def peak_rss_since_reset() -> int:
-    """VmHWM (peak resident set) in bytes since the last reset_peak_rss()."""
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status in bytes: VmRSS (resident now) or VmHWM (peak since reset_peak_rss)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def reset_peak_rss() -> None:
@@ -115,13 +115,6 @@ def kv_cache_bytes(model, batch: int, length: int) -> int:
     return 2 * config.num_hidden_layers * batch * length * config.hidden_size * 4
 
 
-def rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
-
-
 def memory_child(system: str, large_shape: str, small_shape: str, batch: int, prompt_len: int,
                  new_tokens: int) -> None:
     """Runs in a fresh process: the peak RSS while decoding, counted from when the models are built (random
@@ -132,13 +125,13 @@ def memory_child(system: str, large_shape: str, small_shape: str, batch: int, pr
     cache_bytes = sum(kv_cache_bytes(m, batch, prompt_len + new_tokens) for m in models)
     ids, mask = prompts(batch, prompt_len)
     reset_peak_rss()
-    start = rss_now()  # weights + the Python/torch/transformers runtime
+    start = proc_status_bytes("VmRSS")  # weights + the Python/torch/transformers runtime
     with torch.inference_mode():
         if system == "steered":
             decode_steered(models, ids, mask, new_tokens)
         else:
             decode_large_alone(models[0], ids, mask, new_tokens)
-    print(json.dumps({"peak_rss": peak_rss_since_reset(), "weight_bytes": weight_bytes, "start_rss": start,
+    print(json.dumps({"peak_rss": proc_status_bytes("VmHWM"), "weight_bytes": weight_bytes, "start_rss": start,
                       "cache_bytes": cache_bytes}))
 
 
