@@ -494,7 +494,7 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
         cache_implementation=None if cache is not None else "static", disable_compile=True,
     )
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              generation_config=config)
     return out[:, input_ids.shape[1]:]  # (B, <= max_new_tokens)
 

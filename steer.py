@@ -401,9 +401,9 @@ def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
             continue
         # logits_to_keep=1: the output matrix sees one position (the logits are not used; the LM head is kept
         # in the call so that any wrapper, e.g. a PEFT model, runs as it would in generate()).
-        out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prompt, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
         end, t = width - 1, prompt.shape[1]
-        for layer, computed in zip(cache.layers, out.past_key_values.layers):
+        for layer, computed in zip(cache.layers, out.cache.layers):
             keys, values = computed.keys, computed.values  # (1, heads, t, head_dim) each
             if not layer.is_initialized:  # shapes, dtype and device as the model produced them
                 layer.lazy_initialization(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
@@ -458,12 +458,12 @@ class ModelStream:
             input_ids=self.ids,
             attention_mask=self.mask,
             position_ids=self.positions[:, -n_new:],
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=self.use_cache,
             logits_to_keep=1,  # only the last position: skips the (T, V) output matrix of the prompt
         )
         if self.use_cache:
-            self.cache = out.past_key_values
+            self.cache = out.cache
         logits = slice_vocab(out.logits[:, -1, :], vocab_size)  # (B, V)
         return torch.log_softmax(logits.float(), dim=-1).to(device, non_blocking=True)
 

@@ -190,7 +190,7 @@ def test_row_by_row_prefill_equals_a_batched_prompt_pass(models):
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], PAD)  # (3, 7)
     cache = prefill_rows(model, ids, mask, max_cache_len=ids.shape[1] + 4)
     batched = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_from_mask(mask)[:, :-1],
-                    past_key_values=DynamicCache(), use_cache=True).past_key_values
+                    cache=DynamicCache(), use_cache=True).cache
     assert cache.get_seq_length() == ids.shape[1] - 1
     real = mask[:, :-1].bool()  # (3, 6) the positions the cache must hold
     for mine, theirs in zip(cache.layers, batched.layers):
