@@ -51,6 +51,12 @@ def render_target(meta_review: str, eos_token: str) -> str:
     return " " + meta_review + eos_token
 
 
+def encode_target(meta_review: str, tokenizer) -> list[int]:
+    """The training target's ids: " " + meta-review, then the EOS id. The EOS is appended as an id, not as text,
+    so a tokenizer that would split "<|endoftext|>" cannot change it. Training, tuning and evaluation all use this."""
+    return tokenizer(" " + meta_review, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def allocate_budget(lengths: Sequence[int], budget: int) -> list[int]:
     """Share `budget` tokens among reviews of the given lengths, max-min fair ("water filling").
 
@@ -238,10 +244,16 @@ def to_jsonable(*objs) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # CLI plumbing.
 # ---------------------------------------------------------------------------------------------
+# Libraries that log routine INFO lines through the root logger ("Using default tokenizer", font caches, HTTP).
+QUIET_LOGGERS = ("absl", "matplotlib", "PIL", "urllib3", "httpx", "httpcore", "filelock", "fsspec")
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:

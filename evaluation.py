@@ -52,6 +52,7 @@ from common import (
     check_output_dir,
     check_same_vocab,
     default_device,
+    encode_target,
     first_line,
     load_causal_lm,
     load_tokenizer,
@@ -73,6 +74,13 @@ SYSTEM_ROLES = {
     "large_tuned": ("large_tuned",),
     "steered": ("large", "small_base", "small_tuned"),
 }
+# What the pipeline's earlier steps make by default (fine_tune.py's output_dir, steer.py --tune's), so that a
+# bare `python evaluation.py` evaluates them.
+PIPELINE_MODELS = {"small_base": "EleutherAI/pythia-70m", "small_tuned": "outputs/pythia-70m-meta-review/final",
+                   "large": "EleutherAI/pythia-410m"}
+DEFAULT_BLEND = "outputs/steer/blend.json"
+DEFAULT_DATASET = "outputs/meta_review"  # processing_meta_review.py's output_dir
+DEFAULT_NUM_EXAMPLES = 20
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DECODING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 
@@ -95,14 +103,21 @@ SHARD_FORMAT = "evaluation-shard-v1"
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelArguments:
-    small_base_model: str | None = field(default=None, metadata={"help": "Small base model (Hub id or dir)."})
+    small_base_model: str | None = field(
+        default=None, metadata={"help": "Small base model (Hub id or dir). With no model flag at all: the blend's "
+                                "record, else EleutherAI/pythia-70m."})
     small_tuned_model: str | None = field(
-        default=None, metadata={"help": "Small fine-tuned model: a dir from fine_tune.py (full or LoRA adapter)."}
+        default=None, metadata={"help": "Small fine-tuned model: a dir from fine_tune.py (full or LoRA adapter). With "
+                                f"no model flag at all: the blend's record, else {PIPELINE_MODELS['small_tuned']}."}
     )
-    large_model: str | None = field(default=None, metadata={"help": "Large base model (Hub id or dir)."})
+    large_model: str | None = field(
+        default=None, metadata={"help": "Large base model (Hub id or dir). With no model flag at all: the blend's "
+                                f"record, else {PIPELINE_MODELS['large']}."})
     large_tuned_model: str | None = field(default=None, metadata={"help": "Large fine-tuned model, if you have one."})
     blend: str | None = field(
-        default=None, metadata={"help": "Blend JSON from steer.py; adds the 'steered' system (needs all three models)."}
+        default=None, metadata={"help": "Blend JSON from steer.py --tune; adds the 'steered' system, and the models "
+                                "it records are used where no model flag is given. With no model flag at all: "
+                                f"{DEFAULT_BLEND} when it exists."}
     )
     alpha: float | None = field(
         default=None, metadata={"help": "Instead of --blend: steer with Blend.from_alpha(alpha) (1.0 = proxy-tuning)."}
@@ -127,12 +142,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_path: str | None = field(
-        default=None,
-        metadata={"help": "A dataset dir from processing_meta_review.py, or a JSONL/JSON/CSV file with Input/Output."},
+    dataset_path: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"help": "A dataset dir from processing_meta_review.py (default: its output_dir), or a "
+                  "JSONL/JSON/CSV file with Input/Output."},
     )
     split: str = field(default="test", metadata={"help": "Split of a processed dataset (a raw file is one split)."})
-    num_examples: int | None = field(default=None, metadata={"help": "Evaluate this many examples (seeded sample). Default: all."})
+    num_examples: int | None = field(
+        default=DEFAULT_NUM_EXAMPLES,
+        metadata={"help": "Evaluate this many examples (seeded sample): the default takes minutes on a CPU with "
+                  "pythia-410m; --all_examples for the whole split."})
+    all_examples: bool = field(default=False, metadata={"help": "Evaluate every example of the split."})
     seed: int = field(default=42, metadata={"help": "Seed of the example sample, of sampling and of the bootstrap."})
     max_length: int = field(
         default=2048, metadata={"help": "Prompt + generated tokens; capped by the models' context (Pythia: 2048)."}
@@ -141,7 +161,9 @@ class DataArguments:
     def __post_init__(self):
         problems = []
         if self.num_examples is not None and self.num_examples < 1:
-            problems.append(f"--num_examples {self.num_examples} must be >= 1 (leave it out for all examples)")
+            problems.append(f"--num_examples {self.num_examples} must be >= 1 (--all_examples for all examples)")
+        if self.all_examples:
+            self.num_examples = None
         if self.max_length < 32:
             problems.append(f"--max_length {self.max_length} is too small; use at least 32 (Pythia: 2048)")
         if problems:
@@ -231,6 +253,49 @@ def check_decoding(settings: dict[str, Any], where: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Which systems run, with which settings
 # ---------------------------------------------------------------------------------------------
+def resolve_models(model_args: ModelArguments) -> ModelArguments:
+    """Fill the model flags left out from the blend's record of the models it was tuned with.
+
+    With no model, blend, alpha or systems flag at all, this is the pipeline's last step: the blend at
+    DEFAULT_BLEND (if steer.py --tune wrote one) and its models, else PIPELINE_MODELS. A model flag given
+    explicitly wins over the blend's record; a difference is warned about (the blend was tuned for other models).
+    """
+    given = model_args.model_paths()
+    bare = not given and model_args.blend is None and model_args.alpha is None and model_args.systems is None
+    if bare:
+        blend = DEFAULT_BLEND if Path(DEFAULT_BLEND).is_file() else None
+        if blend is None:
+            logger.info("no --blend and no %s: evaluating the pipeline's default models without 'steered' "
+                        "(run steer.py --tune first, or pass --blend/--alpha)", DEFAULT_BLEND)
+        model_args = dataclasses.replace(model_args, blend=blend)
+    record = {}
+    if model_args.blend is not None and Path(model_args.blend).is_file():
+        from steer import blend_models
+
+        record = {role: entry["name_or_path"] for role, entry in blend_models(model_args.blend).items()
+                  if entry.get("name_or_path")}
+    filled = {}
+    for role in ("small_base", "small_tuned", "large", "large_tuned"):
+        flag = getattr(model_args, f"{role}_model")
+        if flag and role in record and not same_model(flag, record[role]):
+            logger.warning("--%s_model %s differs from %s, which the blend %s was tuned with; using %s", role, flag,
+                           record[role], model_args.blend, flag)
+        if not flag and (role in record or (bare and role in PIPELINE_MODELS)):
+            filled[f"{role}_model"] = record.get(role) or PIPELINE_MODELS[role]
+    if filled:
+        logger.info("models: %s (%s)", ", ".join(f"{k}={v}" for k, v in filled.items()),
+                    f"from {model_args.blend}" if record else "the pipeline's defaults")
+    return dataclasses.replace(model_args, **filled)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two model names mean the same model: equal as Hub ids, or the same directory on disk."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def resolve_systems(model_args: ModelArguments) -> list[str]:
     """The systems to run, in the canonical order; every problem is reported at once."""
     given = model_args.model_paths()
@@ -317,6 +382,19 @@ def parse_overrides(text: str | None) -> dict[str, dict[str, Any]]:
     return data
 
 
+def describe_system(system: str, paths: dict[str, str], blend) -> str:
+    """What a system runs, for the workbook and metrics.json: its model, or for 'steered' the models the blend
+    really uses (steer.describe_blend says when a tuned blend leaves out L or the S term)."""
+    if system != "steered":
+        return paths[system]
+    models = " + ".join(f"{r}={paths[r]}" for r in SYSTEM_ROLES[system])
+    if blend is None:
+        return models
+    from steer import describe_blend
+
+    return f"{describe_blend(blend)} ({models})"
+
+
 def load_blend(model_args: ModelArguments):
     """The steer.Blend to evaluate, from --blend or --alpha."""
     import steer
@@ -390,18 +468,28 @@ def select_examples(n_rows: int, num_examples: int | None, seed: int) -> list[in
 
 
 def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: int) -> None:
-    """Add prompt ids (cut to `prompt_budget` by common.build_prompt) and reference ids for scoring.
+    """Add the generation prompt (cut to `prompt_budget` by common.build_prompt) and the inputs for scoring.
 
-    The reference is " " + meta-review + EOS, exactly the training target; for perplexity it is cut to
-    the context left after the prompt, which happens only for references longer than that.
+    The reference is " " + meta-review + EOS, exactly the training target, scored whole: its prompt gets its own
+    budget (reviews cut so that prompt + reference fit the context, processing_meta_review.tokenize_example's rule,
+    as in training), not the generation prompt's, which leaves only max_new_tokens for the reference. Only a
+    reference that alone (nearly) fills the context is cut, after the generation prompt; `reference_cut` says so.
     """
-    eos = tokenizer.eos_token_id
+    from processing_meta_review import tokenize_example
+
     for ex in examples:
         prompt, truncated = build_prompt(ex["reviews"], tokenizer, prompt_budget)
         ex["prompt_ids"] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ex["prompt_truncated"] = truncated
-        target = tokenizer(" " + ex["Output"], add_special_tokens=False)["input_ids"] + [eos]
-        ex["target_ids"] = target[: context - len(ex["prompt_ids"])]
+        scored = tokenize_example({"reviews": ex["reviews"], "Output": ex["Output"]}, tokenizer, context)
+        if scored is not None:
+            n_prompt = scored["prompt_length"]
+            ex["score_prompt_ids"], ex["target_ids"] = scored["input_ids"][:n_prompt], scored["input_ids"][n_prompt:]
+            ex["reference_cut"] = False
+        else:
+            target = encode_target(ex["Output"], tokenizer)
+            ex["score_prompt_ids"], ex["target_ids"] = ex["prompt_ids"], target[: context - len(ex["prompt_ids"])]
+            ex["reference_cut"] = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,10 +588,10 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
 
 
 def generate(system: str, examples: list[dict], models: dict[str, Any], blend, settings: dict, tokenizer,
-             batch_size: int, seed: int) -> list[dict]:
-    """Generate for every example; returns one record per example, in the order given."""
+             batch_size: int, seed: int, progress=None) -> list[dict]:
+    """Generate for every example; returns one record per example, in the order given. `progress` (a tqdm bar)
+    advances by one per example."""
     import torch
-    from tqdm.auto import tqdm
 
     from steer import left_pad
 
@@ -513,7 +601,7 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
     # Longest prompts first: similar lengths share a batch (less padding) and memory trouble shows at once.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["prompt_ids"]))
     records: list[dict | None] = [None] * len(examples)
-    for start in tqdm(range(0, len(order), batch_size), desc=f"generate {system}", unit="batch"):
+    for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         input_ids, attention_mask = left_pad([examples[i]["prompt_ids"] for i in batch], tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (B, T) each
@@ -526,6 +614,8 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
                 "new_tokens": len(tokens), "ended_with_eos": ended,
                 "prompt_tokens": len(examples[i]["prompt_ids"]), "prompt_truncated": examples[i]["prompt_truncated"],
             }
+        if progress is not None:
+            progress.update(len(batch))
     return records
 
 
@@ -536,7 +626,7 @@ def score_references(systems: list[str], examples: list[dict], models: dict[str,
     from steer import score_targets
 
     roles = sorted({r for s in systems for r in SYSTEM_ROLES[s]})
-    scores = score_targets({r: models[r] for r in roles}, [ex["prompt_ids"] for ex in examples],
+    scores = score_targets({r: models[r] for r in roles}, [ex["score_prompt_ids"] for ex in examples],
                            [ex["target_ids"] for ex in examples], vocab_size=vocab_size_of(tokenizer),
                            batch_size=batch_size, blend=blend if "steered" in systems else None,
                            pad_token_id=tokenizer.pad_token_id)
@@ -612,6 +702,7 @@ def summarize(records: list[dict], systems: list[str], n_examples: int, samples:
             nll = np.array([r["nll"] for r in recs])
             tokens = np.array([r["target_tokens"] for r in recs], dtype=float)
             summary["perplexity"] = interval(lambda ix: np.exp(nll[ix].sum(-1) / tokens[ix].sum(-1)))
+            summary["reference_tokens"] = int(tokens.sum())  # every reference token is scored (build_inputs)
         out[system] = summary
     return out
 
@@ -1158,8 +1249,7 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset_path": data_args.dataset_path, "split": data_args.split, "n_examples": len(selected),
         "rows_in_split": len(rows), "seed": data_args.seed,
-        "systems": {s: {"model": " + ".join(f"{r}={paths[r]}" for r in SYSTEM_ROLES[s]) if s == "steered"
-                        else paths[s], "decoding": decoding[s]} for s in systems},
+        "systems": {s: {"model": describe_system(s, paths, blend), "decoding": decoding[s]} for s in systems},
         "blend": blend.to_dict() if blend is not None else None,
         "tokenizer": model_args.tokenizer_name or paths.get("large") or next(iter(paths.values())),
         "context": context, "max_length": data_args.max_length, "prompt_token_budget": prompt_budget,
@@ -1170,10 +1260,26 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     logger.info("evaluating %s on %d of %d examples of %s[%s] (this shard: %d); prompt budget %d tokens, "
                 "decoding %s", ", ".join(systems), len(selected), len(rows), data_args.dataset_path,
                 data_args.split, len(mine), prompt_budget, json.dumps(decoding))
+    n_new = sum(decoding[s]["max_new_tokens"] for s in systems) * len(mine)
+    logger.info("work: up to %d new tokens (%d examples x %d systems x up to %d tokens%s); the progress bar's ETA "
+                "is the estimate%s", n_new, len(mine), len(systems), max_new,
+                "; 'steered' runs three models per token" if "steered" in systems else "",
+                "" if data_args.num_examples is None else "; --all_examples evaluates the whole split")
+    if "steered" in systems and describe_system("steered", paths, blend) != describe_system("steered", paths, None):
+        logger.warning("the blend is not a steer of the large model: 'steered' is %s",
+                       describe_system("steered", paths, blend))
+    n_cut = sum(ex["reference_cut"] for ex in mine)
+    if n_cut and out_args.compute_perplexity:
+        logger.warning("%d references alone fill the %d-token context; they are scored on their first tokens",
+                       n_cut, context)
     records = []
-    for system in systems:
-        records += generate(system, mine, models, blend, decoding[system], tokenizer, gen_args.batch_size,
-                            data_args.seed)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(mine) * len(systems), desc="generate", unit="example") as progress:
+        for system in systems:
+            progress.set_postfix_str(system)
+            records += generate(system, mine, models, blend, decoding[system], tokenizer, gen_args.batch_size,
+                                data_args.seed, progress)
     if out_args.compute_perplexity and mine:
         nll = score_references(systems, mine, models, blend, tokenizer, gen_args.batch_size)
         by_id = {ex["example_id"]: k for k, ex in enumerate(mine)}
@@ -1215,6 +1321,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, gen_args: Generat
         device = model_args.device or default_device()
         if launched and device.startswith("cuda") and ":" not in device:
             device = f"cuda:{os.environ.get('LOCAL_RANK', shard_index)}"
+        model_args = resolve_models(model_args)
         shard = evaluate_shard(model_args, data_args, gen_args, out_args, shard_index, num_shards, device)
         logger.info("loaded, generated and scored in %.1f s", time.perf_counter() - started)
         if num_shards == 1:

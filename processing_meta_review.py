@@ -34,6 +34,7 @@ from common import (
     build_prompt,
     check_output_dir,
     clean_whitespace,
+    encode_target,
     first_line,
     load_tokenizer,
     render_prompt,
@@ -299,7 +300,7 @@ def split_rows(rows: list[dict], validation_pct: float, test_pct: float, seed: i
 def tokenize_example(row: dict, tokenizer, max_length: int) -> dict | None:
     """Add prompt/target text and ids. The target (" " + meta-review + EOS) is never cut; the reviews
     are, so that prompt + target <= max_length. Returns None if the target leaves no room for reviews."""
-    target_ids = tokenizer(" " + row["Output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target_ids = encode_target(row["Output"], tokenizer)
     overhead = len(tokenizer(render_prompt([""] * len(row["reviews"])), add_special_tokens=False)["input_ids"])
     budget = max_length - len(target_ids)
     if budget < overhead + MIN_REVIEW_TOKENS:

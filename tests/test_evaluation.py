@@ -508,3 +508,38 @@ def test_reviewer_sheets_and_unnamed_columns_are_kept(first_run, tiny_model_dirs
     extra = [h for h in header if h.startswith("column ")]
     assert len(extra) == 1 and rows[1][extra[0]] == "typed without a header"
     assert zipfile.is_zipfile(path)
+
+
+def test_reference_is_scored_whole_after_a_truncated_prompt(tiny_model_dirs, tiny_tokenizer, tmp_path):
+    """Long reviews and a reference far longer than max_new_tokens: the generation prompt fills the context minus
+    max_new_tokens, but the reference gets its own prompt budget and every one of its tokens is scored."""
+    from common import encode_target
+
+    meta = "The reviewers agree the baselines are weak. Reject. " * 2
+    rows = [{"Input": "The method is simple and effective. " * 60 + f"Paper {i}.", "Output": f"Paper {i}. {meta}"}
+            for i in range(2)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    n_target = len(encode_target(rows[0]["Output"], tiny_tokenizer))
+    assert n_target > 40  # much longer than the 4 new tokens the generation prompt leaves room for
+    metrics = evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, [
+        "--dataset_path", str(data), "--max_length", "200", "--max_new_tokens", "4", "--batch_size", "2",
+        "--bootstrap_samples", "10", "--large_model", str(tiny_model_dirs["large"]), "--output_dir", str(tmp_path / "o")]))
+    preds = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["prompt_truncated"] for p in preds)
+    for p in preds:
+        assert p["target_tokens"] == len(encode_target(p["reference"], tiny_tokenizer))
+    assert metrics["systems"]["large"]["reference_tokens"] == sum(p["target_tokens"] for p in preds)
+
+
+def test_build_inputs_fits_the_context_and_cuts_only_references_that_fill_it(tiny_tokenizer):
+    from common import encode_target
+
+    long_meta = "The reviewers agree the baselines are weak. " * 40
+    examples = [{"reviews": ["Simple and effective. " * 80], "Output": "Weak baselines; reject."},
+                {"reviews": ["Simple and effective. " * 80], "Output": long_meta}]
+    evaluation.build_inputs(examples, tiny_tokenizer, prompt_budget=96, context=100)
+    short, cut = examples
+    assert len(short["prompt_ids"]) <= 96 and len(short["score_prompt_ids"]) + len(short["target_ids"]) <= 100
+    assert short["target_ids"] == encode_target(short["Output"], tiny_tokenizer) and not short["reference_cut"]
+    assert cut["reference_cut"] and len(cut["score_prompt_ids"]) + len(cut["target_ids"]) == 100
