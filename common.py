@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -242,6 +244,176 @@ def to_jsonable(*objs) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Numbers: finite and in range, checked before any work. `x <= 0` lets NaN through, and a value that is finite
+# in Python but not in float32 (`--alpha 1e39`) would only fail inside torch.
+# ---------------------------------------------------------------------------------------------
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding, which transformers.set_seed calls, takes [0, 2**32)
+_RANGE_RE = re.compile(r"^([\[(])\s*(-?inf|[-+0-9.e]+)\s*,\s*(-?inf|[-+0-9.e]+)\s*([\])])$")
+
+
+def describe_range(spec: str) -> str:
+    """`describe_range("(0, inf)")` -> '> 0'; `describe_range("[0, 1)")` -> 'in [0, 1)'."""
+    low_bracket, low, high, high_bracket = _RANGE_RE.match(spec).groups()
+    if low == "-inf" and high == "inf":
+        return "finite"
+    if high == "inf":
+        return f"{'>=' if low_bracket == '[' else '>'} {low}"
+    if low == "-inf":
+        return f"{'<=' if high_bracket == ']' else '<'} {high}"
+    return f"in {spec}"
+
+
+def number_problem(flag: str, value: float | int | None, spec: str = "(-inf, inf)", hint: str | None = None) -> str | None:
+    """What is wrong with `value` for `flag`, or None. `spec` is an interval such as "(0, 1]" or "[1, inf)".
+
+    NaN, infinities and floats beyond float32 (the widest type torch computes in here) are always refused; None
+    (an optional flag left unset) and booleans pass. `number_problem("--top_p", 1.5, "(0, 1]")` ->
+    '--top_p 1.5 must be in (0, 1]'; `number_problem("--alpha", 1e39, "[0, inf)")` ->
+    '--alpha 1e+39 is not a finite float32 number (largest 3.4e+38); pass a number >= 0'.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    low_bracket, low, high, high_bracket = _RANGE_RE.match(spec).groups()
+    wanted = describe_range(spec)
+    wanted = "a finite number" if wanted == "finite" else f"a number {wanted}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return f"{flag} {value} is not a number; pass {wanted}"
+        if abs(value) > FLOAT32_MAX:
+            return f"{flag} {value} is not a finite float32 number (largest {FLOAT32_MAX:.2g}); pass {wanted}"
+    low_v, high_v = float(low), float(high)
+    below = value < low_v or (low_bracket == "(" and value == low_v)
+    above = value > high_v or (high_bracket == ")" and value == high_v)
+    if below or above:
+        text = f"{flag} {value} must be {describe_range(spec)}"
+        return f"{text} ({hint})" if hint else text
+    return None
+
+
+def number_problems(obj, ranges: dict[str, str | tuple[str, str]], prefix: str = "--") -> list[str]:
+    """Problems with the numbers of the dataclass `obj`: every float field must be finite (in float32), and each
+    field named in `ranges` must lie in its interval (a spec, or (spec, hint)). Errors name `prefix + field`."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name, None)
+        rule = ranges.get(f.name)
+        if rule is None and not isinstance(value, float):
+            continue
+        spec, hint = (rule, None) if isinstance(rule, str) or rule is None else rule
+        problem = number_problem(prefix + f.name, value, spec or "(-inf, inf)", hint)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """Collect every problem, raise once (as litgpt validates its arguments)."""
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files, compressed or not: `.gz`, `.bz2`, `.xz`, `.zst` over a data extension, as the datasets library
+# reads them (through fsspec; `.zst` needs the `zstandard` package).
+# ---------------------------------------------------------------------------------------------
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstandard"}
+
+
+def split_compression(path: str | Path) -> tuple[str, str | None]:
+    """The data extension and the compression suffix: `split_compression("mred.jsonl.gz")` -> ('.jsonl', '.gz');
+    `split_compression("mred.jsonl")` -> ('.jsonl', None)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        return Path(path.stem).suffix.lower(), suffix
+    return suffix, None
+
+
+def open_data_file(path: str | Path, flag: str = "data file"):
+    """Open a data file for reading bytes, decompressing it by its suffix. Errors name `flag` and the file."""
+    import bz2
+    import gzip
+    import lzma
+
+    path = Path(path)
+    compression = split_compression(path)[1]
+    try:
+        if compression == ".gz":
+            return gzip.open(path, "rb")
+        if compression == ".bz2":
+            return bz2.open(path, "rb")
+        if compression == ".xz":
+            return lzma.open(path, "rb")
+        if compression == ".zst":
+            try:
+                import zstandard
+            except ImportError:
+                raise UsageError(f"{flag} {path} is zstandard-compressed, which needs the zstandard package; "
+                                 "pip install zstandard, or decompress it (zstd -d)") from None
+            return zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
+        return path.open("rb")
+    except OSError as err:
+        raise UsageError(f"cannot read {flag} {path}: {err.strerror or first_line(err)}") from None
+
+
+def _corrupt_archive(err: BaseException) -> bool:
+    import lzma
+
+    zstd_error = ()
+    try:
+        import zstandard
+
+        zstd_error = (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return isinstance(err, (EOFError, lzma.LZMAError, *zstd_error)) or (
+        isinstance(err, OSError) and not isinstance(err, FileNotFoundError))
+
+
+def iter_data_lines(path: str | Path, flag: str = "data file"):
+    """(line number, text) of a data file, decompressed; a line that is not UTF-8 or a corrupt archive raises a
+    UsageError naming `flag`, the file and the line."""
+    path = Path(path)
+    compression = split_compression(path)[1]
+    with open_data_file(path, flag) as raw:
+        i = 0
+        try:
+            for i, line in enumerate(io.BufferedReader(raw) if compression == ".zst" else raw, 1):
+                try:
+                    yield i, line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UsageError(f"{flag} {path} is not UTF-8 (line {i}); re-encode it, e.g. iconv -t UTF-8") from None
+        except UsageError:
+            raise
+        except Exception as err:
+            if not _corrupt_archive(err):
+                raise
+            raise UsageError(f"{flag} {path} is not a valid {COMPRESSIONS[compression]} file ({first_line(err)}, "
+                             f"after line {i}); re-compress it, or drop the {compression} suffix if it is not "
+                             "compressed") from None
+
+
+def read_data_text(path: str | Path, flag: str = "data file") -> str:
+    """The whole data file as text, decompressed by its suffix (see iter_data_lines for the errors)."""
+    return "".join(text for _, text in iter_data_lines(path, flag))
+
+
+def read_data_head(path: str | Path, n: int, flag: str = "data file") -> bytes:
+    """The first `n` decompressed bytes of a data file (b"" for an empty one)."""
+    path = Path(path)
+    compression = split_compression(path)[1]
+    with open_data_file(path, flag) as f:
+        try:
+            return f.read(n)
+        except Exception as err:
+            if not _corrupt_archive(err) or compression is None:
+                raise
+            raise UsageError(f"{flag} {path} is not a valid {COMPRESSIONS[compression]} file ({first_line(err)}); "
+                             f"re-compress it, or drop the {compression} suffix if it is not compressed") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI plumbing.
 # ---------------------------------------------------------------------------------------------
 # Libraries that log routine INFO lines through the root logger ("Using default tokenizer", font caches, HTTP).
@@ -323,6 +495,50 @@ def check_output_dir(path: str | Path, flag: str = "--output_dir") -> None:
                          f"choose another {flag} or fix the permissions")
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` says the disk (or the quota) is full: an OSError with ENOSPC/EDQUOT, or the text of what
+    safetensors (SafetensorError "... No space left on device") and torch.save (RuntimeError "... file write
+    failed") raise instead of an OSError."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed"))
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing ancestor); None if unknown."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """`format_bytes(1536)` -> '1.5 KB'; `format_bytes(3.2e9)` -> '3.2 GB' (powers of 1000, as `df -H`)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_error(path: str | Path, err: BaseException, flag: str = "--output_dir", needed: int | None = None) -> UsageError:
+    """The one-line error for a write into `path` that failed midway: a full disk names the free space (and what
+    was needed, when known); anything else its reason."""
+    if is_disk_full(err):
+        free = free_bytes(path)
+        have = f" ({format_bytes(free)} free" + (f", about {format_bytes(needed)} needed)" if needed else ")") \
+            if free is not None else ""
+        return UsageError(f"no space left on the device of {path}{have}; free some space or choose another {flag}")
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+    return UsageError(f"cannot write to {path}: {reason}; choose another {flag} or fix the permissions")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     path = Path(path)
@@ -332,9 +548,77 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The Hub, reachable or not. huggingface_hub retries a failed request five times, 1 + 2 + 4 + 8 + 8 s apart
+# (huggingface_hub/utils/_http.py; no setting changes it), and loading one tokenizer makes two such requests: without
+# a network, ~48 s pass before the error. One probe with a short timeout tells within seconds, and offline mode then
+# sends the libraries straight to their caches.
+# ---------------------------------------------------------------------------------------------
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_is_unreachable() -> bool:
+    """Whether the Hub endpoint fails to answer within HUB_PROBE_TIMEOUT_S (False under HF_HUB_OFFLINE, where nothing
+    is asked). When it fails, this process is switched to offline mode, so that a cached model still loads at once."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)  # any answer, even an error status, will do
+        return False
+    except Exception as err:  # httpx's connect/timeout/proxy errors, DNS failures: all mean "unreachable"
+        logger.warning("the Hugging Face Hub (%s) is unreachable (%s); using the local cache only",
+                       constants.ENDPOINT, first_line(err))
+        go_offline()
+        return True
+
+
+def go_offline() -> None:
+    """Offline mode for this process and its children, as HF_HUB_OFFLINE=1 at start would have set it."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers (is_offline_mode)
+    if "datasets.config" in sys.modules:  # datasets copies the flag at import; a later import reads the one above
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
+
+
+def hub_offline_reason() -> str | None:
+    """Call before loading a Hub id: None when the Hub will be asked; otherwise why only the local cache will be
+    read ("the Hugging Face Hub (https://huggingface.co) is unreachable", or "HF_HUB_OFFLINE is set")."""
+    from huggingface_hub import constants
+
+    if hub_is_unreachable():
+        return f"the Hugging Face Hub ({constants.ENDPOINT}) is unreachable"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return None
+
+
+def not_cached_error(what: str, name: str, flag: str, reason: str) -> UsageError:
+    """`{reason} and {what} '{name}' is not in the local cache (...); pass a local path with {flag}, or ...`."""
+    from huggingface_hub import constants
+
+    fix = ("run once where the Hub is reachable to fill the cache (later runs then work offline, with HF_HUB_OFFLINE=1 "
+           "to skip the network)" if "unreachable" in reason else "unset HF_HUB_OFFLINE where the Hub is reachable")
+    return UsageError(f"{reason} and {what} '{name}' is not in the local cache ({constants.HF_HUB_CACHE}); pass a "
+                      f"local path with {flag}, or {fix}")
+
+
+def check_hub_for_push(flag: str = "--push_to_hub") -> None:
+    """Refuse a push up front, before any work, when the Hub cannot be reached."""
+    reason = hub_offline_reason()
+    if reason:
+        raise UsageError(f"{flag} needs the Hugging Face Hub, but {reason}; drop {flag} (push later with "
+                         "`hf upload`) or run where the Hub is reachable")
+
+
+# ---------------------------------------------------------------------------------------------
 # Models and tokenizers.
 # ---------------------------------------------------------------------------------------------
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right",
+                   flag: str = "--tokenizer_name"):
     """Load a tokenizer and make sure it can pad without touching EOS.
 
     Pythia's tokenizer has `<|padding|>` (id 1) in its vocabulary but older configs do not name it
@@ -347,9 +631,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     if is_missing_local_path(name_or_path):
         raise UsageError(f"cannot load tokenizer '{name_or_path}': no such directory; pass a Hub id "
                          "(e.g. EleutherAI/pythia-70m) or a local directory with tokenizer.json")
+    offline = None if Path(name_or_path).expanduser().exists() else hub_offline_reason()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        if offline:
+            raise not_cached_error("tokenizer", name_or_path, flag, offline) from None
         raise UsageError(
             f"cannot load tokenizer '{name_or_path}': {first_line(err)}; pass a Hub id or a local directory "
             "with tokenizer.json"
@@ -406,11 +693,12 @@ def load_causal_lm(
     device: str | None = None,
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
+    flag: str = "--model_name_or_path",
 ):
     """Load a causal LM from a Hub id, a local directory, or a LoRA adapter directory from fine_tune.py.
 
     Weights load from safetensors only (no pickle). An adapter directory (adapter_config.json) is
-    loaded on its base model and, by default, merged so decoding pays nothing for it.
+    loaded on its base model and, by default, merged so decoding pays nothing for it. Errors name `flag`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -421,6 +709,8 @@ def load_causal_lm(
     if is_missing_local_path(name_or_path):
         raise UsageError(f"cannot load model '{name_or_path}': no such directory; pass a Hub id "
                          "(e.g. EleutherAI/pythia-70m) or a directory written by save_pretrained / fine_tune.py")
+    hub_name = hub_model_of(name_or_path)
+    offline = hub_offline_reason() if hub_name else None
     try:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
@@ -437,6 +727,9 @@ def load_causal_lm(
                 "run code); convert it once, from a source you trust: AutoModelForCausalLM.from_pretrained(DIR, "
                 "use_safetensors=False).save_pretrained(DIR)"
             ) from None
+        if offline:
+            what = "model" if hub_name == name_or_path else f"the adapter's base model"
+            raise not_cached_error(what, hub_name, flag, offline) from None
         raise UsageError(
             f"cannot load model '{name_or_path}': {first_line(err)}; pass a Hub id (e.g. EleutherAI/pythia-70m), "
             "a directory written by save_pretrained, or a LoRA adapter directory from fine_tune.py"
@@ -444,6 +737,19 @@ def load_causal_lm(
     model.to(device)
     model.eval()
     return model
+
+
+def hub_model_of(name_or_path: str) -> str | None:
+    """The Hub id that loading `name_or_path` downloads from, or None: the id itself, or the base model of a local
+    LoRA adapter directory when that base is not a local path."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and not Path(base).expanduser().exists() else None
 
 
 def vocab_size_of(tokenizer) -> int:
@@ -456,12 +762,14 @@ def check_same_vocab(tokenizers: dict[str, Any]) -> None:
     items = list(tokenizers.items())
     name0, tok0 = items[0]
     vocab0 = tok0.get_vocab()
-    for name, tok in items[1:]:
-        if tok.get_vocab() != vocab0:
-            raise UsageError(
-                f"tokenizers of {name0} ({len(tok0)} tokens) and {name} ({len(tok)} tokens) differ; "
-                "steering needs models that share one tokenizer (e.g. all Pythia)"
-            )
+    differ = [name for name, tok in items[1:] if tok.get_vocab() != vocab0]
+    if differ:
+        # Every model's size, not only the first pair's: with three models, the odd one out must be visible.
+        sizes = ", ".join(f"{name} {len(tok)} tokens" for name, tok in items)
+        raise UsageError(
+            f"tokenizers of {name0} and {', '.join(differ)} differ ({sizes}); steering needs models that share "
+            "one tokenizer (e.g. all Pythia): pass models of one family, each with the tokenizer it was trained with"
+        )
 
 
 def clean_whitespace(text: str) -> str:

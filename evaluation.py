@@ -1,8 +1,13 @@
 """Generate meta-reviews with every system you name, score them, and write a workbook for human review.
 
-Four systems on 20 test examples (steered = the large model plus the blend found by steer.py):
+After processing_meta_review.py, fine_tune.py and steer.py --tune at their defaults, with no flag: 20 examples of
+outputs/meta_review's test split, small_base, small_tuned, large and steered with outputs/steer/blend.json, whose
+record names the models it was tuned with (--all_examples for the whole split):
+    python evaluation.py
+
+The same with every flag written out (a model flag given explicitly wins over the blend's record):
     python evaluation.py --dataset_path outputs/meta_review --split test --num_examples 20 \
-        --small_base_model EleutherAI/pythia-70m --small_tuned_model outputs/fine_tune/pythia-70m \
+        --small_base_model EleutherAI/pythia-70m --small_tuned_model outputs/pythia-70m-meta-review/final \
         --large_model EleutherAI/pythia-410m --blend outputs/steer/blend.json --output_dir outputs/evaluation
 
 A raw JSONL/JSON/CSV file with Input/Output columns works too, and config files cascade:
@@ -17,9 +22,10 @@ Systems: small_base, small_tuned, large, large_tuned, steered (a system runs whe
 min(model context, --max_length) - max_new_tokens) and the same decoding settings unless
 --decoding_overrides changes them for one system.
 
-Writes to --output_dir: eval_examples.xlsx (Examples with empty rating/comment columns, Summary with a
-chart, Run; ratings already typed into an existing workbook are carried over, never dropped),
-metrics.json, predictions.jsonl, prompt_template.txt and rouge_by_system.png.
+Writes to --output_dir: eval_examples.xlsx (workbook.py: a blind Review sheet with rating dropdowns, a
+Pairwise sheet for --pairwise, Summary with a chart, Scores, Intervals, Run; judgments already typed into
+an existing workbook are carried over, never dropped), ratings.jsonl (every judgment), metrics.json,
+predictions.jsonl, prompt_template.txt and rouge_by_system.png.
 
 ROUGE-Lsum needs one sentence per line; nltk's punkt data cannot be downloaded here, so sentences are
 split with a regular expression (`split_sentences`) instead. Scores are F1 x 100, with percentile
@@ -37,7 +43,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +58,6 @@ from common import (
     check_same_vocab,
     default_device,
     encode_target,
-    first_line,
     load_causal_lm,
     load_tokenizer,
     read_config_file,
@@ -62,6 +66,7 @@ from common import (
     vocab_size_of,
     write_json,
 )
+from workbook import BookOptions, export_judgments, read_judgments, write_workbook
 
 logger = logging.getLogger("evaluation")
 
@@ -84,17 +89,7 @@ DEFAULT_NUM_EXAMPLES = 20
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DECODING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 
-# Workbook layout. Columns a reviewer types into are never generated; anything else a reviewer adds
-# (a new column, a new sheet) is carried over too.
-SHEET_EXAMPLES, SHEET_SUMMARY, SHEET_RUN, SHEET_KEPT = "Examples", "Summary", "Run", "Kept ratings"
-REVIEWER_COLUMNS = ("rating", "comment")
-EXAMPLE_COLUMNS = ("example_no", "example_id", "system", "reviews", "reference", "output", "rating", "comment",
-                   *ROUGE_TYPES, "words", "repetition", "ended_with_eos", "new_tokens", "perplexity", "note")
-KEPT_COLUMNS = ("example_id", "system", "rating", "comment", "reason", "output")
-COLUMN_WIDTHS = {"example_no": 6, "example_id": 18, "system": 12, "reviews": 70, "reference": 50, "output": 50,
-                 "rating": 8, "comment": 40, "note": 30, "reason": 30}
-TEXT_COLUMNS = {"reviews", "reference", "output", "comment", "note", "reason"}
-EXCEL_CELL_LIMIT = 32_767
+SUMMARY_METRICS = (*ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity")
 SHARD_FORMAT = "evaluation-shard-v1"
 
 
@@ -204,6 +199,15 @@ class OutputArguments:
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
     repetition_ngram: int = field(default=3, metadata={"help": "n of the repeated-n-gram share (words)."})
     review_chars: int = field(default=2000, metadata={"help": "Reviews are cut to this many characters in the workbook."})
+    pairwise: str = field(
+        default="auto",
+        metadata={"help": "Two systems for the workbook's blind Pairwise sheet (pick the better of A/B), e.g. "
+                  "'steered,large'; 'auto': steered,large when both are evaluated; 'none': no Pairwise sheet."},
+    )
+    review_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the blind labels' shuffle in the workbook (recorded in its Run sheet). "
+                                "Default: --seed."},
+    )
     shard_index: int | None = field(default=None, metadata={"help": "This process's shard (default: $RANK, else 0)."})
     num_shards: int | None = field(default=None, metadata={"help": "Number of shards (default: $WORLD_SIZE, else 1)."})
     merge_only: bool = field(default=False, metadata={"help": "Only merge OUTPUT_DIR/shards/*.json and write the outputs."})
@@ -219,8 +223,15 @@ class OutputArguments:
             problems.append(f"--repetition_ngram {self.repetition_ngram} must be >= 1")
         if self.review_chars < 1:
             problems.append(f"--review_chars {self.review_chars} must be >= 1")
+        if self.pairwise not in ("auto", "none"):
+            pair = [s.strip() for s in self.pairwise.split(",")]
+            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(SYSTEMS):
+                problems.append(f"--pairwise {self.pairwise} must name two different systems of {', '.join(SYSTEMS)} "
+                                "(e.g. steered,large), or be auto or none")
         if self.num_shards is not None and self.num_shards < 1:
             problems.append(f"--num_shards {self.num_shards} must be >= 1")
+        if not (math.isfinite(self.shard_timeout) and self.shard_timeout > 0):
+            problems.append(f"--shard_timeout {self.shard_timeout} must be a finite number of seconds > 0")
         if self.shard_index is not None and not 0 <= self.shard_index < (self.num_shards or 1):
             problems.append(f"--shard_index {self.shard_index} must be in [0, --num_shards)")
         if problems:
@@ -235,17 +246,20 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, GenerationArguments, OutputArgu
 
 
 def check_decoding(settings: dict[str, Any], where: str) -> list[str]:
-    """Problems with one set of decoding settings (`where` names the system for overrides)."""
+    """Problems with one set of decoding settings (`where` names the system for overrides). Written as "not in
+    range" checks so that NaN, which fails every comparison, is refused too."""
     problems = []
-    if settings["max_new_tokens"] < 1:
+    if not settings["max_new_tokens"] >= 1:
         problems.append(f"{where}max_new_tokens {settings['max_new_tokens']} must be >= 1")
-    if settings["temperature"] <= 0:
-        problems.append(f"{where}temperature {settings['temperature']} must be > 0 (use do_sample false for greedy)")
+    if not (math.isfinite(settings["temperature"]) and settings["temperature"] > 0):
+        problems.append(f"{where}temperature {settings['temperature']} must be a finite number > 0 "
+                        "(use do_sample false for greedy)")
     if not 0 < settings["top_p"] <= 1:
         problems.append(f"{where}top_p {settings['top_p']} must be in (0, 1]")
-    if settings["repetition_penalty"] <= 0:
-        problems.append(f"{where}repetition_penalty {settings['repetition_penalty']} must be > 0")
-    if settings["no_repeat_ngram_size"] < 0:
+    if not (math.isfinite(settings["repetition_penalty"]) and settings["repetition_penalty"] > 0):
+        problems.append(f"{where}repetition_penalty {settings['repetition_penalty']} must be a finite number > 0 "
+                        "(1.0 = off)")
+    if not settings["no_repeat_ngram_size"] >= 0:
         problems.append(f"{where}no_repeat_ngram_size {settings['no_repeat_ngram_size']} must be >= 0")
     return problems
 
@@ -773,363 +787,6 @@ def wait_for_ranks(timeout: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The workbook: what reviewers typed is read back and carried over before anything is replaced.
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class ReviewerInput:
-    """Everything a person typed into an earlier workbook."""
-
-    by_key: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # Examples rows: values + output
-    kept: list[dict[str, Any]] = field(default_factory=list)  # rows of the 'Kept ratings' sheet
-    extra_columns: list[str] = field(default_factory=list)  # columns a reviewer added to Examples
-    extra_sheets: dict[str, list[list[Any]]] = field(default_factory=dict)  # sheets a reviewer added
-    signature: tuple[int, int] | None = None  # (mtime_ns, size) of the file that was read
-
-
-def lock_files(path: Path) -> list[Path]:
-    """Lock files of office programs that have `path` open (LibreOffice, Excel)."""
-    names = [f".~lock.{path.name}#", f"~${path.name}", f"~${path.name[2:]}"]
-    return [path.with_name(n) for n in names if path.with_name(n).exists()]
-
-
-def file_signature(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-def is_empty(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def read_reviewer_input(path: Path) -> ReviewerInput:
-    """Read ratings, comments, added columns and added sheets from an existing workbook.
-
-    Raises UsageError (and touches nothing) if the path is a directory, the workbook is open in an office
-    program, unreadable, or not one this script wrote.
-    """
-    from openpyxl import load_workbook
-
-    if path.is_dir():
-        raise UsageError(f"workbook path {path} is a directory; pass --output_xlsx FILE.xlsx")
-    locks = lock_files(path)
-    if locks:
-        raise UsageError(f"workbook {path} is open in another program (lock file {locks[0].name}); "
-                         "save and close it, then re-run")
-    if path.suffix.lower() != ".xlsx":
-        raise UsageError(f"workbook path {path} must end in .xlsx; pass --output_xlsx FILE.xlsx")
-    signature = file_signature(path)
-    if signature is None:
-        return ReviewerInput()
-    try:
-        wb = load_workbook(path)
-    except PermissionError:
-        raise UsageError(f"cannot read workbook {path}: permission denied; fix its permissions") from None
-    except Exception as err:  # openpyxl raises zip, XML and key errors for damaged files
-        raise UsageError(f"workbook {path} cannot be read ({type(err).__name__}: {first_line(err)}); it was left "
-                         "untouched: repair or move it, or pass another --output_xlsx") from None
-    if SHEET_EXAMPLES not in wb.sheetnames:
-        raise UsageError(f"workbook {path} has no '{SHEET_EXAMPLES}' sheet, so it was not written by evaluation.py; "
-                         "it was left untouched: move it or pass another --output_xlsx")
-    found = ReviewerInput(signature=signature)
-    header, rows = read_table(wb[SHEET_EXAMPLES])
-    if "example_id" not in header or "system" not in header:
-        raise UsageError(f"sheet '{SHEET_EXAMPLES}' of {path} lacks the example_id/system columns; it was left "
-                         "untouched: restore the header row or pass another --output_xlsx")
-    found.extra_columns = [h for h in header if h not in EXAMPLE_COLUMNS]
-    typed = [*REVIEWER_COLUMNS, *found.extra_columns]
-    for row in rows:
-        values = {h: row.get(h) for h in typed if not is_empty(row.get(h))}
-        if values and not is_empty(row.get("example_id")):
-            found.by_key[(str(row["example_id"]), str(row.get("system")))] = {"values": values, "output": row.get("output")}
-    if SHEET_KEPT in wb.sheetnames:
-        kept_header, kept_rows = read_table(wb[SHEET_KEPT])
-        extra = [h for h in kept_header if h not in KEPT_COLUMNS and h not in found.extra_columns]
-        found.extra_columns += extra
-        for row in kept_rows:
-            values = {h: row.get(h) for h in (*REVIEWER_COLUMNS, *found.extra_columns) if not is_empty(row.get(h))}
-            if values:
-                found.kept.append({"key": (str(row.get("example_id")), str(row.get("system"))), "values": values,
-                                   "output": row.get("output"), "reason": row.get("reason")})
-    for name in wb.sheetnames:
-        if name not in (SHEET_EXAMPLES, SHEET_SUMMARY, SHEET_RUN, SHEET_KEPT):
-            found.extra_sheets[name] = [list(r) for r in wb[name].iter_rows(values_only=True)]
-    wb.close()
-    return found
-
-
-def read_table(ws) -> tuple[list[str], list[dict[str, Any]]]:
-    """A sheet as (header, rows as dicts). A column without a header but with values gets a name."""
-    grid = [list(r) for r in ws.iter_rows(values_only=True)]
-    if not grid:
-        return [], []
-    width = max(len(r) for r in grid)
-    header = []
-    for j in range(width):
-        name = grid[0][j] if j < len(grid[0]) else None
-        header.append(str(name).strip() if not is_empty(name) else f"column {j + 1}")
-    rows = [{h: (r[j] if j < len(r) else None) for j, h in enumerate(header)} for r in grid[1:]]
-    rows = [r for r in rows if any(not is_empty(v) for v in r.values())]
-    used = [h for j, h in enumerate(header) if not h.startswith("column ") or any(not is_empty(r[h]) for r in rows)]
-    return used, rows
-
-
-def carry_reviewer_input(rows: list[dict], found: ReviewerInput, run_date: str) -> list[dict]:
-    """Put earlier ratings/comments onto this run's rows (matched by example id and system); return the
-    rows for the 'Kept ratings' sheet: rated pairs not in this run, and rated outputs that changed."""
-    kept = list(found.kept)
-    returning = {}
-    for rec in found.kept:
-        if rec["reason"] and str(rec["reason"]).startswith("not in run"):
-            returning.setdefault(rec["key"], rec)
-    for row in rows:
-        key = (row["example_id"], row["system"])
-        rec = found.by_key.get(key) or returning.get(key)
-        if rec is None:
-            continue
-        if rec in kept:
-            kept.remove(rec)
-        row.update(rec["values"])
-        if not is_empty(rec["output"]) and rec["output"] != cell_text(row["output"]):
-            kept.append({**rec, "key": key, "reason": f"output changed since rated (run of {run_date})"})
-    in_run = {(r["example_id"], r["system"]) for r in rows}
-    for key, rec in found.by_key.items():
-        if key not in in_run:
-            kept.append({**rec, "key": key, "reason": f"not in run of {run_date}"})
-    changed = {rec["key"] for rec in kept}
-    for row in rows:
-        if (row["example_id"], row["system"]) in changed:
-            row["note"] = f"earlier rating(s) of this pair are in '{SHEET_KEPT}'"
-    return kept
-
-
-def cell_text(value: Any, limit: int = EXCEL_CELL_LIMIT) -> Any:
-    """Values Excel accepts: control characters removed, text cut at the cell limit."""
-    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-
-    if not isinstance(value, str):
-        return value
-    value = ILLEGAL_CHARACTERS_RE.sub("", value)
-    if len(value) > limit:
-        marker = f" [... {len(value) - limit} more characters]"
-        value = value[: max(0, limit - len(marker))] + marker
-    return value
-
-
-def write_table(ws, header: list[str], rows: list[dict], *, text_limits: dict[str, int] | None = None,
-                keep_formulas: set[str] = frozenset()) -> None:
-    """Header + rows with frozen header, wrapped text, widths and an autofilter."""
-    from openpyxl.styles import Alignment, Font, PatternFill
-    from openpyxl.utils import get_column_letter
-
-    ws.append(header)
-    for cell in ws[1]:
-        cell.font = Font(bold=True)
-        cell.fill = PatternFill("solid", fgColor="DDEBF7")
-    for row in rows:
-        ws.append([cell_text(row.get(h), (text_limits or {}).get(h, EXCEL_CELL_LIMIT)) for h in header])
-        for cell, h in zip(ws[ws.max_row], header):
-            # Generated text starting with '=' is text, not a formula; reviewer formulas stay formulas.
-            if isinstance(cell.value, str) and cell.value.startswith("=") and h not in keep_formulas:
-                cell.data_type = "s"
-            cell.alignment = Alignment(wrap_text=h in TEXT_COLUMNS, vertical="top")
-    for j, h in enumerate(header, 1):
-        ws.column_dimensions[get_column_letter(j)].width = COLUMN_WIDTHS.get(h, 20 if h not in EXAMPLE_COLUMNS else 11)
-    ws.auto_filter.ref = f"A1:{get_column_letter(len(header))}{max(ws.max_row, 2)}"
-
-
-def add_rating_rules(ws, header: list[str]) -> None:
-    """Ratings are whole numbers 1-5 (Excel refuses anything else); rating/comment cells are tinted."""
-    from openpyxl.styles import PatternFill
-    from openpyxl.utils import get_column_letter
-    from openpyxl.worksheet.datavalidation import DataValidation
-
-    col = get_column_letter(header.index("rating") + 1)
-    last = max(ws.max_row, 2)
-    rule = DataValidation(type="whole", operator="between", formula1="1", formula2="5", allow_blank=True,
-                          showErrorMessage=True, errorTitle="Rating", error="Enter a whole number from 1 (poor) to 5 (excellent).",
-                          showInputMessage=True, promptTitle="Rating", prompt="1 (poor) to 5 (excellent)")
-    rule.add(f"{col}2:{col}{last}")
-    ws.add_data_validation(rule)
-    fill = PatternFill("solid", fgColor="FFF2CC")
-    for name in REVIEWER_COLUMNS:
-        for (cell,) in ws.iter_rows(min_row=2, max_row=ws.max_row, min_col=header.index(name) + 1,
-                                    max_col=header.index(name) + 1):
-            cell.fill = fill
-
-
-def build_workbook(rows: list[dict], kept: list[dict], found: ReviewerInput, summary: dict, run_info: dict,
-                   review_chars: int):
-    """The whole workbook, in memory: Examples, Summary (+ chart), Run, Kept ratings, reviewer sheets."""
-    from openpyxl import Workbook
-
-    wb = Workbook()
-    ws = wb.active
-    ws.title = SHEET_EXAMPLES
-    header = [h for h in EXAMPLE_COLUMNS if h != "perplexity" or run_info["compute_perplexity"]]
-    header += found.extra_columns
-    write_table(ws, header, rows, text_limits={"reviews": review_chars}, keep_formulas={*REVIEWER_COLUMNS, *found.extra_columns})
-    ws.freeze_panes = "D2"  # header row and example_no/example_id/system stay in view
-    for r in range(2, ws.max_row + 1):
-        ws.row_dimensions[r].height = 150
-    add_rating_rules(ws, header)
-    write_summary_sheet(wb.create_sheet(SHEET_SUMMARY), summary, run_info, header)
-    write_run_sheet(wb.create_sheet(SHEET_RUN), run_info)
-    if kept:
-        ws_kept = wb.create_sheet(SHEET_KEPT)
-        kept_header = [*KEPT_COLUMNS[:4], *found.extra_columns, *KEPT_COLUMNS[4:]]
-        kept_rows = [{"example_id": k["key"][0], "system": k["key"][1], **k["values"], "reason": k["reason"],
-                      "output": k["output"]} for k in kept]
-        write_table(ws_kept, kept_header, kept_rows, keep_formulas={*REVIEWER_COLUMNS, *found.extra_columns})
-        ws_kept.freeze_panes = "C2"
-        add_rating_rules(ws_kept, kept_header)
-    for name, grid in found.extra_sheets.items():
-        extra = wb.create_sheet(name)
-        for r in grid:
-            extra.append([cell_text(v) for v in r])
-    return wb
-
-
-SUMMARY_METRICS = (*ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity")
-
-
-def write_summary_sheet(ws, summary: dict, run_info: dict, example_header: list[str]) -> None:
-    """Means per system (with live mean ratings), the confidence intervals, and a ROUGE bar chart."""
-    from openpyxl.chart import BarChart, Reference
-    from openpyxl.styles import Font
-    from openpyxl.utils import get_column_letter
-
-    metrics = [m for m in SUMMARY_METRICS if any(m in s for s in summary.values())]
-    ws.append(["system", "model", "n", *metrics, "mean_rating", "n_rated"])
-    rating = f"{SHEET_EXAMPLES}!${get_column_letter(example_header.index('rating') + 1)}:$" \
-             f"{get_column_letter(example_header.index('rating') + 1)}"
-    system_col = f"{SHEET_EXAMPLES}!$C:$C"
-    for i, (system, s) in enumerate(summary.items(), 2):
-        ws.append([system, run_info["systems"][system]["model"], s["n"],
-                   *[round(s[m]["mean"], 4) if m in s else None for m in metrics],
-                   f'=IFERROR(AVERAGEIFS({rating},{system_col},$A{i}),"")',
-                   f'=COUNTIFS({system_col},$A{i},{rating},"<>")'])
-    n_systems = len(summary)
-    ws.append([])
-    ci_start = ws.max_row + 1
-    ws.append(["system", "metric", "mean", "ci_low", "ci_high", f"{run_info['confidence']:.0%} percentile bootstrap, "
-               f"{run_info['bootstrap_samples']} resamples of the {run_info['n_examples']} examples"])
-    for system, s in summary.items():
-        for m in metrics:
-            if m in s:
-                ws.append([system, m, *(round(s[m][k], 4) for k in ("mean", "ci_low", "ci_high"))])
-    for r in (1, ci_start):
-        for cell in ws[r]:
-            cell.font = Font(bold=True)
-    for j in range(1, ws.max_column + 1):
-        ws.column_dimensions[get_column_letter(j)].width = 14
-    ws.column_dimensions["B"].width = 40
-
-    chart = BarChart()
-    chart.type = "col"
-    chart.title = "ROUGE F1 (x100) per system"
-    chart.y_axis.title = "F1 x 100"
-    chart.x_axis.title = "system"
-    data = Reference(ws, min_col=4, max_col=3 + len(ROUGE_TYPES), min_row=1, max_row=1 + n_systems)
-    chart.add_data(data, titles_from_data=True)
-    chart.set_categories(Reference(ws, min_col=1, min_row=2, max_row=1 + n_systems))
-    chart.width, chart.height = 18, 9
-    ws.add_chart(chart, f"{get_column_letter(len(metrics) + 7)}2")
-
-
-def write_run_sheet(ws, run_info: dict) -> None:
-    """Key/value rows: what was evaluated, how, and when."""
-    from openpyxl.styles import Alignment, Font
-
-    ws.append(["key", "value"])
-    for cell in ws[1]:
-        cell.font = Font(bold=True)
-    for key, value in flatten(run_info):
-        ws.append([key, cell_text(value if isinstance(value, (str, int, float, bool)) or value is None
-                                  else json.dumps(value))])
-        ws[ws.max_row][1].alignment = Alignment(wrap_text=True, vertical="top")
-        if isinstance(ws[ws.max_row][1].value, str) and ws[ws.max_row][1].value.startswith("="):
-            ws[ws.max_row][1].data_type = "s"
-    ws.column_dimensions["A"].width = 45
-    ws.column_dimensions["B"].width = 90
-    ws.freeze_panes = "A2"
-
-
-def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """`flatten({"a": {"b": 1}, "c": 2})` -> [('a.b', 1), ('c', 2)]."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out += flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
-def save_workbook_atomically(wb, path: Path, expected: tuple[int, int] | None) -> bool:
-    """Write to a temporary file beside `path`, fsync, then os.replace: a crash leaves the old file whole.
-
-    Returns False (replacing nothing) if `path` changed since it was read (`expected` signature), so
-    the caller can re-read what was typed meanwhile.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp makes the file private; give it the old file's mode, or the usual one for a new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            wb.save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        locks = lock_files(path)
-        if locks:
-            raise UsageError(f"workbook {path} was opened in another program during the run (lock file "
-                             f"{locks[0].name}); it was left untouched: close it and re-run")
-        if file_signature(path) != expected:
-            tmp.unlink()
-            return False
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return True
-
-
-def write_workbook(path: Path, rows: list[dict], summary: dict, run_info: dict, review_chars: int) -> list[dict]:
-    """Read what reviewers typed, build the new workbook, replace the old one atomically.
-    Returns the 'Kept ratings' rows. If the file changes while being rebuilt, it is read again."""
-    # Half-written copies left by a run killed mid-save (save_workbook_atomically's names) hold nothing to keep.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    for _ in range(5):
-        found = read_reviewer_input(path)
-        fresh = [dict(r) for r in rows]
-        kept = carry_reviewer_input(fresh, found, run_info["date"])
-        wb = build_workbook(fresh, kept, found, summary, run_info, review_chars)
-        try:
-            if save_workbook_atomically(wb, path, found.signature):
-                return kept
-        except OSError as err:
-            raise UsageError(f"cannot write workbook {path}: {err.strerror or first_line(err)}; "
-                             "the previous workbook is untouched") from None
-        logger.info("%s changed while it was being rebuilt; reading it again", path)
-    raise UsageError(f"workbook {path} keeps changing; close the program writing it and re-run")
-
-
-# ---------------------------------------------------------------------------------------------
 # The other artifacts
 # ---------------------------------------------------------------------------------------------
 def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
@@ -1168,9 +825,26 @@ def plot_systems(path: Path, summary: dict) -> None:
     os.replace(tmp, path)
 
 
+def resolve_pairwise(spec: str, systems: list[str]) -> tuple[str, str] | None:
+    """The two systems of the Pairwise sheet: `resolve_pairwise("auto", ["large", "steered"])` -> ("steered", "large").
+
+    A named system that was not evaluated gives no Pairwise sheet (with a warning) rather than failing after the
+    generation: the rest of the outputs are still written."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return ("steered", "large") if {"steered", "large"} <= set(systems) else None
+    pair = tuple(s.strip() for s in spec.split(","))
+    missing = [s for s in pair if s not in systems]
+    if missing:
+        logger.warning("--pairwise %s: %s not evaluated, so the workbook has no Pairwise sheet", spec, ", ".join(missing))
+        return None
+    return pair
+
+
 def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
-    """Score the merged predictions and write the workbook (first: it is the file that can refuse), metrics.json,
-    predictions.jsonl, prompt_template.txt and the PNG. Returns metrics.json's content."""
+    """Score the merged predictions and write the workbook (first: it is the file that can refuse), ratings.jsonl,
+    metrics.json, predictions.jsonl, prompt_template.txt and the PNG. Returns metrics.json's content."""
     run_info = merged["run_info"]
     systems = list(run_info["systems"])
     examples = {e["example_id"]: e for e in merged["examples"]}
@@ -1181,23 +855,24 @@ def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
         rec["perplexity"] = math.exp(rec["nll"] / rec["target_tokens"]) if rec.get("nll") is not None else None
     summary = summarize(records, systems, len(examples), out_args.bootstrap_samples, out_args.confidence,
                         run_info["seed"])
-    rows = [{"example_no": position[r["example_id"]] + 1, "reviews": examples[r["example_id"]]["input"],
-             "reference": examples[r["example_id"]]["reference"], "output": r["prediction"], **r}
-            for r in records]
-    for row in rows:
-        row["ended_with_eos"] = "yes" if row["ended_with_eos"] else "no"
-        for k in (*ROUGE_TYPES, "repetition", "perplexity"):
-            row[k] = round(row[k], 4) if row.get(k) is not None else None
     out_dir = Path(out_args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept = write_workbook(out_args.workbook_path, rows, summary, run_info, out_args.review_chars)
-    metrics = {"n_examples": len(examples), "systems": summary, "run": run_info, "kept_ratings": len(kept),
+    options = BookOptions(review_chars=out_args.review_chars, pairwise=resolve_pairwise(out_args.pairwise, systems),
+                          seed=run_info["seed"] if out_args.review_seed is None else out_args.review_seed,
+                          bootstrap_samples=out_args.bootstrap_samples, confidence=out_args.confidence)
+    book = write_workbook(out_args.workbook_path, records, merged["examples"], summary, run_info, options)
+    export_judgments(book.judgments, out_dir / "ratings.jsonl")
+    metrics = {"n_examples": len(examples), "systems": summary, "run": run_info,
+               "human": {"review_seed": options.seed, "pairwise": options.pairwise, "systems": book.human,
+                         "judgments": len(book.judgments.current), "kept": len(book.judgments.kept)},
                "notes": {"rouge": "F1 x 100, rouge-score with Porter stemming; rougeLsum on sentences split by a "
                          "regex (nltk punkt data is not available offline)",
                          "intervals": f"{out_args.confidence:.0%} percentile bootstrap over examples, "
                          f"{out_args.bootstrap_samples} resamples shared by all systems",
                          "repetition": f"share of repeated word {out_args.repetition_ngram}-grams",
-                         "perplexity": "of the reference ' ' + meta-review + EOS given the prompt; corpus-level"}}
+                         "perplexity": "of the reference ' ' + meta-review + EOS given the prompt; corpus-level",
+                         "human": "mean rating (1-5) and pairwise win rate (ties count half) from the workbook as "
+                         "read at the start of this run, with bootstrap intervals over the judged examples"}}
     write_json(out_dir / "metrics.json", metrics)
     write_jsonl_atomically(out_dir / "predictions.jsonl",
                            [{**r, "reference": examples[r["example_id"]]["reference"]} for r in records])
@@ -1313,7 +988,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, gen_args: Generat
     writes_outputs = out_args.merge_only or shard_index == 0 and (num_shards == 1 or launched)
     if writes_outputs:
         check_output_dir(out_args.workbook_path.parent, f"--output_xlsx {out_args.workbook_path}: directory")
-        read_reviewer_input(out_args.workbook_path)  # fail now, not after an hour of generation
+        read_judgments(out_args.workbook_path)  # fail now, not after an hour of generation
     if out_args.merge_only:
         merged = merge_shards(out_dir, out_args.num_shards)
     else:

@@ -47,19 +47,29 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, 
 from common import (
     DTYPES,
     PROMPT_TEMPLATE,
+    SEED_MAX,
     UsageError,
     atomic_directory,
+    check_hub_for_push,
     check_output_dir,
     cli,
     default_device,
     first_line,
+    format_bytes,
+    free_bytes,
+    hub_offline_reason,
+    is_disk_full,
     load_causal_lm,
     load_tokenizer,
+    not_cached_error,
+    number_problems,
     parse_config,
-    render_prompt,
+    raise_problems,
     resolve_dtype,
     setup_logging,
+    split_compression,
     to_jsonable,
+    write_error,
     write_json,
 )
 
@@ -86,7 +96,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 VOCAB_MULTIPLE = 128
 TEXT_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,11 +142,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        problems = []
-        if self.lora_r < 1:
-            problems.append(f"--lora_r {self.lora_r} must be at least 1")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
+        problems = number_problems(self, {"lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)"})
         if self.merge_lora and not self.use_lora:
             problems.append("--merge_lora needs --use_lora")
         if self.use_lora and self.config_name:
@@ -145,8 +150,7 @@ class ModelArguments:
         if self.dtype == "float16" and not self.use_lora:
             problems.append("--dtype float16 weights cannot be trained directly (fp16 gradients overflow and cannot "
                             "be unscaled); keep --dtype float32 and pass --fp16 for mixed precision")
-        if problems:
-            raise UsageError("; ".join(problems))
+        raise_problems(problems)
 
 
 @dataclass
@@ -192,18 +196,13 @@ class DataArguments:
     max_new_tokens: int = field(default=128, metadata={"help": "Length limit of the sample generations."})
 
     def __post_init__(self):
-        problems = []
-        if self.max_length < 8:
-            problems.append(f"--max_length {self.max_length} is too small; use at least 8 (Pythia: 2048)")
-        if not 0 <= self.validation_split_percentage < 100:
-            problems.append(f"--validation_split_percentage {self.validation_split_percentage} must be in [0, 100)")
-        for name in ("max_train_samples", "max_eval_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"--{name} {getattr(self, name)} must be at least 1")
-        if self.num_samples < 0 or self.max_new_tokens < 1:
-            problems.append("--num_samples must be >= 0 and --max_new_tokens >= 1")
-        if problems:
-            raise UsageError("; ".join(problems))
+        # Meta-review mode: the lowest --max_length depends on the tokenizer (processing_meta_review.check_max_length,
+        # once it is loaded). Plain text needs two tokens: an input and the label it predicts.
+        ranges = {"validation_split_percentage": "[0, 100)", "max_train_samples": "[1, inf)",
+                  "max_eval_samples": "[1, inf)", "num_samples": "[0, inf)", "max_new_tokens": "[1, inf)"}
+        if self.text_column:
+            ranges["max_length"] = ("[2, inf)", "a block needs an input token and a label")
+        raise_problems(number_problems(self, ranges))
 
 
 def _retuned(name: str, default: Any):
@@ -258,11 +257,60 @@ class FineTuneTrainingArguments(TrainingArguments):
             self.use_cpu = True  # torchrun on a CPU-only machine: DDP over gloo instead of separate runs
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
-        if self.load_best_model_at_end is None:
+        best_by_default = self.load_best_model_at_end is None
+        if best_by_default:
             self.load_best_model_at_end = IntervalStrategy(self.eval_strategy) != IntervalStrategy.NO
+        # The Trainer leaves these to torch (the optimizer raises at its first step) or converts them with int(),
+        # which fails on NaN without naming the flag; and its own messages would blame flags the user never set.
+        raise_problems(training_number_problems(self))
+        check_best_model_schedule(self, best_by_default)
         super().__post_init__()
         if self.device.type == "cpu":
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+
+
+def training_number_problems(args: FineTuneTrainingArguments) -> list[str]:
+    """Every float flag finite, and the numbers the Trainer passes on unchecked in range."""
+    steps = "(0, inf)", "a number of steps, or below 1 a share of all steps"
+    ranges: dict[str, str | tuple[str, str]] = {
+        "learning_rate": ("(0, inf)", "e.g. 1e-4"), "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)", "adam_epsilon": "[0, inf)", "max_grad_norm": ("[0, inf)", "0 turns clipping off"),
+        "label_smoothing_factor": "[0, 1)", "num_train_epochs": "(0, inf)",
+        "warmup_steps": ("[0, inf)", "below 1: a share of all steps"), "eval_delay": "[0, inf)",
+        "neftune_noise_alpha": "(0, inf)", "per_device_train_batch_size": "[1, inf)",
+        "per_device_eval_batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+        "eval_accumulation_steps": "[1, inf)", "save_total_limit": "[0, inf)", "seed": f"[0, {SEED_MAX}]",
+        "data_seed": f"[0, {SEED_MAX}]", "dataloader_num_workers": "[0, inf)", "dataloader_prefetch_factor": "[1, inf)",
+        "early_stopping_patience": ("[0, inf)", "0 = never stop early"), "ddp_timeout": "(0, inf)",
+    }
+    for name, strategy in (("logging_steps", args.logging_strategy), ("eval_steps", args.eval_strategy),
+                           ("save_steps", args.save_strategy)):
+        if str(getattr(strategy, "value", strategy)) == "steps":
+            ranges[name] = steps
+    problems = number_problems(args, ranges)
+    if args.max_steps == 0 or args.max_steps < -1:
+        problems.append(f"--max_steps {args.max_steps} must be >= 1, or -1 to train for --num_train_epochs")
+    return problems
+
+
+def check_best_model_schedule(args: FineTuneTrainingArguments, by_default: bool) -> None:
+    """--load_best_model_at_end needs a checkpoint at every evaluation; say so in this script's words (it is our
+    default, which the Trainer's own message would not tell)."""
+    save, evaluate = SaveStrategy(args.save_strategy), IntervalStrategy(args.eval_strategy)
+    if not args.load_best_model_at_end or save == SaveStrategy.BEST:
+        return
+    flag = "--load_best_model_at_end" + (" (on by default in this script, to finish with the checkpoint of lowest "
+                                         "validation loss)" if by_default else "")
+    off = "--load_best_model_at_end false"
+    if save.value != evaluate.value:
+        raise UsageError(f"{flag} needs --eval_strategy and --save_strategy to match, but they are {evaluate.value} "
+                         f"and {save.value}; pass --eval_strategy {save.value}, or {off}")
+    if evaluate != IntervalStrategy.STEPS:
+        return
+    s, e = args.save_steps, args.eval_steps
+    if (s < 1) != (e < 1) or round(s * 1_000_000) % round(e * 1_000_000):
+        raise UsageError(f"{flag} needs a checkpoint at every evaluation, but --save_steps {s:g} is not a multiple of "
+                         f"--eval_steps {e:g}; pass --eval_steps {s:g} (or a divisor of it), or {off}")
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -337,19 +385,6 @@ def to_training_features(split, mode: str):
 # ---------------------------------------------------------------------------------------------
 # Data: meta-review mode
 # ---------------------------------------------------------------------------------------------
-def check_template_fits(tokenizer, max_length: int) -> None:
-    """Refuse a --max_length that leaves no room for reviews and a meta-review after the template."""
-    from processing_meta_review import MIN_REVIEW_TOKENS
-
-    template = len(tokenizer(render_prompt([""]), add_special_tokens=False)["input_ids"])
-    needed = template + MIN_REVIEW_TOKENS + 2  # + at least one meta-review token and its EOS
-    if max_length < needed:
-        raise UsageError(
-            f"--max_length {max_length} is smaller than the prompt template ({template} tokens) plus room for "
-            f"reviews and a meta-review; use at least {needed} (Pythia: 2048)"
-        )
-
-
 def is_processed_dir(path: Path) -> bool:
     return path.is_dir() and (path / "processing_config.json").is_file()
 
@@ -365,22 +400,32 @@ def same_tokenization(split, tokenizer, n: int = 3) -> bool:
 
 
 def retokenize(dataset, tokenizer, max_length: int):
-    """Cut and tokenize the rows again for another max_length or tokenizer (processing_meta_review's code)."""
+    """Cut and tokenize the rows again for another max_length or tokenizer (processing_meta_review's code).
+
+    Returns (DatasetDict, {split: examples dropped because the meta-review alone leaves no room at max_length})."""
     import datasets
     from processing_meta_review import _features, tokenize_example
 
-    out, dropped = {}, 0
+    out, dropped = {}, {}
+    features = _features()
     for name, split in dataset.items():
-        rows = []
-        for row in split.to_list():
-            example = tokenize_example(row, tokenizer, max_length)
-            dropped += example is None
-            if example is not None:
-                rows.append(example)
-        out[name] = datasets.Dataset.from_list(rows, features=_features())
-    if dropped:
-        logger.warning("dropped %d examples whose meta-review alone exceeds --max_length %d", dropped, max_length)
-    return datasets.DatasetDict(out)
+        rows = [example for row in split.to_list() if (example := tokenize_example(row, tokenizer, max_length))]
+        dropped[name] = len(split) - len(rows)
+        # from_dict, not from_list: an empty list carries no keys, and from_list([]) then fails ("Keys mismatch").
+        out[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+    if any(dropped.values()):
+        logger.warning("dropped %d examples whose meta-review alone exceeds --max_length %d", sum(dropped.values()),
+                       max_length)
+    return datasets.DatasetDict(out), dropped
+
+
+def check_splits_not_emptied(dataset, dropped: dict[str, int], max_length: int, source: str) -> None:
+    """A train or validation split that --max_length emptied (every meta-review too long for it) is one error with
+    the fix, in both paths: a processed directory re-cut here, and a raw file processed on the fly."""
+    for name in ("train", "validation"):
+        if name in dataset and len(dataset[name]) == 0 and dropped.get(name):
+            raise UsageError(f"--max_length {max_length} leaves no {name} examples from {source}: their meta-reviews "
+                             f"are too long to fit with a prompt ({dropped[name]} examples dropped); raise --max_length")
 
 
 def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name: str):
@@ -412,7 +457,8 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
             logger.info("re-tokenizing %s (made with max_length=%s, tokenizer %s) for max_length=%d, tokenizer %s",
                         path, made_with.get("max_length"), made_with.get("tokenizer_name"), data_args.max_length,
                         tokenizer_name)
-            dataset = retokenize(dataset, tokenizer, data_args.max_length)
+            dataset, dropped = retokenize(dataset, tokenizer, data_args.max_length)
+            check_splits_not_emptied(dataset, dropped, data_args.max_length, str(path))
         return dataset
     logger.info("processing %s on the fly with processing_meta_review.process()", data_args.dataset_path)
     pargs = ProcessingArguments(
@@ -423,8 +469,13 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
         max_length=data_args.max_length,
         validation_split_percentage=data_args.validation_split_percentage,
     )
-    dataset, stats = process(pargs, tokenizer)
+    dataset, stats = process(pargs, tokenizer, flag="--dataset_path")
     logger.info("processed: kept %s, dropped %s", stats["rows_kept"], stats["dropped"] or "none")
+    too_long = stats["dropped"].get("meta_review_exceeds_max_length", 0)
+    if too_long:
+        # Which split lost its rows is not recorded by process(); an empty train/validation split lost them all.
+        check_splits_not_emptied(dataset, {name: too_long for name in dataset}, data_args.max_length,
+                                 data_args.dataset_path)
     return dataset
 
 
@@ -433,11 +484,7 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
 # ---------------------------------------------------------------------------------------------
 def text_format(path: Path) -> str | None:
     """`text_format(Path("imdb.jsonl.gz"))` -> 'json'; the datasets library decompresses by itself."""
-    name = path.name
-    for suffix in COMPRESSIONS:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return TEXT_FORMATS.get(Path(name).suffix)
+    return TEXT_FORMATS.get(split_compression(path)[0])
 
 
 def load_text_dataset(data_args: DataArguments, seed: int):
@@ -447,6 +494,7 @@ def load_text_dataset(data_args: DataArguments, seed: int):
     name = data_args.dataset_path
     path = Path(name).expanduser()
     column = data_args.text_column
+    offline = None
     try:
         if path.is_dir():
             raw = datasets.load_from_disk(str(path))
@@ -454,13 +502,16 @@ def load_text_dataset(data_args: DataArguments, seed: int):
             fmt = text_format(path)
             if fmt is None:
                 raise UsageError(f"data file {path} has an unknown extension; use one of {sorted(TEXT_FORMATS)} "
-                                 "(optionally .gz)")
+                                 "(optionally .gz, .bz2, .xz or .zst)")
             raw = datasets.load_dataset(fmt, data_files={"train": str(path)})
         else:
+            offline = hub_offline_reason()
             raw = datasets.load_dataset(name)
     except UsageError:
         raise
     except Exception as err:  # the datasets library wraps parser and Hub errors in many types
+        if offline:
+            raise not_cached_error("dataset", name, "--dataset_path", offline) from None
         raise UsageError(f"cannot read {name}: {first_line(err)}; check --dataset_path") from None
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
@@ -546,7 +597,9 @@ def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed:
     check_dataset_path(data_args.dataset_path)
     mode = "text" if data_args.text_column else "meta_review"
     if mode == "meta_review":
-        check_template_fits(tokenizer, data_args.max_length)
+        from processing_meta_review import check_max_length
+
+        check_max_length(tokenizer, data_args.max_length)
         dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name)
         train = limit(dataset["train"], data_args.max_train_samples, seed)
         validation = limit(dataset["validation"], data_args.max_eval_samples, seed)
@@ -654,7 +707,7 @@ def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int
         if dtype == "auto":
             dtype = str(resolve_dtype("auto", default_device())).removeprefix("torch.")
         model = load_causal_lm(model_args.model_name_or_path, dtype=dtype, device="cpu",
-                               trust_remote_code=model_args.trust_remote_code)
+                               trust_remote_code=model_args.trust_remote_code, flag="--model_name_or_path")
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise UsageError(f"the model has {rows} embedding rows but the tokenizer {len(tokenizer)} tokens; pass the "
@@ -693,6 +746,68 @@ def apply_lora(model, model_args: ModelArguments):
 def count_parameters(model) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk space
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DiskNeeds:
+    checkpoint: int  # bytes of one checkpoint-N: saved weights (+ optimizer state unless --save_only_model)
+    final: int  # bytes of final/'s weights
+    peak: int  # the most this run's new files hold at once (checkpoints kept + the one being written, or final/)
+
+
+def estimate_disk_needs(model, model_args: ModelArguments, training_args: FineTuneTrainingArguments,
+                        existing: int) -> DiskNeeds:
+    """What the checkpoints and final/ will take, from the parameters (AdamW keeps two float32 moments per trained
+    parameter). `existing` checkpoints are already on disk and count toward the limit."""
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    adapter_only = model_args.use_lora  # the Trainer saves a LoRA model's adapter, not the frozen base
+    saved = trained if adapter_only else weights
+    optimizer = 0 if training_args.save_only_model else 2 * 4 * sum(p.numel() for p in params if p.requires_grad)
+    checkpoint = saved + optimizer
+    final = weights if (not model_args.use_lora or model_args.merge_lora) else trained
+    if training_args.save_total_limit:  # rotation keeps this many, and writes the next one before deleting
+        kept = training_args.save_total_limit
+    elif training_args.max_steps > 0:  # 0 or None: every checkpoint stays
+        kept = max(1, training_args.max_steps // max(1, int(training_args.save_steps)))
+    else:
+        kept = 1  # an epoch-based run without a limit: the count is not known yet
+    new = max(1, kept - existing)
+    return DiskNeeds(checkpoint, final, max((new + 1) * checkpoint, new * checkpoint + final))
+
+
+def check_disk_space(out: Path, needs: DiskNeeds) -> None:
+    """Refuse before training when --output_dir cannot hold one checkpoint and final/; warn when it cannot hold what
+    the checkpoints kept will take."""
+    free = free_bytes(out)
+    if free is None:
+        return
+    if free < needs.checkpoint + needs.final:
+        raise UsageError(f"--output_dir {out} has {format_bytes(free)} free, but one checkpoint needs about "
+                         f"{format_bytes(needs.checkpoint)} (weights and optimizer state) and final/ "
+                         f"{format_bytes(needs.final)}; free some space or choose another --output_dir")
+    if free < needs.peak:
+        logger.warning("--output_dir %s has %s free; the checkpoints kept (--save_total_limit) and final/ may need up "
+                       "to %s", out, format_bytes(free), format_bytes(needs.peak))
+
+
+def disk_full_error(out: Path, err: BaseException, needs: DiskNeeds, main_process: bool) -> UsageError:
+    """The one line for a write that filled the disk during training; the partial checkpoint is removed at once
+    (the next run would skip and remove it, as after a kill), so that the same command resumes."""
+    resume_from, incomplete = find_resume_checkpoint(out)
+    if main_process:
+        for path in incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    free = free_bytes(out)
+    where = f"{format_bytes(free)} free; " if free is not None else ""
+    resume = f"it resumes from {resume_from.name}" if resume_from else "it starts again"
+    return UsageError(f"no space left on the device of --output_dir {out} ({where}a checkpoint needs about "
+                      f"{format_bytes(needs.checkpoint)}, final/ {format_bytes(needs.final)}); the partial files were "
+                      f"removed: free some space or pass another --output_dir, then run the same command again ({resume})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,6 +1026,31 @@ class LMTrainer(Trainer):
         logger.info("loading the best model, %s (%s %.4f)", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
         reload_weights(self.model, self.state.best_model_checkpoint)
+
+    def _run_epoch(self, *, epoch, epochs_trained, resume_from_checkpoint, **kwargs):
+        """The Trainer's epoch, except that a resume from a checkpoint whose run had already ended trains nothing.
+
+        transformers 5.24 checks for the end only after a step (`_run_epoch`): resumed from checkpoint-N of a
+        run that stopped at N (N = max_steps not at an epoch boundary, or an early stop), it skips N batches and
+        trains step N + 1 anyway, and on_train_begin has cleared the stop saved in the checkpoint.
+        """
+        if resume_from_checkpoint is not None and epoch == epochs_trained and self._run_ended_at(resume_from_checkpoint):
+            logger.info("%s is the end of the run; nothing left to train", Path(resume_from_checkpoint).name)
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(epoch=epoch, epochs_trained=epochs_trained,
+                                  resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _run_ended_at(self, checkpoint: str | Path) -> bool:
+        """Whether the run had stopped at `checkpoint`: max_steps reached, or a stop decided there (early stopping)
+        and kept by restore_callback_states_from_checkpoint. A stop for an older, smaller max_steps is not kept."""
+        if self.state.global_step >= self.state.max_steps:
+            return True
+        if not self.args.restore_callback_states_from_checkpoint:
+            return False
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        control = saved.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+        return bool(control.get("should_training_stop")) and saved["global_step"] < saved.get("max_steps", 0)
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -1173,6 +1313,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
 
     setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
     out = Path(training_args.output_dir)
+    if training_args.push_to_hub:
+        check_hub_for_push()
     with training_args.main_process_first(local=False, desc="inspecting output_dir"):
         plan = plan_run(training_args)
     if plan.done:
@@ -1184,7 +1326,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
 
     set_seed(training_args.seed)
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
-    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=model_args.trust_remote_code,
+                               flag="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     saved_max_length, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)  # measure long reviews whole
     data = prepare_data(data_args, tokenizer, tokenizer_name, training_args.seed)
     tokenizer.model_max_length = saved_max_length
@@ -1201,13 +1344,23 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     hub_token, training_args.hub_token = training_args.hub_token, None
     trainer = build_trainer(model, tokenizer, data, training_args)
     log_startup(model_args, data_args, training_args, data, model, plan)
+    needs = estimate_disk_needs(model, model_args, training_args, len(list_checkpoints(out)))
     if training_args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        if plan.resume_from:
-            warn_config_changes(out, run_config)
-        write_json(out / RUN_CONFIG, run_config)
+        check_disk_space(out, needs)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if plan.resume_from:
+                warn_config_changes(out, run_config)
+            write_json(out / RUN_CONFIG, run_config)
+        except OSError as err:
+            raise write_error(out, err, "--output_dir", needs.checkpoint + needs.final) from None
 
-    train_result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    except Exception as err:  # safetensors, torch.save and json each report a full disk in their own way
+        if not is_disk_full(err):
+            raise
+        raise disk_full_error(out, err, needs, training_args.should_save) from None
     metrics = evaluate_final(trainer, data, train_result.metrics, training_args)
     result = {"status": "trained", "final_dir": out / FINAL_DIR, "metrics": metrics, "resumed_from": plan.resume_from}
     if not trainer.is_world_process_zero():
@@ -1219,7 +1372,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     if samples:
         metrics["samples_stopped_with_eos"] = sum(s["stopped_with_eos"] for s in samples) / len(samples)
     trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None})
-    final = save_final(trainer, tokenizer, model_args, data_args, training_args, data, metrics, samples)
+    try:
+        final = save_final(trainer, tokenizer, model_args, data_args, training_args, data, metrics, samples)
+    except Exception as err:  # atomic_directory has removed the partial final/
+        if not is_disk_full(err):
+            raise
+        raise disk_full_error(out, err, needs, True) from None
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))
     finish_distributed()
     if push:

@@ -3,7 +3,8 @@
 Hub default (needs internet):
     python processing_meta_review.py --output_dir outputs/meta_review
 
-Local files (JSONL/JSON/CSV/Parquet, a saved dataset directory, or ORSUM's raw nested records):
+Local files (JSONL/JSON/CSV/Parquet, also .gz/.bz2/.xz/.zst-compressed; a directory of such files or a saved dataset;
+or ORSUM's raw nested records):
     python processing_meta_review.py --dataset_name ../shared/data/meta_review/mred_val_longest.jsonl \
         --tokenizer_name ../shared/tokenizers/pythia --output_dir outputs/meta_review
 
@@ -27,21 +28,32 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    COMPRESSIONS,
     PROMPT_TEMPLATE,
     REVIEW_JOINER,
+    SEED_MAX,
     UsageError,
     atomic_directory,
     build_prompt,
+    check_hub_for_push,
     check_output_dir,
     clean_whitespace,
     encode_target,
     first_line,
+    hub_offline_reason,
+    iter_data_lines,
     load_tokenizer,
+    not_cached_error,
+    number_problems,
+    raise_problems,
+    read_data_head,
     render_prompt,
     render_target,
     run_cli,
     setup_logging,
+    split_compression,
     to_jsonable,
+    write_error,
     write_json,
 )
 
@@ -55,13 +67,17 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validat
 SPLIT_PRIORITY = ("test", "validation", "train")
 # The fewest review tokens a prompt may keep; below this the target leaves no room for the reviews.
 MIN_REVIEW_TOKENS = 16
+# What a file in a save_to_disk directory is called (a DatasetDict, or a single Dataset).
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
 
 
 @dataclass
 class ProcessingArguments:
     dataset_name: str = field(
         default=DEFAULT_DATASET,
-        metadata={"help": "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file, or a save_to_disk directory."},
+        metadata={"help": "Hub dataset id; a local .jsonl/.json/.csv/.parquet file (.jsonl/.json/.csv also compressed: "
+                  ".gz/.bz2/.xz/.zst); a directory of such files (split by name: train/validation/test); or a "
+                  "save_to_disk directory."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     input_column: str = field(
@@ -104,83 +120,141 @@ class ProcessingArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a Hub dataset/tokenizer to run its own code."})
 
     def __post_init__(self):
-        problems = []
-        if self.max_length < 32:
-            problems.append(f"--max_length {self.max_length} is too small; use at least 32 (Pythia: 2048)")
-        if self.min_target_words < 0 or self.max_target_words < self.min_target_words:
+        # --max_length's lower bound depends on the tokenizer: check_max_length, once it is loaded.
+        problems = number_problems(self, {
+            "min_target_words": "[0, inf)", "max_target_words": "[0, inf)", "validation_split_percentage": "[0, 100)",
+            "test_split_percentage": "[0, 100)", "max_examples": "[1, inf)", "seed": f"[0, {SEED_MAX}]"})
+        if self.max_target_words < self.min_target_words:
             problems.append(
                 f"--min_target_words {self.min_target_words} / --max_target_words {self.max_target_words} "
                 "must satisfy 0 <= min <= max"
             )
-        for name in ("validation_split_percentage", "test_split_percentage"):
-            if not 0 <= getattr(self, name) < 100:
-                problems.append(f"--{name} {getattr(self, name)} must be in [0, 100)")
         if self.validation_split_percentage + self.test_split_percentage >= 100:
             problems.append("--validation_split_percentage + --test_split_percentage must leave rows for training")
         if self.push_to_hub and not self.hub_dataset_id:
             problems.append("--push_to_hub needs --hub_dataset_id (e.g. your-name/meta-review-processed)")
         if self.review_separator == "":
             problems.append("--review_separator must not be empty")
-        if problems:
-            raise UsageError("; ".join(problems))
+        raise_problems(problems)
+
+
+def min_max_length(tokenizer) -> int:
+    """The smallest --max_length with room for the template, MIN_REVIEW_TOKENS of one review and a one-token
+    meta-review with its EOS. Every script that cuts examples to --max_length gives this one number as the hint."""
+    template = len(tokenizer(render_prompt([""]), add_special_tokens=False)["input_ids"])
+    return template + MIN_REVIEW_TOKENS + 2
+
+
+def check_max_length(tokenizer, max_length: int, flag: str = "--max_length") -> None:
+    needed = min_max_length(tokenizer)
+    if max_length < needed:
+        raise UsageError(f"{flag} {max_length} leaves no room for the prompt template, reviews and a meta-review with "
+                         f"this tokenizer; use at least {needed} (Pythia: 2048)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def check_text_file(path: Path) -> None:
-    """Fail early, naming the file, on what the datasets library would report deep in a traceback."""
-    if path.stat().st_size == 0:
-        raise UsageError(f"data file {path} is empty; pass a file with {FILE_FORMATS[path.suffix]} rows")
-    if FILE_FORMATS[path.suffix] == "parquet":
-        with path.open("rb") as f:
-            if f.read(4) != b"PAR1":
-                raise UsageError(f"data file {path} is not a Parquet file; fix the file or its extension")
-        return
-    json_lines = path.suffix == ".jsonl"
-    with path.open("rb") as f:
-        for i, line in enumerate(f, 1):
+DATA_FILE_KINDS = ".jsonl, .json, .csv or .parquet (the first three also compressed: .gz, .bz2, .xz, .zst)"
+
+
+def data_format(path: Path) -> str | None:
+    """The datasets builder for a data file: `data_format(Path("mred.jsonl.gz"))` -> 'json'; None if unknown."""
+    return FILE_FORMATS.get(split_compression(path)[0])
+
+
+def check_text_file(path: Path) -> str:
+    """Fail early, naming the file, on what the datasets library would report deep in a traceback; returns the
+    datasets builder name ('json', 'csv', 'parquet'). Compressed files are read decompressed."""
+    ext, compression = split_compression(path)
+    fmt = FILE_FORMATS.get(ext)
+    if fmt is None:
+        raise UsageError(f"data file {path} has an unknown extension; use {DATA_FILE_KINDS}")
+    if fmt == "parquet" and compression:
+        raise UsageError(f"data file {path} is a {COMPRESSIONS[compression]}-compressed Parquet file, which cannot be "
+                         "read as such (Parquet compresses its columns itself); decompress it")
+    head = read_data_head(path, 4)
+    if not head:
+        raise UsageError(f"data file {path} is empty; pass a file with {fmt} rows")
+    if fmt == "parquet":
+        if head != b"PAR1":
+            raise UsageError(f"data file {path} is not a Parquet file; fix the file or its extension")
+        return fmt
+    for i, text in iter_data_lines(path):
+        if ext == ".jsonl" and text.strip():
             try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UsageError(
-                    f"data file {path} is not UTF-8 (line {i}); re-encode it, e.g. iconv -t UTF-8"
-                ) from None
-            if json_lines and text.strip():
-                try:
-                    json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"cannot read data file {path}: line {i} is not JSON ({err.msg}); fix the "
-                                     "line, or the extension if the file is not JSON lines") from None
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"cannot read data file {path}: line {i} is not JSON ({err.msg}); fix the "
+                                 "line, or the extension if the file is not JSON lines") from None
+    return fmt
 
 
-def load_raw_dataset(args: ProcessingArguments):
-    """Load the source as a DatasetDict from a local file, a saved dataset directory, or the Hub."""
+def split_of_file(path: Path) -> str | None:
+    """A data file's split from its name: 'train.jsonl.gz' and 'mred_val.csv' -> 'train' and 'validation'."""
+    stem = path.name.split(".")[0].lower()
+    names = [stem, *re.split(r"[-_ ]", stem)]
+    return next((SPLIT_ALIASES[n] for n in names if n in SPLIT_ALIASES), None)
+
+
+def data_files_of_dir(path: Path, flag: str) -> dict[str, list[str]]:
+    """{split: [files]} of a directory of data files (one format); the split comes from each file's name."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_format(p))
+    if not files:
+        raise UsageError(f"{flag} {path} is a directory without a dataset: no {', '.join(SAVED_DATASET_FILES)} (as "
+                         f"save_to_disk writes) and no data files; pass a data file ({DATA_FILE_KINDS}), a directory "
+                         "of them named by split (train.jsonl, validation.jsonl, test.jsonl), or the --output_dir of "
+                         "processing_meta_review.py")
+    formats = {data_format(f) for f in files}
+    if len(formats) > 1:
+        raise UsageError(f"{flag} {path} mixes data formats ({', '.join(f.name for f in files)}); keep one format, "
+                         "or pass one file")
+    if len(files) == 1:
+        return {split_of_file(files[0]) or "train": [str(files[0])]}
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        split = split_of_file(f)
+        if split is None:
+            raise UsageError(f"{flag} {path}: cannot tell which split {f.name} is; name the files by split "
+                             "(train, validation/val/dev, test), or pass one file")
+        splits.setdefault(split, []).append(str(f))
+    return splits
+
+
+def load_raw_dataset(args: ProcessingArguments, flag: str = "--dataset_name"):
+    """Load the source as a DatasetDict from a local file, a directory of files, a saved dataset directory, or the
+    Hub. Errors name `flag` (the calling script's flag for the source)."""
     import datasets
 
     name = args.dataset_name
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() and any((path / f).is_file() for f in SAVED_DATASET_FILES):
         try:
             ds = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as err:
-            raise UsageError(f"{path} is not a dataset saved with save_to_disk: {first_line(err)}") from None
+            raise UsageError(f"{flag} {path} is not a readable save_to_disk dataset ({first_line(err)}); save it again, "
+                             "or pass a data file") from None
         return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
-    if path.suffix in FILE_FORMATS or path.exists() or name.startswith((".", "/", "~")):
-        if not path.is_file():
-            raise UsageError(f"data file {path} does not exist; check --dataset_name")
-        if path.suffix not in FILE_FORMATS:
-            raise UsageError(f"data file {path} has an unknown extension; use one of {sorted(FILE_FORMATS)}")
-        check_text_file(path)
+    if path.is_dir() or data_format(path) or split_compression(path)[1] or path.exists() \
+            or name.startswith((".", "/", "~")):
+        if path.is_dir():
+            data_files = data_files_of_dir(path, flag)
+        elif not path.is_file():
+            raise UsageError(f"data file {path} does not exist; check {flag}")
+        else:
+            data_files = {"train": [str(path)]}
+        fmts = {check_text_file(Path(f)) for files in data_files.values() for f in files}
+        fmt = fmts.pop()
         try:
-            return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files={"train": str(path)})
+            return datasets.load_dataset(fmt, data_files=data_files)
         except Exception as err:  # the datasets library wraps parser errors in many types
-            raise UsageError(
-                f"cannot read {path} as {FILE_FORMATS[path.suffix]}: {first_line(err)}; fix the file or its extension"
-            ) from None
+            raise UsageError(f"cannot read {path} as {fmt}: {first_line(err)}; fix the file or its extension") from None
+    offline = hub_offline_reason()
     try:
         return datasets.load_dataset(name, args.dataset_config_name, trust_remote_code=args.trust_remote_code)
     except Exception as err:
+        if offline:
+            raise not_cached_error("dataset", name, flag, offline) from None
         raise UsageError(
             f"cannot load dataset '{name}' from the Hugging Face Hub: {first_line(err)}; "
             "check the id and your connection, or pass a local file"
@@ -233,6 +307,23 @@ def resolve_columns(columns: list[str], args: ProcessingArguments, source: str) 
     return input_col, output_col
 
 
+def is_reviews_text(value: Any) -> bool:
+    """A reviews cell holds text: a string, or a list with at least one review text in it."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(extract_reviews(value, None)))
+
+
+def check_text_columns(raw: dict[str, Any], input_col: str, output_col: str, source: str) -> None:
+    """One error for a column that holds no text at all (numbers, lists of numbers), naming it and the flag; single
+    rows that are not text are dropped and counted by clean_rows instead."""
+    checks = ((input_col, "--input_column", "reviews", is_reviews_text),
+              (output_col, "--output_column", "meta-reviews", lambda v: isinstance(v, str)))
+    for column, flag, what, is_text in checks:
+        values = [v for split in raw.values() for v in split[column] if v is not None]
+        if values and not any(is_text(v) for v in values):
+            raise UsageError(f"column '{column}' of {source} holds {type(values[0]).__name__} values, not text (e.g. "
+                             f"{str(values[0])[:40]!r}); pass the column with the {what} as {flag}")
+
+
 def clean_text(text: str, mode: str) -> str:
     """`clean_text("Good!  <sep> 9/10", "alnum")` -> 'Good\\n910'; 'whitespace' keeps punctuation."""
     if mode == "none":
@@ -259,10 +350,14 @@ def clean_rows(rows: list[dict], input_col: str, output_col: str, args: Processi
     for row in rows:
         reviews = [clean_text(r, args.clean) for r in extract_reviews(row.get(input_col), args.review_separator)]
         reviews = [r for r in reviews if r]
-        meta = row.get(output_col)
-        meta = clean_text(meta, args.clean) if isinstance(meta, str) else ""
-        if not reviews:
+        raw_meta = row.get(output_col)
+        meta = clean_text(raw_meta, args.clean) if isinstance(raw_meta, str) else ""
+        if row.get(input_col) is not None and not is_reviews_text(row.get(input_col)):
+            reason = "reviews_not_text"
+        elif not reviews:
             reason = "empty_reviews"
+        elif raw_meta is not None and not isinstance(raw_meta, str):
+            reason = "meta_review_not_text"
         elif not meta:
             reason = "empty_meta_review"
         elif len(meta.split()) < args.min_target_words:
@@ -326,14 +421,16 @@ def percentiles(values: list[int]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(("min", "p50", "p90", "p95", "p99", "max"), qs)}
 
 
-def process(args: ProcessingArguments, tokenizer) -> tuple[Any, dict]:
-    """Load, clean, split and tokenize. Returns (DatasetDict, stats). Writes nothing."""
+def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") -> tuple[Any, dict]:
+    """Load, clean, split and tokenize. Returns (DatasetDict, stats). Writes nothing. Errors about the source name
+    `flag`."""
     import datasets
     from tqdm.auto import tqdm
 
-    raw = normalise_splits(load_raw_dataset(args))
+    raw = normalise_splits(load_raw_dataset(args, flag))
     columns = next(iter(raw.values())).column_names
     input_col, output_col = resolve_columns(columns, args, args.dataset_name)
+    check_text_columns(raw, input_col, output_col, args.dataset_name)
     stats: dict[str, Any] = {"source": args.dataset_name, "source_splits": sorted(raw), "rows_in": {},
                              "dropped": {}, "rows_kept": {}}
     seen: set[str] = set()
@@ -423,7 +520,9 @@ def load_saved_split(path: Path, split: str, flag: str, split_flag: str = "--spl
     try:
         data = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"{flag} {path} is not a dataset saved by processing_meta_review.py: {first_line(err)}") from None
+        raise UsageError(f"{flag} {path} is not a dataset saved by processing_meta_review.py ({first_line(err)}); pass "
+                         "the --output_dir that processing_meta_review.py wrote, or a data file "
+                         f"({DATA_FILE_KINDS})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise UsageError(f"{split_flag} {split} is not in {path} (splits: {', '.join(data)})")
@@ -432,12 +531,16 @@ def load_saved_split(path: Path, split: str, flag: str, split_flag: str = "--spl
 
 
 def save(dataset, stats: dict, args: ProcessingArguments) -> None:
-    """Write everything into a temporary directory that replaces --output_dir only when complete."""
-    with atomic_directory(args.output_dir, overwrite=args.overwrite_output_dir) as tmp:
-        dataset.save_to_disk(str(tmp))
-        write_json(tmp / "stats.json", stats)
-        write_json(tmp / "processing_config.json", to_jsonable(args))
-        (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+    """Write everything into a temporary directory that replaces --output_dir only when complete; a write that
+    fails midway (a full disk) leaves --output_dir as it was and removes the partial copy."""
+    try:
+        with atomic_directory(args.output_dir, overwrite=args.overwrite_output_dir) as tmp:
+            dataset.save_to_disk(str(tmp))
+            write_json(tmp / "stats.json", stats)
+            write_json(tmp / "processing_config.json", to_jsonable(args))
+            (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+    except OSError as err:
+        raise write_error(Path(args.output_dir), err, "--output_dir") from None
 
 
 def push(dataset, args: ProcessingArguments) -> None:
@@ -459,7 +562,10 @@ def main(args: ProcessingArguments) -> dict:
         raise UsageError(f"output directory {out} already exists and is not empty; use --overwrite_output_dir")
     logger.info("processing %s with tokenizer %s, max_length=%d, clean=%s",
                 args.dataset_name, args.tokenizer_name, args.max_length, args.clean)
+    if args.push_to_hub:
+        check_hub_for_push()
     tokenizer = load_tokenizer(args.tokenizer_name, trust_remote_code=args.trust_remote_code)
+    check_max_length(tokenizer, args.max_length)
     # Long reviews are measured whole before they are cut; silence the "longer than the model" warning.
     tokenizer.model_max_length = int(1e30)
     dataset, stats = process(args, tokenizer)

@@ -14,6 +14,14 @@ on the validation split, and every system is evaluated with evaluation.py on the
 A quick end-to-end check with tiny everything (about a minute; results stay in its work directory):
     python bench/steering_lab.py --smoke --work_dir /tmp/steering-lab-smoke
 
+The real experiment, on a GPU with the Hub: S = EleutherAI/pythia-70m and L = EleutherAI/pythia-410m (or --large
+1.4b), both fine-tuned (bf16) on zqz979/meta-review, no pretraining and no BPE (README: about 35-50 min on one GPU):
+    python bench/steering_lab.py --preset pythia --large 410m
+    python bench/steering_lab.py --preset pythia --large 1.4b --smoke      # the same path, a few papers, minutes
+
+Sources: without ../shared the general corpus is the Hub's stanfordnlp/imdb and the task data zqz979/meta-review;
+`--corpus` and `--task_data` take a Hub id or a local file either way.
+
 Stages run in this order, each writing under --work_dir and skipped when its output is there:
     corpus, tokenizer, data, pretrain_small, pretrain_large, finetune_small, finetune_large, tune, evaluate,
     alpha_curve. `--redo STAGE` runs STAGE and every later one again. The commands the lab ran are in
@@ -44,13 +52,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import ROOT, record  # noqa: E402
 
-from common import UsageError, parse_config, run_cli, setup_logging, write_json  # noqa: E402
+from common import (UsageError, default_device, first_line, parse_config, run_cli, setup_logging,  # noqa: E402
+                    write_json)
 
 logger = logging.getLogger("steering_lab")
 
 SHARED = ROOT.parent / "shared"
 IMDB = SHARED / "data" / "imdb" / "imdb_partial.jsonl.gz"
 MRED = SHARED / "data" / "meta_review" / "mred_val_longest.jsonl"
+HUB_CORPUS = "stanfordnlp/imdb"  # the sources where ../shared is absent
+HUB_TASK = "zqz979/meta-review"
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet", ".txt")
+PYTHIA_SMALL = "EleutherAI/pythia-70m"
+# --preset pythia: L's fine-tuning learning rate, a tenth of its pretraining peak (Biderman et al. 2023, Pythia,
+# table of hyperparameters); S = 70m (peak 1e-3) gets 1e-4, fine_tune.py's default.
+PYTHIA_LARGE_LR = {"160m": 6e-5, "410m": 3e-5, "1b": 3e-5, "1.4b": 2e-5, "2.8b": 1.6e-5}
+PYTHIA_ACCUMULATE = {"1.4b": 2, "2.8b": 4}  # L's batch split into micro-batches so a full fine-tune fits 40-80 GB
 STAGES = ("corpus", "tokenizer", "data", "pretrain_small", "pretrain_large", "finetune_small", "finetune_large",
           "tune", "evaluate", "alpha_curve")
 EVAL_STAGES = ("evaluate", "alpha_curve")  # kept apart per evaluation file (the test split or --test_file)
@@ -107,6 +124,8 @@ class Profile:
     eval_batch: int
     bootstrap_samples: int
     alphas: tuple[float, ...]
+    max_eval_samples: int | None = None  # validation papers fine_tune.py evaluates each epoch (None = all)
+    finetune_accumulate_large: int = 1  # L's batch in this many micro-batches (same effective batch)
 
 
 def neox(hidden: int, layers: int, heads: int) -> dict[str, int]:
@@ -130,6 +149,24 @@ PROFILES = {
         max_train_examples=24, tune_examples=8, tune_trials=4, test_examples=6, max_new_tokens=12,
         eval_batch=8, bootstrap_samples=200, alphas=(0.0, 0.5, 1.0, 2.0),
     ),
+    # --preset pythia: pretrained S and L from the Hub, so the corpus, vocab, shape and pretraining fields are unused.
+    # Sizes for one GPU: 2048-token context (Pythia's), 96 validation papers keep steer.py's cached log-prob rows
+    # under its 8 GB default (96 x 128 tokens x 50,277 x 3 x 4 bytes), every test paper is evaluated.
+    "pythia": Profile(
+        max_papers=None, corpus_rows=0, heldout_percentage=0.0, vocab_size=0, small={}, large={},
+        block_size=0, pretrain_batch=0, pretrain_steps=0, pretrain_lr_small=0.0, pretrain_lr_large=0.0,
+        max_length=2048, finetune_epochs=2, finetune_batch=8, finetune_lr_small=1e-4, finetune_lr_large=3e-5,
+        max_train_examples=None, tune_examples=96, tune_trials=200, test_examples=None, max_new_tokens=128,
+        eval_batch=32, bootstrap_samples=1000, alphas=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5),
+        max_eval_samples=256,
+    ),
+    "pythia-smoke": Profile(
+        max_papers=200, corpus_rows=0, heldout_percentage=0.0, vocab_size=0, small={}, large={},
+        block_size=0, pretrain_batch=0, pretrain_steps=0, pretrain_lr_small=0.0, pretrain_lr_large=0.0,
+        max_length=512, finetune_epochs=1, finetune_batch=4, finetune_lr_small=1e-4, finetune_lr_large=3e-5,
+        max_train_examples=24, tune_examples=8, tune_trials=4, test_examples=6, max_new_tokens=12,
+        eval_batch=8, bootstrap_samples=200, alphas=(0.0, 0.5, 1.0, 2.0), max_eval_samples=16,
+    ),
 }
 
 
@@ -138,11 +175,25 @@ class LabArguments:
     work_dir: str | None = field(
         default=None, metadata={"help": "Where every stage writes (default: outputs/lab, or outputs/lab-smoke)."})
     smoke: bool = field(default=False, metadata={"help": "Tiny everything: an end-to-end check in about a minute."})
+    preset: str | None = field(
+        default=None, metadata={"help": f"'pythia': S = {PYTHIA_SMALL} and L = EleutherAI/pythia-<--large> from the "
+                                "Hub, both fine-tuned on --task_data (bf16 on a GPU); no corpus, BPE or pretraining. "
+                                "With --smoke: the same path on a few papers."})
+    large: str = field(default="410m", metadata={"help": f"L with --preset pythia: {', '.join(PYTHIA_LARGE_LR)}."})
     redo: list[str] = field(
         default_factory=list, metadata={"help": f"Run these stages and every later one again ({', '.join(STAGES)})."})
     test_file: str | None = field(
         default=None, metadata={"help": "Evaluate the finished models on this Input/Output JSONL instead of the test "
                                 "split (trains them first if they are not there)."})
+    corpus: str | None = field(
+        default=None, metadata={"help": "General text for the BPE and pretraining: a Hub dataset id (every split) or a "
+                                f"local {'/'.join(CORPUS_SUFFIXES)} file. Default: ../shared's IMDB file when present, "
+                                f"else {HUB_CORPUS}."})
+    corpus_text_column: str = field(default="text", metadata={"help": "The text column of --corpus."})
+    task_data: str | None = field(
+        default=None, metadata={"help": "Input/Output meta-review data, as processing_meta_review.py's --dataset_name "
+                                "(a Hub id or a local file; the source's own splits are kept). Default: ../shared's "
+                                f"MReD file when present, else {HUB_TASK}."})
     num_test_examples: int | None = field(
         default=None, metadata={"help": "Evaluate this many papers (seeded sample). Default: all (smoke: 6)."})
     tokenizer: str | None = field(
@@ -150,6 +201,9 @@ class LabArguments:
                                 "training a small BPE (the default: 50k rows of embedding dominate tiny models)."})
     seed: int = field(default=42, metadata={"help": "Seed of the corpus sample, the splits, training and the bootstrap."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+    device: str | None = field(
+        default=None, metadata={"help": "Device of steer.py, evaluation.py and the alpha curve (fine_tune.py's Trainer "
+                                "picks its own). Default: cpu, or with --preset cuda when available."})
     results_file: str | None = field(
         default=None, metadata={"help": "Append the report here (default: bench/RESULTS.md; smoke: WORK_DIR/RESULTS.md)."})
     figure: str | None = field(
@@ -170,8 +224,34 @@ class LabArguments:
                             "save_pretrained, or leave it out to train one")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads {self.threads} must be >= 1")
+        if self.preset not in (None, "pythia"):
+            problems.append(f"--preset {self.preset}: unknown; the one preset is 'pythia' (leave it out to train "
+                            "from scratch)")
+        if self.large not in PYTHIA_LARGE_LR:
+            problems.append(f"--large {self.large}: choose from {', '.join(PYTHIA_LARGE_LR)}")
+        elif self.large != "410m" and not self.preset:
+            problems.append(f"--large {self.large} needs --preset pythia")
+        if self.preset and self.tokenizer:
+            problems.append("--tokenizer does not apply with --preset pythia (Pythia's own tokenizer is used)")
+        for flag, value in (("--corpus", self.corpus), ("--task_data", self.task_data)):
+            if value is not None and looks_local(value) and not Path(value).expanduser().exists():
+                problems.append(f"{flag} {value}: no such file; pass a local file or a Hub dataset id (user/name)")
         if problems:
             raise UsageError("; ".join(problems))
+
+
+def looks_local(source: str) -> bool:
+    """'user/name' (or 'name') is a Hub id; an existing path, './x', '/x', '~/x', 'a/b/c' or 'x.jsonl' is a file."""
+    return (Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+            or source.endswith(CORPUS_SUFFIXES))
+
+
+def resolve_source(given: str | None, shared_file: Path, hub_id: str) -> str:
+    """A flag's value (local paths made absolute, so cache keys do not depend on the working directory), else the
+    ../shared file when it is there, else the Hub dataset."""
+    if given is not None:
+        return str(Path(given).expanduser().resolve()) if looks_local(given) else given
+    return str(shared_file) if shared_file.is_file() else hub_id
 
 
 @dataclass
@@ -185,6 +265,10 @@ class Lab:
     results_file: Path
     figure: Path
     commands: list[str] = field(default_factory=list)
+    corpus: str = str(IMDB)  # resolved sources: a local file or a Hub id
+    task_data: str = str(MRED)
+    device: str = "cpu"
+    pretrained: dict[str, str] = field(default_factory=dict)  # --preset: 'small'/'large' -> Hub id, not trained here
 
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
@@ -195,17 +279,33 @@ class Lab:
 
     @property
     def tokenizer_dir(self) -> str:
-        return self.args.tokenizer or str(self.path("tokenizer"))
+        return self.args.tokenizer or self.pretrained.get("small") or str(self.path("tokenizer"))
 
     def model(self, name: str) -> str:
-        return str(self.path(name, "final"))
+        return self.pretrained.get(name) or str(self.path(name, "final"))
+
+    @property
+    def uses_hub(self) -> bool:
+        """Whether any model or data source is a Hub id (then the Hub's own offline setting decides)."""
+        sources = [*self.pretrained.values(), self.task_data, *([] if self.args.preset else [self.corpus])]
+        return any(not looks_local(s) for s in sources)
 
 
 def resolve_lab(args: LabArguments) -> Lab:
-    profile = PROFILES["smoke" if args.smoke else "full"]
+    pretrained = {}
+    if args.preset:
+        profile = PROFILES["pythia-smoke" if args.smoke else "pythia"]
+        accumulate = 1 if args.smoke else PYTHIA_ACCUMULATE.get(args.large, 1)
+        profile = dataclasses.replace(profile, finetune_lr_large=PYTHIA_LARGE_LR[args.large],
+                                      finetune_accumulate_large=accumulate)
+        pretrained = {"small": PYTHIA_SMALL, "large": f"EleutherAI/pythia-{args.large}"}
+        default_work = f"outputs/lab-{'smoke-' if args.smoke else ''}pythia-{args.large}"
+    else:
+        profile = PROFILES["smoke" if args.smoke else "full"]
+        default_work = "outputs/lab-smoke" if args.smoke else "outputs/lab"
     if args.num_test_examples is not None:
         profile = dataclasses.replace(profile, test_examples=args.num_test_examples)
-    work = Path(args.work_dir or ROOT / ("outputs/lab-smoke" if args.smoke else "outputs/lab")).resolve()
+    work = Path(args.work_dir or ROOT / default_work).resolve()
     eval_name = "test"
     if args.test_file:
         digest = hashlib.sha1(Path(args.test_file).read_bytes()).hexdigest()[:8]
@@ -214,8 +314,11 @@ def resolve_lab(args: LabArguments) -> Lab:
     results = Path(args.results_file) if args.results_file else (
         work / "RESULTS.md" if args.smoke else ROOT / "bench" / "RESULTS.md")
     figure = Path(args.figure) if args.figure else (
-        work / "eval" / eval_name / "steering_lab.png" if local else ROOT / "assets" / "steering_lab.png")
-    return Lab(args, profile, work, eval_name, results, figure)
+        work / "eval" / eval_name / "steering_lab.png" if local else
+        ROOT / "assets" / (f"steering_lab_pythia-{args.large}.png" if args.preset else "steering_lab.png"))
+    device = args.device or (default_device() if args.preset else "cpu")
+    return Lab(args, profile, work, eval_name, results, figure, corpus=resolve_source(args.corpus, IMDB, HUB_CORPUS),
+               task_data=resolve_source(args.task_data, MRED, HUB_TASK), device=device, pretrained=pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,11 +418,49 @@ def run_stage(lab: Lab, name: str, settings: dict, fn) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Stages 1-2: general text, tokenizer, task data
 # ---------------------------------------------------------------------------------------------
+def read_corpus(source: str, column: str) -> list[str]:
+    """Every text of a local file (a .jsonl or .jsonl.gz is read line by line, a .txt is one text a line) or of
+    every split of a Hub dataset, in order."""
+    import datasets
+
+    from processing_meta_review import FILE_FORMATS
+
+    path = Path(source)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if rows and column not in rows[0]:
+            raise UsageError(f"--corpus {source} has no '{column}' field (fields: {', '.join(rows[0])}); "
+                             "pass --corpus_text_column")
+        return [row[column] for row in rows]
+    if path.suffix == ".txt":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        if looks_local(source):
+            data = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files={"train": str(path)})
+        else:
+            data = datasets.load_dataset(source)
+    except Exception as err:  # the datasets library raises many types for a missing or unreadable source
+        raise UsageError(f"cannot load --corpus {source}: {first_line(err)}; pass a local file or a Hub dataset id "
+                         "(offline, one already in the datasets cache)") from None
+    texts = []
+    for split in sorted(data):
+        if column not in data[split].column_names:
+            raise UsageError(f"--corpus {source} has no '{column}' column (columns: "
+                             f"{', '.join(data[split].column_names)}); pass --corpus_text_column")
+        texts += data[split][column]
+    return texts
+
+
 def sample_corpus(lab: Lab) -> None:
-    """A seeded sample of IMDB reviews (the file is sorted by split and label; a prefix would be all positive)."""
-    with gzip.open(IMDB, "rt", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    picked = random.Random(lab.args.seed).sample(range(len(texts)), lab.profile.corpus_rows)
+    """A seeded sample of the general corpus (the shared IMDB file is sorted by split and label; a prefix would be
+    all positive)."""
+    texts = read_corpus(lab.corpus, lab.args.corpus_text_column)
+    n = min(lab.profile.corpus_rows, len(texts))
+    if n < lab.profile.corpus_rows:
+        logger.warning("--corpus %s has %d texts, fewer than the %d the profile samples; using them all",
+                       lab.corpus, len(texts), lab.profile.corpus_rows)
+    picked = random.Random(lab.args.seed).sample(range(len(texts)), n)
     out = lab.path("corpus", "imdb_sample.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -327,9 +468,21 @@ def sample_corpus(lab: Lab) -> None:
     os.replace(tmp, out)
 
 
+def corpus_settings(lab: Lab) -> dict:
+    """The corpus stage's cache key; the source is named only when it is not the shared IMDB file, so runs made
+    before --corpus existed stay cached."""
+    settings = {"rows": lab.profile.corpus_rows, "seed": lab.args.seed}
+    if lab.corpus != str(IMDB):
+        settings["source"] = lab.corpus
+    if lab.args.corpus_text_column != "text":
+        settings["text_column"] = lab.args.corpus_text_column
+    return settings
+
+
 def processing_arguments(lab: Lab, tokenizer_dir: str | None = None) -> list[str]:
-    """processing_meta_review.py's flags: the seeded train/validation/test split of MReD (longest review)."""
-    argv = ["--dataset_name", str(MRED), "--tokenizer_name", tokenizer_dir or lab.tokenizer_dir,
+    """processing_meta_review.py's flags: the source's splits, or (MReD's one file) a seeded train/validation/test
+    split."""
+    argv = ["--dataset_name", lab.task_data, "--tokenizer_name", tokenizer_dir or lab.tokenizer_dir,
             "--max_length", str(lab.profile.max_length), "--validation_split_percentage", "10",
             "--test_split_percentage", "15", "--seed", str(lab.args.seed)]
     if lab.profile.max_papers is not None:
@@ -340,15 +493,26 @@ def processing_arguments(lab: Lab, tokenizer_dir: str | None = None) -> list[str
 def train_split_texts(lab: Lab) -> list[str]:
     """Reviews and meta-reviews of the papers processing_meta_review.py will put in the TRAIN split, found with its
     own cleaning and splitting helpers, so that the tokenizer never sees a validation or test paper."""
-    import datasets
-    from processing_meta_review import ProcessingArguments, clean_rows, split_rows
+    from processing_meta_review import (SPLIT_PRIORITY, ProcessingArguments, clean_rows, load_raw_dataset,
+                                        normalise_splits, resolve_columns, split_rows)
 
     (pargs,) = parse_config([ProcessingArguments], processing_arguments(lab, tokenizer_dir="unused"))
-    rows = datasets.load_dataset("json", data_files={"train": str(MRED)})["train"].to_list()
-    if pargs.max_examples is not None:
-        rows = rows[: pargs.max_examples]
-    cleaned = clean_rows(rows, pargs.input_column, pargs.output_column, pargs, set(), {})
-    train = split_rows(cleaned, pargs.validation_split_percentage, pargs.test_split_percentage, pargs.seed)["train"]
+    raw = normalise_splits(load_raw_dataset(pargs))
+    input_col, output_col = resolve_columns(next(iter(raw.values())).column_names, pargs, pargs.dataset_name)
+    seen: set[str] = set()
+    cleaned = {}
+    for name in SPLIT_PRIORITY:  # process()'s order: a paper that is also in test or validation is not in train
+        if name in raw:
+            rows = raw[name].to_list()
+            if pargs.max_examples is not None:
+                rows = rows[: pargs.max_examples]
+            cleaned[name] = clean_rows(rows, input_col, output_col, pargs, seen, {})
+    if "train" not in cleaned:
+        raise UsageError(f"--task_data {lab.task_data} has no train split (splits: {', '.join(raw)})")
+    train = cleaned["train"]
+    if "validation" not in cleaned or "test" not in cleaned:
+        train = split_rows(train, 0 if "validation" in cleaned else pargs.validation_split_percentage,
+                           0 if "test" in cleaned else pargs.test_split_percentage, pargs.seed)["train"]
     return [text for row in train for text in (row["Input"], row["Output"])]
 
 
@@ -408,17 +572,34 @@ def finetune_arguments(lab: Lab, size: str) -> list[str]:
     """fine_tune.py on the processed meta-review data: reviews -> meta-review + EOS, loss on the meta-review."""
     p = lab.profile
     lr = p.finetune_lr_small if size == "small" else p.finetune_lr_large
+    accumulate = p.finetune_accumulate_large if size == "large" else 1
     argv = [
         "--model_name_or_path", lab.model(size), "--dataset_path", str(lab.path("data")),
         "--max_length", str(p.max_length), "--num_train_epochs", str(p.finetune_epochs),
-        "--per_device_train_batch_size", str(p.finetune_batch), "--per_device_eval_batch_size", "8",
+        "--per_device_train_batch_size", str(p.finetune_batch // accumulate), "--per_device_eval_batch_size", "8",
         "--learning_rate", str(lr), "--eval_strategy", "epoch", "--save_strategy", "epoch", "--logging_steps", "10",
         "--num_samples", "2", "--max_new_tokens", str(p.max_new_tokens), "--seed", str(lab.args.seed),
         "--output_dir", str(lab.path(f"{size}_tuned")), *QUIET,
     ]
     if p.max_train_examples is not None:
         argv += ["--max_train_samples", str(p.max_train_examples)]
+    if accumulate > 1:
+        argv += ["--gradient_accumulation_steps", str(accumulate)]
+    if p.max_eval_samples is not None:
+        argv += ["--max_eval_samples", str(p.max_eval_samples)]
+    if lab.args.preset:
+        argv += precision_arguments(lab)
     return argv
+
+
+def precision_arguments(lab: Lab) -> list[str]:
+    """--preset on a GPU: bf16 mixed precision (fp16 where the GPU has no bf16) over float32 master weights, as
+    fine_tune.py advises for Pythia's float16 checkpoints; --device cpu keeps the Trainer off the GPU too."""
+    import torch
+
+    if lab.device.startswith("cuda"):
+        return ["--bf16", "true"] if torch.cuda.is_bf16_supported() else ["--fp16", "true"]
+    return ["--use_cpu", "true"] if torch.cuda.is_available() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +614,7 @@ def tune_arguments(lab: Lab) -> list[str]:
         "--n_examples", str(p.tune_examples), "--max_target_tokens", str(p.max_new_tokens),
         "--n_trials", str(p.tune_trials), "--batch_size", "8", "--seed", str(lab.args.seed),
         "--output_dir", str(lab.path("steer")), "--overwrite_output_dir", "true",
+        *(["--large_device", lab.device] if lab.args.preset or lab.args.device else []),  # the others follow L
     ]
 
 
@@ -461,6 +643,8 @@ def evaluation_data(lab: Lab) -> list[str]:
             else ["--dataset_path", str(lab.path("data")), "--split", "test"])
     if p.test_examples is not None:
         data += ["--num_examples", str(p.test_examples)]
+    elif hasattr(importlib.import_module("evaluation").DataArguments, "all_examples"):
+        data += ["--all_examples", "true"]  # evaluation.py alone samples 20 papers; the lab scores the whole split
     return [*data, "--seed", str(lab.args.seed), "--max_length", str(p.max_length)]
 
 
@@ -475,7 +659,7 @@ def evaluation_arguments(lab: Lab, run: str) -> list[str]:
                   "--large_model", lab.model("large"), "--systems", "steered",
                   "--blend", str(lab.path("steer", "blends", f"{run}.json"))]
     return [*models, *evaluation_data(lab), "--max_new_tokens", str(p.max_new_tokens),
-            "--batch_size", str(p.eval_batch), "--device", "cpu", "--bootstrap_samples", str(p.bootstrap_samples),
+            "--batch_size", str(p.eval_batch), "--device", lab.device, "--bootstrap_samples", str(p.bootstrap_samples),
             "--output_dir", str(lab.eval_dir / run)]
 
 
@@ -506,7 +690,7 @@ def score_alpha_curve(lab: Lab) -> None:
     rows = evaluation.load_examples(data_args)
     examples = [rows[i] for i in evaluation.select_examples(len(rows), data_args.num_examples, data_args.seed)]
     roles = {steer.LARGE: "large", steer.SMALL_TUNED: "small_tuned", steer.SMALL_BASE: "small"}
-    models = {role: load_causal_lm(lab.model(name), device="cpu") for role, name in roles.items()}
+    models = {role: load_causal_lm(lab.model(name), device=lab.device) for role, name in roles.items()}
     tokenizer = load_tokenizer(lab.model("large"), padding_side="left")
     tokenizer.model_max_length = int(1e30)
     context = min(steer.model_context(models), data_args.max_length)
@@ -622,6 +806,15 @@ def describe_models(lab: Lab) -> dict[str, dict]:
     out = {}
     p = lab.profile
     for name, size in (("S", "small"), ("L", "large"), ("S_tuned", "small_tuned"), ("L_tuned", "large_tuned")):
+        if size in lab.pretrained:  # --preset: a Hub model the lab did not train
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(lab.pretrained[size])
+            out[name] = {"shape": f"d={config.hidden_size}, {config.num_hidden_layers} layers, "
+                                  f"{config.num_attention_heads} heads", **count_parameters(lab.pretrained[size]),
+                         "pretrained": lab.pretrained[size], "steps": None, "eval_loss": None,
+                         "eval_perplexity": None, "train_seconds": None}
+            continue
         final = Path(lab.model(size))
         metrics = json.loads((final / "metrics.json").read_text(encoding="utf-8"))
         config = json.loads((final / "config.json").read_text(encoding="utf-8"))
@@ -727,8 +920,12 @@ def write_report(lab: Lab, stage_times: dict[str, dict], total_seconds: float) -
     models = describe_models(lab)
     counts = data_counts(lab)
     tune_report = json.loads(lab.path("steer", "tune_report.json").read_text(encoding="utf-8"))
-    where = f"--test_file {lab.args.test_file}" if lab.args.test_file else "MReD test split"
-    title = f"Steering lab ({'smoke' if lab.args.smoke else 'full'}, {where})"
+    where = (f"--test_file {lab.args.test_file}" if lab.args.test_file else
+             "MReD test split" if lab.task_data == str(MRED) else f"{lab.task_data} test split")
+    kind = "smoke" if lab.args.smoke else "full"
+    if lab.args.preset:
+        kind = f"pythia-70m + pythia-{lab.args.large}, {kind}"
+    title = f"Steering lab ({kind}, {where})"
     plot_report(lab.figure, analysis, curve, title)
 
     header = ("system", "NLL/token [95% CI]", "perplexity", "ROUGE-1", "ROUGE-2", "ROUGE-L [95% CI]",
@@ -770,22 +967,36 @@ def design_lines(lab: Lab, models: dict, counts: dict, tune_report: dict) -> lis
     tok = (f"`{lab.args.tokenizer}`" if lab.args.tokenizer else
            f"byte-level BPE, {p.vocab_size} tokens, trained by the lab on the IMDB sample + the train split's reviews "
            "and meta-reviews (Pythia's special tokens: <|endoftext|> = 0, <|padding|> = 1)")
-    lines = [f"**Design.** Tokenizer: {tok}. General text: {p.corpus_rows} IMDB reviews (seeded sample), "
-             f"{p.heldout_percentage:g}% held out; blocks of {p.block_size} tokens. Task: MReD `mred_val_longest.jsonl`, "
-             f"seeded split 75/10/15 by processing_meta_review.py, max_length {p.max_length} (reviews cut by its fair "
+    corpus = "IMDB reviews" if lab.corpus == str(IMDB) else f"texts of `{lab.corpus}`"
+    general = (f"General text: {p.corpus_rows} {corpus} (seeded sample), {p.heldout_percentage:g}% held out; blocks of "
+               f"{p.block_size} tokens.")
+    if lab.args.preset:
+        tok = f"Pythia's (`{lab.pretrained['small']}`)"
+        precision = "bf16" if lab.device.startswith("cuda") else "fp32"
+        general = (f"S = `{lab.pretrained['small']}` and L = `{lab.pretrained['large']}` from the Hub (pretrained on "
+                   f"the Pile), not trained here; fine-tuned with {precision} on {lab.device}.")
+    task = ("MReD `mred_val_longest.jsonl`, seeded split 75/10/15" if lab.task_data == str(MRED) else
+            f"`{lab.task_data}`, its own splits (else a seeded 75/10/15 split)")
+    lines = [f"**Design.** Tokenizer: {tok}. {general} Task: {task} "
+             f"by processing_meta_review.py, max_length {p.max_length} (reviews cut by its fair "
              f"budget rule); evaluation prompts cut to {p.max_length} - {p.max_new_tokens} tokens, greedy decoding of "
              f"at most {p.max_new_tokens} tokens, reference NLL over the tokens that fit the context.", "",
              "| model | shape | non-embedding params | total params | training | held-out loss (ppl) | train time (s) |",
              "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
-        if name in ("S", "L"):
-            training = f"{m['steps']} steps, {m['train_tokens']:,} IMDB tokens"
-            heldout = f"IMDB {m['eval_loss']:.3f} ({m['eval_perplexity']:.1f})"
+        if m.get("pretrained"):
+            training = "pretrained (Pythia, 300B Pile tokens)"
+            heldout = "-"
+        elif name in ("S", "L"):
+            corpus = "IMDB" if lab.corpus == str(IMDB) else "corpus"
+            training = f"{m['steps']} steps, {m['train_tokens']:,} {corpus} tokens"
+            heldout = f"{corpus} {m['eval_loss']:.3f} ({m['eval_perplexity']:.1f})"
         else:
             training = f"{m['steps']} steps ({p.finetune_epochs} epochs max, best by validation loss)"
-            heldout = f"MReD val {m['eval_loss']:.3f} ({m['eval_perplexity']:.1f})"
+            task = "MReD" if lab.task_data == str(MRED) else "task"
+            heldout = f"{task} val {m['eval_loss']:.3f} ({m['eval_perplexity']:.1f})"
         lines.append(f"| {name} | {m['shape']} | {m['non_embedding']:,} | {m['total']:,} | {training} | {heldout} | "
-                     f"{m['train_seconds'] or 0:.0f} |")
+                     + ("-" if m.get("pretrained") else f"{m['train_seconds'] or 0:.0f}") + " |")
     ratio = models["L"]["non_embedding"] / models["S"]["non_embedding"]
     s = counts["splits"]
     lines += ["", f"L / S non-embedding parameters: {ratio:.1f}x. Task splits (papers; tokens; meta-review tokens): "
@@ -836,19 +1047,20 @@ def write_commands(lab: Lab) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def check_inputs(lab: Lab) -> None:
-    missing = [str(p) for p in (IMDB, MRED) if not p.is_file()]
+    sources = [("--task_data", lab.task_data), *([] if lab.args.preset else [("--corpus", lab.corpus)])]
+    missing = [f"{flag} {s}" for flag, s in sources if looks_local(s) and not Path(s).exists()]
     if missing:
-        raise UsageError(f"the lab needs the shared data beside the repo; missing {', '.join(missing)}")
+        raise UsageError(f"missing {', '.join(missing)}; pass a local file or a Hub dataset id")
 
 
 def main(args: LabArguments) -> dict:
     """Run (or reuse) every stage, then write the report. Returns the report's content."""
     setup_logging()
-    # Everything is local; never wait on the Hub.
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     lab = resolve_lab(args)
+    if not lab.uses_hub:  # everything is local; never wait on the Hub
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_inputs(lab)
     if args.threads:
         import torch
@@ -857,20 +1069,23 @@ def main(args: LabArguments) -> dict:
     lab.work.mkdir(parents=True, exist_ok=True)
     for name in args.redo:
         forget_stages(lab, name)
-    logger.info("steering lab: profile %s, work dir %s, evaluating on %s\n  %s", "smoke" if args.smoke else "full",
-                lab.work, lab.eval_name, json.dumps(dataclasses.asdict(lab.profile)))
+    models = f"S {lab.model('small')}, L {lab.model('large')}" if args.preset else f"corpus {lab.corpus}"
+    logger.info("steering lab: profile %s, work dir %s, evaluating on %s\n  sources: task %s, %s; device %s\n  %s",
+                ("pythia-" if args.preset else "") + ("smoke" if args.smoke else "full"), lab.work, lab.eval_name,
+                lab.task_data, models, lab.device, json.dumps(dataclasses.asdict(lab.profile)))
     started = time.perf_counter()
     p = lab.profile
     stages: dict[str, dict] = {}
     try:
-        stages["corpus"] = run_stage(lab, "corpus", {"rows": p.corpus_rows, "seed": args.seed},
-                                     lambda: sample_corpus(lab))
-        if not args.tokenizer:
-            stages["tokenizer"] = run_stage(lab, "tokenizer", {"vocab": p.vocab_size, "data": processing_arguments(lab)},
+        if not args.preset:  # the preset's S and L are pretrained, with their own tokenizer
+            stages["corpus"] = run_stage(lab, "corpus", corpus_settings(lab), lambda: sample_corpus(lab))
+        if not (args.tokenizer or args.preset):
+            stages["tokenizer"] = run_stage(lab, "tokenizer",
+                                            {"vocab": p.vocab_size, "data": processing_arguments(lab)},
                                             lambda: train_tokenizer(lab))
         argv = [*processing_arguments(lab), "--output_dir", str(lab.path("data"))]
         stages["data"] = run_stage(lab, "data", {"argv": argv}, lambda: run_script(lab, "processing_meta_review", argv))
-        for size in ("small", "large"):
+        for size in ("small", "large") if not args.preset else ():
             argv_p = pretrain_arguments(lab, size)
             stages[f"pretrain_{size}"] = run_stage(lab, f"pretrain_{size}", {"argv": argv_p},
                                                    lambda a=argv_p: run_script(lab, "fine_tune", a))

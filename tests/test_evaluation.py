@@ -1,5 +1,6 @@
 """evaluation.py: end to end with tiny models, ratings that survive re-runs, atomic workbook replacement,
-the workbook's sheets/validation/chart read back with openpyxl, metrics against references, bad inputs."""
+the workbook's sheets/validation/chart read back with openpyxl, metrics against references, bad inputs.
+(workbook.py's own tests, with records built in memory, are in test_workbook.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 import evaluation
 from common import PROMPT_TEMPLATE, UsageError, cli, parse_config
+from test_workbook import header_of, key_of, row_of
 
 N_EXAMPLES = 3
 SYSTEMS = ["small_base", "small_tuned", "large", "steered"]
@@ -62,7 +64,9 @@ def first_run(tiny_model_dirs, jsonl_file, tmp_path, blend_file):
 def test_end_to_end_writes_workbook_and_artifacts(first_run):
     out, metrics, _ = first_run
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["eval_examples.xlsx", "metrics.json", "predictions.jsonl", "prompt_template.txt", "rouge_by_system.png"])
+        ["eval_examples.xlsx", "metrics.json", "predictions.jsonl", "prompt_template.txt", "ratings.jsonl",
+         "rouge_by_system.png"])
+    assert (out / "ratings.jsonl").read_text() == ""  # nothing judged yet
     assert (out / "prompt_template.txt").read_text() == PROMPT_TEMPLATE + "\n"
     assert (out / "rouge_by_system.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "metrics.json").read_text())
@@ -90,7 +94,7 @@ def test_reference_perplexity_is_the_nll_of_the_training_target(first_run, tiny_
     out, _, _ = first_run
     pred = next(p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
                 if p["system"] == "large")
-    _, rows = read_sheet(out / "eval_examples.xlsx", "Examples")
+    _, rows = read_sheet(out / "eval_examples.xlsx", "Review")
     reviews = next(r["reviews"] for r in rows if r["example_id"] == pred["example_id"])
     prompt, _ = build_prompt([reviews], tiny_tokenizer, 512 - 4)
     prompt_ids = tiny_tokenizer(prompt)["input_ids"]
@@ -119,22 +123,24 @@ def test_steering_with_alpha_zero_is_the_large_model(tiny_model_dirs, jsonl_file
 def test_workbook_sheets_validation_and_chart(first_run):
     from openpyxl import load_workbook
 
-    out, _, rerun = first_run
+    out, _, _ = first_run
     wb = load_workbook(out / "eval_examples.xlsx")
-    assert wb.sheetnames == ["Examples", "Summary", "Run"]
-    ws = wb["Examples"]
-    header = [c.value for c in ws[1]]
-    assert header[:8] == ["example_no", "example_id", "system", "reviews", "reference", "output", "rating", "comment"]
-    assert ws.max_row == 1 + N_EXAMPLES * len(SYSTEMS)
-    assert ws.freeze_panes == "D2"
-    assert ws.auto_filter.ref == f"A1:{ws.cell(1, len(header)).column_letter}{ws.max_row}"
-    assert all(ws.cell(r, header.index("rating") + 1).value is None for r in range(2, ws.max_row + 1))
-    assert ws.cell(2, header.index("output") + 1).alignment.wrap_text
-    assert ws.column_dimensions["D"].width == 70
+    assert wb.sheetnames == ["Review", "Pairwise", "Summary", "Scores", "Intervals", "Run", "Key"]
+    assert wb["Key"].sheet_state == "hidden"
+    ws = wb["Review"]
+    col = header_of(ws)
+    assert ws.max_row == 1 + N_EXAMPLES  # one row per example
+    assert [h for h in col if h.endswith(" output")] == ["A output", "B output", "C output", "D output"]
+    key, preds = key_of(wb), [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for p in preds:  # the letter the Key gives shows that system's output
+        row = row_of(ws, p["example_id"])
+        assert ws.cell(row, col[f"{key[('Review', p['example_id'], p['system'])]} output"]).value == p["prediction"]
     (rule,) = ws.data_validations.dataValidation
-    assert (rule.type, rule.operator, rule.formula1, rule.formula2) == ("whole", "between", "1", "5")
-    assert rule.showErrorMessage
-    assert str(rule.sqref) == f"G2:G{ws.max_row}"  # G = rating
+    assert (rule.type, rule.formula1) == ("list", '"1,2,3,4,5"') and len(rule.sqref.ranges) == len(SYSTEMS)
+    assert all(ws.cell(r, col["A rating"]).value is None for r in range(2, ws.max_row + 1))
+    pairwise = wb["Pairwise"]  # default: steered vs large, both evaluated
+    assert pairwise.max_row == 1 + N_EXAMPLES
+    assert {key[("Pairwise", p["example_id"], s)] for p in preds for s in ("steered", "large")} == {"A", "B"}
 
     summary = wb["Summary"]
     assert [c.value for c in summary[1]][:7] == ["system", "model", "n", *evaluation.ROUGE_TYPES]
@@ -142,54 +148,64 @@ def test_workbook_sheets_validation_and_chart(first_run):
     (chart,) = summary._charts
     assert chart.tagname == "barChart" and len(chart.series) == len(evaluation.ROUGE_TYPES)
     assert chart.series[0].val.numRef.f == "'Summary'!$D$2:$D$5"
+    scores = wb["Scores"]
+    assert scores.max_row == 1 + N_EXAMPLES * len(SYSTEMS) and scores.freeze_panes == "D2"
 
     run_info = {r[0]: r[1] for r in wb["Run"].iter_rows(min_row=2, values_only=True)}
     assert run_info["split"] == "test" and run_info["n_examples"] == N_EXAMPLES
     assert run_info["systems.small_tuned.model"].endswith("small_tuned")
     assert run_info["systems.large.decoding.do_sample"] is False
     assert run_info["prompt_template"] == PROMPT_TEMPLATE
+    assert (run_info["review.seed"], run_info["review.pairwise"]) == (42, "steered vs large")  # --seed's default
 
 
 def test_ratings_survive_rerun(first_run, tiny_model_dirs, jsonl_file):
-    """Ratings, comments and a column the reviewer added come back after re-runs, including for a system
-    that is left out of one run (kept aside, then restored)."""
+    """Ratings and comments typed under the blind letters, a pairwise choice and a column the reviewer added come
+    back after re-runs with another review seed, including for a system left out of one run (kept aside, then
+    restored); ratings.jsonl holds them on every run."""
     from openpyxl import load_workbook
 
     out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     wb = load_workbook(path)
-    ws = wb["Examples"]
-    header = [c.value for c in ws[1]]
-    col = {h: header.index(h) + 1 for h in header}
-    ws.cell(1, len(header) + 1, "second_opinion")
+    key, ws = key_of(wb), wb["Review"]
+    col = header_of(ws)
+    ws.cell(1, ws.max_column + 1, "second_opinion")
+    eids = [ws.cell(r, col["example_id"]).value for r in range(2, ws.max_row + 1)]
     typed = {}
-    for r, (rating, comment) in zip((2, 4, 6), ((4, "fluent but vague"), (1, "=not a formula"), (5, None))):
-        ws.cell(r, col["rating"], rating)
+    for eid, system, rating, comment in ((eids[0], "small_base", 4, "fluent but vague"), (eids[1], "steered", 1,
+                                                                                         "=not a formula"),
+                                         (eids[2], "large", 5, None)):
+        label = key[("Review", eid, system)]
+        ws.cell(row_of(ws, eid), col[f"{label} rating"], rating)
         if comment:
-            ws.cell(r, col["comment"], comment)
-        ws.cell(r, len(header) + 1, f"note {r}")
-        key = (ws.cell(r, col["example_id"]).value, ws.cell(r, col["system"]).value)
-        typed[key] = {"rating": rating, "comment": comment, "second_opinion": f"note {r}"}
+            ws.cell(row_of(ws, eid), col[f"{label} comment"], comment)
+        typed[(eid, system)] = (rating, comment)
+    ws.cell(row_of(ws, eids[0]), ws.max_column, "note 1")
+    pw = wb["Pairwise"]
+    pw.cell(row_of(pw, eids[0]), header_of(pw)["choice"], key[("Pairwise", eids[0], "steered")])
     wb.save(path)
-    assert any(k[1] == "small_base" for k in typed)
 
-    def typed_in(sheet):
-        _, rows = read_sheet(path, sheet)
-        return {(r["example_id"], r["system"]): {k: r.get(k) for k in ("rating", "comment", "second_opinion")}
-                for r in rows if r.get("rating") is not None}
+    def judged():
+        lines = [json.loads(line) for line in (out / "ratings.jsonl").read_text().splitlines()]
+        ratings = {(r["example_id"], r["system"]): (r["rating"], r["comment"]) for r in lines if r["type"] == "rating"}
+        current = {(r["example_id"], r["system"]) for r in lines if r["type"] == "rating" and r["kept"] is None}
+        choices = [(r["example_id"], r["winner"], r["kept"]) for r in lines if r["type"] == "pairwise"]
+        notes = [(r["example_id"], r["values"]) for r in lines if r["type"] == "note"]
+        return ratings, current, choices, notes
 
-    rerun()
-    assert typed_in("Examples") == typed
+    rerun("--review_seed", "5")  # every letter reshuffled
+    assert judged() == (typed, set(typed), [(eids[0], "steered", None)], [(eids[0], {"second_opinion": "note 1"})])
 
-    # small_base (and with it steered) left out: their rated rows move to 'Kept ratings', nothing is dropped.
+    # small_base (and with it steered) left out: their judgments move to 'Kept ratings', nothing is dropped.
     run(tiny_model_dirs, jsonl_file, out, models=("small_tuned", "large"))
-    assert "Kept ratings" in load_workbook(path).sheetnames
-    kept = typed_in("Kept ratings")
-    assert kept == {k: v for k, v in typed.items() if k[1] in ("small_base", "steered")}
-    assert {**typed_in("Examples"), **kept} == typed
+    assert "Kept ratings" in load_workbook(path).sheetnames and "Pairwise" not in load_workbook(path).sheetnames
+    ratings, current, choices, _ = judged()
+    assert ratings == typed and current == {k for k in typed if k[1] == "large"}
+    assert choices == [(eids[0], "steered", f"not in run of {json.loads((out / 'metrics.json').read_text())['run']['date']}")]
 
     rerun()
-    assert typed_in("Examples") == typed
+    assert judged()[:3] == (typed, set(typed), [(eids[0], "steered", None)])
     assert "Kept ratings" not in load_workbook(path).sheetnames
 
 
@@ -199,16 +215,23 @@ def test_changed_output_keeps_the_rating_and_the_rated_output(first_run, tiny_mo
     out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     wb = load_workbook(path)
-    ws = wb["Examples"]
-    ws["G2"] = 3
-    old_output = ws["F2"].value
+    ws = wb["Review"]
+    eid = ws.cell(2, header_of(ws)["example_id"]).value
+    label = key_of(wb)[("Review", eid, "large")]
+    ws.cell(2, header_of(ws)[f"{label} rating"], 3)
+    old_output = ws.cell(2, header_of(ws)[f"{label} output"]).value
     wb.save(path)
     rerun("--max_new_tokens", "6")
-    _, rows = read_sheet(path, "Examples")
-    assert rows[0]["rating"] == 3 and rows[0]["output"] != old_output and "Kept ratings" in rows[0]["note"]
+    wb = load_workbook(path)
+    ws = wb["Review"]
+    label = key_of(wb)[("Review", eid, "large")]
+    row = row_of(ws, eid)
+    assert ws.cell(row, header_of(ws)[f"{label} rating"]).value == 3
+    assert ws.cell(row, header_of(ws)[f"{label} output"]).value != old_output
+    assert f"{label}: an earlier rating is in 'Kept ratings'" in ws.cell(row, header_of(ws)["note"]).value
     _, kept = read_sheet(path, "Kept ratings")
-    assert [(k["rating"], k["output"]) for k in kept] == [(3, old_output)]
-    assert kept[0]["reason"].startswith("output changed since rated")
+    assert [(k["example_id"], k["system"], k["rating"], k["output"]) for k in kept] == [(eid, "large", 3, old_output)]
+    assert kept[0]["reason"].startswith("output changed since judged")
 
 
 def test_workbook_replaced_atomically_when_saving_fails(first_run, tiny_model_dirs, jsonl_file, monkeypatch):
@@ -252,7 +275,7 @@ def test_processed_dataset_split_and_ids_are_used(tiny_model_dirs, rows, tmp_pat
     datasets.DatasetDict({"train": table(0), "validation": table(4), "test": table(8)}).save_to_disk(str(data))
     run(tiny_model_dirs, data, tmp_path / "out", "--split", "validation", "--num_examples", "10",
         models=("large",))
-    _, got = read_sheet(tmp_path / "out" / "eval_examples.xlsx", "Examples")
+    _, got = read_sheet(tmp_path / "out" / "eval_examples.xlsx", "Review")
     assert [r["example_id"] for r in got] == ["ex4", "ex5", "ex6", "ex7"]
     assert got[0]["reference"] == rows[4]["Output"]
 
@@ -416,18 +439,6 @@ def test_decoding_overrides_apply_to_one_system(tmp_path):
             evaluation.resolve_decoding(evaluation.GenerationArguments(decoding_overrides=bad), ["large"])
 
 
-def test_text_that_looks_like_a_formula_stays_text(tmp_path):
-    from openpyxl import Workbook, load_workbook
-
-    wb = Workbook()
-    evaluation.write_table(wb.active, ["output", "rating"], [{"output": "=1+1 \x07bell", "rating": "=2+2"}],
-                           keep_formulas={"rating"})
-    wb.save(tmp_path / "t.xlsx")
-    ws = load_workbook(tmp_path / "t.xlsx").active
-    assert (ws["A2"].value, ws["A2"].data_type) == ("=1+1 bell", "s")
-    assert ws["B2"].data_type == "f"
-
-
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit 2, nothing touched
 # ---------------------------------------------------------------------------------------------
@@ -498,15 +509,16 @@ def test_reviewer_sheets_and_unnamed_columns_are_kept(first_run, tiny_model_dirs
     path = out / "eval_examples.xlsx"
     wb = load_workbook(path)
     wb.create_sheet("My notes").append(["to discuss", 42])
-    ws = wb["Examples"]
+    ws = wb["Review"]
     ws.cell(3, ws.max_column + 3, "typed without a header")
+    eid = ws.cell(3, header_of(ws)["example_id"]).value
     wb.save(path)
     rerun()
     wb = load_workbook(path)
     assert [list(r) for r in wb["My notes"].iter_rows(values_only=True)] == [["to discuss", 42]]
-    header, rows = read_sheet(path, "Examples")
+    header, rows = read_sheet(path, "Review")
     extra = [h for h in header if h.startswith("column ")]
-    assert len(extra) == 1 and rows[1][extra[0]] == "typed without a header"
+    assert len(extra) == 1 and next(r for r in rows if r["example_id"] == eid)[extra[0]] == "typed without a header"
     assert zipfile.is_zipfile(path)
 
 

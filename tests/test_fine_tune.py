@@ -408,7 +408,7 @@ def bad_input_flags(tmp_path, fixture_jsonl, tiny_tokenizer_dir, base_model_dir)
         "missing columns": (base + ["--dataset_path", str(no_columns)], "column 'Input' not found"),
         "unknown config key": (base + ["--config_name", "tiny", "--tokenizer_name", str(tiny_tokenizer_dir),
                                        "--config_overrides", "hiden_size=64"], "did you mean 'hidden_size'"),
-        "max_length below template": (base + ["--max_length", "12"], "smaller than the prompt template"),
+        "max_length below template": (base + ["--max_length", "12"], "leaves no room for the prompt template"),
         "unknown preset": (base + ["--config_name", "pythia-7q"], "neither a preset"),
     }
 
@@ -430,7 +430,7 @@ def test_bad_flags_are_usage_errors(tmp_path):
     config.write_text("learning_rat: 0.1\n")
     with pytest.raises(UsageError, match="did you mean 'learning_rate'"):
         fine_tune.parse_args([str(config)])
-    with pytest.raises(UsageError, match="multiple of the evaluation"):
+    with pytest.raises(UsageError, match="--save_steps 10 is not a multiple of --eval_steps 3"):
         fine_tune.parse_args(["--save_steps", "10", "--eval_steps", "3"])
     with pytest.raises(UsageError, match="--merge_lora needs --use_lora"):
         fine_tune.parse_args(["--merge_lora"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +203,154 @@ def test_real_data(tmp_path, name, n_rows):
         raw = [json.loads(line) for line in (SHARED_DATA / name).open()]
         n_reviews = sum(bool(r.get("review")) for row in raw for r in row["Review"])
         assert sum(len(r) for s in ds.values() for r in s["reviews"]) == n_reviews
+
+
+def compress(path, suffix):
+    """path -> path + suffix, compressed as the suffix says (the datasets library reads all four)."""
+    import bz2
+    import gzip
+    import lzma
+
+    data = path.read_bytes()
+    out = path.with_name(path.name + suffix)
+    if suffix == ".zst":
+        zstandard = pytest.importorskip("zstandard")
+        out.write_bytes(zstandard.ZstdCompressor().compress(data))
+    else:
+        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+        with opener(out, "wb") as f:
+            f.write(data)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+@pytest.mark.parametrize("ext", [".jsonl", ".csv"])
+def test_compressed_data_files(tmp_path, tiny_tokenizer_dir, suffix, ext):
+    import pandas as pd
+
+    plain = tmp_path / f"d{ext}"
+    rows = make_rows(20)
+    if ext == ".csv":
+        pd.DataFrame(rows).to_csv(plain, index=False)
+    else:
+        write_jsonl(plain, rows)
+    _, stats = run(tmp_path, tiny_tokenizer_dir, compress(plain, suffix))
+    assert stats["rows_in_total"] == 20 and stats["rows_kept_total"] == 20
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("corrupt_gzip", "is not a valid gzip file"),
+    ("non_utf8_inside_gzip", r"is not UTF-8 \(line 2\)"),
+    ("bad_json_inside_xz", "line 1 is not JSON"),
+    ("empty_inside_bz2", "is empty"),
+    ("gzipped_parquet", "Parquet compresses its columns itself"),
+])
+def test_bad_compressed_files_fail_cleanly(tmp_path, tiny_tokenizer_dir, case, needle):
+    import pandas as pd
+
+    if case == "corrupt_gzip":
+        data = tmp_path / "d.jsonl.gz"
+        data.write_bytes(compress(write_jsonl(tmp_path / "d.jsonl", make_rows(4)), ".gz").read_bytes()[:30])
+    elif case == "non_utf8_inside_gzip":
+        (tmp_path / "d.jsonl").write_bytes(b'{"Input": "a", "Output": "b"}\n{"Input": "caf\xe9", "Output": "b"}\n')
+        data = compress(tmp_path / "d.jsonl", ".gz")
+    elif case == "bad_json_inside_xz":
+        (tmp_path / "d.jsonl").write_text("Input,Output\na,b\n")
+        data = compress(tmp_path / "d.jsonl", ".xz")
+    elif case == "empty_inside_bz2":
+        (tmp_path / "d.jsonl").write_text("")
+        data = compress(tmp_path / "d.jsonl", ".bz2")
+    else:
+        pd.DataFrame(make_rows(4)).to_parquet(tmp_path / "d.parquet")
+        data = compress(tmp_path / "d.parquet", ".gz")
+    with pytest.raises(UsageError, match=needle) as err:
+        run(tmp_path, tiny_tokenizer_dir, data)
+    assert data.name in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_text_targets_are_counted_under_their_own_reason(tmp_path, tiny_tokenizer_dir):
+    rows = make_rows(20) + [{"Input": "a fine review of the paper", "Output": 7},
+                            {"Input": "another fine review", "Output": ["accept", "reject"]},
+                            {"Input": 42, "Output": "a meta-review long enough to keep here"},
+                            {"Input": "a review", "Output": ""}]
+    _, stats = run(tmp_path, tiny_tokenizer_dir, write_jsonl(tmp_path / "d.jsonl", rows))
+    assert stats["dropped"] == {"meta_review_not_text": 2, "reviews_not_text": 1, "empty_meta_review": 1}
+    assert stats["rows_kept_total"] == 20
+
+
+@pytest.mark.parametrize("column, values, needle", [
+    ("Output", [3, 5, 8], "column 'Output' of .* holds int values, not text .*--output_column"),
+    ("Output", [[1, 2], [3]], "column 'Output' of .* holds list values"),
+    ("Input", [1.5, 2.5, 3.5], "column 'Input' of .* holds float values, not text .*--input_column"),
+])
+def test_a_column_that_is_not_text_is_one_error(tmp_path, tiny_tokenizer_dir, column, values, needle):
+    rows = [{**row, column: v} for row, v in zip(make_rows(len(values)), values)]
+    with pytest.raises(UsageError, match=needle):
+        run(tmp_path, tiny_tokenizer_dir, write_jsonl(tmp_path / "d.jsonl", rows))
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_of_data_files_is_split_by_name(tmp_path, tiny_tokenizer_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = make_rows(30)
+    write_jsonl(src / "train.jsonl", rows[:20])
+    compress(write_jsonl(src / "mred_val.jsonl", rows[20:25]), ".gz").rename(src / "mred_val.jsonl.gz")
+    (src / "mred_val.jsonl").unlink()
+    write_jsonl(src / "test.jsonl", rows[25:])
+    (src / "README.md").write_text("not data")
+    _, stats = run(tmp_path, tiny_tokenizer_dir, src)
+    assert stats["rows_kept"] == {"test": 5, "validation": 5, "train": 20}
+
+
+def test_directory_without_data_says_what_to_pass(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    with pytest.raises(UsageError, match=r"directory without a dataset.*pass a data file \(\.jsonl.*named by split"):
+        run(tmp_path, tiny_tokenizer_dir, tmp_path / "notes")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--validation_split_percentage", "nan"], "--validation_split_percentage nan is not a number"),
+    (["--test_split_percentage", "inf"], "--test_split_percentage inf is not a finite float32 number"),
+    (["--validation_split_percentage", "1e39"], "--validation_split_percentage 1e+39 is not a finite float32"),
+    (["--seed", "-1"], "--seed -1 must be in [0, 4294967295]"),
+    (["--seed", str(2**40)], "--seed 1099511627776 must be in"),
+    (["--max_examples", "0"], "--max_examples 0 must be >= 1"),
+    (["--min_target_words", "-3"], "--min_target_words -3 must be >= 0"),
+])
+def test_numbers_are_finite_and_in_range(flags, needle):
+    from common import parse_config
+
+    with pytest.raises(UsageError) as err:
+        parse_config([ProcessingArguments], flags)
+    assert needle in str(err.value)
+
+
+def test_too_small_max_length_hint_is_the_real_minimum(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, jsonl_file):
+    """One number, from the tokenizer, in every case and script: the smallest --max_length that works."""
+    from processing_meta_review import min_max_length
+
+    needed = min_max_length(tiny_tokenizer)
+    for too_small in (0, 8, needed - 1):
+        with pytest.raises(UsageError, match=f"use at least {needed} "):
+            run(tmp_path, tiny_tokenizer_dir, jsonl_file, max_length=too_small)
+    write_jsonl(tmp_path / "short.jsonl", [{"Input": f"review {i}", "Output": "a"} for i in range(10)])  # ' a': 1 token
+    _, stats = run(tmp_path, tiny_tokenizer_dir, tmp_path / "short.jsonl", max_length=needed, min_target_words=1)
+    assert stats["rows_kept_total"] > 0
+
+
+def test_full_disk_while_saving_leaves_nothing(tmp_path, tiny_tokenizer_dir, jsonl_file, monkeypatch):
+    import errno
+
+    import datasets
+
+    def full(self, path, *a, **kw):
+        (Path(path) / "data-00000.arrow").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", full)
+    with pytest.raises(UsageError, match=r"no space left on the device of .*out \(.* free\); free some space"):
+        run(tmp_path, tiny_tokenizer_dir, jsonl_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]

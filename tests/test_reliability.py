@@ -479,6 +479,57 @@ def test_sigkill_anywhere_then_same_command_resumes_and_matches(server, tiny_tok
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
+# How each schedule ends (the training split has 5 batches of 4 per epoch): `stop` is the uninterrupted run's last step.
+SCHEDULES = {
+    "max_steps_within_the_first_epoch": (["--max_steps", "3", "--save_steps", "1"], 3),
+    "max_steps_mid_epoch": (["--max_steps", "7", "--save_steps", "1"], 7),
+    "epochs": (["--num_train_epochs", "2", "--save_steps", "2"], 10),
+    # "Better" = a higher loss, which falls: no evaluation after step 2 improves, and patience 2 stops at step 6.
+    "early_stopping": (["--max_steps", "30", "--save_steps", "2", "--greater_is_better", "true",
+                        "--early_stopping_patience", "2"], 6),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_sigkill_mid_run_and_during_the_final_save_resumes_to_the_same_end(schedule, server, tiny_tokenizer_dir,
+                                                                            jsonl_file, tmp_path):
+    """The resumed run ends where the uninterrupted one does, at every kill point: killed mid-run, and killed while
+    final/ is written after the last checkpoint (resuming from that checkpoint must train no further step)."""
+    import fine_tune
+
+    extra, stop = SCHEDULES[schedule]
+    logs, whole, crashed = tmp_path / "_logs", tmp_path / "whole", tmp_path / "crashed"
+
+    def flags(out: Path) -> list:
+        base = fine_tune_flags(tiny_tokenizer_dir, jsonl_file, out)
+        i = base.index("--max_steps")
+        return [*base[:i], *base[i + 4:], "--lr_scheduler_type", "constant", *extra]  # drop --max_steps/--save_steps
+
+    res = server.run("fine_tune.py", flags(whole), logs)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = json.loads((whole / "final" / "metrics.json").read_text())
+    assert expected["global_step"] == stop
+
+    killed_at(server, flags(crashed), logs, tmp_path, kind="pause", target="transformers.trainer:Trainer._save_rng_state",
+              match="checkpoint-2")
+    killed_at(server, flags(crashed), logs, tmp_path, kind="pause",
+              target="transformers.trainer_callback:TrainerState.save_to_json", match=".final.tmp-")
+    assert not (crashed / "final").exists()
+    assert fine_tune.list_checkpoints(crashed)[0].name == f"checkpoint-{stop}"
+    res = server.run("fine_tune.py", flags(crashed), logs)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from checkpoint-{stop}" in res.stderr
+    got = json.loads((crashed / "final" / "metrics.json").read_text())
+    assert got["global_step"] == stop, "the resumed run trained past the uninterrupted run's end"
+    assert sorted(p.name for p in crashed.glob("checkpoint-*")) == sorted(p.name for p in whole.glob("checkpoint-*"))
+    assert got["eval_loss"] == expected["eval_loss"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (whole, crashed))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Crash during evaluation: the workbook and the ratings typed into it
 # ---------------------------------------------------------------------------------------------

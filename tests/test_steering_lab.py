@@ -115,3 +115,143 @@ def test_smoke_lab_end_to_end_cached_redo_and_test_file(tmp_path):
     # A cached stage made with other settings is refused rather than silently reused.
     with pytest.raises(UsageError, match="other settings"):
         steering_lab.main(lab_args("--smoke", "--work_dir", str(work), "--seed", "7"))
+
+
+def test_preset_and_source_flags_are_checked():
+    with pytest.raises(UsageError, match="--large 1.4b needs --preset pythia"):
+        lab_args("--large", "1.4b")
+    with pytest.raises(UsageError, match="--preset gpt2: unknown"):
+        lab_args("--preset", "gpt2")
+    with pytest.raises(UsageError, match="--large 7b: choose from"):
+        lab_args("--preset", "pythia", "--large", "7b")
+    with pytest.raises(UsageError, match="--tokenizer does not apply with --preset pythia"):
+        lab_args("--preset", "pythia", "--tokenizer", str(ROOT))
+    with pytest.raises(UsageError, match="--corpus missing.jsonl: no such file"):
+        lab_args("--corpus", "missing.jsonl")
+
+
+def test_sources_fall_back_to_the_hub_without_shared(tmp_path):
+    absent = tmp_path / "shared" / "imdb.jsonl.gz"
+    assert steering_lab.resolve_source(None, absent, "stanfordnlp/imdb") == "stanfordnlp/imdb"
+    assert steering_lab.resolve_source("user/data", absent, "stanfordnlp/imdb") == "user/data"
+    local = tmp_path / "corpus.jsonl"
+    local.write_text('{"text": "a"}\n')
+    assert steering_lab.resolve_source(str(local), absent, "stanfordnlp/imdb") == str(local.resolve())
+
+
+def test_preset_arguments_for_a_large_l(tmp_path):
+    """--large 1.4b: L's batch of 8 in two micro-batches, a tenth of its pretraining learning rate; S unchanged."""
+    lab = steering_lab.resolve_lab(lab_args("--preset", "pythia", "--large", "1.4b", "--device", "cpu",
+                                            "--work_dir", str(tmp_path)))
+    assert (lab.model("small"), lab.model("large")) == ("EleutherAI/pythia-70m", "EleutherAI/pythia-1.4b")
+    assert lab.tokenizer_dir == "EleutherAI/pythia-70m" and lab.uses_hub
+    large = steering_lab.finetune_arguments(lab, "large")
+    flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
+    assert (flag(large, "--per_device_train_batch_size"), flag(large, "--gradient_accumulation_steps")) == ("4", "2")
+    assert flag(large, "--learning_rate") == "2e-05" and flag(large, "--max_length") == "2048"
+    small = steering_lab.finetune_arguments(lab, "small")
+    assert flag(small, "--per_device_train_batch_size") == "8" and "--gradient_accumulation_steps" not in small
+    assert flag(small, "--model_name_or_path") == "EleutherAI/pythia-70m"
+    assert flag(steering_lab.evaluation_arguments(lab, "main"), "--large_model") == "EleutherAI/pythia-1.4b"
+    assert lab.figure.name == "steering_lab_pythia-1.4b.png"
+
+
+@requires_lab_data
+def test_default_lab_keeps_its_stage_keys():
+    """With ../shared present and no new flag, the stages' settings (their cache keys) are what they were before
+    --corpus/--task_data/--preset existed, so a cached lab is reused, not retrained."""
+    lab = steering_lab.resolve_lab(lab_args("--threads", "1", "--redo", "tune"))
+    assert (lab.corpus, lab.task_data, lab.device) == (str(steering_lab.IMDB), str(steering_lab.MRED), "cpu")
+    assert steering_lab.corpus_settings(lab) == {"rows": 4500, "seed": 42}
+    assert not lab.uses_hub
+    assert steering_lab.processing_arguments(lab)[:2] == ["--dataset_name", str(steering_lab.MRED)]
+    for size in ("small", "large"):
+        argv = steering_lab.finetune_arguments(lab, size)
+        assert not {"--bf16", "--max_eval_samples", "--gradient_accumulation_steps", "--use_cpu"} & set(argv)
+    assert "--large_device" not in steering_lab.tune_arguments(lab)
+    argv = steering_lab.evaluation_arguments(lab, "main")
+    assert argv[argv.index("--device") + 1] == "cpu"
+
+
+def run_lab_offline(hf_home, argv: list[str], cwd) -> subprocess.CompletedProcess:
+    from hub_cache import offline_env
+
+    env = offline_env(hf_home)
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def lab_hub(tmp_path_factory):
+    """A simulated warm Hub cache: tiny models as EleutherAI/pythia-70m and -410m, zqz979/meta-review (48/6/6
+    papers) and stanfordnlp/imdb."""
+    from conftest import make_rows, train_tiny_tokenizer
+    from hub_cache import build_hub_cache
+
+    root = tmp_path_factory.mktemp("lab_hub")
+    imdb = {"train": [{"text": f"A fine film, number {i}. The acting was good.", "label": 1} for i in range(30)],
+            "test": [{"text": f"A dull film, number {i}. The plot was thin.", "label": 0} for i in range(10)]}
+    build_hub_cache(root / "hf", train_tiny_tokenizer(root / "tok"),
+                    datasets={"zqz979/meta-review": make_rows(60), "stanfordnlp/imdb": imdb})
+    return root / "hf"
+
+
+def test_hub_sources_for_the_from_scratch_lab(lab_hub, tmp_path):
+    """--corpus/--task_data as Hub ids (what the lab takes without ../shared): the IMDB sample, the BPE trained on
+    it and the train split, and the processed data with the source's own splits."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / 'bench')!r})
+import steering_lab
+from common import parse_config
+(args,) = parse_config([steering_lab.LabArguments], ["--smoke", "--corpus", "stanfordnlp/imdb", "--task_data",
+                       "zqz979/meta-review", "--work_dir", {str(tmp_path / 'work')!r}])
+lab = steering_lab.resolve_lab(args)
+assert lab.uses_hub
+steering_lab.sample_corpus(lab)
+steering_lab.train_tokenizer(lab)
+train = steering_lab.train_split_texts(lab)
+steering_lab.run_script(lab, "processing_meta_review", [*steering_lab.processing_arguments(lab), "--output_dir",
+                        str(lab.path("data"))])
+print("LAB" + json.dumps({{"corpus": lab.path("corpus", "imdb_sample.jsonl").read_text().count("\\n"),
+                          "train_texts": len(train), "settings": steering_lab.corpus_settings(lab)}}))
+"""
+    res = run_lab_offline(lab_hub, ["-c", script], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.split("LAB", 1)[1])
+    assert out["corpus"] == 40  # fewer texts than the smoke profile's 200: all of them, both splits
+    assert out["train_texts"] == 2 * 48  # reviews + meta-review of each train paper, and no other split's
+    assert out["settings"] == {"rows": 200, "seed": 42, "source": "stanfordnlp/imdb"}
+    stats = json.loads((tmp_path / "work" / "data" / "stats.json").read_text())
+    assert stats["source"] == "zqz979/meta-review" and stats["rows_kept"] == {"train": 48, "validation": 6, "test": 6}
+    assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_pythia_preset_smoke_on_the_simulated_hub(lab_hub, tmp_path):
+    """--preset pythia --smoke end to end through the real Hub code paths (offline, from the simulated cache): no
+    corpus, BPE or pretraining; S and L load by their Hub ids, both are fine-tuned, the blend is tuned and every
+    system is evaluated; the report names the models."""
+    work = tmp_path / "work"
+    res = run_lab_offline(lab_hub, [str(ROOT / "bench" / "steering_lab.py"), "--preset", "pythia", "--smoke",
+                                    "--task_data", "zqz979/meta-review", "--threads", "1", "--work_dir", str(work)],
+                          cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    stages = json.loads((work / "stages.json").read_text())
+    assert list(stages) == ["data", "finetune_small", "finetune_large", "tune", "evaluate:test", "alpha_curve:test"]
+    commands = (work / "commands.sh").read_text()
+    assert "--config_name" not in commands and "--tokenizer_name EleutherAI/pythia-70m" in commands
+    assert "fine_tune.py --model_name_or_path EleutherAI/pythia-70m" in commands
+    assert "fine_tune.py --model_name_or_path EleutherAI/pythia-410m" in commands
+    assert "--large_model EleutherAI/pythia-410m" in commands and "--max_eval_samples 16" in commands
+    report = json.loads((work / "eval" / "test" / "lab_report.json").read_text())
+    assert report["models"]["S"]["pretrained"] == "EleutherAI/pythia-70m"
+    assert report["models"]["L"]["pretrained"] == "EleutherAI/pythia-410m"
+    assert report["models"]["L"]["non_embedding"] > report["models"]["S"]["non_embedding"]
+    assert report["models"]["S_tuned"]["steps"] > 0 and report["models"]["L_tuned"]["steps"] > 0
+    analysis = report["analysis"]
+    assert list(analysis["systems"]) == [label for label, _, _ in steering_lab.SYSTEMS] and analysis["n_papers"] == 6
+    assert report["alpha_curve_nll_at_1"] == pytest.approx(analysis["systems"]["steered L, alpha=1"]["nll"]["mean"],
+                                                           abs=1e-4)
+    results = (work / "RESULTS.md").read_text()
+    assert "## Steering lab (pythia-70m + pythia-410m, smoke, zqz979/meta-review test split)" in results
+    assert "pretrained (Pythia, 300B Pile tokens)" in results
