@@ -276,7 +276,7 @@ def number_problem(flag: str, value: float | int | None, spec: str = "(-inf, inf
         return None
     low_bracket, low, high, high_bracket = _RANGE_RE.match(spec).groups()
     wanted = describe_range(spec)
-    wanted = "a finite number" if wanted == "finite" else f"a number {wanted}"
+    wanted = ("a finite number" if wanted == "finite" else f"a number {wanted}") + (f" ({hint})" if hint else "")
     if isinstance(value, float):
         if math.isnan(value):
             return f"{flag} {value} is not a number; pass {wanted}"

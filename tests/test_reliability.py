@@ -168,6 +168,14 @@ def inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer, tiny_model_dirs
     (files / "typo.yaml").write_text("max_lenght: 128\n")
     (files / "mistyped.yaml").write_text("max_length: long\n")
     (files / "a_file").write_text("not a directory")
+    import gzip
+
+    whole = gzip.compress(data.read_bytes())
+    (files / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (files / "data.parquet.gz").write_bytes(gzip.compress(b"PAR1 not really parquet PAR1"))
+    write_jsonl(files / "numeric_output.jsonl", [{"Input": f"review {i}", "Output": i} for i in range(5)])
+    (files / "no_data_dir").mkdir()
+    (files / "no_data_dir" / "notes.txt").write_text("no data here")
     return Inputs(Path(tiny_tokenizer_dir), data, root / "processed", tiny_model_dirs, root / "other_vocab",
                   root / "narrow", pickle_only, files)
 
@@ -266,6 +274,37 @@ BAD_INPUTS: dict[str, Bad] = {
     "processing/output_dir_not_empty": Bad(
         "processing_meta_review.py", lambda i, d: [*processing(i, d, i.data), "--output_dir", foreign_dir(d)],
         ("already exists", "--overwrite_output_dir")),
+    "processing/truncated_gzip": Bad("processing_meta_review.py",
+                                     lambda i, d: processing(i, d, i.file("truncated.jsonl.gz")),
+                                     ("truncated.jsonl.gz is not a valid gzip file", "re-compress it")),
+    "processing/compressed_parquet": Bad("processing_meta_review.py",
+                                         lambda i, d: processing(i, d, i.file("data.parquet.gz")),
+                                         ("gzip-compressed Parquet file", "decompress it")),
+    "processing/output_column_not_text": Bad("processing_meta_review.py",
+                                             lambda i, d: processing(i, d, i.file("numeric_output.jsonl")),
+                                             ("column 'Output'", "holds int values, not text", "--output_column")),
+    "processing/directory_without_data": Bad("processing_meta_review.py",
+                                             lambda i, d: processing(i, d, i.file("no_data_dir")),
+                                             ("directory without a dataset", "pass a data file (.jsonl",
+                                              "named by split")),
+    "processing/nan_split_percentage": Bad(
+        "processing_meta_review.py", lambda i, d: processing(i, d, i.data, "--test_split_percentage", "nan"),
+        ("--test_split_percentage nan is not a number", "in [0, 100)")),
+    "processing/percentage_beyond_float32": Bad(
+        "processing_meta_review.py", lambda i, d: processing(i, d, i.data, "--validation_split_percentage", "1e39"),
+        ("--validation_split_percentage 1e+39 is not a finite float32 number",)),
+    "processing/negative_seed": Bad("processing_meta_review.py", lambda i, d: processing(i, d, i.data, "--seed", "-1"),
+                                    ("--seed -1 must be in [0, 4294967295]",)),
+    "processing/max_length_below_template": Bad(
+        "processing_meta_review.py", lambda i, d: processing(i, d, i.data, "--max_length", "8"),
+        ("--max_length 8 leaves no room", "use at least")),
+    "processing/hub_dataset_not_in_cache": Bad(
+        "processing_meta_review.py", lambda i, d: processing(i, d, "nobody-here/no-such-dataset"),
+        ("HF_HUB_OFFLINE is set and dataset 'nobody-here/no-such-dataset' is not in the local cache",
+         "pass a local path with --dataset_name")),
+    "processing/push_without_hub": Bad(
+        "processing_meta_review.py", lambda i, d: processing(i, d, i.data, "--push_to_hub", "--hub_dataset_id", "me/x"),
+        ("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set",)),
     # fine_tune.py
     "fine_tune/nonexistent_model_path": Bad("fine_tune.py",
                                             lambda i, d: fine_tune(i, d, "--model_name_or_path", d / "no-model"),
@@ -301,6 +340,55 @@ BAD_INPUTS: dict[str, Bad] = {
     "fine_tune/missing_columns": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--dataset_path",
                                                                              i.file("no_input.jsonl")),
                                      ("column 'Input' not found",)),
+    "fine_tune/negative_learning_rate": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--learning_rate", "-1"),
+                                            ("--learning_rate -1.0 must be > 0",)),
+    "fine_tune/nan_learning_rate": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--learning_rate", "nan"),
+                                       ("--learning_rate nan is not a number",)),
+    "fine_tune/adam_beta_out_of_range": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--adam_beta2", "1.0"),
+                                            ("--adam_beta2 1.0 must be in [0, 1)",)),
+    "fine_tune/negative_weight_decay": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--weight_decay", "-0.1"),
+                                           ("--weight_decay -0.1 must be >= 0",)),
+    "fine_tune/nan_max_grad_norm": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--max_grad_norm", "nan"),
+                                       ("--max_grad_norm nan is not a number", "0 turns clipping off")),
+    "fine_tune/nan_logging_steps": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--logging_steps", "nan"),
+                                       ("--logging_steps nan is not a number",)),
+    "fine_tune/infinite_epochs": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--max_steps", "-1",
+                                                                            "--num_train_epochs", "inf"),
+                                     ("--num_train_epochs inf is not a finite float32 number",)),
+    "fine_tune/zero_max_steps": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--max_steps", "0"),
+                                    ("--max_steps 0 must be >= 1, or -1",)),
+    "fine_tune/seed_beyond_numpy": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--seed", str(2**32)),
+                                       ("--seed 4294967296 must be in [0, 4294967295]",)),
+    "fine_tune/zero_batch_size": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--per_device_train_batch_size", "0"),
+                                     ("--per_device_train_batch_size 0 must be >= 1",)),
+    "fine_tune/save_steps_not_a_multiple_of_eval_steps": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--save_steps", "5", "--eval_steps", "20"),
+        ("--load_best_model_at_end (on by default in this script", "--save_steps 5 is not a multiple of --eval_steps 20",
+         "--load_best_model_at_end false")),
+    "fine_tune/save_and_eval_strategies_differ": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--save_strategy", "epoch"),
+        ("on by default in this script", "--eval_strategy epoch")),
+    "fine_tune/recut_processed_dir_to_no_examples": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--dataset_path", i.processed, "--max_length", "44"),
+        ("--max_length 44 leaves no train examples", "raise --max_length")),
+    "fine_tune/raw_file_cut_to_no_examples": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--max_length", "44"),
+        ("--max_length 44 leaves no train examples", "raise --max_length")),
+    "fine_tune/truncated_gzip": Bad("fine_tune.py",
+                                    lambda i, d: fine_tune(i, d, "--dataset_path", i.file("truncated.jsonl.gz")),
+                                    ("is not a valid gzip file",)),
+    "fine_tune/output_column_not_text": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--dataset_path", i.file("numeric_output.jsonl")),
+        ("column 'Output'", "holds int values")),
+    "fine_tune/text_mode_max_length_of_one": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--text_column", "Input", "--max_length", "1"),
+        ("--max_length 1 must be >= 2",)),
+    "fine_tune/hub_model_not_in_cache": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--model_name_or_path", "nobody-here/no-such-model"),
+        ("HF_HUB_OFFLINE is set and tokenizer 'nobody-here/no-such-model' is not in the local cache",
+         "--model_name_or_path")),
+    "fine_tune/push_without_hub": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--push_to_hub"),
+                                      ("--push_to_hub needs the Hugging Face Hub",)),
     # steer.py
     "steer/models_with_different_vocabularies": Bad(
         "steer.py", lambda i, d: steer(i, d, "--small_tuned_model", i.other_vocab, "--prompt", "Good."), ("differ",)),
@@ -383,6 +471,45 @@ def test_bad_input_ends_in_one_error_line_and_writes_nothing(case, inputs, serve
     assert_clean_failure(res, *bad.needles)
     assert snapshot(tmp_path) == before, "the failed run wrote or changed files"
     assert snapshot(inputs.files) == shared_before
+
+
+def compressed_copy(path: Path, suffix: str, out_dir: Path) -> Path:
+    """`path` compressed as `suffix` says (.gz, .bz2, .xz, .zst), under `out_dir`."""
+    import bz2
+    import gzip
+    import lzma
+
+    data = path.read_bytes()
+    if suffix == ".zst":
+        data = pytest.importorskip("zstandard").ZstdCompressor().compress(data)
+    else:
+        data = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix](data)
+    out = out_dir / (path.name + suffix)
+    out.write_bytes(data)
+    return out
+
+
+@pytest.mark.parametrize("script", [
+    "processing_meta_review.py", "fine_tune.py", "evaluation.py",
+    pytest.param("steer.py", marks=pytest.mark.xfail(strict=True, reason=(
+        "steer.read_prompt_texts reads --prompts_file itself as UTF-8 text: it should use common.read_data_text "
+        "and common.split_compression for the extension"))),
+])
+def test_compressed_data_files_are_read_wherever_a_data_file_is(script, inputs, server, tmp_path):
+    """`.gz`, `.bz2`, `.xz`, `.zst`, as the datasets library reads them, for every flag that takes a data file."""
+    logs = tmp_path / "_logs"
+    suffixes = [".gz", ".bz2", ".xz", ".zst"] if script == "processing_meta_review.py" else [".gz"]
+    for suffix in suffixes:
+        data = compressed_copy(inputs.data, suffix, tmp_path)
+        d = tmp_path / suffix.lstrip(".")
+        d.mkdir()
+        argv = {"processing_meta_review.py": lambda: processing(inputs, d, data, "--min_target_words", "3"),
+                "fine_tune.py": lambda: fine_tune(inputs, d, "--dataset_path", data, "--num_samples", "0"),
+                "evaluation.py": lambda: evaluation(inputs, d, "--dataset_path", data),
+                "steer.py": lambda: steer(inputs, d, "--prompts_file", data, "--output_dir", d / "out")}[script]()
+        res = server.run(script, argv, logs)
+        assert res.returncode == 0, (suffix, res.stderr[-3000:])
+        assert (d / "out").is_dir()
 
 
 def test_plain_python_command_line_matches_the_fork_server(inputs, tmp_path):
@@ -534,33 +661,46 @@ def test_sigkill_mid_run_and_during_the_final_save_resumes_to_the_same_end(sched
 # Crash during evaluation: the workbook and the ratings typed into it
 # ---------------------------------------------------------------------------------------------
 def type_ratings(path: Path) -> dict[tuple[str, str], tuple]:
+    """Type three ratings into the Review sheet under the blind letters, as a reviewer would; returns them by
+    (example_id, system), the systems found through the hidden Key sheet."""
     from openpyxl import load_workbook
 
+    from test_workbook import header_of, key_of, row_of
+
     wb = load_workbook(path)
-    ws = wb["Examples"]
-    header = [c.value for c in ws[1]]
-    col = {h: header.index(h) + 1 for h in header}
+    key, ws = key_of(wb), wb["Review"]
+    col = header_of(ws)
+    eids = [ws.cell(r, col["example_id"]).value for r in range(2, ws.max_row + 1)]
     typed = {}
-    ratings = [(5, "clear"), (2, "misses the main concern"), (4, None)]
-    for r, (rating, comment) in zip(range(2, ws.max_row + 1), ratings):
-        ws.cell(r, col["rating"], rating)
+    for (eid, system), (rating, comment) in zip([(eids[0], "large"), (eids[0], "small_base"), (eids[1], "large")],
+                                                [(5, "clear"), (2, "misses the main concern"), (4, None)]):
+        label = key[("Review", eid, system)]
+        ws.cell(row_of(ws, eid), col[f"{label} rating"], rating)
         if comment:
-            ws.cell(r, col["comment"], comment)
-        typed[(ws.cell(r, col["example_id"]).value, ws.cell(r, col["system"]).value)] = (rating, comment)
+            ws.cell(row_of(ws, eid), col[f"{label} comment"], comment)
+        typed[(eid, system)] = (rating, comment)
     wb.save(path)
     return typed
 
 
 def read_ratings(path: Path) -> dict[tuple[str, str], tuple]:
+    """{(example_id, system): (rating, comment)} of every rating in the Review sheet, un-blinded through the Key."""
     from openpyxl import load_workbook
 
-    rows = list(load_workbook(path)["Examples"].iter_rows(values_only=True))
-    header = rows[0]
+    from test_workbook import header_of, key_of
+
+    wb = load_workbook(path)
+    system_of = {(eid, label): system for (sheet, eid, system), label in key_of(wb).items() if sheet == "Review"}
+    ws = wb["Review"]
+    col = header_of(ws)
     out = {}
-    for row in rows[1:]:
-        r = dict(zip(header, row))
-        if r["rating"] is not None:
-            out[(r["example_id"], r["system"])] = (r["rating"], r["comment"])
+    for r in range(2, ws.max_row + 1):
+        eid = ws.cell(r, col["example_id"]).value
+        for name in col:
+            if name.endswith(" rating") and ws.cell(r, col[name]).value is not None:
+                label = name.split()[0]
+                out[(eid, system_of[(eid, label)])] = (ws.cell(r, col[name]).value,
+                                                       ws.cell(r, col[f"{label} comment"]).value)
     return out
 
 
@@ -577,7 +717,7 @@ def test_sigkill_while_writing_the_workbook_loses_nothing(server, tiny_model_dir
 
     marker = tmp_path / "marker"
     started = server.start("evaluation.py", flags, logs, hook={
-        "kind": "half_write", "target": "openpyxl.workbook.workbook:Workbook.save", "dest": 1, "marker": str(marker)})
+        "kind": "half_write", "target": "workbook:write_xlsx", "dest": 1, "marker": str(marker)})
     kill_when(server, started, marker.exists)
     assert book.read_bytes() == before and read_ratings(book) == typed
     (half,) = out.glob(".eval_examples.xlsx.*.tmp")  # the kill really came mid-write
