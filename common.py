@@ -728,7 +728,7 @@ def load_causal_lm(
                 "use_safetensors=False).save_pretrained(DIR)"
             ) from None
         if offline:
-            what = "model" if hub_name == name_or_path else f"the adapter's base model"
+            what = "model" if hub_name == name_or_path else "the adapter's base model"
             raise not_cached_error(what, hub_name, flag, offline) from None
         raise UsageError(
             f"cannot load model '{name_or_path}': {first_line(err)}; pass a Hub id (e.g. EleutherAI/pythia-70m), "

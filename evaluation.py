@@ -274,6 +274,8 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
     DEFAULT_BLEND (if steer.py --tune wrote one) and its models, else PIPELINE_MODELS. A model flag given
     explicitly wins over the blend's record; a difference is warned about (the blend was tuned for other models).
     """
+    from steer import blend_models, recorded_model, same_model
+
     given = model_args.model_paths()
     bare = not given and model_args.blend is None and model_args.alpha is None and model_args.systems is None
     if bare:
@@ -284,10 +286,7 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
         model_args = dataclasses.replace(model_args, blend=blend)
     record = {}
     if model_args.blend is not None and Path(model_args.blend).is_file():
-        from steer import blend_models
-
-        record = {role: entry["name_or_path"] for role, entry in blend_models(model_args.blend).items()
-                  if entry.get("name_or_path")}
+        record = {role: recorded_model(entry) for role, entry in blend_models(model_args.blend).items()}
     filled = {}
     for role in ("small_base", "small_tuned", "large", "large_tuned"):
         flag = getattr(model_args, f"{role}_model")
@@ -300,14 +299,6 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
         logger.info("models: %s (%s)", ", ".join(f"{k}={v}" for k, v in filled.items()),
                     f"from {model_args.blend}" if record else "the pipeline's defaults")
     return dataclasses.replace(model_args, **filled)
-
-
-def same_model(a: str, b: str) -> bool:
-    """Two model names mean the same model: equal as Hub ids, or the same directory on disk."""
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def resolve_systems(model_args: ModelArguments) -> list[str]:
@@ -910,7 +901,7 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     selected = [{**rows[i], "position": p} for p, i in enumerate(positions)]
     tokenizer, models = load_models(model_args, systems, device)
     max_new = max(s["max_new_tokens"] for s in decoding.values())
-    from steer import model_context
+    from steer import is_steering, model_context
 
     context = min(model_context(models), data_args.max_length)
     prompt_budget = context - max_new
@@ -940,9 +931,9 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
                 "is the estimate%s", n_new, len(mine), len(systems), max_new,
                 "; 'steered' runs three models per token" if "steered" in systems else "",
                 "" if data_args.num_examples is None else "; --all_examples evaluates the whole split")
-    if "steered" in systems and describe_system("steered", paths, blend) != describe_system("steered", paths, None):
-        logger.warning("the blend is not a steer of the large model: 'steered' is %s",
-                       describe_system("steered", paths, blend))
+    if "steered" in systems and not is_steering(blend):
+        logger.warning("the blend (%s) does not steer the large model with the small pair: 'steered' is %s",
+                       blend.describe(), describe_system("steered", paths, blend))
     n_cut = sum(ex["reference_cut"] for ex in mine)
     if n_cut and out_args.compute_perplexity:
         logger.warning("%d references alone fill the %d-token context; they are scored on their first tokens",

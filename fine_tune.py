@@ -158,8 +158,8 @@ class DataArguments:
     dataset_path: str = field(
         default="outputs/meta_review",
         metadata={"help": "The directory processing_meta_review.py wrote; or a raw Input/Output source (.jsonl/.json/"
-                  ".csv/.parquet, a saved dataset, a Hub id) processed on the fly; or, with --text_column, plain "
-                  "text (.txt, .jsonl[.gz], ...)."},
+                  ".csv, also .gz/.bz2/.xz/.zst-compressed, or .parquet; a directory of such files; a saved dataset; "
+                  "a Hub id) processed on the fly; or, with --text_column, plain text (.txt, .jsonl[.gz], ...)."},
     )
     text_column: str | None = field(
         default=None,
@@ -795,6 +795,28 @@ def check_disk_space(out: Path, needs: DiskNeeds) -> None:
                        "to %s", out, format_bytes(free), format_bytes(needs.peak))
 
 
+def disk_filled(err: BaseException, out: Path, needs: DiskNeeds) -> bool:
+    """Whether a failure while training or saving came from a full disk: said so in the error, or (torch.save's
+    "unexpected pos 305152 vs 305044" after a short write says nothing) less room left than a checkpoint takes."""
+    if is_disk_full(err):
+        return True
+    free = free_bytes(out)
+    return isinstance(err, (OSError, RuntimeError)) and free is not None and free < needs.checkpoint
+
+
+def output_failure(out: Path, err: BaseException, needs: DiskNeeds, main_process: bool) -> UsageError | None:
+    """The one-line error for a failure to write into --output_dir midway (a full disk; a directory made read-only
+    or taken away), or None when `err` is something else."""
+    import errno
+
+    if disk_filled(err, out, needs):
+        return disk_full_error(out, err, needs, main_process)
+    inside = isinstance(err, OSError) and err.filename and Path(err.filename).absolute().is_relative_to(out.absolute())
+    if inside and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+        return write_error(out, err, "--output_dir")
+    return None
+
+
 def disk_full_error(out: Path, err: BaseException, needs: DiskNeeds, main_process: bool) -> UsageError:
     """The one line for a write that filled the disk during training; the partial checkpoint is removed at once
     (the next run would skip and remove it, as after a kill), so that the same command resumes."""
@@ -1091,8 +1113,9 @@ def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneT
     )
 
 
-def log_startup(model_args, data_args, training_args, data: PreparedData, model, plan: RunPlan) -> None:
-    """One block with what will happen: data, batch, steps, device, dtype, parameters."""
+def log_startup(model_args, data_args, training_args, data: PreparedData, model, plan: RunPlan,
+                needs: DiskNeeds | None = None) -> None:
+    """One block with what will happen: data, batch, steps, device, dtype, parameters, disk."""
     total, trainable = count_parameters(model)
     world = max(1, training_args.world_size)
     effective = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
@@ -1121,6 +1144,11 @@ def log_startup(model_args, data_args, training_args, data: PreparedData, model,
         f"output: {training_args.output_dir} ("
         + (f"resuming from {plan.resume_from.name}" if plan.resume_from else "fresh start") + ")",
     ]
+    if needs is not None:
+        free = free_bytes(training_args.output_dir)
+        lines.append(f"disk: a checkpoint ~{format_bytes(needs.checkpoint)}, final/ ~{format_bytes(needs.final)}, up to "
+                     f"{format_bytes(needs.peak)} at once; " + (f"{format_bytes(free)} free" if free is not None else
+                                                                 "free space unknown"))
     logger.info("fine_tune.py\n  %s", "\n  ".join(lines))
 
 
@@ -1342,11 +1370,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     push, training_args.push_to_hub = training_args.push_to_hub, False
     # The Trainer pickles its arguments into every checkpoint (training_args.bin); the token must not be in them.
     hub_token, training_args.hub_token = training_args.hub_token, None
-    trainer = build_trainer(model, tokenizer, data, training_args)
-    log_startup(model_args, data_args, training_args, data, model, plan)
     needs = estimate_disk_needs(model, model_args, training_args, len(list_checkpoints(out)))
     if training_args.should_save:
-        check_disk_space(out, needs)
+        check_disk_space(out, needs)  # before the Trainer, which creates output_dir
+    trainer = build_trainer(model, tokenizer, data, training_args)
+    log_startup(model_args, data_args, training_args, data, model, plan, needs)
+    if training_args.should_save:
         try:
             out.mkdir(parents=True, exist_ok=True)
             if plan.resume_from:
@@ -1358,9 +1387,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     try:
         train_result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     except Exception as err:  # safetensors, torch.save and json each report a full disk in their own way
-        if not is_disk_full(err):
+        failure = output_failure(out, err, needs, training_args.should_save)
+        if failure is None:
             raise
-        raise disk_full_error(out, err, needs, training_args.should_save) from None
+        raise failure from None
     metrics = evaluate_final(trainer, data, train_result.metrics, training_args)
     result = {"status": "trained", "final_dir": out / FINAL_DIR, "metrics": metrics, "resumed_from": plan.resume_from}
     if not trainer.is_world_process_zero():
@@ -1375,9 +1405,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     try:
         final = save_final(trainer, tokenizer, model_args, data_args, training_args, data, metrics, samples)
     except Exception as err:  # atomic_directory has removed the partial final/
-        if not is_disk_full(err):
+        failure = output_failure(out, err, needs, True)
+        if failure is None:
             raise
-        raise disk_full_error(out, err, needs, True) from None
+        raise failure from None
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))
     finish_distributed()
     if push:

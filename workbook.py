@@ -23,7 +23,8 @@ Sheets, in order:
 Every formula is stored with the value it has at write time, so pandas and openpyxl(data_only=True) read numbers.
 
 Judgments are matched by (example_id, system) -- for pairwise choices by (example_id, both systems) -- through
-the Key, never by row or letter, so they survive a new seed, a new set of systems and rows sorted by hand.
+the Key, never by row or letter, so they survive a new seed, a new set of systems and rows sorted by hand. A rating
+typed over the Scores sheet's live one counts too. Columns and sheets a reviewer adds are carried over.
 An old book (one 'Examples' sheet with a row per (example, system), written before the Review layout) is read too.
 """
 
@@ -256,14 +257,13 @@ def read_key(ws) -> dict[tuple[str, str, str], str]:
 
 
 def typed(row: dict, columns) -> dict[str, Any]:
-    return {c: normalize(row.get(c)) for c in columns if not is_empty(row.get(c))}
-
-
-def normalize(value: Any) -> Any:
-    """A rating typed or picked as text ("4") is the number 4, as Excel would have stored it."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return value
+    """The non-empty values of `columns`; a rating typed or picked as text ("4") is the number 4, as Excel would
+    have stored it (other columns stay as typed: "0012" may be an id)."""
+    out = {c: row.get(c) for c in columns if not is_empty(row.get(c))}
+    for c, v in out.items():
+        if c.endswith("rating") and isinstance(v, str) and v.strip().isdigit():
+            out[c] = int(v.strip())
+    return out
 
 
 def unmapped(sheet: str, example_id: str, label: str, path: Path) -> UsageError:
@@ -318,12 +318,25 @@ def read_pairwise(header, rows, key, found: Judgments, path: Path) -> list[str]:
 
 
 def read_scores(header, rows, key, found: Judgments, path: Path) -> list[str]:
+    """Columns added to the analysis table; and a rating typed over its `rating` formula, which counts as a rating
+    of that (example, system) unless the Review sheet holds another one (then it is kept aside)."""
     added = [h for h in header if h not in SCORES_FIXED]
     for row in rows:
+        if is_empty(row.get("example_id")):
+            continue
+        eid, system = str(row["example_id"]), str(row.get("system"))
         values = typed(row, added)
-        if values and not is_empty(row.get("example_id")):
-            j = Judgment(SCORES, str(row["example_id"]), (str(row.get("system")),), values)
-            found.current[j.key] = j
+        if values:
+            found.current[(SCORES, eid, (system,))] = Judgment(SCORES, eid, (system,), values)
+        rating = typed(row, ("rating",)).get("rating")
+        if rating is None or (isinstance(rating, str) and rating.startswith("=")):
+            continue
+        review = found.current.get((REVIEW, eid, (system,)))
+        if review is None:
+            found.current[(REVIEW, eid, (system,))] = Judgment(REVIEW, eid, (system,), {"rating": rating})
+        elif review.values.get("rating") != rating:
+            found.kept.append(Judgment(REVIEW, eid, (system,), {"rating": rating}, {},
+                                       f"typed into '{SCORES}'; the rating in '{REVIEW}' was kept"))
     return added
 
 
@@ -365,13 +378,14 @@ def read_kept(header, rows, found: Judgments) -> None:
         values = typed(row, ("rating", "choice", "comment", *added))
         if not values:
             continue
+        reason = row.get("reason") or "kept"
         if sheet == REVIEW and len(systems) == 1 and set(values) - {"rating", "comment"}:
             # Columns added to this sheet by hand belong to the pair's row of the Scores sheet.
             extra = {k: v for k, v in values.items() if k not in ("rating", "comment")}
-            found.kept.append(Judgment(SCORES, str(row["example_id"]), systems, extra, {}, row.get("reason")))
+            found.kept.append(Judgment(SCORES, str(row["example_id"]), systems, extra, {}, reason))
             values = {k: v for k, v in values.items() if k in ("rating", "comment")}
-        found.kept.append(Judgment(sheet, str(row["example_id"]), tuple(sorted(systems)), values, outputs,
-                                   row.get("reason") or "kept"))
+        if values:
+            found.kept.append(Judgment(sheet, str(row["example_id"]), tuple(sorted(systems)), values, outputs, reason))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,8 +471,7 @@ def kind_of(column: str) -> str:
 
 
 def write_table(ws, header: list[str], rows: list[dict], cached: dict, *, text_limits: dict[str, int] | None = None,
-                keep_formulas: set[str] = frozenset(), inputs: set[str] = frozenset(), row_cap: float = MAX_ROW_HEIGHT
-                ) -> None:
+                keep_formulas: set[str] = frozenset(), inputs: set[str] = frozenset()) -> None:
     """Header + rows: bold tinted header, borders, wrapped text, widths and row heights that fit the content
     (up to a cap), an autofilter, and print setup (landscape, fit to width, header repeated on every page).
 
@@ -492,7 +505,7 @@ def write_table(ws, header: list[str], rows: list[dict], cached: dict, *, text_l
         longest = max([len(part) for r in shown for part in display(r[h]).split("\n")] + [len(w) for w in h.split()])
         widths[h] = max(low, min(high, longest + 2))
         ws.column_dimensions[get_column_letter(j)].width = widths[h]
-    fit_row_heights(ws, header, shown, widths, row_cap)
+    fit_row_heights(ws, header, shown, widths, MAX_ROW_HEIGHT)
     ws.auto_filter.ref = f"A1:{get_column_letter(len(header))}{max(ws.max_row, 2)}"
     set_print(ws)
 
@@ -615,9 +628,9 @@ def write_review(ws, plan: Plan, placed: dict, kept_keys: set, added: list[str],
             if j:
                 row[f"{label} rating"], row[f"{label} comment"] = j.values.get("rating"), j.values.get("comment")
             if (REVIEW, eid, (system,)) in kept_keys:
-                note.append(f"{label}: an earlier rating is in '{KEPT}'")
+                note.append(f"{label}: another rating of this output is in '{KEPT}'")
         if (PAIRWISE, eid, tuple(sorted(plan.pair or ()))) in kept_keys:
-            note.append(f"an earlier pairwise choice is in '{KEPT}'")
+            note.append(f"another pairwise choice is in '{KEPT}'")
         if note:
             row["note"], notes = "; ".join(note), True
         j = placed.get((REVIEW, eid, ()))
@@ -651,9 +664,9 @@ def write_pairwise(ws, plan: Plan, placed: dict, kept_keys: set, added: list[str
             choice = j.values.get("choice")
             row["choice"] = plan.pair_labels[eid].get(choice, choice)  # the system's letter here, "tie" or as typed
         if (PAIRWISE, eid, key_systems) in kept_keys:
-            row["note"] = f"an earlier choice is in '{KEPT}'"
+            row["note"] = f"another choice of this pair is in '{KEPT}'"
         rows.append(row)
-    header = [*PAIRWISE_COLUMNS, *added]
+    header = [c for c in PAIRWISE_COLUMNS if c != "note" or any("note" in r for r in rows)] + added
     inputs = {"choice", "comment", *added}
     write_table(ws, header, rows, cached, text_limits={"reviews": options.review_chars}, keep_formulas=inputs,
                 inputs=inputs)
@@ -673,6 +686,8 @@ def write_key(ws, plan: Plan, placed: dict, run_info: dict, review_header: list[
         c = get_column_letter(header.index(name) + 1)
         return f"{quote_sheetname(sheet)}!${c}$2:${c}${n + 1}"
 
+    eid_ref, label_ref = (f"${get_column_letter(KEY_COLUMNS.index(c) + 1)}{{r}}" for c in ("example_id", "label"))
+
     models = {s: run_info["systems"][s].get("model") for s in plan.systems}
     rows = []
     for e in plan.examples:
@@ -684,7 +699,7 @@ def write_key(ws, plan: Plan, placed: dict, run_info: dict, review_header: list[
             j = placed.get((REVIEW, eid, (system,)))
             rating = j.values.get("rating") if j else None
             ratings = col(review_header, f"{label} rating", REVIEW, n_review)
-            m = f"MATCH($C{{r}},{col(review_header, 'example_id', REVIEW, n_review)},0)"
+            m = f"MATCH({eid_ref},{col(review_header, 'example_id', REVIEW, n_review)},0)"
             text = f'=IFERROR(IF(ISNUMBER(INDEX({ratings},{m})),INDEX({ratings},{m}),""),"")'
             rows.append({"sheet": REVIEW, "example_no": e["position"] + 1, "example_id": eid, "label": label,
                          "system": system, "score": (text, rating if is_number(rating) else ""),
@@ -697,8 +712,8 @@ def write_key(ws, plan: Plan, placed: dict, run_info: dict, review_header: list[
         for system in plan.pair:
             label = plan.pair_labels[eid][system]
             c = (f"INDEX({col(pairwise_header, 'choice', PAIRWISE, n_pair)},"
-                 f"MATCH($C{{r}},{col(pairwise_header, 'example_id', PAIRWISE, n_pair)},0))")
-            text = f'=IFERROR(IF({c}=$D{{r}},1,IF({c}="{TIE}",0.5,IF(OR({c}="A",{c}="B"),0,""))),"")'
+                 f"MATCH({eid_ref},{col(pairwise_header, 'example_id', PAIRWISE, n_pair)},0))")
+            text = f'=IFERROR(IF({c}={label_ref},1,IF({c}="{TIE}",0.5,IF(OR({c}="A",{c}="B"),0,""))),"")'
             rows.append({"sheet": PAIRWISE, "example_no": e["position"] + 1, "example_id": eid, "label": label,
                          "system": system, "score": (text, pair_score(j, system) if j else ""), "model": models[system]})
     for r, row in enumerate(rows, 2):
@@ -808,7 +823,7 @@ def write_scores(ws, plan: Plan, records: list[dict], placed: dict, added: list[
     ws.freeze_panes = "D2"
 
 
-def write_intervals(ws, summary: dict, human: dict, run_info: dict, options: BookOptions, cached: dict) -> None:
+def write_intervals(ws, summary: dict, human: dict, run_info: dict, cached: dict) -> None:
     """A long table: percentile bootstrap intervals (at the run's confidence) of every score, and of the ratings and
     win rates as typed when the book was written (re-run evaluation.py to update them)."""
     rows = []
@@ -931,7 +946,7 @@ def build_workbook(records: list[dict], examples: list[dict], summary: dict, run
                        options)
         pairwise_header = [c.value for c in ws[1]]
     summary_ws, scores_ws = wb.create_sheet(SUMMARY), wb.create_sheet(SCORES)
-    write_intervals(wb.create_sheet(INTERVALS), summary, human, run_info, options, cached)
+    write_intervals(wb.create_sheet(INTERVALS), summary, human, run_info, cached)
     write_run(wb.create_sheet(RUN), run_info, options, cached)
     if kept:
         write_kept(wb.create_sheet(KEPT), kept, cached)

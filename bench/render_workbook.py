@@ -132,12 +132,22 @@ def pdf_pages(pdf: Path) -> list[str]:
     return text.split("\f")[:-1] if text.endswith("\f") else text.split("\f")
 
 
+def page_sheets(pages: list[str]) -> list[str]:
+    """The sheet each page prints: the right end of its running header (workbook.set_print puts "&A" there)."""
+    return [next((line.split()[-1] for line in page.splitlines() if line.strip()), "") for page in pages]
+
+
 def render_page(pdf: Path, page: int, png: Path, dpi: int = 90) -> None:
     """One page of the PDF as a PNG (pdftoppm)."""
     if shutil.which("pdftoppm") is None:
         raise RuntimeError("pdftoppm is not on PATH; install poppler-utils")
     subprocess.run(["pdftoppm", "-png", "-r", str(dpi), "-f", str(page), "-l", str(page), "-singlefile", str(pdf),
                     str(png.with_suffix(""))], check=True, capture_output=True)
+    from PIL import Image  # (installed with matplotlib)
+
+    with Image.open(png) as im:  # a page is black text on a few tints: 32 colours keep it, at a third of the bytes
+        small = im.convert("RGB").quantize(colors=32)
+    small.save(png, optimize=True)
 
 
 def main() -> None:
@@ -145,7 +155,7 @@ def main() -> None:
     parser.add_argument("--papers", type=int, default=4, help="Examples in the book.")
     parser.add_argument("--work_dir", help="Keep the book and its PDF here (default: a temporary directory).")
     parser.add_argument("--png", default=str(ROOT / "assets" / "workbook_review.png"), help="Where the page goes.")
-    parser.add_argument("--dpi", type=int, default=90)
+    parser.add_argument("--dpi", type=int, default=100)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,9 +170,12 @@ def main() -> None:
         png.parent.mkdir(parents=True, exist_ok=True)
         render_page(pdf, 1, png, args.dpi)
         print(f"{book}: {len(pages)} PDF pages; page 1 (the Review sheet) -> {png} ({os.path.getsize(png)} bytes)")
-        for k, text in enumerate(pages, 1):
-            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-            print(f"  page {k}: {first[:100]}")
+        sheets: dict[str, list[int]] = {}
+        for k, sheet in enumerate(page_sheets(pages), 1):
+            sheets.setdefault(sheet, []).append(k)
+        for sheet, numbers in sheets.items():
+            print(f"  {sheet}: page{'s' if len(numbers) > 1 else ''} {numbers[0]}"
+                  + (f"-{numbers[-1]}" if len(numbers) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -83,10 +83,11 @@ SYSTEMS = (
     ("L x S_tuned (no S term)", "product", "steered"),
 )
 STEERED = ("steered L, alpha=1", "steered L, tuned blend")  # the systems the headline is about
-# Blend evaluation runs -> the entry of steer.py's tune_report.json that holds their blend. (Proxy-tuning with a
-# tuned alpha is in the validation table only: one more test run would break the 10-minute re-run budget.)
+# Blend evaluation runs -> the entry of steer.py's tune_report.json that holds their blend; "chosen": the one --tune
+# wrote to blend.json. (Proxy-tuning with a tuned alpha and the other candidates are in the validation table only:
+# one more test run would break the 10-minute re-run budget.)
 TUNED_ENTRIES = {
-    "tuned_blend": "free blend",
+    "tuned_blend": "chosen",
     "large_temperature": "large, tuned temperature",
     "product": "large x small_tuned (no S term)",
 }
@@ -627,6 +628,7 @@ def tune_blend(lab: Lab) -> None:
     blends = lab.path("steer", "blends")
     blends.mkdir(exist_ok=True)
     for run, entry in TUNED_ENTRIES.items():
+        entry = report["chosen"] if entry == "chosen" else entry
         if entry not in report["entries"]:
             raise UsageError(f"steer.py's tune report has no entry '{entry}' (entries: {', '.join(report['entries'])})"
                              "; update TUNED_ENTRIES in bench/steering_lab.py")
@@ -1004,7 +1006,9 @@ def design_lines(lab: Lab, models: dict, counts: dict, tune_report: dict) -> lis
               + f". Dropped by processing: {counts['dropped'] or 'none'}; prompts cut: {counts['prompts_truncated']}.",
               "", f"Blends tuned by `steer.py --tune` on {tune_report['n_examples']['tune']} validation papers, "
               f"{tune_report['n_examples'].get('holdout', 0)} more held out ({tune_report['n_trials']} trials per "
-              "search; perplexity of the first tokens of each meta-review):", "", "```text", format_tune(tune_report), "```"]
+              "2-D/3-D search; perplexity of the first tokens of each meta-review; the candidates with a ROUGE-L were "
+              "also decoded on the held-out papers, * = the blend chosen):", "", "```text", format_tune(tune_report),
+              "```"]
     return lines
 
 

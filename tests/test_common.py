@@ -170,3 +170,176 @@ def test_atomic_directory_keeps_old_on_failure(tmp_path):
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "a.txt").write_text("second")
     assert (out / "a.txt").read_text() == "second"
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers, data files, the Hub, the disk
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, spec, expected", [
+    (0.5, "(0, 1]", None),
+    (1.5, "(0, 1]", "--x 1.5 must be in (0, 1]"),
+    (0.0, "(0, inf)", "--x 0.0 must be > 0"),
+    (-1, "[0, inf)", "--x -1 must be >= 0"),
+    (float("nan"), "(0, inf)", "--x nan is not a number; pass a number > 0"),
+    (float("inf"), "[0, inf)", "--x inf is not a finite float32 number (largest 3.4e+38); pass a number >= 0"),
+    (1e39, "(-inf, inf)", "--x 1e+39 is not a finite float32 number (largest 3.4e+38); pass a finite number"),
+    (-1e39, "[0, 1)", "--x -1e+39 is not a finite float32 number (largest 3.4e+38); pass a number in [0, 1)"),
+    (3.4e38, "(-inf, inf)", None),
+    (None, "(0, 1]", None),
+    (True, "(5, 6)", None),
+])
+def test_number_problem(value, spec, expected):
+    from common import number_problem
+
+    assert number_problem("--x", value, spec) == expected
+
+
+def test_number_problems_sweeps_every_float_field():
+    from common import number_problems
+
+    @dataclass
+    class Flags:
+        rate: float = float("nan")  # no rule given: still refused
+        steps: int = 0
+        name: str = "x"
+        optional: float | None = None
+
+    problems = number_problems(Flags(), {"steps": ("[1, inf)", "one at least")})
+    assert problems == ["--rate nan is not a number; pass a finite number", "--steps 0 must be >= 1 (one at least)"]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz", ".zst"])
+def test_data_files_read_the_same_compressed_or_not(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    from common import read_data_head, read_data_text, split_compression
+
+    text = '{"Input": "caf\u00e9", "Output": "ok"}\n' * 3
+    raw = text.encode("utf-8")
+    if suffix == ".zst":
+        raw = pytest.importorskip("zstandard").ZstdCompressor().compress(raw)
+    elif suffix:
+        raw = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix](raw)
+    path = tmp_path / f"d.jsonl{suffix}"
+    path.write_bytes(raw)
+    assert split_compression(path) == (".jsonl", suffix or None)
+    assert read_data_text(path, "--prompts_file") == text
+    assert read_data_head(path, 4) == b'{"In'
+
+
+def test_corrupt_and_non_utf8_compressed_files_name_the_flag(tmp_path):
+    import gzip
+
+    from common import read_data_text
+
+    truncated = tmp_path / "t.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b'{"a": 1}\n' * 1000)[:40])
+    with pytest.raises(UsageError, match=r"--prompts_file .*t.jsonl.gz is not a valid gzip file .*re-compress it"):
+        read_data_text(truncated, "--prompts_file")
+    latin1 = tmp_path / "l.jsonl.gz"
+    latin1.write_bytes(gzip.compress(b'{"a": 1}\n{"a": "caf\xe9"}\n'))
+    with pytest.raises(UsageError, match=r"--prompts_file .*l.jsonl.gz is not UTF-8 \(line 2\)"):
+        read_data_text(latin1, "--prompts_file")
+
+
+@pytest.fixture
+def hub_probe(monkeypatch):
+    """The Hub probe with its per-process answer cleared, offline mode restored afterwards."""
+    import huggingface_hub.constants as constants
+
+    import common
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    try:
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
+    except ImportError:
+        pass
+    common.hub_is_unreachable.cache_clear()
+    yield lambda endpoint: monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    common.hub_is_unreachable.cache_clear()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_unreachable_hub_is_told_within_seconds_and_switches_to_the_cache(hub_probe):
+    """huggingface_hub would retry for ~23 s per file (1 + 2 + 4 + 8 + 8 s of back-off); the probe says it at once."""
+    import time
+
+    import huggingface_hub.constants as constants
+
+    from common import hub_offline_reason, load_tokenizer
+
+    hub_probe(f"http://127.0.0.1:{closed_port()}")
+    start = time.monotonic()
+    with pytest.raises(UsageError) as err:
+        load_tokenizer("nobody-here/no-such-tokenizer", flag="--tokenizer_name")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "is unreachable and tokenizer 'nobody-here/no-such-tokenizer' is not in the local cache" in message
+    assert "pass a local path with --tokenizer_name" in message and "HF_HUB_OFFLINE=1" in message
+    assert constants.HF_HUB_OFFLINE is True  # later loads go straight to the cache
+    assert hub_offline_reason().endswith("is unreachable")
+
+
+def test_reachable_hub_is_left_alone(hub_probe):
+    """Any HTTP answer means reachable: the libraries then talk to the Hub as they always do."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import huggingface_hub.constants as constants
+
+    from common import hub_offline_reason
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hub_probe(f"http://127.0.0.1:{server.server_address[1]}")
+        assert hub_offline_reason() is None and constants.HF_HUB_OFFLINE is False
+    finally:
+        server.shutdown()
+
+
+def test_vocabulary_mismatch_names_every_model(tiny_tokenizer, tmp_path):
+    from common import check_same_vocab, load_tokenizer
+    from conftest import train_tiny_tokenizer
+
+    other = load_tokenizer(str(train_tiny_tokenizer(tmp_path / "other", vocab_size=280)))
+    with pytest.raises(UsageError) as err:
+        check_same_vocab({"--large_model L": tiny_tokenizer, "--small_base_model S": tiny_tokenizer,
+                          "--small_tuned_model T": other})
+    assert ("tokenizers of --large_model L and --small_tuned_model T differ (--large_model L 300 tokens, "
+            "--small_base_model S 300 tokens, --small_tuned_model T 280 tokens)") in str(err.value)
+
+
+def test_write_error_names_the_space(tmp_path):
+    import errno
+
+    from common import format_bytes, is_disk_full, write_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert is_disk_full(full) and is_disk_full(RuntimeError("SafetensorError: ... No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    message = str(write_error(tmp_path / "out", full, "--output_dir", needed=2_500_000))
+    assert message.startswith(f"no space left on the device of {tmp_path / 'out'} (") and "about 2.5 MB needed" in message
+    assert "permission" in str(write_error(tmp_path, OSError(errno.EACCES, "Permission denied"))).lower()
+    assert (format_bytes(999), format_bytes(1536), format_bytes(3.2e9)) == ("999 B", "1.5 KB", "3.2 GB")

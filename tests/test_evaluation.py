@@ -230,7 +230,7 @@ def test_changed_output_keeps_the_rating_and_the_rated_output(first_run, tiny_mo
     row = row_of(ws, eid)
     assert ws.cell(row, header_of(ws)[f"{label} rating"]).value == 3
     assert ws.cell(row, header_of(ws)[f"{label} output"]).value != old_output
-    assert f"{label}: an earlier rating is in 'Kept ratings'" in ws.cell(row, header_of(ws)["note"]).value
+    assert f"{label}: another rating of this output is in 'Kept ratings'" in ws.cell(row, header_of(ws)["note"]).value
     _, kept = read_sheet(path, "Kept ratings")
     assert [(k["example_id"], k["system"], k["rating"], k["output"]) for k in kept] == [(eid, "large", 3, old_output)]
     assert kept[0]["reason"].startswith("output changed since judged")
@@ -434,7 +434,7 @@ def test_decoding_overrides_apply_to_one_system(tmp_path):
                                        ["large"])["large"]["top_p"] == 0.9
     for bad, match in [('{"large": {"top_k": 5}}', "unknown setting 'top_k'"),
                        ('{"large": {"max_new_tokens": 2.5}}', "is not a int"),
-                       ('{"large": {"temperature": 0}}', "temperature 0.0 must be > 0"),
+                       ('{"large": {"temperature": 0}}', "temperature 0.0 must be a finite number > 0"),
                        ('{"small_base": {"top_p": 0.5}}', "not evaluated"),
                        ("{not json", "not valid JSON")]:
         with pytest.raises(UsageError, match=match):

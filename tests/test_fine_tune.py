@@ -444,3 +444,57 @@ def test_foreign_output_dir_is_not_touched(tmp_path, fixture_jsonl, base_model_d
         run_main("--model_name_or_path", str(base_model_dir), "--dataset_path", str(fixture_jsonl),
                  "--output_dir", str(out))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk, in process (tests/test_reliability.py does it on a real tmpfs where it may mount one)
+# ---------------------------------------------------------------------------------------------
+def test_full_disk_mid_run_is_one_error_and_the_same_command_resumes(tmp_path, fixture_jsonl, base_model_dir,
+                                                                     monkeypatch):
+    """safetensors fails as it does on a full disk (after writing part of the file); the partial checkpoint is
+    removed, the error names the directory and the resume point, and the same command then finishes."""
+    import transformers.modeling_utils as modeling_utils
+    from safetensors import SafetensorError
+
+    flags = ["--model_name_or_path", str(base_model_dir), "--dataset_path", str(fixture_jsonl), "--max_length", "128",
+             "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4", "--num_samples", "0",
+             "--output_dir", str(tmp_path / "run")]
+    real_save = modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if "checkpoint-4" in str(filename):
+            Path(filename).write_bytes(b"\0" * 100)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(UsageError, match=r"no space left on the device of --output_dir .*run .*a checkpoint needs "
+                                         r"about .*then run the same command again \(it resumes from checkpoint-2\)"):
+        run_main(*flags)
+    assert [p.name for p in fine_tune.list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    monkeypatch.setattr(modeling_utils, "safe_save_file", real_save)
+    result = run_main(*flags)
+    assert result["resumed_from"].name == "checkpoint-2" and result["metrics"]["global_step"] == 4
+
+
+def test_too_little_free_space_is_refused_up_front(tmp_path, fixture_jsonl, base_model_dir, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6 - 50_000, 50_000))
+    with pytest.raises(UsageError, match=r"has 50\.0 KB free, but one checkpoint needs about .* KB \(weights and "
+                                         r"optimizer state\) and final/ .*; free some space"):
+        run_main("--model_name_or_path", str(base_model_dir), "--dataset_path", str(fixture_jsonl), "--max_length",
+                 "128", "--max_steps", "2", "--output_dir", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_needs_follow_the_checkpoint_rule(tiny_tokenizer, base_model_dir):
+    """A checkpoint holds the weights and AdamW's two float32 moments per trained parameter."""
+    model = load_causal_lm(str(base_model_dir), dtype="float32", device="cpu")
+    n = sum(p.numel() for p in model.parameters())
+    model_args, _, training_args = fine_tune.parse_args(["--save_total_limit", "2"])
+    needs = fine_tune.estimate_disk_needs(model, model_args, training_args, existing=0)
+    assert (needs.checkpoint, needs.final) == (4 * n + 8 * n, 4 * n)
+    assert needs.peak == 3 * needs.checkpoint

@@ -23,15 +23,26 @@ from steer import (
     SteerArguments,
     TuneArguments,
     blend_logprobs,
+    blend_models,
     blend_nll,
+    blend_nll_derivatives,
+    choose_by_generation,
+    describe_blend,
+    from_coefficients,
+    hub_revision,
+    is_steering,
     left_pad,
+    line_search,
     main,
+    newton_search,
     nucleus_mask,
     prefill_rows,
     prefill_separately,
+    resolve_model_args,
     score_targets,
     slice_vocab,
     steered_generate,
+    warn_if_not_steering,
 )
 
 V = 300  # tokenizer size of the in-memory models; their output layer is 12 rows wider, like Pythia's
@@ -272,6 +283,87 @@ def test_score_targets_matches_a_hand_computation(models):
     assert 1 < ppl < 10 * V  # random models: near-uniform over V tokens
 
 
+def reference_blend_nll(cached, blend):
+    """blend_nll as it was first written: the normalised blend of every cached row (blend_logprobs), then the
+    target's entry, summed per example."""
+    logps = [cached[f"logprobs/{role}"].float() for role in (LARGE, SMALL_TUNED, SMALL_BASE)]  # each (R, V)
+    nll = -blend_logprobs(*logps, blend).gather(-1, cached["targets"][:, None])[:, 0]  # (R,)
+    return torch.zeros(len(cached["n_tokens"]), dtype=torch.float64).index_add_(0, cached["example_index"], nll.double())
+
+
+@pytest.fixture(scope="module")
+def cached_rows(models):
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
+    targets = [[20, 21, 22], [23, 24, 25, 26, 27], [28], list(range(30, 70))]
+    return score_targets(models, prompts, targets, vocab_size=V, batch_size=3,
+                         keep_logprobs=(LARGE, SMALL_TUNED, SMALL_BASE), show_progress=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.tuples(st.sampled_from([0.0, 0.3, 1.0, 2.9]), st.floats(0, 3), st.sampled_from([0.0, -1.0, 0.7, 3.0])),
+       temps=st.tuples(st.floats(0.34, 3), st.floats(0.34, 3)), chunk_rows=st.sampled_from([1, 7, 32, 1000]))
+def test_fast_blend_nll_equals_the_reference(cached_rows, weights, temps, chunk_rows):
+    """blend_nll (log Z over the full vocabulary minus the target's blended score, chunked) is the same number as
+    normalising the whole blend and reading the target's entry, zero weights and every chunking included."""
+    blend = Blend(*weights, large_temperature=temps[0], small_temperature=temps[1])
+    torch.testing.assert_close(blend_nll(cached_rows, blend, chunk_rows), reference_blend_nll(cached_rows, blend),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_fast_blend_nll_with_a_bfloat16_cache_and_the_edge_blends(models, cached_rows):
+    for blend in (Blend(0.0, 0.0, 0.0), Blend(0.0, 2.24, 0.0), Blend.from_alpha(1.0, plausibility_top_p=0.8)):
+        torch.testing.assert_close(blend_nll(cached_rows, blend), reference_blend_nll(cached_rows, blend),
+                                   rtol=1e-6, atol=1e-6)
+    uniform = blend_nll(cached_rows, Blend(0.0, 0.0, 0.0))
+    torch.testing.assert_close(uniform, cached_rows["n_tokens"].double() * math.log(V))
+    half = {k: (v.bfloat16() if k.startswith("logprobs/") else v) for k, v in cached_rows.items()}
+    blend = Blend(0.8, 1.3, 0.9)
+    torch.testing.assert_close(blend_nll(half, blend), reference_blend_nll(half, blend), rtol=1e-6, atol=1e-6)
+
+
+def per_token(cached, c):
+    return float(blend_nll(cached, from_coefficients(c)).sum() / cached["n_tokens"].sum())
+
+
+def test_nll_derivatives_equal_finite_differences(cached_rows):
+    c = torch.tensor([0.8, 1.3, -0.6], dtype=torch.float64)
+    value, grad, hess = blend_nll_derivatives(cached_rows, c.tolist(), chunk_rows=5)
+    assert value == pytest.approx(per_token(cached_rows, c), rel=1e-6)
+    eps = 1e-3
+    for i in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[i] = eps
+        assert float(grad[i]) == pytest.approx((per_token(cached_rows, c + e) - per_token(cached_rows, c - e)) / (2 * eps),
+                                               rel=1e-3, abs=1e-4)
+        fd_grad = (blend_nll_derivatives(cached_rows, (c + e).tolist())[1]
+                   - blend_nll_derivatives(cached_rows, (c - e).tolist())[1]) / (2 * eps)
+        torch.testing.assert_close(hess[i], fd_grad, rtol=1e-3, atol=1e-4)
+    assert torch.linalg.eigvalsh(hess).min() >= -1e-9  # a covariance: the NLL is convex in the coefficients
+
+
+def test_newton_search_finds_the_best_blend_in_the_box(cached_rows):
+    """The free blend's optimum: no point of a grid over the box, nor any start, is better; with c_base fixed at 0
+    (the product search) the result has no S term."""
+    bounds = ((0.0, 3.0), (0.0, 3.0), (-3.0, 1.0))
+    starts = [Blend(1.0, 0.0, 0.0), Blend.from_alpha(1.0)]
+    blend, n_evals = newton_search(cached_rows, starts, bounds, max_steps=20)
+    best = per_token(cached_rows, blend.coefficients)
+    grid = [(a, b, c) for a in torch.linspace(0, 3, 7).tolist() for b in torch.linspace(0, 3, 7).tolist()
+            for c in torch.linspace(-3, 1, 9).tolist()]
+    assert all(best <= per_token(cached_rows, c) + 1e-9 for c in grid + [s.coefficients for s in starts])
+    assert n_evals < 40
+    product, _ = newton_search(cached_rows, starts, ((0.0, 3.0), (0.0, 3.0), (0.0, 0.0)), max_steps=20)
+    assert product.base_weight == 0 and per_token(cached_rows, product.coefficients) >= best - 1e-9
+
+
+def test_line_search_finds_the_minimum_of_a_convex_function():
+    x, value, n = line_search(lambda a: (a - 1.3) ** 2, 0.0, 3.0, starts=[0.0, 1.0])
+    assert x == pytest.approx(1.3, abs=5e-4) and value < 1e-6 and n == 2 + 2 + 18
+    x, _, _ = line_search(lambda t: (math.log(t) - math.log(0.5)) ** 2, 1 / 3, 3.0, starts=[1.0], log=True)
+    assert x == pytest.approx(0.5, rel=1e-3)
+    assert line_search(lambda a: a, 0.0, 3.0, starts=[0.0])[0] == 0.0  # a start at the boundary is kept
+
+
 # --- the blend file --------------------------------------------------------------------------------
 def test_blend_file_round_trip_and_errors(tmp_path):
     blend = Blend(0.9, 1.4, 0.2, large_temperature=1.1, plausibility_top_p=0.95)
@@ -286,6 +378,55 @@ def test_blend_file_round_trip_and_errors(tmp_path):
             Blend.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="alpha"):
         Blend.from_alpha(-1.0)
+    assert blend_models(tmp_path / "a.json") == {}  # a blend written by hand records no models
+
+
+@pytest.mark.parametrize("blend, system", [
+    (Blend.from_alpha(1.0), "large + small_tuned - small_base"),
+    (Blend(0.0, 2.24, 0.0), "small_tuned alone"),  # the run in issue 12: S_tuned alone, called steering
+    (Blend(0.01, 2.24, 0.02), "small_tuned alone"),  # under 5% of the largest weight counts as 0
+    (Blend(1.0, 1.1, 0.0), "large x small_tuned (no S term)"),
+    (Blend.from_alpha(0.02), "large alone"),
+    (Blend(0.0, 1.0, 1.0), "small_tuned - small_base (no L term)"),
+    (Blend(1.0, 1.0, -0.5), "large + small_tuned + small_base (S added, not subtracted)"),
+    (Blend(0.0, 1.0, 0.0, plausibility_top_p=0.9), "small_tuned alone within large's plausible tokens"),
+    (Blend(0.0, 0.0, 0.0), "uniform (every weight 0)"),
+])
+def test_describe_blend_names_what_a_blend_really_is(blend, system, caplog):
+    assert describe_blend(blend) == system
+    assert is_steering(blend) == (system == "large + small_tuned - small_base")
+    with caplog.at_level("WARNING", logger="steer"):
+        message = warn_if_not_steering("tuned blend", blend)
+    assert (message is None) == is_steering(blend)
+    if message:
+        assert f"not steering: it is {system}" in caplog.text
+
+
+def test_hub_revision_reads_the_commit_of_the_cached_snapshot(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--EleutherAI--pythia-70m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    assert hub_revision("EleutherAI/pythia-70m", cache_dir=tmp_path) == commit
+    assert hub_revision("EleutherAI/pythia-160m", cache_dir=tmp_path) is None  # not downloaded
+    assert hub_revision("./not/a/repo id", cache_dir=tmp_path) is None
+
+
+def test_model_flags_default_from_the_blend_record_then_the_pipeline(tmp_path, monkeypatch, caplog):
+    blend_file = tmp_path / "blend.json"
+    records = {"large": {"name_or_path": "EleutherAI/pythia-1b", "path": None, "revision": "old"},
+               "small_tuned": {"name_or_path": "gone/relative", "path": str(tmp_path), "revision": None}}
+    Blend.from_alpha(1.0).save(blend_file, models=records)
+    monkeypatch.setattr("steer.hub_revision", lambda name, cache_dir=None: "new")
+    with caplog.at_level("WARNING", logger="steer"):
+        args = resolve_model_args(ModelArguments(small_base_model="mine"), str(blend_file))
+    assert args.large_model == "EleutherAI/pythia-1b"  # from the record
+    assert args.small_tuned_model == str(tmp_path)  # the recorded absolute path: the relative one is not here
+    assert args.small_base_model == "mine" and args.large_tuned_model is None  # given; neither given nor recorded
+    assert "revision new of EleutherAI/pythia-1b" in caplog.text and "revision old" in caplog.text
+    assert resolve_model_args(ModelArguments()).large_model == "EleutherAI/pythia-410m"  # no blend: the defaults
 
 
 # --- the CLI -----------------------------------------------------------------------------------------
@@ -320,34 +461,143 @@ def test_cli_generates_from_a_prompt_and_a_prompts_file(tiny_model_dirs, jsonl_f
     assert json.loads((out / "config.json").read_text())["resolved_blend"]["tuned_weight"] == 1.3
 
 
-def test_cli_tune_writes_a_blend_that_beats_its_baselines(tiny_model_dirs, jsonl_file, tmp_path, capsys):
+def tune_flags(dirs, jsonl_file, out, *extra):
+    return [*model_flags(dirs), "--large_tuned_model", str(dirs["small_tuned"]), "--tune", "--validation_data",
+            str(jsonl_file), "--n_examples", "8", "--n_trials", "8", "--max_target_tokens", "12", "--max_new_tokens",
+            "6", "--output_dir", str(out), *extra]
+
+
+def test_cli_tune_select_by_perplexity_keeps_the_perplexity_best_free_blend(tiny_model_dirs, jsonl_file, tmp_path,
+                                                                            capsys):
     out = tmp_path / "tune"
-    report = run_main([*model_flags(tiny_model_dirs), "--large_tuned_model", str(tiny_model_dirs["small_tuned"]),
-                      "--tune", "--validation_data", str(jsonl_file), "--n_examples", "8", "--n_trials", "8",
-                      "--max_target_tokens", "12", "--output_dir", str(out)])
+    report = run_main(tune_flags(tiny_model_dirs, jsonl_file, out, "--select_by", "perplexity"))
     assert "free blend" in capsys.readouterr().out
     saved = json.loads((out / "tune_report.json").read_text())
     assert saved["n_examples"] == {"tune": 6, "holdout": 2} and saved["n_trials"] == 8
+    assert saved["chosen"] == "free blend" and saved["candidates"] == [] and saved["generation"] is None
+    assert not (out / "candidate_generations.jsonl").exists()  # nothing decoded
     entries = saved["entries"]
     assert {"large (T=1)", "small_tuned (T=1)", "large_tuned (T=1)", "large, tuned temperature",
-            "small_tuned, tuned temperature", "large x small_tuned (no S term)", "free blend"} <= set(entries)
+            "small_tuned, tuned temperature", "large x small_tuned (no S term)", "proxy-tuning, tuned alpha",
+            "free blend"} <= set(entries)
     chosen = entries["free blend"]["tune_nll"]
     assert all(chosen <= e["tune_nll"] + 1e-9 for name, e in entries.items() if name != "large_tuned (T=1)")
     assert entries["large, tuned temperature"]["tune_nll"] <= entries["large (T=1)"]["tune_nll"] + 1e-9
+    assert entries["proxy-tuning, tuned alpha"]["tune_nll"] <= entries["proxy-tuning, alpha=1"]["tune_nll"] + 1e-9
     assert Blend.load(out / "blend.json") == Blend(**report["blend"])
-    assert json.loads((out / "blend.json").read_text())["report"]["tune_ppl"] == pytest.approx(math.exp(chosen))
+    written = json.loads((out / "blend.json").read_text())
+    assert written["report"]["tune_ppl"] == pytest.approx(math.exp(chosen))
+    assert written["system"] == describe_blend(Blend(**report["blend"])) == saved["system"]
+    assert all(e["system"] == describe_blend(Blend(**e["blend"])) for e in entries.values() if e["blend"])
 
 
-def test_cli_tune_reads_a_processed_dataset_directory(tiny_model_dirs, tiny_tokenizer, tmp_path):
+def test_cli_default_tune_chooses_the_candidate_whose_generations_score_best(tiny_model_dirs, jsonl_file, rows,
+                                                                             tmp_path, capsys):
+    from evaluation import make_rouge_scorer, score_rouge
+
+    out = tmp_path / "tune"
+    report = run_main(tune_flags(tiny_model_dirs, jsonl_file, out))
+    saved = json.loads((out / "tune_report.json").read_text())
+    assert saved["selected_by"] == "generation" and saved["generation"]["n_examples"] == 2  # the held-out papers
+    names = saved["candidates"]
+    assert {"proxy-tuning, alpha=0.5", "proxy-tuning, alpha=1", "proxy-tuning, alpha=1.5"} <= set(names)
+    generations = [json.loads(line) for line in (out / "candidate_generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 * len(names)
+    # Each candidate's ROUGE-L is its outputs' mean ROUGE-L against the meta-reviews, computed here directly.
+    references = {row["Input"]: row["Output"] for row in rows}
+    scorer = make_rouge_scorer()
+    for name in names:
+        mine = [g for g in generations if g["candidate"] == name]
+        direct = []
+        for g in mine:
+            paper = next(r for r in rows if r["Input"].split(" <sep> ")[0] in g["prompt"])
+            direct.append(score_rouge(scorer, g["generation"], references[paper["Input"]])["rougeL"])
+        assert saved["entries"][name]["generation"]["rougeL"] == pytest.approx(sum(direct) / len(direct))
+        assert saved["entries"][name]["generation"]["n_examples"] == 2
+    best = max(saved["entries"][n]["generation"]["rougeL"] for n in names)
+    assert saved["entries"][saved["chosen"]]["generation"]["rougeL"] == pytest.approx(best)
+    assert Blend.load(out / "blend.json") == Blend(**saved["entries"][saved["chosen"]]["blend"]) == Blend(**report["blend"])
+    assert "ROUGE-L" in capsys.readouterr().out
+
+
+def test_cli_tune_picks_a_candidate_that_writes_the_reference(tiny_model_dirs, jsonl_file, rows, tmp_path,
+                                                              monkeypatch):
+    """A candidate whose outputs are the meta-reviews themselves (ROUGE-L 100) must be chosen, whatever its
+    perplexity: the generation stage decides."""
+    import steer
+
+    generate = steer.generate_texts
+
+    def perfect_for_alpha_2(models, tokenizer, prompts, blend, args, desc="generating"):
+        results = generate(models, tokenizer, prompts, blend, args, desc)
+        if blend == Blend.from_alpha(2.0):
+            for result, prompt in zip(results, prompts):
+                result["generation"] = next(r["Output"] for r in rows if r["Input"].split(" <sep> ")[0] in prompt)
+        return results
+
+    monkeypatch.setattr(steer, "generate_texts", perfect_for_alpha_2)
+    report = run_main(tune_flags(tiny_model_dirs, jsonl_file, tmp_path / "tune"))
+    assert report["chosen"] == "proxy-tuning, alpha=2" and report["system"] == "large + small_tuned - small_base"
+    assert report["entries"]["proxy-tuning, alpha=2"]["generation"]["rougeL"] == pytest.approx(100.0)
+
+
+def test_choose_by_generation_prefers_rouge_then_lower_perplexity():
+    entries = {"a": {"generation": {"rougeL": 20.0}, "tune_nll": 5.0},
+               "b": {"generation": {"rougeL": 20.0}, "tune_nll": 4.9},
+               "c": {"generation": {"rougeL": 19.9}, "tune_nll": 1.0}}
+    assert choose_by_generation(entries) == "b"
+    entries["c"]["generation"]["rougeL"] = 20.1
+    assert choose_by_generation(entries) == "c"
+
+
+def test_blend_file_alone_is_enough_and_an_explicit_model_flag_wins(tiny_model_dirs, jsonl_file, tmp_path,
+                                                                     monkeypatch, caplog):
+    """blend.json records the models it was tuned with; `--blend FILE` then needs no model flag, also from another
+    directory (the record keeps absolute paths), and a flag naming another model wins with a warning."""
+    monkeypatch.setattr("steer.setup_logging", lambda: None)  # its basicConfig(force=True) would drop caplog's handler
+    monkeypatch.chdir(tiny_model_dirs["large"].parent)
+    dirs = {role: path.name for role, path in tiny_model_dirs.items()}  # relative paths, as a user types them
+    out = tmp_path / "tune"
+    run_main(tune_flags(dirs, jsonl_file, out, "--select_by", "perplexity"))
+    record = blend_models(out / "blend.json")
+    assert set(record) == {"large", "small_base", "small_tuned", "large_tuned"}
+    assert record["large"] == {"name_or_path": "large", "path": str(tiny_model_dirs["large"].resolve()),
+                               "revision": None}
+    monkeypatch.chdir(tmp_path)
+    prompt = ["--prompt", "Good paper. Weak baselines.", "--max_new_tokens", "5", "--large_device", "cpu"]
+    with caplog.at_level("INFO", logger="steer"):
+        alone = run_main(["--blend", str(out / "blend.json"), *prompt])
+    assert f"small_tuned={tiny_model_dirs['small_tuned'].resolve()} (from {out / 'blend.json'})" in caplog.text
+    explicit = run_main([*model_flags(tiny_model_dirs), "--blend", str(out / "blend.json"), *prompt])
+    assert alone == explicit
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="steer"):
+        run_main(["--blend", str(out / "blend.json"), "--small_tuned_model", str(tiny_model_dirs["small_base"]),
+                  *prompt])
+    assert f"--small_tuned_model {tiny_model_dirs['small_base']} is not small_tuned" in caplog.text
+
+
+def test_cli_tune_reads_a_processed_dataset_directory(tiny_model_dirs, tiny_tokenizer, tmp_path, monkeypatch, caplog):
     import datasets
+
+    monkeypatch.setattr("steer.setup_logging", lambda: None)  # keep caplog's handler
 
     prompt_ids = tiny_tokenizer("Peer reviews of a paper:\n\nGood.\n\nMeta-review:")["input_ids"]
     target_ids = tiny_tokenizer(" Accept.")["input_ids"] + [tiny_tokenizer.eos_token_id]
     rows = {"input_ids": [prompt_ids + target_ids] * 3, "prompt_length": [len(prompt_ids)] * 3}
-    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
-    report = run_main([*model_flags(tiny_model_dirs), "--tune", "--validation_data", str(tmp_path / "data"),
-                      "--n_trials", "3", "--holdout_fraction", "0", "--output_dir", str(tmp_path / "tune")])
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "ids_only"))
+    flags = [*model_flags(tiny_model_dirs), "--tune", "--n_trials", "3", "--holdout_fraction", "0",
+             "--max_new_tokens", "4"]
+    report = run_main([*flags, "--validation_data", str(tmp_path / "ids_only"), "--select_by", "perplexity",
+                       "--output_dir", str(tmp_path / "tune")])
     assert report["n_target_tokens"] == {"tune": 3 * len(target_ids)}
+    with pytest.raises(ValueError, match="no reviews/Output columns"):  # generation needs the texts
+        run_main([*flags, "--validation_data", str(tmp_path / "ids_only"), "--output_dir", str(tmp_path / "t2")])
+    rows |= {"reviews": [["Good."]] * 3, "Output": ["Accept."] * 3}
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
+    with caplog.at_level("WARNING", logger="steer"):
+        report = run_main([*flags, "--validation_data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "t3")])
+    assert report["generation"]["examples"] == "tune" and "papers the perplexity search tuned on" in caplog.text
 
 
 @requires_shared
@@ -363,7 +613,8 @@ def test_cli_tune_on_shared_data_with_the_pythia_tokenizer(tmp_path):
         tokenizer.save_pretrained(dirs[role])
     out = tmp_path / "tune"
     report = run_main([*model_flags(dirs), "--tune", "--validation_data", str(SHARED_DATA / "mred_val_longest.jsonl"),
-                      "--n_examples", "4", "--max_target_tokens", "16", "--n_trials", "3", "--output_dir", str(out)])
+                      "--n_examples", "4", "--max_target_tokens", "16", "--n_trials", "3", "--max_new_tokens", "4",
+                      "--output_dir", str(out)])
     assert report["normalisation"] == "full vocabulary (50277 tokens)"
     assert report["n_target_tokens"] == {"tune": 48, "holdout": 16}
     assert math.isfinite(Blend.load(out / "blend.json").large_weight)

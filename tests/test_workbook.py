@@ -268,7 +268,7 @@ def test_changed_output_carries_the_rating_and_keeps_the_rated_output(tmp_path):
     assert kept["Pairwise"].values["choice"] == "large" and kept["Pairwise"].outputs["large"] == prediction(EIDS[0], "large")
     ws = load_workbook(path)["Review"]
     note = ws.cell(row_of(ws, EIDS[0]), header_of(ws)["note"]).value
-    assert "earlier rating is in 'Kept ratings'" in note and "steered" not in note
+    assert "another rating of this output is in 'Kept ratings'" in note and "steered" not in note
     write(path, outputs_version=1)  # the same outputs again: nothing more is kept
     assert len(W.read_judgments(path).kept) == 2
 
@@ -287,6 +287,8 @@ def test_reviewer_columns_sheets_and_formulas_are_kept(tmp_path):
     scores.cell(1, scores.max_column + 1, "flag")
     scores.cell(3, scores.max_column, "check")
     flagged = (scores.cell(3, 2).value, scores.cell(3, 3).value)
+    over = (scores.cell(4, 2).value, scores.cell(4, 3).value)
+    scores.cell(4, header_of(scores)["rating"], 3)  # typed over the analysis table's live rating
     pw = wb["Pairwise"]
     pw.cell(1, pw.max_column + 1, "confidence")
     pw.cell(row_of(pw, EIDS[0]), pw.max_column, "high")
@@ -305,6 +307,8 @@ def test_reviewer_columns_sheets_and_formulas_are_kept(tmp_path):
     rows = list(scores.iter_rows(min_row=2, values_only=True))
     fcol = header_of(scores)["flag"] - 1
     assert [(r[1], r[2]) for r in rows if r[fcol] == "check"] == [flagged]
+    assert W.read_judgments(path).current[("Review", over[0], (over[1],))].values == {"rating": 3}  # a rating now
+    assert ratings_by_output(path)[(over[0], prediction(*over))] == (3, None)
     pw = wb["Pairwise"]
     assert pw.cell(row_of(pw, EIDS[0]), header_of(pw)["confidence"]).value == "high"
     assert [list(r) for r in wb["My notes"].iter_rows(values_only=True)] == [["to discuss", 42]]
@@ -545,7 +549,9 @@ def test_libreoffice_prints_landscape_fit_to_width_with_the_header_on_every_page
     width, height = (float(x) for x in info.split("Page size:")[1].split("pts")[0].split("x"))
     assert width > height  # landscape
     pages = render.pdf_pages(pdf)
-    sheet_of = [next(line for line in page.splitlines() if "eval_examples.xlsx" in line).split()[-1] for page in pages]
+    assert all(next(line for line in page.splitlines() if line.strip()).startswith("eval_examples.xlsx")
+               for page in pages)  # the running header: file name left, sheet name right
+    sheet_of = render.page_sheets(pages)
     review = [p for p, s in zip(pages, sheet_of) if s == "Review"]
     assert 2 <= len(review) <= 8  # 8 examples: more than one page, not one page per row
     for page in review:  # the header row is repeated, and nothing is cut to a sliver ("examp")
