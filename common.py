@@ -387,7 +387,7 @@ def iter_data_lines(path: str | Path, flag: str = "data file"):
         except UsageError:
             raise
         except Exception as err:
-            if not _corrupt_archive(err):
+            if compression is None or not _corrupt_archive(err):
                 raise
             raise UsageError(f"{flag} {path} is not a valid {COMPRESSIONS[compression]} file ({first_line(err)}, "
                              f"after line {i}); re-compress it, or drop the {compression} suffix if it is not "
@@ -426,6 +426,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # datasets prints through a handler of its own and also passes records up to ours: every line twice.
+    logging.getLogger("datasets").propagate = False
 
 
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -553,7 +555,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 # a network, ~48 s pass before the error. One probe with a short timeout tells within seconds, and offline mode then
 # sends the libraries straight to their caches.
 # ---------------------------------------------------------------------------------------------
-HUB_PROBE_TIMEOUT_S = 3.0
+HUB_PROBE_TIMEOUT_S = 3.0  # a slow link can set HF_HUB_ETAG_TIMEOUT, which the probe then uses instead
 
 
 @functools.cache
@@ -564,8 +566,11 @@ def hub_is_unreachable() -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    timeout = HUB_PROBE_TIMEOUT_S
+    if constants.HF_HUB_ETAG_TIMEOUT != constants.DEFAULT_ETAG_TIMEOUT:
+        timeout = constants.HF_HUB_ETAG_TIMEOUT
     try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)  # any answer, even an error status, will do
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, will do
         return False
     except Exception as err:  # httpx's connect/timeout/proxy errors, DNS failures: all mean "unreachable"
         logger.warning("the Hugging Face Hub (%s) is unreachable (%s); using the local cache only",

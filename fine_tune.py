@@ -471,11 +471,7 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
     )
     dataset, stats = process(pargs, tokenizer, flag="--dataset_path")
     logger.info("processed: kept %s, dropped %s", stats["rows_kept"], stats["dropped"] or "none")
-    too_long = stats["dropped"].get("meta_review_exceeds_max_length", 0)
-    if too_long:
-        # Which split lost its rows is not recorded by process(); an empty train/validation split lost them all.
-        check_splits_not_emptied(dataset, {name: too_long for name in dataset}, data_args.max_length,
-                                 data_args.dataset_path)
+    check_splits_not_emptied(dataset, stats["exceeding_max_length"], data_args.max_length, data_args.dataset_path)
     return dataset
 
 

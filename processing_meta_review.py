@@ -470,6 +470,8 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
         features = _features()
         out[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
         stats["rows_kept"][name] = len(rows)
+        # Per split, so that a split --max_length emptied can be told from one that was empty to begin with.
+        stats.setdefault("exceeding_max_length", {})[name] = len(cleaned[name]) - len(rows)
     stats["dropped"] = dict(sorted(drops.items()))
     stats["rows_in_total"] = sum(stats["rows_in"].values())
     stats["rows_kept_total"] = sum(stats["rows_kept"].values())

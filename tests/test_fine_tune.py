@@ -498,3 +498,26 @@ def test_disk_needs_follow_the_checkpoint_rule(tiny_tokenizer, base_model_dir):
     needs = fine_tune.estimate_disk_needs(model, model_args, training_args, existing=0)
     assert (needs.checkpoint, needs.final) == (4 * n + 8 * n, 4 * n)
     assert needs.peak == 3 * needs.checkpoint
+
+
+def test_recutting_a_processed_dir_that_empties_validation_is_one_error(tmp_path, tiny_tokenizer, tiny_tokenizer_dir,
+                                                                        base_model_dir):
+    """Processed at 256; re-cut at the smallest workable --max_length, the long validation meta-reviews no longer
+    fit: one error naming the split and the fix (it was `ValueError: Keys mismatch` from Dataset.from_list([]))."""
+    from processing_meta_review import ProcessingArguments, main as process_main, min_max_length
+
+    src = tmp_path / "src"
+    src.mkdir()
+    short = [{"Input": f"Paper {i}. A fine review.", "Output": "a"} for i in range(8)]
+    long = [{"Input": f"Paper {i}. Another review.", "Output": "the reviewers agree that " * 6} for i in range(3)]
+    for name, rows in (("train", short), ("validation", long), ("test", short[:2])):
+        (src / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    process_main(ProcessingArguments(dataset_name=str(src), tokenizer_name=str(tiny_tokenizer_dir), max_length=256,
+                                     min_target_words=1, output_dir=str(tmp_path / "processed")))
+    n = min_max_length(tiny_tokenizer) + 4
+    with pytest.raises(UsageError, match=rf"--max_length {n} leaves no validation examples from .*processed: their "
+                                         r"meta-reviews are too long to fit with a prompt \(3 examples dropped\); "
+                                         r"raise --max_length"):
+        run_main("--model_name_or_path", str(base_model_dir), "--dataset_path", str(tmp_path / "processed"),
+                 "--max_length", str(n), "--max_steps", "1", "--output_dir", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

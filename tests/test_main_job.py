@@ -82,6 +82,16 @@ def test_main_job_runs_as_the_readme_writes_it(warm_cache, tmp_path):
     text = "\n".join(str(v) for ws in wb.worksheets for row in ws.iter_rows(values_only=True) for v in row if v)
     for system in SYSTEMS:
         assert system in text
-    # No deprecation of our own calls, and no library chatter in the log.
+    # The steered system is labelled by what its blend really runs ("small_tuned alone" for a blend without L).
+    from steer import Blend, describe_blend
+
+    label = describe_blend(Blend.load(out / "steer" / "blend.json"))
+    assert metrics["run"]["systems"]["steered"]["model"].startswith(label)
+
+    # Clean logs: no deprecation of our own calls, no library chatter, no line printed twice by two handlers.
     assert "past_key_values" not in log and "FutureWarning" not in log
-    assert "absl" not in log
+    assert "INFO absl" not in log and "Using default tokenizer" not in log
+    lines = log.splitlines()
+    logged = [m.group(1) for m in map(re.compile(r"^\d\d:\d\d:\d\d \w+ [\w.]+: (.*)$").match, lines) if m]
+    bare = set(lines)
+    assert not [m for m in logged if m in bare], "lines logged twice (a library handler and ours)"
