@@ -52,6 +52,7 @@ from common import (
     DTYPES,
     PROMPT_TEMPLATE,
     REVIEW_JOINER,
+    SEED_MAX,
     UsageError,
     build_prompt,
     check_output_dir,
@@ -60,6 +61,9 @@ from common import (
     encode_target,
     load_causal_lm,
     load_tokenizer,
+    number_problem,
+    number_problems,
+    raise_problems,
     read_config_file,
     run_cli,
     setup_logging,
@@ -128,6 +132,9 @@ class ModelArguments:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... Default: cuda if available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
 
+    def __post_init__(self):
+        raise_problems(number_problems(self, {"alpha": ("[0, inf)", "0 = the large model alone, 1 = proxy-tuning")}))
+
     def model_paths(self) -> dict[str, str]:
         """{role: path} for the models given."""
         roles = {"small_base": self.small_base_model, "small_tuned": self.small_tuned_model,
@@ -154,15 +161,12 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        problems = []
-        if self.num_examples is not None and self.num_examples < 1:
-            problems.append(f"--num_examples {self.num_examples} must be >= 1 (--all_examples for all examples)")
+        # --max_length's lower bound depends on the tokenizer: checked once it is loaded (check_max_length).
+        raise_problems(number_problems(self, {
+            "num_examples": ("[1, inf)", "--all_examples for all examples"), "seed": f"[0, {SEED_MAX}]",
+            "max_length": "[1, inf)"}))
         if self.all_examples:
             self.num_examples = None
-        if self.max_length < 32:
-            problems.append(f"--max_length {self.max_length} is too small; use at least 32 (Pythia: 2048)")
-        if problems:
-            raise UsageError("; ".join(problems))
 
 
 @dataclass
@@ -181,11 +185,8 @@ class GenerationArguments:
     batch_size: int = field(default=8, metadata={"help": "Examples per generation batch."})
 
     def __post_init__(self):
-        problems = check_decoding(dataclasses.asdict(self), "")
-        if self.batch_size < 1:
-            problems.append(f"--batch_size {self.batch_size} must be >= 1")
-        if problems:
-            raise UsageError("; ".join(problems))
+        raise_problems(check_decoding(dataclasses.asdict(self), "--")
+                       + number_problems(self, {"batch_size": "[1, inf)"}))
 
 
 @dataclass
@@ -214,28 +215,18 @@ class OutputArguments:
     shard_timeout: float = field(default=10800, metadata={"help": "Seconds rank 0 waits for the other ranks."})
 
     def __post_init__(self):
-        problems = []
-        if self.bootstrap_samples < 1:
-            problems.append(f"--bootstrap_samples {self.bootstrap_samples} must be >= 1")
-        if not 0 < self.confidence < 1:
-            problems.append(f"--confidence {self.confidence} must be in (0, 1), e.g. 0.95")
-        if self.repetition_ngram < 1:
-            problems.append(f"--repetition_ngram {self.repetition_ngram} must be >= 1")
-        if self.review_chars < 1:
-            problems.append(f"--review_chars {self.review_chars} must be >= 1")
+        problems = number_problems(self, {
+            "bootstrap_samples": "[1, inf)", "confidence": ("(0, 1)", "e.g. 0.95"), "repetition_ngram": "[1, inf)",
+            "review_chars": "[1, inf)", "review_seed": f"[0, {SEED_MAX}]", "num_shards": "[1, inf)",
+            "shard_timeout": ("(0, inf)", "seconds")})
         if self.pairwise not in ("auto", "none"):
             pair = [s.strip() for s in self.pairwise.split(",")]
             if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(SYSTEMS):
                 problems.append(f"--pairwise {self.pairwise} must name two different systems of {', '.join(SYSTEMS)} "
                                 "(e.g. steered,large), or be auto or none")
-        if self.num_shards is not None and self.num_shards < 1:
-            problems.append(f"--num_shards {self.num_shards} must be >= 1")
-        if not (math.isfinite(self.shard_timeout) and self.shard_timeout > 0):
-            problems.append(f"--shard_timeout {self.shard_timeout} must be a finite number of seconds > 0")
         if self.shard_index is not None and not 0 <= self.shard_index < (self.num_shards or 1):
             problems.append(f"--shard_index {self.shard_index} must be in [0, --num_shards)")
-        if problems:
-            raise UsageError("; ".join(problems))
+        raise_problems(problems)
 
     @property
     def workbook_path(self) -> Path:
@@ -246,22 +237,13 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, GenerationArguments, OutputArgu
 
 
 def check_decoding(settings: dict[str, Any], where: str) -> list[str]:
-    """Problems with one set of decoding settings (`where` names the system for overrides). Written as "not in
-    range" checks so that NaN, which fails every comparison, is refused too."""
-    problems = []
-    if not settings["max_new_tokens"] >= 1:
-        problems.append(f"{where}max_new_tokens {settings['max_new_tokens']} must be >= 1")
-    if not (math.isfinite(settings["temperature"]) and settings["temperature"] > 0):
-        problems.append(f"{where}temperature {settings['temperature']} must be a finite number > 0 "
-                        "(use do_sample false for greedy)")
-    if not 0 < settings["top_p"] <= 1:
-        problems.append(f"{where}top_p {settings['top_p']} must be in (0, 1]")
-    if not (math.isfinite(settings["repetition_penalty"]) and settings["repetition_penalty"] > 0):
-        problems.append(f"{where}repetition_penalty {settings['repetition_penalty']} must be a finite number > 0 "
-                        "(1.0 = off)")
-    if not settings["no_repeat_ngram_size"] >= 0:
-        problems.append(f"{where}no_repeat_ngram_size {settings['no_repeat_ngram_size']} must be >= 0")
-    return problems
+    """Problems with one set of decoding settings; `where` prefixes each name ("--" for the flags, the system for
+    --decoding_overrides). common.number_problem refuses NaN and numbers beyond float32 too."""
+    ranges = {"max_new_tokens": ("[1, inf)", None), "temperature": ("(0, inf)", "use do_sample false for greedy"),
+              "top_p": ("(0, 1]", None), "repetition_penalty": ("(0, inf)", "1.0 = off"),
+              "no_repeat_ngram_size": ("[0, inf)", "0 = off")}
+    problems = [number_problem(f"{where}{name}", settings[name], spec, hint) for name, (spec, hint) in ranges.items()]
+    return [p for p in problems if p]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +335,7 @@ def resolve_decoding(gen_args: GenerationArguments, systems: list[str]) -> dict[
                 problems.append(f"--decoding_overrides: {system}.{key} = {value!r} is not a {type(base[key]).__name__}")
                 continue
             settings[key] = type(base[key])(value)
-        problems += check_decoding(settings, f"--decoding_overrides {system}: ") if system in overrides else []
+        problems += check_decoding(settings, f"--decoding_overrides {system}.") if system in overrides else []
         out[system] = settings
     if problems:
         raise UsageError("; ".join(problems))
@@ -422,16 +404,24 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
     from processing_meta_review import ProcessingArguments, clean_text, example_id, load_raw_dataset, load_saved_split
     from steer import reviews_of
 
-    if not data_args.dataset_path:
-        raise UsageError("--dataset_path is required: a dir from processing_meta_review.py or a JSONL/JSON/CSV file")
     path = Path(data_args.dataset_path).expanduser()
     if not path.exists():
-        raise UsageError(f"--dataset_path {path} does not exist; pass a processed dataset dir or a data file")
-    if path.is_dir():
+        hint = " (processing_meta_review.py's default output_dir: run it first)" \
+            if data_args.dataset_path == DEFAULT_DATASET else ""
+        raise UsageError(f"--dataset_path {path} does not exist{hint}; pass a dataset dir from "
+                         "processing_meta_review.py or a JSONL/JSON/CSV/Parquet file (compressed or not)")
+    saved = path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json"))
+    if saved:  # processing_meta_review.py's output (save_to_disk)
         table = load_saved_split(path, data_args.split, "--dataset_path")
-    else:
-        (table,) = load_raw_dataset(ProcessingArguments(dataset_name=str(path))).values()
-        logger.info("%s is one table; --split %s only labels it", path, data_args.split)
+    else:  # a data file, or a directory of data files named by split
+        raw = load_raw_dataset(ProcessingArguments(dataset_name=str(path)), flag="--dataset_path")
+        if len(raw) == 1:
+            (table,) = raw.values()
+            logger.info("%s is one table; --split %s only labels it", path, data_args.split)
+        elif data_args.split in raw:
+            table = raw[data_args.split]
+        else:
+            raise UsageError(f"--split {data_args.split} is not in {path} (splits: {', '.join(raw)}); pass one of them")
     missing = [c for c in ("Input", "Output") if c not in table.column_names]
     if missing:
         raise UsageError(f"{path} has no column '{missing[0]}' (columns: {', '.join(table.column_names)}); "
@@ -508,15 +498,19 @@ def load_models(model_args: ModelArguments, systems: list[str], device: str) -> 
              if any(role in SYSTEM_ROLES[s] for s in systems)}
     for role, path in paths.items():
         check_model_path(path, f"{role}_model")
-    tok_name = model_args.tokenizer_name or paths.get("large") or next(iter(paths.values()))
-    tokenizer = load_tokenizer(tok_name, trust_remote_code=model_args.trust_remote_code, padding_side="left")
+    tok_role = "tokenizer_name" if model_args.tokenizer_name else "large" if "large" in paths else next(iter(paths))
+    tok_name = model_args.tokenizer_name or paths[tok_role]
+    tok_flag = f"--{tok_role}" if tok_role == "tokenizer_name" else f"--{tok_role}_model"
+    tokenizer = load_tokenizer(tok_name, trust_remote_code=model_args.trust_remote_code, padding_side="left",
+                               flag=tok_flag)
     # Long reviews are measured whole before build_prompt cuts them; silence "longer than the model".
     tokenizer.model_max_length = int(1e30)
-    tokenizers = {f"tokenizer ({tok_name})": tokenizer}
+    tokenizers = {f"the tokenizer of {tok_flag} ({tok_name})": tokenizer}
     for role, path in paths.items():
         if path != tok_name and not any(label.endswith(f"({path})") for label in tokenizers):
             try:
-                tokenizers[f"{role} ({path})"] = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
+                tokenizers[f"{role} ({path})"] = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code,
+                                                                flag=f"--{role}_model")
             except UsageError:
                 logger.warning("no tokenizer beside %s (%s); its vocabulary is not checked", role, path)
     check_same_vocab(tokenizers)
@@ -526,7 +520,7 @@ def load_models(model_args: ModelArguments, systems: list[str], device: str) -> 
         if path not in by_path:
             logger.info("loading %s from %s", role, path)
             by_path[path] = load_causal_lm(path, dtype=model_args.dtype, device=device,
-                                           trust_remote_code=model_args.trust_remote_code)
+                                           trust_remote_code=model_args.trust_remote_code, flag=f"--{role}_model")
         models[role] = by_path[path]
         rows = models[role].get_output_embeddings().weight.shape[0]
         if rows < vocab_size_of(tokenizer):
@@ -900,6 +894,9 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     positions = select_examples(len(rows), data_args.num_examples, data_args.seed)
     selected = [{**rows[i], "position": p} for p, i in enumerate(positions)]
     tokenizer, models = load_models(model_args, systems, device)
+    from processing_meta_review import check_max_length
+
+    check_max_length(tokenizer, data_args.max_length)
     max_new = max(s["max_new_tokens"] for s in decoding.values())
     from steer import is_steering, model_context
 

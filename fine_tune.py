@@ -194,6 +194,34 @@ class DataArguments:
         default=4, metadata={"help": "Validation examples to generate from after training (samples.jsonl); 0 = none."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Length limit of the sample generations."})
+    # Hyperparameter search (hp_search.py): --output_dir then holds trial-<n>/ runs, the study's reports and best.yaml.
+    hp_search: str | None = field(
+        default=None, metadata={"help": "Search hyperparameters over this space file (YAML/JSON: a list = values to "
+                                "try, {low, high, log} = a range, a scalar = fixed); see README 'Hyperparameter search'."}
+    )
+    hp_trials: int | None = field(
+        default=None, metadata={"help": "Trials in the whole study, all workers together. Default: every point of a "
+                                "grid; a space with ranges needs it."}
+    )
+    hp_storage: str | None = field(
+        default=None, metadata={"help": "Optuna storage shared by the workers: sqlite:///study.db or "
+                                "postgresql://user@host/db. Default: sqlite in --output_dir (hp_search.db)."}
+    )
+    hp_study_name: str | None = field(
+        default=None, metadata={"help": "Study name in --hp_storage (workers of one search give the same). Default: "
+                                "the name of --output_dir."}
+    )
+    hp_objective: str = field(
+        default="eval_loss", metadata={"help": "Validation metric to optimize (eval_loss, eval_perplexity, ...)."}
+    )
+    hp_direction: str = field(
+        default="minimize", metadata={"help": "Whether --hp_objective is minimized or maximized.",
+                                      "choices": ["minimize", "maximize"]}
+    )
+    hp_pruner_startup_trials: int = field(
+        default=2, metadata={"help": "Finished trials before the median pruner stops trials that fall behind; "
+                             "-1 = no pruning."}
+    )
 
     def __post_init__(self):
         # Meta-review mode: the lowest --max_length depends on the tokenizer (processing_meta_review.check_max_length,
@@ -1086,14 +1114,15 @@ class LMTrainer(Trainer):
         return output
 
 
-def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneTrainingArguments) -> LMTrainer:
+def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneTrainingArguments,
+                  extra_callbacks: Sequence[TrainerCallback] = ()) -> LMTrainer:
     from transformers import EarlyStoppingCallback
 
     evaluating = training_args.eval_strategy != IntervalStrategy.NO
     if evaluating and len(data.validation) == 0:
         raise UsageError("the validation split is empty; raise --validation_split_percentage or pass "
                          "--eval_strategy no")
-    callbacks: list[TrainerCallback] = []
+    callbacks: list[TrainerCallback] = list(extra_callbacks)
     if evaluating and training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     # Tensor cores want sequence lengths in multiples of 8; on CPU that would only add padding.
@@ -1330,10 +1359,16 @@ def finish_distributed() -> None:
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-def main(model_args: ModelArguments, data_args: DataArguments, training_args: FineTuneTrainingArguments) -> dict:
+def main(model_args: ModelArguments, data_args: DataArguments, training_args: FineTuneTrainingArguments,
+         callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train and write output_dir/final. Returns {"status": "trained"|"done", "final_dir", "metrics",
-    "resumed_from"}."""
+    "resumed_from"}; with --hp_search, hp_search.run_search's summary instead. `callbacks` go to the Trainer."""
     from transformers import set_seed
+
+    if data_args.hp_search:
+        from hp_search import run_search
+
+        return run_search(model_args, data_args, training_args)
 
     setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
     out = Path(training_args.output_dir)
@@ -1369,7 +1404,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     needs = estimate_disk_needs(model, model_args, training_args, len(list_checkpoints(out)))
     if training_args.should_save:
         check_disk_space(out, needs)  # before the Trainer, which creates output_dir
-    trainer = build_trainer(model, tokenizer, data, training_args)
+    trainer = build_trainer(model, tokenizer, data, training_args, callbacks)
     log_startup(model_args, data_args, training_args, data, model, plan, needs)
     if training_args.should_save:
         try:

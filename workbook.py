@@ -187,7 +187,8 @@ def read_judgments(path: Path) -> Judgments:
     locks = lock_files(path)
     if locks:
         raise UsageError(f"workbook {path} is open in another program (lock file {locks[0].name}); "
-                         "save and close it, then re-run")
+                         f"save and close it, then re-run; if no program has it open (a crash left the lock "
+                         f"behind), delete {locks[0]}")
     if path.suffix.lower() != ".xlsx":
         raise UsageError(f"workbook path {path} must end in .xlsx; pass --output_xlsx FILE.xlsx")
     signature = file_signature(path)

@@ -434,7 +434,7 @@ def test_decoding_overrides_apply_to_one_system(tmp_path):
                                        ["large"])["large"]["top_p"] == 0.9
     for bad, match in [('{"large": {"top_k": 5}}', "unknown setting 'top_k'"),
                        ('{"large": {"max_new_tokens": 2.5}}', "is not a int"),
-                       ('{"large": {"temperature": 0}}', "temperature 0.0 must be a finite number > 0"),
+                       ('{"large": {"temperature": 0}}', "large.temperature 0.0 must be > 0"),
                        ('{"small_base": {"top_p": 0.5}}', "not evaluated"),
                        ("{not json", "not valid JSON")]:
         with pytest.raises(UsageError, match=match):
@@ -497,7 +497,7 @@ def test_unusable_existing_workbook_is_left_untouched(case, tiny_model_dirs, jso
         if case == "locked":
             (tmp_path / ".~lock.book.xlsx#").write_text("someone,host,2026")
     before = path.read_bytes()
-    match = {"corrupt": "cannot be read", "locked": "open in another program", "foreign": "not written by"}[case]
+    match = {"corrupt": "cannot be read", "locked": "a crash left the lock behind), delete", "foreign": "not written by"}[case]
     expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, tmp_path / "out", "--output_xlsx", str(path)),
                        match)
     assert path.read_bytes() == before

@@ -453,6 +453,16 @@ BAD_INPUTS: dict[str, Bad] = {
     "evaluation/unwritable_output_dir": Bad("evaluation.py",
                                             lambda i, d: evaluation(i, d, "--output_dir", i.file("a_file") / "ev"),
                                             ("cannot be created",)),
+    "evaluation/alpha_beyond_float32": Bad(
+        "evaluation.py", lambda i, d: evaluation(i, d, "--alpha", "1e39", models=("large", "small_base", "small_tuned")),
+        ("--alpha 1e+39 is not a finite float32 number",)),
+    "evaluation/temperature_beyond_float32": Bad(
+        "evaluation.py", lambda i, d: evaluation(i, d, "--do_sample", "true", "--temperature", "1e39"),
+        ("temperature 1e+39",)),
+    "evaluation/negative_seed": Bad("evaluation.py", lambda i, d: evaluation(i, d, "--seed", "-1"),
+                                    ("--seed -1 must be in [0, 4294967295]",)),
+    "evaluation/max_length_hint_is_the_tokenizers": Bad(
+        "evaluation.py", lambda i, d: evaluation(i, d, "--max_length", "20"), ("use at least 43",)),
 }
 
 
@@ -464,16 +474,6 @@ PENDING_BAD_INPUTS: dict[str, Bad] = {
     "steer/temperature_beyond_float32": Bad(
         "steer.py", lambda i, d: steer(i, d, "--do_sample", "true", "--temperature", "1e39", "--prompt", "Good."),
         ("--temperature 1e+39",)),
-    "evaluation/alpha_beyond_float32": Bad(
-        "evaluation.py", lambda i, d: evaluation(i, d, "--alpha", "1e39", models=("large", "small_base", "small_tuned")),
-        ("--alpha 1e+39 is not a finite float32 number",)),
-    "evaluation/temperature_beyond_float32": Bad(
-        "evaluation.py", lambda i, d: evaluation(i, d, "--do_sample", "true", "--temperature", "1e39"),
-        ("temperature 1e+39",)),
-    "evaluation/negative_seed": Bad("evaluation.py", lambda i, d: evaluation(i, d, "--seed", "-1"),
-                                    ("--seed -1 must be in [0, 4294967295]",)),
-    "evaluation/max_length_hint_is_the_tokenizers": Bad(
-        "evaluation.py", lambda i, d: evaluation(i, d, "--max_length", "20"), ("use at least 43",)),
 }
 
 

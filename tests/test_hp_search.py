@@ -1,0 +1,169 @@
+"""Tests for hp_search.py through fine_tune.py --hp_search: real tiny fine-tunes as trials (fresh tiny GPT-NeoX,
+the tiny tokenizer), best.yaml re-run, two worker processes on one SQLite study, pruning, and bad spaces."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fine_tune
+import hp_search
+from common import UsageError
+from conftest import ROOT, make_rows
+
+QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(16)), encoding="utf-8")
+    return path
+
+
+def base_flags(data_file: Path, tokenizer_dir: Path) -> list[str]:
+    """A fresh tiny GPT-NeoX on 16 fixture meta-reviews: 4 steps, evaluated and saved every 2."""
+    return [*QUIET, "--config_name", "tiny", "--tokenizer_name", str(tokenizer_dir), "--dataset_path", str(data_file),
+            "--max_length", "128", "--validation_split_percentage", "25", "--max_steps", "4", "--save_steps", "2",
+            "--per_device_train_batch_size", "2", "--num_samples", "0", "--warmup_steps", "0", "--seed", "5"]
+
+
+def write_space(path: Path, parameters: dict) -> Path:
+    path.write_text(yaml.safe_dump({"parameters": parameters}), encoding="utf-8")
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_runs_every_point_and_best_yaml_reproduces_the_best_trial(tmp_path, data_file, tiny_tokenizer_dir):
+    space = write_space(tmp_path / "space.yaml", {"learning_rate": ["3e-3", "1e-4"], "batch_size": [2, 4],
+                                                  "epochs": 1})
+    out = tmp_path / "search"
+    flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space), "--hp_pruner_startup_trials", "-1",
+             "--output_dir", str(out)]
+    result = fine_tune.main(*fine_tune.parse_args(flags))
+    summary = json.loads((out / "hp_search.json").read_text())
+    assert summary["sampler"] == "grid" and summary["grid_points"] == 4 and summary["counts"]["COMPLETE"] == 4
+    points = {(t["params"]["learning_rate"], t["params"]["per_device_train_batch_size"]) for t in summary["trials"]}
+    assert points == {(3e-3, 2), (3e-3, 4), (1e-4, 2), (1e-4, 4)}
+    # Each trial is a normal run: its own directory, final/ with a validation loss equal to the objective.
+    for t in summary["trials"]:
+        run_dir = out / f"trial-{t['number']}"
+        metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+        assert metrics["eval_loss"] == pytest.approx(t["objective"])
+        assert (out / f"trial-{t['number']}.yaml").is_file()
+    rows = read_csv(out / "trials.csv")
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"} and "learning_rate" in rows[0]
+    assert (out / "hp_search.png").stat().st_size > 0
+    best = result["best"]
+    assert best["objective"] == min(t["objective"] for t in summary["trials"])
+
+    # best.yaml: the base flags + the winner's parameters, no hp_* flags; it trains the winner again.
+    config = yaml.safe_load((out / "best.yaml").read_text())
+    assert not any(k.startswith("hp_") for k in config)
+    assert config["learning_rate"] == best["params"]["learning_rate"] and config["num_train_epochs"] == 1
+    rerun = fine_tune.main(*fine_tune.parse_args([str(out / "best.yaml"), *QUIET]))
+    assert rerun["status"] == "trained" and Path(rerun["final_dir"]).parent == out / "best"
+    assert rerun["metrics"]["eval_loss"] == pytest.approx(best["objective"], rel=1e-5)
+
+    # The same command again finds the study finished: no new trials.
+    again = fine_tune.main(*fine_tune.parse_args(flags))
+    assert len(again["summary"]["trials"]) == 4
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path, data_file, tiny_tokenizer_dir):
+    space = write_space(tmp_path / "space.yaml", {"learning_rate": [3e-3, 1e-3], "warmup_steps": [0.0, 0.5]})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    flags = [*base_flags(data_file, tiny_tokenizer_dir), "--max_steps", "2", "--hp_search", str(space),
+             "--hp_storage", storage, "--hp_study_name", "shared", "--output_dir", str(tmp_path / "search")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    workers = [subprocess.Popen([sys.executable, str(ROOT / "fine_tune.py"), *flags], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    import optuna
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == len(study.trials)  # nothing failed, nothing left running
+    points = [(t.params["learning_rate"], t.params["warmup_steps"]) for t in finished]
+    assert len(points) == 4 and len(set(points)) == 4  # the whole grid, no point trained twice
+    # Both workers trained: each logged trials of its own.
+    trained_by = [{int(n) for n in __import__("re").findall(r"trial (\d+)(?: \(retry of \d+\))?: \{", log)}
+                  for log in logs]
+    assert all(trained_by) and not (trained_by[0] & trained_by[1])
+
+
+def test_a_trial_behind_the_median_is_recorded_as_pruned(tmp_path, data_file, tiny_tokenizer_dir):
+    import optuna
+
+    space = write_space(tmp_path / "space.yaml", {"learning_rate": {"low": 1e-5, "high": 1e-4, "log": True}})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    # A finished trial whose validation loss was 0 at every evaluation: any real trial falls behind it.
+    study = optuna.create_study(study_name="prune", storage=storage, direction="minimize")
+    study.add_trial(optuna.trial.create_trial(
+        params={"learning_rate": 5e-5}, distributions={"learning_rate": optuna.distributions.FloatDistribution(
+            1e-5, 1e-4, log=True)}, value=0.0, intermediate_values={2: 0.0, 4: 0.0}))
+    out = tmp_path / "search"
+    result = fine_tune.main(*fine_tune.parse_args([*base_flags(data_file, tiny_tokenizer_dir), "--hp_search",
+                                                   str(space), "--hp_trials", "2", "--hp_storage", storage,
+                                                   "--hp_study_name", "prune", "--hp_pruner_startup_trials", "1",
+                                                   "--output_dir", str(out)]))
+    states = {t["number"]: t["state"] for t in result["summary"]["trials"]}
+    assert states == {0: "COMPLETE", 1: "PRUNED"}
+    assert [r["state"] for r in read_csv(out / "trials.csv")] == ["COMPLETE", "PRUNED"]
+    run_dir = out / "trial-1"
+    assert not (run_dir / "final").exists()  # stopped at its first evaluation (step 2)...
+    assert (out / "trial-1.yaml").is_file() and (run_dir / "checkpoint-2").is_dir() is False  # pruned at its first evaluation, before that save
+
+
+@pytest.mark.parametrize("parameters, trials, message", [
+    ({}, None, "searches nothing"),
+    ({"epochs": 2}, None, "searches nothing"),
+    ({"learning_rate": [1e-4]}, None, "lists 1 value(s); a search needs at least 2"),
+    ({"learning_rate": {"low": 1e-3, "high": 1e-4}}, 3, "low 0.001 > high 0.0001"),
+    ({"learning_rate": [1e-3, 1e-4], "batch_size": [2, 4]}, 3, "which has 4 points"),
+    ({"learnin_rate": [1e-3, 1e-4]}, None, "unknown key 'learnin_rate' in space file"),
+    ({"learning_rate": {"low": 1e-5, "high": 1e-3}}, None, "pass --hp_trials N"),
+    ({"learning_rate": [1e-3, -1.0]}, None, "'learning_rate' value -1.0"),
+])
+def test_bad_spaces_are_refused_before_any_training(tmp_path, data_file, tiny_tokenizer_dir, parameters, trials,
+                                                    message):
+    space = write_space(tmp_path / "space.yaml", parameters)
+    flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space), "--output_dir",
+             str(tmp_path / "search")]
+    if trials is not None:
+        flags += ["--hp_trials", str(trials)]
+    with pytest.raises(UsageError) as err:
+        fine_tune.main(*fine_tune.parse_args(flags))
+    assert message in str(err.value)
+    if "space file" in message or "points" in message:
+        assert str(space) in str(err.value)
+    assert not (tmp_path / "search" / "trial-0").exists()
+
+
+def test_space_parsing_keeps_grid_ranges_and_fixed_apart(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"parameters": {"learning_rate": [1e-3, 5e-4, 1e-4], "batch_size": [16, 32, 64],
+                                               "warmup_ratio_is_not_a_flag": 1}}))
+    with pytest.raises(UsageError, match="unknown key 'warmup_ratio_is_not_a_flag'"):
+        hp_search.parse_space(path, [fine_tune.ModelArguments, fine_tune.DataArguments,
+                                     fine_tune.FineTuneTrainingArguments])
+    path.write_text(json.dumps({"learning_rate": {"low": "1e-5", "high": 1e-3, "log": True}, "epochs": 3,
+                                "lora_r": [8, 16]}))
+    space = hp_search.parse_space(path, [fine_tune.ModelArguments, fine_tune.DataArguments,
+                                         fine_tune.FineTuneTrainingArguments])
+    assert space.grid == {"lora_r": [8, 16]} and space.fixed == {"num_train_epochs": 3}
+    assert space.ranges == {"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}} and not space.is_grid
+    assert hp_search.redact_url("postgresql://me:secret@db.host/optuna") == "postgresql://me:***@db.host/optuna"
