@@ -14,6 +14,8 @@ Train a fresh GPT-NeoX from a size preset on plain text (loss on every token, te
 
 Every TrainingArguments flag works (`--help` lists them); defaults suited to this task are set below
 (`FineTuneTrainingArguments`). Multi-GPU: `torchrun --nproc_per_node N fine_tune.py ...` (DDP); precision: `--bf16`.
+Hyperparameter search over these flags (a grid or ranges, Optuna, one worker or many): `--hp_search space.yaml`,
+see hp_search.py; then `python fine_tune.py OUTPUT_DIR/best.yaml` trains the winner.
 
 Layout of --output_dir:
     checkpoint-*/            Trainer checkpoints; re-running the same command resumes from the newest complete one

@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import os
@@ -266,7 +267,7 @@ def open_study(data_args, space: Space, out: Path, seed: int):
 
 
 def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str):
-    """The function study.optimize calls: write trial-<n>/trial_config.yaml, run fine_tune.main on it, return the
+    """The function study.optimize calls: write trial-<n>.yaml, run fine_tune.main on it (in trial-<n>/), return the
     objective of its final (best-checkpoint) model."""
     import optuna
 
@@ -275,14 +276,14 @@ def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str
     def run_trial(trial) -> float:
         # RetryHeartbeatStaleTrialCallback marks a retry with the number of the trial it retries: the retry resumes
         # in that trial's run directory, from the dead worker's last complete checkpoint.
+        # So does a point re-queued after a failure (requeue_failed_points).
         frozen = trial.study._storage.get_trial(trial._trial_id)
         retry = frozen.system_attrs.get("failed_trial")
-        if space.is_grid and trial.number >= space.grid_size and retry is None:
-            # Another worker took the last point while this one asked: nothing is left to train.
-            trial.set_user_attr("skipped", "grid exhausted")
-            trial.study.stop()
-            raise optuna.TrialPruned("the grid is exhausted")
         params = space.suggest(trial)
+        if space.is_grid and taken_by_another(trial, params, retry is not None):
+            # GridSampler hands out a point still running elsewhere once none is left unstarted; never train it twice.
+            trial.set_user_attr("skipped", "grid point taken by another trial")
+            raise optuna.TrialPruned("this grid point is taken by another trial")
         number = retry if retry is not None else trial.number
         run_dir = out / TRIAL_DIR.format(number=number)
         config = out / TRIAL_CONFIG.format(number=number)
@@ -301,6 +302,78 @@ def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str
         return float(metrics[objective])
 
     return run_trial
+
+
+def taken_by_another(trial, params: dict, is_retry: bool) -> bool:
+    """Whether another trial has these parameters: finished, running (and older than this one), or queued (a retry,
+    which is the one to run them)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    for t in trial.study.get_trials(deepcopy=False):
+        if t.number == trial.number or t.user_attrs.get("skipped") or t.params != params:
+            continue
+        if t.state in (state.COMPLETE, state.PRUNED) or (t.state == state.RUNNING and t.number < trial.number):
+            return True
+        if t.state == state.WAITING and not is_retry:
+            return True
+    return False
+
+
+def stop_at_finished(n_trials: int):
+    """Optuna's MaxTrialsCallback, without the trials run_trial skipped (they are recorded as pruned)."""
+    import optuna
+
+    def callback(study, trial) -> None:
+        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                            optuna.trial.TrialState.PRUNED))
+        if sum(1 for t in finished if not t.user_attrs.get("skipped")) >= n_trials:
+            study.stop()
+
+    return callback
+
+
+def stop_when_grid_taken(grid_size: int):
+    """A study.optimize callback: stop this worker once every grid point has a trial (finished or running).
+
+    GridSampler.after_trial keeps a worker going while another still runs the last points, and its next trial would
+    train one of them again; two workers finishing at the same instant can still both ask, and run_trial then
+    records the extra trial as skipped (taken_by_another) instead of training it.
+    """
+    import optuna
+
+    def callback(study, trial) -> None:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        # A point by its parameters, or by its grid id while its trial has not asked for them yet.
+        taken = {json.dumps(t.params, sort_keys=True) if t.params else f"grid {t.system_attrs.get('grid_id')}"
+                 for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("skipped")}
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if len(taken - {"grid None"}) >= grid_size and not waiting:
+            study.stop()
+
+    return callback
+
+
+def requeue_failed_points(study, space: Space) -> list[int]:
+    """Grid points whose every trial failed (an error, a dead worker past its retries) go back in the queue, to run
+    in the directory of their first trial (resuming its checkpoints); GridSampler alone counts them as done.
+    Returns the numbers of the trials re-queued."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    state = optuna.trial.TrialState
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("skipped")]
+    alive = {json.dumps(t.params, sort_keys=True) for t in trials if t.state != state.FAIL}
+    requeued = []
+    for t in trials:
+        key = json.dumps(t.params, sort_keys=True)
+        if t.state == state.FAIL and t.params and key not in alive:
+            # The retry Optuna queues for a dead worker's trial: a waiting copy with the grid point and the number of
+            # the first trial ("failed_trial"), whose directory it resumes in.
+            RetryHeartbeatStaleTrialCallback()(study, t)
+            alive.add(key)
+            requeued.append(t.number)
+    return requeued
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,12 +412,14 @@ def plot_search(study, rows: list[dict], objective: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import optuna
 
     importances = {}
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     try:
-        importances = optuna.importance.get_param_importances(study) if len(study.params_space_of()) else {}
-    except Exception:  # too few finished trials, or a single distinct value per parameter
+        importances = optuna.importance.get_param_importances(study) if len(complete) >= 2 else {}
+    except Exception:  # e.g. a single distinct value per parameter among the finished trials
         importances = {}
     fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(11 if importances else 6, 4), dpi=120, squeeze=False)
     ax = axes[0][0]
@@ -360,6 +435,7 @@ def plot_search(study, rows: list[dict], objective: str, path: Path) -> None:
         if points:
             ax.scatter(*zip(*points), marker=marker, label=state.lower())
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(objective)
     ax.set_title("hp_search.py: objective by trial")
     ax.grid(alpha=0.3)
@@ -367,7 +443,7 @@ def plot_search(study, rows: list[dict], objective: str, path: Path) -> None:
     if importances:
         names = list(importances)[::-1]
         axes[0][1].barh(names, [importances[n] for n in names])
-        axes[0][1].set_xlabel("importance (fANOVA)")
+        axes[0][1].set_xlabel("importance (optuna.importance default evaluator)")
         axes[0][1].set_title("parameter importances")
     fig.tight_layout()
     fig.savefig(path)
@@ -413,7 +489,7 @@ def redact_url(url: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Entry point (fine_tune.main calls it when --hp_search is given)
 # ---------------------------------------------------------------------------------------------
-def check_search_args(data_args, space: Space) -> int:
+def check_search_args(data_args, training_args, space: Space) -> int:
     """The number of trials of the whole study; refuses a count the space cannot use."""
     problems = []
     n = data_args.hp_trials
@@ -425,6 +501,8 @@ def check_search_args(data_args, space: Space) -> int:
                         f"{space.grid_size} or leave it out")
     elif not space.is_grid and n is None:
         problems.append(f"{space.path} has ranges ({', '.join(space.ranges)}), which have no end: pass --hp_trials N")
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
+        problems.append("--hp_search compares validation metrics; --eval_strategy no leaves none (use steps or epoch)")
     if data_args.hp_pruner_startup_trials < -1:
         problems.append(f"--hp_pruner_startup_trials {data_args.hp_pruner_startup_trials} must be >= 0, or -1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -466,7 +544,7 @@ def run_search(model_args, data_args, training_args) -> dict[str, Any]:
     base = base_settings(model_args, data_args, training_args)
     space = parse_space(data_args.hp_search, [ModelArguments, DataArguments, FineTuneTrainingArguments],
                         value_checker(base))
-    n_trials = check_search_args(data_args, space)
+    n_trials = check_search_args(data_args, training_args, space)
     objective = data_args.hp_objective if data_args.hp_objective.startswith("eval_") else f"eval_{data_args.hp_objective}"
     data_args.hp_objective = objective
     out.mkdir(parents=True, exist_ok=True)
@@ -476,11 +554,19 @@ def run_search(model_args, data_args, training_args) -> dict[str, Any]:
                 f"grid of {space.grid_size} points over {', '.join(space.grid)}" if space.is_grid
                 else f"TPE over {', '.join([*space.grid, *space.ranges])}", objective, data_args.hp_direction,
                 n_trials, space.fixed or "nothing")
+    if space.is_grid:
+        requeued = requeue_failed_points(study, space)
+        if requeued:
+            logger.info("re-queued the grid points of failed trials %s", requeued)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = sum(1 for t in study.get_trials(deepcopy=False, states=counted) if not t.user_attrs.get("skipped"))
     if done < n_trials and not (space.is_grid and done >= space.grid_size):
-        study.optimize(make_objective(space, base, out, objective), n_trials=n_trials - done,
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted)])
+        # No per-worker count: a worker stops when the study has n_trials finished (skipped ones not counted), or every
+        # grid point is taken. A failing trial stops its worker (study.optimize re-raises), so this cannot spin.
+        callbacks = [stop_at_finished(n_trials)]
+        if space.is_grid:
+            callbacks.append(stop_when_grid_taken(space.grid_size))
+        study.optimize(make_objective(space, base, out, objective), callbacks=callbacks)
     summary = write_outputs(study, space, base, out, data_args, url)
     if summary["best"]:
         logger.info("best trial %d, %s %.6g with %s; wrote %s", summary["best"]["number"], objective,

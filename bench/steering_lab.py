@@ -701,7 +701,7 @@ def score_alpha_curve(lab: Lab) -> None:
     chunk = 16  # papers per scoring call: bounds the cached (tokens, vocab) rows of three models
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
-        cached = steer.score_targets(models, [e["prompt_ids"] for e in part], [e["target_ids"] for e in part],
+        cached = steer.score_targets(models, [e["score_prompt_ids"] for e in part], [e["target_ids"] for e in part],
                                      vocab_size=vocab_size_of(tokenizer), batch_size=8,
                                      keep_logprobs=tuple(models), pad_token_id=tokenizer.pad_token_id,
                                      show_progress=False)

@@ -95,8 +95,10 @@ def test_two_workers_share_one_sqlite_study(tmp_path, data_file, tiny_tokenizer_
     import optuna
 
     study = optuna.load_study(study_name="shared", storage=storage)
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert len(finished) == len(study.trials)  # nothing failed, nothing left running
+    # A worker that asked for a trial as the other took the last point records it as skipped, untrained.
+    trials = [t for t in study.trials if not t.user_attrs.get("skipped")]
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == len(trials)  # nothing failed, nothing left running
     points = [(t.params["learning_rate"], t.params["warmup_steps"]) for t in finished]
     assert len(points) == 4 and len(set(points)) == 4  # the whole grid, no point trained twice
     # Both workers trained: each logged trials of its own.
@@ -126,6 +128,65 @@ def test_a_trial_behind_the_median_is_recorded_as_pruned(tmp_path, data_file, ti
     run_dir = out / "trial-1"
     assert not (run_dir / "final").exists()  # stopped at its first evaluation (step 2)...
     assert (out / "trial-1.yaml").is_file() and (run_dir / "checkpoint-2").is_dir() is False  # pruned at its first evaluation, before that save
+
+
+def test_a_failed_trial_stays_failed_and_its_point_is_retried_in_its_directory(tmp_path, data_file,
+                                                                              tiny_tokenizer_dir, monkeypatch):
+    """A worker dies in trial 0 after its first checkpoint: the trial is recorded as failed, never as done; the next
+    run retries that grid point in trial-0/, resuming from the checkpoint."""
+    import optuna
+    from transformers import TrainerCallback
+
+    class Die(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError("worker killed")
+
+    real_main = fine_tune.main
+    monkeypatch.setattr(fine_tune, "main", lambda *a, callbacks=(): real_main(*a, callbacks=[*callbacks, Die()]))
+    space = write_space(tmp_path / "space.yaml", {"learning_rate": [3e-3, 1e-3]})
+    out = tmp_path / "search"
+    flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space), "--hp_pruner_startup_trials", "-1",
+             "--output_dir", str(out)]
+    with pytest.raises(RuntimeError, match="worker killed"):
+        hp_search.run_search(*fine_tune.parse_args(flags))
+    assert (out / "trial-0" / "checkpoint-2").is_dir() and not (out / "trial-0" / "final").exists()
+    saved = (out / "trial-0" / "checkpoint-2" / "optimizer.pt").stat().st_mtime_ns
+    monkeypatch.setattr(fine_tune, "main", real_main)
+
+    result = hp_search.run_search(*fine_tune.parse_args(flags))
+    rows = {r["number"]: r for r in result["summary"]["trials"]}
+    assert rows[0]["state"] == "FAIL"
+    complete = [r for r in rows.values() if r["state"] == "COMPLETE"]
+    assert sorted(r["params"]["learning_rate"] for r in complete) == [1e-3, 3e-3]
+    retry = next(r for r in complete if r["retry_of"] == 0)
+    assert retry["run_dir"] == str(out / "trial-0") and retry["params"] == rows[0]["params"]
+    state = json.loads((out / "trial-0" / "final" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and not (out / f"trial-{retry['number']}").exists()
+    # Resumed, not trained again from step 0 (which would have rewritten checkpoint-2).
+    assert (out / "trial-0" / "checkpoint-2" / "optimizer.pt").stat().st_mtime_ns == saved
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'hp_search.db'}")
+    assert sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials) == 1
+
+
+def test_model_and_data_flags_are_searched_too(tmp_path, tiny_model_dirs, tiny_tokenizer_dir):
+    """LoRA on plain text, a grid over lora_r (a ModelArguments field, which Trainer.hyperparameter_search would
+    skip): each trial's adapter has its own rank."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(make_rows(1)[0]["Input"] + f" {i}" for i in range(40)), encoding="utf-8")
+    space = write_space(tmp_path / "space.yaml", {"lora_r": [2, 4]})
+    out = tmp_path / "search"
+    fine_tune.main(*fine_tune.parse_args([
+        *QUIET, "--model_name_or_path", str(tiny_model_dirs["small_base"]), "--use_lora", "--dataset_path", str(text),
+        "--text_column", "text", "--max_length", "32", "--max_steps", "2", "--save_steps", "2", "--num_samples", "0",
+        "--learning_rate", "1e-3", "--hp_search", str(space), "--hp_pruner_startup_trials", "-1",
+        "--output_dir", str(out)]))
+    summary = json.loads((out / "hp_search.json").read_text())
+    ranks = {}
+    for t in summary["trials"]:
+        adapter = json.loads((out / f"trial-{t['number']}" / "final" / "adapter_config.json").read_text())
+        ranks[t["params"]["lora_r"]] = adapter["r"]
+    assert ranks == {2: 2, 4: 4}
+    assert yaml.safe_load((out / "best.yaml").read_text())["use_lora"] is True
 
 
 @pytest.mark.parametrize("parameters, trials, message", [

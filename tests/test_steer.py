@@ -29,6 +29,7 @@ from steer import (
     choose_by_generation,
     describe_blend,
     from_coefficients,
+    generation_figures,
     hub_revision,
     is_steering,
     left_pad,
@@ -514,8 +515,12 @@ def test_cli_default_tune_chooses_the_candidate_whose_generations_score_best(tin
             direct.append(score_rouge(scorer, g["generation"], references[paper["Input"]])["rougeL"])
         assert saved["entries"][name]["generation"]["rougeL"] == pytest.approx(sum(direct) / len(direct))
         assert saved["entries"][name]["generation"]["n_examples"] == 2
-    best = max(saved["entries"][n]["generation"]["rougeL"] for n in names)
-    assert saved["entries"][saved["chosen"]]["generation"]["rougeL"] == pytest.approx(best)
+        ref = [g["rougeL"] for g in generations if g["candidate"] == "proxy-tuning, alpha=1"]
+        gain = saved["entries"][name]["generation"]["gain"]
+        assert gain == pytest.approx(sum(a - b for a, b in zip([g["rougeL"] for g in mine], ref)) / len(ref))
+    clear = [n for n in names if saved["entries"][n]["generation"]["clearly_better"]]
+    best = max(clear, key=lambda n: saved["entries"][n]["generation"]["rougeL"]) if clear else "proxy-tuning, alpha=1"
+    assert saved["entries"][saved["chosen"]]["generation"]["rougeL"] == saved["entries"][best]["generation"]["rougeL"]
     assert Blend.load(out / "blend.json") == Blend(**saved["entries"][saved["chosen"]]["blend"]) == Blend(**report["blend"])
     assert "ROUGE-L" in capsys.readouterr().out
 
@@ -541,13 +546,25 @@ def test_cli_tune_picks_a_candidate_that_writes_the_reference(tiny_model_dirs, j
     assert report["entries"]["proxy-tuning, alpha=2"]["generation"]["rougeL"] == pytest.approx(100.0)
 
 
-def test_choose_by_generation_prefers_rouge_then_lower_perplexity():
-    entries = {"a": {"generation": {"rougeL": 20.0}, "tune_nll": 5.0},
-               "b": {"generation": {"rougeL": 20.0}, "tune_nll": 4.9},
-               "c": {"generation": {"rougeL": 19.9}, "tune_nll": 1.0}}
-    assert choose_by_generation(entries) == "b"
-    entries["c"]["generation"]["rougeL"] = 20.1
-    assert choose_by_generation(entries) == "c"
+def test_generation_selection_keeps_alpha_1_unless_a_candidate_is_clearly_better():
+    ref = [10.0, 30.0, 20.0, 15.0, 25.0, 12.0, 18.0, 22.0]  # ROUGE-L of alpha = 1 on 8 papers
+    scores = {"proxy-tuning, alpha=1": ref,
+              "noisy": [r + d for r, d in zip(ref, [9, -8, 7, -6, 8, -7, 6, -1])],  # +1 on average, either way
+              "steady": [r + 2 for r in ref],  # +2 on every paper
+              "steadier": [r + 1 for r in ref]}
+    rows = [{"candidate": name, "ended_with_eos": False, "n_new_tokens": 5} for name in scores for _ in ref]
+    figures = generation_figures(scores, rows, seed=0)
+    assert figures["noisy"]["gain"] == pytest.approx(1.0) and figures["noisy"]["gain_low"] < 0
+    assert not figures["noisy"]["clearly_better"] and not figures["proxy-tuning, alpha=1"]["clearly_better"]
+    assert figures["steady"]["gain_low"] == pytest.approx(2.0) and figures["steady"]["clearly_better"]
+    entries = {name: {"generation": figures[name], "tune_nll": 5.0} for name in scores}
+    assert choose_by_generation(entries) == "steady"  # of the clearly better, the best ROUGE-L
+    entries["steadier"]["generation"] |= {"rougeL": figures["steady"]["rougeL"]}
+    entries["steadier"]["tune_nll"] = 4.0
+    assert choose_by_generation(entries) == "steadier"  # a tie: the lower perplexity
+    del entries["steady"], entries["steadier"]
+    entries["noisy"]["tune_nll"] = 1.0
+    assert choose_by_generation(entries) == "proxy-tuning, alpha=1"  # the best mean, but not clearly: alpha = 1
 
 
 def test_blend_file_alone_is_enough_and_an_explicit_model_flag_wins(tiny_model_dirs, jsonl_file, tmp_path,
