@@ -1551,7 +1551,7 @@ def format_report(report: dict) -> str:
     header = f"{'model / blend':36} {'w_L':>6} {'w_tuned':>7} {'w_base':>6} {'T_L':>5} {'T_S':>5} {'tune ppl':>9}"
     header += f" {'holdout ppl':>11}" if has_holdout else ""
     header += f" {'ROUGE-L':>7} {'EOS':>4}  {'vs alpha=1 [90% CI]':<20}" if has_generation else ""
-    lines = [header, "-" * len(header)]
+    lines = [header.rstrip(), "-" * len(header.rstrip())]
     for name, e in report["entries"].items():
         b = e["blend"]
         cells = ("{:>6.3g} {:>7.3g} {:>6.3g} {:>5.3g} {:>5.3g}".format(
@@ -1565,10 +1565,11 @@ def format_report(report: dict) -> str:
             line += f" {g['rougeL']:>7.2f} {g['eos_rate']:>4.2f}  {g['gain']:+.2f} [{g['gain_low']:+.2f}, {g['gain_high']:+.2f}]"
         lines.append(line.rstrip())
     generation = report.get("generation")
-    how = (f"ROUGE-L of {'greedy ' if not generation['do_sample'] else ''}generations on {generation['n_examples']} "
-           f"{generation['examples']} papers; {REFERENCE_CANDIDATE} unless a candidate is clearly better"
-           if generation else "lowest tuning perplexity")
-    lines.append(f"chosen: {report['chosen']} ({how}) = {report.get('system', '?')}")
+    papers = f"{generation['n_examples']} {generation['examples']} papers" if generation else ""
+    how = ("the lowest tuning perplexity" if not generation
+           else f"no candidate's ROUGE-L gain over it is clear on {papers}" if report["chosen"] == REFERENCE_CANDIDATE
+           else f"the best ROUGE-L of the candidates clearly better than alpha=1 on {papers}")
+    lines.append(f"chosen: {report['chosen']} = {report.get('system', '?')} ({how})")
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 

@@ -1,0 +1,195 @@
+"""speculative.py: greedy speculative steering gives steer.steered_generate's tokens (float64, and float32 on
+these prompts), and speculative sampling has the blend's output distribution (exact enumeration on a tiny
+vocabulary vs a seeded sample)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from scipy.stats import chi2
+
+from speculative import RowState, SpeculativeStats, process_scores, speculative_generate, warp_scores
+from steer import LARGE, SMALL_BASE, SMALL_TUNED, Blend, NgramBlocker, blend_logprobs, left_pad, slice_vocab, steered_generate
+
+V = 300
+PAD, EOS = 1, 0
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20], [30, 31, 32, 33, 34]]
+
+
+def tiny_models(dtype=torch.float64, vocab=V, padded=V + 12, sharpen: float = 1.0):
+    models = {
+        LARGE: make_tiny_model(vocab, seed=2, hidden_size=64, num_layers=3, padded_vocab=padded),
+        SMALL_BASE: make_tiny_model(vocab, seed=0, padded_vocab=padded),
+        SMALL_TUNED: make_tiny_model(vocab, seed=1, padded_vocab=padded),
+    }
+    for m in models.values():
+        if sharpen != 1.0:  # random tiny models are near-uniform; a bigger output layer makes them opinionated
+            with torch.no_grad():
+                m.get_output_embeddings().weight.mul_(sharpen)
+        m.to(dtype)
+    return models
+
+
+@pytest.fixture(scope="module")
+def models64():
+    return tiny_models(torch.float64, sharpen=30.0)
+
+
+def run(fn, models, prompts, blend, **kw):
+    ids, mask = left_pad(prompts, PAD)
+    kw = dict(dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, vocab_size=V), **kw)
+    return fn(models[LARGE], models[SMALL_BASE], models[SMALL_TUNED], ids, mask, blend, **kw)
+
+
+BLENDS = {
+    "proxy-tuning": Blend.from_alpha(1.0),
+    "mostly-draft": Blend(large_weight=0.15, tuned_weight=1.0, base_weight=0.1),  # accepts often, not always
+    "draft-only": Blend(large_weight=0.0, tuned_weight=1.0, base_weight=0.0),  # every draft kept: bonus path
+    "tempered+nucleus": Blend(0.8, 1.2, 0.3, 0.9, 1.1, plausibility_top_p=0.9),
+    "min-ratio": Blend(1.0, 1.0, 1.0, plausibility_min_ratio=0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(BLENDS))
+@pytest.mark.parametrize("draft_tokens", [None, 1, 4])
+def test_greedy_equals_the_plain_loop_in_float64(models64, name, draft_tokens):
+    blend = BLENDS[name]
+    plain = run(steered_generate, models64, PROMPTS, blend)
+    stats = SpeculativeStats()
+    spec = run(speculative_generate, models64, PROMPTS, blend, draft_tokens=draft_tokens, stats=stats)
+    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    assert stats.emitted == plain[0].numel()  # no EOS here: every row ran its 12 tokens
+    if name == "draft-only":
+        assert stats.acceptance == 1.0
+    if name == "mostly-draft":
+        assert 0 < stats.accepted < stats.drafted  # both the kept and the rejected paths ran
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.6), dict(no_repeat_ngram_size=2),
+                                dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=20)])
+@pytest.mark.parametrize("name", ["mostly-draft", "proxy-tuning"])
+def test_greedy_with_repetition_penalty_and_ngram_ban_equals_the_plain_loop(models64, kw, name):
+    plain = run(steered_generate, models64, PROMPTS, BLENDS[name], **kw)
+    stats = SpeculativeStats()
+    spec = run(speculative_generate, models64, PROMPTS, BLENDS[name], stats=stats, **kw)
+    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    assert stats.accepted > 0 or name == "proxy-tuning"
+
+
+def test_each_row_stops_at_its_own_eos_as_the_plain_loop_does(models64):
+    blend = BLENDS["mostly-draft"]
+    free, _ = run(steered_generate, models64, PROMPTS, blend, eos_token_id=V + 100)
+    eos = int(free[0, 3])  # row 0's fourth token becomes the EOS; other rows may meet it elsewhere or never
+    plain = run(steered_generate, models64, PROMPTS, blend, eos_token_id=eos)
+    spec = run(speculative_generate, models64, PROMPTS, blend, eos_token_id=eos)
+    assert plain[1][0] and torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    for max_new_tokens in (1, 2, 5):  # the budget cuts a round short
+        plain = run(steered_generate, models64, PROMPTS, blend, max_new_tokens=max_new_tokens)
+        spec = run(speculative_generate, models64, PROMPTS, blend, max_new_tokens=max_new_tokens, draft_tokens=8)
+        assert torch.equal(spec[0], plain[0])
+
+
+def test_greedy_float32_equals_the_plain_loop_on_these_prompts():
+    models = tiny_models(torch.float32, sharpen=30.0)
+    for blend in BLENDS.values():
+        plain = run(steered_generate, models, PROMPTS, blend, max_new_tokens=16)
+        spec = run(speculative_generate, models, PROMPTS, blend, max_new_tokens=16)
+        assert torch.equal(spec[0], plain[0])
+
+
+def test_row_state_takes_back_pushed_tokens():
+    prompt = torch.tensor([5, 6, 7, 5])
+    state = RowState(prompt, 20, repetition_penalty=2.0, no_repeat_ngram_size=2)
+    before = (state.seen.clone(), {k: set(v) for k, v in state.blocker.seen[0].items()}, list(state.blocker.seqs[0]))
+    for token in (6, 9, 9, 3):
+        state.push(token)
+    assert state.seen[0, 9] and state.blocker.seqs[0][-1] == 3
+    state.pop_to(1)
+    assert state.blocker.seqs[0] == [5, 6, 7, 5, 6] and not state.seen[0, 9]
+    state.pop_to(0)
+    assert torch.equal(state.seen, before[0]) and state.blocker.seqs[0] == before[2]
+    assert {k: v for k, v in state.blocker.seen[0].items() if v} == before[1]
+    # process_scores is the plain loop's processing: the same result as a fresh blocker on the same sequence.
+    logp = torch.log_softmax(torch.randn(1, 20, generator=torch.Generator().manual_seed(0)), -1)
+    fresh = NgramBlocker(2, prompt[None], torch.ones(1, 4))
+    expected = fresh.ban(torch.where(state.seen, logp * 2.0, logp), [0])
+    assert torch.equal(state.scores(logp), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: the output distribution is the blend's
+# ---------------------------------------------------------------------------------------------
+SV = 5  # a tiny vocabulary: token 0 is EOS, 1 is padding (never produced here: it is just a token)
+SAMPLE = dict(do_sample=True, temperature=1.0, top_p=0.97, repetition_penalty=1.5, no_repeat_ngram_size=2)
+N_NEW = 3
+
+
+@torch.inference_mode()
+def exact_distribution(models, prompt: list[int], blend: Blend, use_draft: bool = False) -> dict[tuple, float]:
+    """Every continuation of up to N_NEW tokens (stopping at EOS) -> its probability, by enumeration: the plain
+    loop's per-step distribution (blend, processing, warps) from an uncached forward on each prefix."""
+    def step_probs(prefix: list[int]) -> torch.Tensor:
+        seq = torch.tensor([prompt + prefix])
+        logps = {r: torch.log_softmax(slice_vocab(m(input_ids=seq).logits[:, -1], SV).double(), -1)
+                 for r, m in models.items()}
+        mixed = logps[SMALL_TUNED] if use_draft else blend_logprobs(
+            logps[LARGE], logps[SMALL_TUNED], logps[SMALL_BASE], blend)
+        state = RowState(torch.tensor(prompt + prefix), SV, SAMPLE["repetition_penalty"], SAMPLE["no_repeat_ngram_size"])
+        warped = warp_scores(state.scores(mixed), SAMPLE["temperature"], SAMPLE["top_p"])
+        return torch.softmax(warped, -1)[0]
+
+    dist = {}
+
+    def walk(prefix: list[int], prob: float) -> None:
+        if len(prefix) == N_NEW or (prefix and prefix[-1] == EOS):
+            dist[tuple(prefix)] = dist.get(tuple(prefix), 0.0) + prob
+            return
+        for token, p in enumerate(step_probs(prefix).tolist()):
+            if p > 0:
+                walk(prefix + [token], prob * p)
+
+    walk([], 1.0)
+    return dist
+
+
+def chi_square_p(counts: dict[tuple, int], dist: dict[tuple, float], n: int) -> float:
+    """Pearson's test of the counts against `dist`, outcomes expected under 5 times pooled into one bin."""
+    big = [o for o, p in dist.items() if p * n >= 5]
+    small_p = 1 - sum(dist[o] for o in big)
+    observed = [counts.get(o, 0) for o in big] + [n - sum(counts.get(o, 0) for o in big)]
+    expected = [dist[o] * n for o in big] + [small_p * n]
+    if expected[-1] < 1e-9:
+        observed, expected = observed[:-1], expected[:-1]
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    unseen = sum(c for o, c in counts.items() if o not in dist)
+    assert unseen == 0, f"{unseen} samples have probability 0 under the blend"
+    return float(chi2.sf(stat, len(expected) - 1))
+
+
+def test_speculative_sampling_has_the_blends_distribution():
+    models = tiny_models(torch.float64, vocab=SV, padded=SV + 3, sharpen=3.0)
+    blend = Blend(1.0, 1.0, 0.6, plausibility_top_p=0.95)
+    prompt = [2, 3, 4]
+    target = exact_distribution(models, prompt, blend)
+    draft = exact_distribution(models, prompt, blend, use_draft=True)
+    assert abs(sum(target.values()) - 1) < 1e-9
+    # The draft is far from the target, so a sampler that kept every draft would fail this test.
+    assert 0.5 * sum(abs(target.get(o, 0) - draft.get(o, 0)) for o in set(target) | set(draft)) > 0.15
+
+    n = 1500
+    ids, mask = left_pad([prompt] * n, PAD)
+    stats = SpeculativeStats()
+    tokens, ended = speculative_generate(
+        models[LARGE], models[SMALL_BASE], models[SMALL_TUNED], ids, mask, blend, max_new_tokens=N_NEW,
+        eos_token_id=EOS, pad_token_id=-1, vocab_size=SV, generator=torch.Generator().manual_seed(0),
+        draft_tokens=2, stats=stats, **SAMPLE)
+    counts: dict[tuple, int] = {}
+    for row in tokens.tolist():
+        key = tuple(itertools.takewhile(lambda t: t != -1, row))
+        counts[key] = counts.get(key, 0) + 1
+    assert 0.2 < stats.acceptance < 0.95  # both the keep and the resample rules were exercised
+    assert chi_square_p(counts, target, n) > 1e-3
+    assert chi_square_p(counts, draft, n) < 1e-6  # the test can tell the draft's distribution from the blend's
