@@ -187,6 +187,7 @@ class SpeculativeStats:
     accepted: int = 0
     emitted: int = 0
     forwards: dict[str, int] = field(default_factory=lambda: {LARGE: 0, SMALL_BASE: 0, SMALL_TUNED: 0})
+    drafted_per_round: list[int] = field(default_factory=list)
     accepted_per_round: list[int] = field(default_factory=list)
 
     @property
@@ -345,6 +346,7 @@ def decode_row(verifiers: dict, draft_model, prompt: torch.Tensor, blend: Blend,
         stats.drafted += k
         stats.accepted += accepted
         stats.emitted += len(emitted)
+        stats.drafted_per_round.append(k)
         stats.accepted_per_round.append(accepted)
         if out[-1] == eos_token_id:
             return out, True
@@ -377,6 +379,19 @@ def pick_residual(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator |
     return int(torch.multinomial(residual, 1, generator=generator)[0, 0])
 
 
-def can_speculate(models: dict, blend: Blend, return_logprobs: bool = False) -> bool:
-    """Whether speculative decoding applies: S_tuned is loaded and in the blend."""
-    return models.get(SMALL_TUNED) is not None and blend.coefficients[1] != 0 and not return_logprobs
+def uses_speculation(small_tuned, blend: Blend, batch: int, speculative: bool) -> bool:
+    """Whether `decode_steered` drafts: asked for, S_tuned is loaded and in the blend, and the batch holds one
+    prompt. Several prompts decode faster with the plain batched loop than speculatively one row at a time on
+    CPU (bench/bench_speculative.py: a batch-8 step of L costs far less than 8 batch-1 steps)."""
+    return speculative and small_tuned is not None and blend.coefficients[1] != 0 and batch == 1
+
+
+def decode_steered(large, small_base, small_tuned, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   blend: Blend, *, speculative: bool = True, draft_tokens: int | None = None, **kw):
+    """steer.steered_generate, or speculative_generate where `uses_speculation` says so: the same contract."""
+    from steer import steered_generate
+
+    if uses_speculation(small_tuned, blend, input_ids.shape[0], speculative):
+        return speculative_generate(large, small_base, small_tuned, input_ids, attention_mask, blend,
+                                    draft_tokens=draft_tokens, **kw)
+    return steered_generate(large, small_base, small_tuned, input_ids, attention_mask, blend, **kw)

@@ -44,16 +44,21 @@ from tqdm.auto import tqdm
 
 from common import (
     DTYPES,
+    SEED_MAX,
     UsageError,
     atomic_directory,
     build_prompt,
     check_output_dir,
     check_same_vocab,
-    first_line,
     load_causal_lm,
     load_tokenizer,
+    number_problem,
+    number_problems,
+    raise_problems,
+    read_data_text,
     run_cli,
     setup_logging,
+    split_compression,
     to_jsonable,
     vocab_size_of,
     write_json,
@@ -119,31 +124,22 @@ class Blend:
     plausibility_min_ratio: float | None = None
 
     def __post_init__(self):
-        problems = []
-        for name in ("large_weight", "tuned_weight", "base_weight"):
-            if not math.isfinite(getattr(self, name)):
-                problems.append(f"{name} {getattr(self, name)} must be a finite number")
-        for name in ("large_weight", "tuned_weight"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} {getattr(self, name)} must be >= 0 (a negative weight inverts the model)")
-        for name in ("large_temperature", "small_temperature"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                problems.append(f"{name} {value} must be > 0 (1.0 leaves the model as it is)")
-        if self.plausibility_top_p is not None and not 0 < self.plausibility_top_p <= 1:
-            problems.append(f"plausibility_top_p {self.plausibility_top_p} must be in (0, 1], or None for no limit")
-        if self.plausibility_min_ratio is not None and not 0 < self.plausibility_min_ratio <= 1:
-            problems.append(
-                f"plausibility_min_ratio {self.plausibility_min_ratio} must be in (0, 1], or None for no limit"
-            )
+        # number_problem also refuses NaN and values beyond float32, which the arithmetic runs in.
+        weight = ("[0, inf)", "a negative weight inverts the model")
+        problems = number_problems(self, {
+            "large_weight": weight, "tuned_weight": weight, "base_weight": "(-inf, inf)",
+            "large_temperature": ("(0, inf)", "1.0 leaves the model as it is"),
+            "small_temperature": ("(0, inf)", "1.0 leaves the model as it is"),
+            "plausibility_top_p": ("(0, 1]", "or None for no limit"),
+            "plausibility_min_ratio": ("(0, 1]", "or None for no limit")}, prefix="")
         if problems:
             raise UsageError("blend: " + "; ".join(problems))
 
     @classmethod
     def from_alpha(cls, alpha: float, **kw) -> Blend:
         """Proxy-tuning: `Blend.from_alpha(0.5)` -> w_L = 1, w_tuned = w_base = 0.5."""
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise UsageError(f"--alpha {alpha} must be a finite number >= 0 (0 = the large model alone, 1 = proxy-tuning)")
+        raise_problems([p for p in [number_problem("--alpha", alpha, "[0, inf)",
+                                                   "0 = the large model alone, 1 = proxy-tuning")] if p])
         return cls(tuned_weight=alpha, base_weight=alpha, **kw)
 
     @property
@@ -356,11 +352,11 @@ class SteerArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
     def __post_init__(self):
-        problems = []
+        problems = number_problems(self, {"batch_size": "[1, inf)", "seed": f"[0, {SEED_MAX}]",
+                                          "alpha": ("[0, inf)", "0 = the large model alone, 1 = proxy-tuning"),
+                                          "plausibility_top_p": "(0, 1]"})
         if self.alpha is not None and self.blend is not None:
             problems.append("give either --alpha or --blend, not both")
-        if self.batch_size < 1:
-            problems.append(f"--batch_size {self.batch_size} must be >= 1")
         if self.prompt is not None and self.prompts_file is not None:
             problems.append("give either --prompt or --prompts_file, not both")
         if problems:
@@ -398,22 +394,11 @@ class TuneArguments:
     max_cache_gb: float = field(default=8.0, metadata={"help": "Refuse to cache more log-prob rows than this."})
 
     def __post_init__(self):
-        problems = []
-        if self.n_examples < 1:
-            problems.append(f"--n_examples {self.n_examples} must be >= 1")
-        if not 0 <= self.holdout_fraction < 1:
-            problems.append(f"--holdout_fraction {self.holdout_fraction} must be in [0, 1)")
-        if self.max_target_tokens < 1:
-            problems.append(f"--max_target_tokens {self.max_target_tokens} must be >= 1")
-        if self.n_trials < 1:
-            problems.append(f"--n_trials {self.n_trials} must be >= 1")
-        if self.generation_examples < 1:
-            problems.append(f"--generation_examples {self.generation_examples} must be >= 1")
-        bad = [a for a in self.candidate_alphas if not (math.isfinite(a) and a >= 0)]
-        if bad:
-            problems.append(f"--candidate_alphas {bad[0]} must be a finite number >= 0")
-        if problems:
-            raise UsageError("; ".join(problems))
+        problems = number_problems(self, {
+            "n_examples": "[1, inf)", "holdout_fraction": "[0, 1)", "max_target_tokens": "[1, inf)",
+            "n_trials": "[1, inf)", "generation_examples": "[1, inf)", "max_cache_gb": "(0, inf)"})
+        bad = [p for p in (number_problem("--candidate_alphas", a, "[0, inf)") for a in self.candidate_alphas) if p]
+        raise_problems(problems + bad[:1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,19 +642,14 @@ class NgramBlocker:
 
 def check_decoding_args(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
                         no_repeat_ngram_size: int) -> None:
-    problems = []
-    if max_new_tokens < 1:
-        problems.append(f"--max_new_tokens {max_new_tokens} must be >= 1")
-    if not (math.isfinite(temperature) and temperature > 0):
-        problems.append(f"--temperature {temperature} must be > 0 (greedy decoding is --do_sample false, the default)")
-    if not 0 < top_p <= 1:
-        problems.append(f"--top_p {top_p} must be in (0, 1]")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        problems.append(f"--repetition_penalty {repetition_penalty} must be > 0 (1.0 = off)")
-    if no_repeat_ngram_size < 0:
-        problems.append(f"--no_repeat_ngram_size {no_repeat_ngram_size} must be >= 0 (0 = off)")
-    if problems:
-        raise UsageError("; ".join(problems))
+    problems = [
+        number_problem("--max_new_tokens", max_new_tokens, "[1, inf)"),
+        number_problem("--temperature", temperature, "(0, inf)", "greedy decoding is --do_sample false, the default"),
+        number_problem("--top_p", top_p, "(0, 1]"),
+        number_problem("--repetition_penalty", repetition_penalty, "(0, inf)", "1.0 = off"),
+        number_problem("--no_repeat_ngram_size", no_repeat_ngram_size, "[0, inf)", "0 = off"),
+    ]
+    raise_problems([p for p in problems if p])
 
 
 @torch.inference_mode()
@@ -1007,7 +987,8 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
     tokenizers = {}
     for role, path in paths.items():
         try:
-            tokenizers[f"--{role}_model {path}"] = load_tokenizer(path, args.trust_remote_code, padding_side="left")
+            tokenizers[f"--{role}_model {path}"] = load_tokenizer(path, args.trust_remote_code, padding_side="left",
+                                                                  flag=f"--{role}_model")
         except UsageError as err:
             raise UsageError(f"--{role}_model {path}: {err}; steering checks that all models share one tokenizer, "
                              "so keep the tokenizer beside every model (fine_tune.py saves it)") from None
@@ -1021,7 +1002,8 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
     for role, path in paths.items():
         key = (path, getattr(args, f"{role}_device") or large_device, getattr(args, f"{role}_dtype"))
         if key not in loaded:  # a path given for two roles (same device and dtype) loads once
-            loaded[key] = load_causal_lm(path, dtype=key[2], device=key[1], trust_remote_code=args.trust_remote_code)
+            loaded[key] = load_causal_lm(path, dtype=key[2], device=key[1], trust_remote_code=args.trust_remote_code,
+                                         flag=f"--{role}_model")
         models[role] = loaded[key]
         large_device = large_device or str(models[LARGE].device)
         width = models[role].get_output_embeddings().weight.shape[0]
@@ -1038,14 +1020,6 @@ def reviews_of(value: Any) -> list[str]:
     return [r for r in (clean_text(r, "whitespace") for r in extract_reviews(value, None)) if r]
 
 
-def read_utf8(path: Path, flag: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise UsageError(f"{flag} {path} is not UTF-8 (line {line}); re-encode it, e.g. iconv -t UTF-8") from None
-
-
 def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
     """-> [(reviews value, source row)] from --prompt or --prompts_file."""
     if args.prompt is not None:
@@ -1057,15 +1031,16 @@ def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise UsageError(f"--prompts_file {path} does not exist")
-    text = read_utf8(path, "--prompts_file")
-    if path.suffix not in (".jsonl", ".json"):
+    text = read_data_text(path, "--prompts_file")
+    kind, _ = split_compression(path)  # 'x.jsonl.gz' -> '.jsonl'
+    if kind not in (".jsonl", ".json"):
         items = [(line, {}) for line in text.splitlines() if line.strip()]
     else:
         try:
-            rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
-                                                                    if line.strip()]
+            rows = json.loads(text) if kind == ".json" else [json.loads(line) for line in text.splitlines()
+                                                             if line.strip()]
         except json.JSONDecodeError as err:
-            raise UsageError(f"--prompts_file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+            raise UsageError(f"--prompts_file {path} is not valid {kind[1:].upper()}: {err}") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) and args.input_column in r for r in rows):
             raise UsageError(f"--prompts_file {path}: every record needs an '{args.input_column}' column; "
                              "set --input_column")
@@ -1179,7 +1154,7 @@ def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed:
         rows = list(data.select_columns(["input_ids", "prompt_length", *text_columns]))
     else:
         rows = []
-        for number, line in enumerate(read_utf8(path, "--validation_data").splitlines(), start=1):
+        for number, line in enumerate(read_data_text(path, "--validation_data").splitlines(), start=1):
             if not line.strip():
                 continue
             try:

@@ -37,3 +37,8 @@ def test_bench_fine_tune_ci(tmp_path):
     # Every trainer (fine_tune.py, padding to max_length, TRL matched and default) trained on the same targets.
     assert "Label tokens counted from the batches each trainer built: the same in every system" in out
     assert out.count("**") == 6  # a bold ratio for each of the three comparisons
+
+
+def test_bench_speculative_ci(tmp_path):
+    out = run_bench_ci("bench_speculative.py", tmp_path)
+    assert "predicted" in out and "t(k) ms" in out

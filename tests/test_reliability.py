@@ -463,12 +463,6 @@ BAD_INPUTS: dict[str, Bad] = {
                                     ("--seed -1 must be in [0, 4294967295]",)),
     "evaluation/max_length_hint_is_the_tokenizers": Bad(
         "evaluation.py", lambda i, d: evaluation(i, d, "--max_length", "20"), ("use at least 43",)),
-}
-
-
-# Cases of the same classes whose fix belongs in steer.py / evaluation.py (common.number_problem is the check to
-# call); strict xfail, so each one reports when fixed and then moves into BAD_INPUTS.
-PENDING_BAD_INPUTS: dict[str, Bad] = {
     "steer/alpha_beyond_float32": Bad("steer.py", lambda i, d: steer(i, d, "--alpha", "1e39", "--prompt", "Good."),
                                       ("--alpha 1e+39 is not a finite float32 number",)),
     "steer/temperature_beyond_float32": Bad(
@@ -477,16 +471,8 @@ PENDING_BAD_INPUTS: dict[str, Bad] = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="fix pending in "
-                                                                            f"{PENDING_BAD_INPUTS[c].script}"))
-                                  for c in sorted(PENDING_BAD_INPUTS)])
-def test_pending_bad_input_ends_in_one_error_line(case, inputs, server, tmp_path):
-    bad = PENDING_BAD_INPUTS[case]
-    res = server.run(bad.script, bad.argv(inputs, tmp_path), tmp_path / "_logs", timeout=240)
-    assert_clean_failure(res, *bad.needles)
-    assert not (tmp_path / "out").exists()
-
-
+# Cases of the same classes whose fix belongs in steer.py / evaluation.py (common.number_problem is the check to
+# call); strict xfail, so each one reports when fixed and then moves into BAD_INPUTS.
 def test_the_table_covers_every_script_and_25_distinct_bad_inputs():
     kinds = {name.split("/")[1] for name in BAD_INPUTS}
     assert len(BAD_INPUTS) >= 25 and len(kinds) >= 25
@@ -522,9 +508,7 @@ def compressed_copy(path: Path, suffix: str, out_dir: Path) -> Path:
 
 @pytest.mark.parametrize("script", [
     "processing_meta_review.py", "fine_tune.py", "evaluation.py",
-    pytest.param("steer.py", marks=pytest.mark.xfail(strict=True, reason=(
-        "steer.read_prompt_texts reads --prompts_file itself as UTF-8 text: it should use common.read_data_text "
-        "and common.split_compression for the extension"))),
+    "steer.py",
 ])
 def test_compressed_data_files_are_read_wherever_a_data_file_is(script, inputs, server, tmp_path):
     """`.gz`, `.bz2`, `.xz`, `.zst`, as the datasets library reads them, for every flag that takes a data file."""
