@@ -183,6 +183,10 @@ class GenerationArguments:
                   "'{\"steered\": {\"temperature\": 0.7, \"do_sample\": true}}'."},
     )
     batch_size: int = field(default=8, metadata={"help": "Examples per generation batch."})
+    speculative: bool = field(
+        default=True, metadata={"help": "steered system, --batch_size 1: decode speculatively with S_tuned drafting "
+                                "(same greedy output, same sampling distribution; speculative.py); false = the plain "
+                                "loop. Batches of several examples always use the plain batched loop."})
 
     def __post_init__(self):
         raise_problems(check_decoding(dataclasses.asdict(self), "--")
@@ -540,16 +544,17 @@ def cut_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
 
 
 def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attention_mask, settings: dict,
-                   tokenizer, generator) -> Any:
+                   tokenizer, generator, speculative: bool = True) -> Any:
     """New tokens (B, <= max_new_tokens) for one left-padded batch."""
     import torch
 
     vocab = vocab_size_of(tokenizer)
     if system == "steered":
-        import steer
+        from speculative import decode_steered
 
-        new_tokens, _ = steer.steered_generate(
+        new_tokens, _ = decode_steered(
             models["large"], models["small_base"], models["small_tuned"], input_ids, attention_mask, blend,
+            speculative=speculative,
             max_new_tokens=settings["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, do_sample=settings["do_sample"],
             temperature=settings["temperature"], top_p=settings["top_p"],
@@ -587,7 +592,7 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
 
 
 def generate(system: str, examples: list[dict], models: dict[str, Any], blend, settings: dict, tokenizer,
-             batch_size: int, seed: int, progress=None) -> list[dict]:
+             batch_size: int, seed: int, progress=None, speculative: bool = True) -> list[dict]:
     """Generate for every example; returns one record per example, in the order given. `progress` (a tqdm bar)
     advances by one per example."""
     import torch
@@ -604,7 +609,8 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
         batch = order[start:start + batch_size]
         input_ids, attention_mask = left_pad([examples[i]["prompt_ids"] for i in batch], tokenizer.pad_token_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (B, T) each
-        new_tokens = generate_batch(system, models, blend, input_ids, attention_mask, settings, tokenizer, generator)
+        new_tokens = generate_batch(system, models, blend, input_ids, attention_mask, settings, tokenizer, generator,
+                                    speculative)
         for i, row in zip(batch, new_tokens.tolist()):
             tokens, ended = cut_at_eos(row, tokenizer.eos_token_id)
             records[i] = {
@@ -942,7 +948,7 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
         for system in systems:
             progress.set_postfix_str(system)
             records += generate(system, mine, models, blend, decoding[system], tokenizer, gen_args.batch_size,
-                                data_args.seed, progress)
+                                data_args.seed, progress, gen_args.speculative)
     if out_args.compute_perplexity and mine:
         nll = score_references(systems, mine, models, blend, tokenizer, gen_args.batch_size)
         by_id = {ex["example_id"]: k for k, ex in enumerate(mine)}

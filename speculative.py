@@ -42,43 +42,21 @@ from steer import (
     blend_logprobs,
     check_decoding_args,
     model_context,
-    nucleus_mask,
+    process_scores,
     slice_vocab,
+    steered_generate,
+    warp_scores,
 )
 
-# Draft length: adaptive as transformers' assisted generation (`num_assistant_tokens_schedule="heuristic"`):
+# Draft length, adaptive mode (draft_tokens=None): as transformers' assisted generation
+# (`num_assistant_tokens_schedule="heuristic"`):
 # +2 after a round whose every draft was kept, -1 (down to 1) otherwise, between 1 and MAX_DRAFT_TOKENS.
 INITIAL_DRAFT_TOKENS = 2
+DRAFT_GROWTH = 2
 MAX_DRAFT_TOKENS = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-step processing, shared with steer.steered_generate
-# ---------------------------------------------------------------------------------------------
-def process_scores(logp: torch.Tensor, seen: torch.Tensor | None = None, repetition_penalty: float = 1.0,
-                   blocker: NgramBlocker | None = None, active: list[int] | None = None) -> torch.Tensor:
-    """(B, V) blended log-probs -> (B, V) the scores a token is picked from: repetition penalty on the tokens
-    `seen` (B, V) marks, then the n-gram ban for the rows in `active`.
-
-    On log-probs (all <= 0) multiplying by the penalty always lowers the token; on raw logits, as in HF's
-    processor, the sign decides, and a negative logit would be pushed the wrong way.
-    """
-    scores = logp
-    if seen is not None and repetition_penalty != 1.0:
-        scores = torch.where(seen, scores * repetition_penalty, scores)
-    if blocker is not None:
-        scores = blocker.ban(scores.clone(), active if active is not None else list(range(scores.shape[0])))
-    return scores
-
-
-def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(B, V) processed scores -> (B, V) log-probs of the sampling distribution (temperature, then nucleus), NOT
-    renormalised after the nucleus cut (torch.multinomial normalises). `warp_scores(log([.5, .3, .2]), 1, .6)`
-    -> log([.5, .3, 0])."""
-    scores = torch.log_softmax(scores / temperature, dim=-1)
-    if top_p < 1:
-        scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
-    return scores
+# The default is a fixed k = 2: at the Pythia-410m/70m shapes on CPU a forward of 4+ tokens costs far more than
+# one of 3 (bench/RESULTS.md, t_L(k)), and the adaptive schedule's long drafts lost to k = 2 on the lab's rounds.
+DEFAULT_DRAFT_TOKENS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +197,7 @@ def speculative_generate(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     generator: torch.Generator | None = None,
-    draft_tokens: int | None = None,
+    draft_tokens: int | None = DEFAULT_DRAFT_TOKENS,
     max_draft_tokens: int = MAX_DRAFT_TOKENS,
     stats: SpeculativeStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +219,8 @@ def speculative_generate(
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          "must both be (batch, length)")
     if not bool(attention_mask[:, -1].all()):
-        raise ValueError("every row must end with a real token: pad prompts on the LEFT (tokenizer.padding_side='left')")
+        raise ValueError("every row must end with a real token: pad prompts on the LEFT "
+                         "(tokenizer.padding_side='left')")
     if draft_tokens is not None and draft_tokens < 1:
         raise UsageError(f"draft_tokens {draft_tokens} must be >= 1, or None for the adaptive length")
     if small_tuned is None:
@@ -317,7 +296,8 @@ def decode_row(verifiers: dict, draft_model, prompt: torch.Tensor, blend: Blend,
                 break
         k = len(drafted)
         state.pop_to(0)
-        logps = {role: cache.logprobs([last, *drafted], vocab_size, device) for role, cache in caches.items()}  # (k+1, V)
+        # One forward of L and of S over [last, drafts]: (k + 1, V) log-probs each.
+        logps = {role: cache.logprobs([last, *drafted], vocab_size, device) for role, cache in caches.items()}
         for role in logps:
             stats.forwards[role] += 1
         stats.forwards[SMALL_TUNED] += k
@@ -358,10 +338,11 @@ def decode_row(verifiers: dict, draft_model, prompt: torch.Tensor, blend: Blend,
         state.pushed.clear()  # the emitted tokens are final
         last = new_token
         if draft_tokens is None:
-            k_next = min(k_next + 2, max_draft_tokens) if accepted == k else max(1, k_next - 1)
+            k_next = min(k_next + DRAFT_GROWTH, max_draft_tokens) if accepted == k else max(1, k_next - 1)
 
 
-def keep_draft(p: torch.Tensor, q: torch.Tensor, token: int, do_sample: bool, generator: torch.Generator | None) -> bool:
+def keep_draft(p: torch.Tensor, q: torch.Tensor, token: int, do_sample: bool,
+               generator: torch.Generator | None) -> bool:
     """Greedy: the draft token is the processed blend's argmax. Sampling: keep it with probability
     min(1, p*(x) / q(x)) (p, q: (1, V) log-probs), which makes the kept-or-resampled token distributed as p*."""
     if not do_sample:
@@ -387,10 +368,8 @@ def uses_speculation(small_tuned, blend: Blend, batch: int, speculative: bool) -
 
 
 def decode_steered(large, small_base, small_tuned, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   blend: Blend, *, speculative: bool = True, draft_tokens: int | None = None, **kw):
+                   blend: Blend, *, speculative: bool = True, draft_tokens: int | None = DEFAULT_DRAFT_TOKENS, **kw):
     """steer.steered_generate, or speculative_generate where `uses_speculation` says so: the same contract."""
-    from steer import steered_generate
-
     if uses_speculation(small_tuned, blend, input_ids.shape[0], speculative):
         return speculative_generate(large, small_base, small_tuned, input_ids, attention_mask, blend,
                                     draft_tokens=draft_tokens, **kw)

@@ -344,6 +344,13 @@ class SteerArguments:
     top_p: float = field(default=1.0, metadata={"help": "Sampling nucleus of the blended distribution."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 lowers tokens already in the row."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size (0 = off)."})
+    speculative: bool = field(
+        default=True, metadata={"help": "Decode a batch of one prompt speculatively, S_tuned drafting (speculative.py: "
+                                "greedy output unchanged, sampling distribution unchanged, fewer L steps); false = "
+                                "the plain loop. Batches of several prompts always use the plain batched loop."})
+    draft_tokens: int = field(
+        default=2, metadata={"help": "Tokens S_tuned drafts per speculative round (0 = adaptive, as HF assisted "
+                             "generation)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts decoded together (also the --tune scoring batch)."})
     seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --tune example draw and search."})
     output_dir: str | None = field(
@@ -354,7 +361,8 @@ class SteerArguments:
     def __post_init__(self):
         problems = number_problems(self, {"batch_size": "[1, inf)", "seed": f"[0, {SEED_MAX}]",
                                           "alpha": ("[0, inf)", "0 = the large model alone, 1 = proxy-tuning"),
-                                          "plausibility_top_p": "(0, 1]"})
+                                          "plausibility_top_p": "(0, 1]",
+                                          "draft_tokens": ("[0, inf)", "0 = adaptive")})
         if self.alpha is not None and self.blend is not None:
             problems.append("give either --alpha or --blend, not both")
         if self.prompt is not None and self.prompts_file is not None:
@@ -640,6 +648,33 @@ class NgramBlocker:
                 self._add(row, self.seqs[row][-self.n:])
 
 
+def process_scores(logp: torch.Tensor, seen: torch.Tensor | None = None, repetition_penalty: float = 1.0,
+                   blocker: NgramBlocker | None = None, active: list[int] | None = None) -> torch.Tensor:
+    """(B, V) blended log-probs -> (B, V) the scores a token is picked from: repetition penalty on the tokens
+    `seen` (B, V) marks, then the n-gram ban for the rows in `active`. One step's processing, shared by
+    steered_generate and speculative.py (which runs it at every drafted position).
+
+    On log-probs (all <= 0) multiplying by the penalty always lowers the token; on raw logits, as in HF's
+    processor, the sign decides, and a negative logit would be pushed the wrong way.
+    """
+    scores = logp
+    if seen is not None and repetition_penalty != 1.0:
+        scores = torch.where(seen, scores * repetition_penalty, scores)
+    if blocker is not None:
+        scores = blocker.ban(scores.clone(), active if active is not None else list(range(scores.shape[0])))
+    return scores
+
+
+def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(B, V) processed scores -> (B, V) log-probs of the sampling distribution (temperature, then nucleus), not
+    renormalised after the nucleus cut (torch.multinomial normalises). `warp_scores(log([.5, .3, .2]), 1, .6)`
+    -> log([.5, .3, 0])."""
+    scores = torch.log_softmax(scores / temperature, dim=-1)
+    if top_p < 1:
+        scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
+    return scores
+
+
 def check_decoding_args(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
                         no_repeat_ngram_size: int) -> None:
     problems = [
@@ -722,18 +757,10 @@ def steered_generate(
         logp = blend_logprobs(logps.get(LARGE), logps.get(SMALL_TUNED), logps.get(SMALL_BASE), blend)  # (B, V)
         if return_logprobs:
             history.append(logp)
-        scores = logp
-        if seen is not None:
-            # On log-probs (all <= 0) multiplying by the penalty always lowers the token; on raw logits, as in
-            # HF's processor, the sign decides, and a negative logit would be pushed the wrong way.
-            scores = torch.where(seen, scores * repetition_penalty, scores)
-        if blocker is not None:
-            active = (~finished).nonzero().flatten().tolist()
-            scores = blocker.ban(scores.clone(), active)
+        active = (~finished).nonzero().flatten().tolist() if blocker is not None else None
+        scores = process_scores(logp, seen, repetition_penalty, blocker, active)  # shared with speculative.py
         if do_sample:
-            scores = torch.log_softmax(scores / temperature, dim=-1)
-            if top_p < 1:
-                scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
+            scores = warp_scores(scores, temperature, top_p)
             next_tokens = torch.multinomial(scores.exp(), 1, generator=generator)[:, 0]  # (B,)
         else:
             next_tokens = scores.argmax(dim=-1)  # (B,)
@@ -1087,6 +1114,8 @@ def resolve_blend(args: SteerArguments) -> Blend:
 def generate_texts(models: dict[str, Any], tokenizer, prompts: list[str], blend: Blend, args: SteerArguments,
                    desc: str = "generating") -> list[dict]:
     """Decode every prompt in batches (longest first, so rows of a batch have similar lengths)."""
+    from speculative import decode_steered  # imported here: speculative.py imports this module
+
     large = models[LARGE]
     generator = torch.Generator(device=large.device).manual_seed(args.seed)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -1095,12 +1124,13 @@ def generate_texts(models: dict[str, Any], tokenizer, prompts: list[str], blend:
     for start in tqdm(range(0, len(order), args.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + args.batch_size]
         ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
-        tokens, ended = steered_generate(
+        tokens, ended = decode_steered(
             large, models[SMALL_BASE], models[SMALL_TUNED], ids.to(large.device), mask.to(large.device), blend,
             max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size_of(tokenizer), do_sample=args.do_sample,
             temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size, generator=generator)
+            no_repeat_ngram_size=args.no_repeat_ngram_size, generator=generator,
+            speculative=args.speculative, draft_tokens=args.draft_tokens or None)
         for row, i in enumerate(idx):
             row_tokens = tokens[row].tolist()
             if ended[row]:

@@ -557,3 +557,28 @@ def test_build_inputs_fits_the_context_and_cuts_only_references_that_fill_it(tin
     assert len(short["prompt_ids"]) <= 96 and len(short["score_prompt_ids"]) + len(short["target_ids"]) <= 100
     assert short["target_ids"] == encode_target(short["Output"], tiny_tokenizer) and not short["reference_cut"]
     assert cut["reference_cut"] and len(cut["score_prompt_ids"]) + len(cut["target_ids"]) == 100
+
+
+def test_decoding_calls_raise_no_future_warning(tiny_model_dirs, tiny_tokenizer):
+    """transformers 5.24 renamed `past_key_values` to `cache` (removal announced for 5.40): our decoding calls use
+    the current names, so the next minor release cannot break them."""
+    import warnings
+
+    import torch
+
+    import steer
+    from common import load_causal_lm
+    from steer import Blend, left_pad
+
+    models = {r: load_causal_lm(str(tiny_model_dirs[r]), device="cpu") for r in ("large", "small_base", "small_tuned")}
+    ids, mask = left_pad([tiny_tokenizer("Good paper. Weak baselines.")["input_ids"], [5, 6, 7]],
+                         tiny_tokenizer.pad_token_id)
+    settings = dict(max_new_tokens=3, do_sample=False, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
+                    no_repeat_ngram_size=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for system in ("large", "steered"):
+            evaluation.generate_batch(system, models, Blend.from_alpha(1.0), ids, mask, settings, tiny_tokenizer,
+                                      torch.Generator().manual_seed(0))
+        steer.prefill_rows(models["large"], ids, mask, ids.shape[1] + 2)

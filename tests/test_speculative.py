@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model
 from scipy.stats import chi2
 
-from speculative import RowState, SpeculativeStats, process_scores, speculative_generate, warp_scores
+from speculative import RowState, SpeculativeStats, speculative_generate, uses_speculation, warp_scores
 from steer import LARGE, SMALL_BASE, SMALL_TUNED, Blend, NgramBlocker, blend_logprobs, left_pad, slice_vocab, steered_generate
 
 V = 300
@@ -193,3 +193,31 @@ def test_speculative_sampling_has_the_blends_distribution():
     assert 0.2 < stats.acceptance < 0.95  # both the keep and the resample rules were exercised
     assert chi_square_p(counts, target, n) > 1e-3
     assert chi_square_p(counts, draft, n) < 1e-6  # the test can tell the draft's distribution from the blend's
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring: steer.py and evaluation.py
+# ---------------------------------------------------------------------------------------------
+def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_dirs, monkeypatch):
+    import speculative
+    from test_steer import model_flags, run_main
+
+    import steer
+
+    assert speculative.process_scores is steer.process_scores  # one per-step processing for both loops
+    blend = Blend.from_alpha(1.0)
+    assert uses_speculation(object(), blend, 1, True) and not uses_speculation(object(), blend, 2, True)
+    assert not uses_speculation(object(), blend, 1, False) and not uses_speculation(None, blend, 1, True)
+    assert not uses_speculation(object(), Blend.from_alpha(0.0), 1, True)  # S_tuned is not in the blend
+    calls = []
+    real = speculative.speculative_generate
+    monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    argv = [*model_flags(tiny_model_dirs), "--alpha", "1.0", "--prompt", "Good paper. Weak baselines.",
+            "--max_new_tokens", "10"]
+    fast = run_main(argv)
+    assert len(calls) == 1 and calls[0]["draft_tokens"] == 2
+    plain = run_main([*argv, "--speculative", "false"])
+    assert len(calls) == 1 and fast[0]["generation"] == plain[0]["generation"]
+    run_main([*argv, "--draft_tokens", "0"])
+    assert calls[-1]["draft_tokens"] is None  # 0 = adaptive
+
