@@ -202,8 +202,9 @@ def speculative_generate(
     stats: SpeculativeStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """steer.steered_generate's contract (same arguments, (B, N) new tokens and (B,) ended_with_eos), decoded
-    speculatively with S_tuned as the draft. `draft_tokens`: a fixed k per round; None = adaptive, from
-    INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled in when given.
+    speculatively with S_tuned as the draft, one row at a time. `draft_tokens`: a fixed k per round (default
+    DEFAULT_DRAFT_TOKENS); None = adaptive, from INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled
+    in when given. return_logprobs and use_cache=False are not offered (steered_generate has them).
 
     Exactness. Greedy: every emitted token is the argmax of the processed blend given the tokens before it, as
     in the plain loop; in float64 the outputs are identical (tests/test_speculative.py). In float32 a k-token
@@ -225,14 +226,13 @@ def speculative_generate(
         raise UsageError(f"draft_tokens {draft_tokens} must be >= 1, or None for the adaptive length")
     if small_tuned is None:
         raise ValueError("speculative decoding drafts with small_tuned, which is None; use steer.steered_generate")
-    c_large, c_tuned, c_base = blend.coefficients
-    models = {LARGE: large if (c_large != 0 or blend.has_plausibility_limit) else None,
-              SMALL_BASE: small_base if c_base != 0 else None}
-    missing = [role for role, needed in ((LARGE, c_large != 0 or blend.has_plausibility_limit),
-                                         (SMALL_BASE, c_base != 0)) if needed and models[role] is None]
+    c_large, _, c_base = blend.coefficients
+    # The models that check the drafts: those the blend needs, as in steered_generate (S_tuned always runs).
+    roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit), SMALL_BASE: (small_base, c_base != 0)}
+    missing = [role for role, (model, needed) in roles.items() if needed and model is None]
     if missing:
         raise ValueError(f"the blend ({blend.describe()}) needs the {', '.join(missing)} model, which is None")
-    verifiers = {role: m for role, m in models.items() if m is not None}
+    verifiers = {role: model for role, (model, needed) in roles.items() if needed}
     context = model_context({**verifiers, SMALL_TUNED: small_tuned})
     longest = int(attention_mask.sum(-1).max())
     if longest + max_new_tokens > context:

@@ -221,3 +221,19 @@ def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_d
     run_main([*argv, "--draft_tokens", "0"])
     assert calls[-1]["draft_tokens"] is None  # 0 = adaptive
 
+
+
+def test_evaluation_steered_system_decodes_one_example_speculatively(tiny_tokenizer, monkeypatch):
+    import evaluation
+    import speculative
+
+    models = tiny_models(torch.float32, vocab=len(tiny_tokenizer), padded=len(tiny_tokenizer) + 12, sharpen=30.0)
+    calls = []
+    real = speculative.speculative_generate
+    monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids, mask = left_pad([[5, 6, 7, 8, 9]], tiny_tokenizer.pad_token_id)
+    settings = dict(max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
+                    no_repeat_ngram_size=0)
+    out = {flag: evaluation.generate_batch("steered", models, Blend.from_alpha(1.0), ids, mask, settings,
+                                           tiny_tokenizer, torch.Generator(), speculative=flag) for flag in (True, False)}
+    assert calls == [1] and torch.equal(out[True], out[False])
