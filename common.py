@@ -658,9 +658,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 
 
 def is_missing_local_path(name_or_path: str) -> bool:
-    """A Hub id is 'name' or 'org/name'; './x', '/x', '~/x' and 'a/b/c' can only be local paths, so when they do
-    not exist, say that rather than the Hub's "Repo id must be in the form ..."."""
-    local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    """A Hub id is 'name' or 'org/name'; './x', '/x', '~/x', 'x/' and 'a/b/c' can only be local paths, so when they
+    do not exist, say that rather than the Hub's "Repo id must be in the form ..."."""
+    local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith("/") or name_or_path.count("/") > 1
     return local and not Path(name_or_path).expanduser().exists()
 
 

@@ -50,6 +50,7 @@ from common import (
     build_prompt,
     check_output_dir,
     check_same_vocab,
+    is_missing_local_path,
     load_causal_lm,
     load_tokenizer,
     number_problem,
@@ -962,8 +963,7 @@ def per_token_nll(nll: torch.Tensor, n_tokens: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 def check_model_path(name_or_path: str, flag: str) -> None:
     """A path that cannot be a Hub id ('org/name') and does not exist is a typo: say so before loading anything."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith("/") or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().exists():
+    if is_missing_local_path(name_or_path):
         raise UsageError(f"--{flag} {name_or_path} does not exist; pass a Hub id (e.g. EleutherAI/pythia-70m) or a "
                          "directory written by fine_tune.py / save_pretrained")
 
