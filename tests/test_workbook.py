@@ -543,7 +543,8 @@ def test_libreoffice_prints_landscape_fit_to_width_with_the_header_on_every_page
 
     render = render_module()
     book = tmp_path / "eval_examples.xlsx"
-    render.build_book(book, 8)
+    n = 8 if render.DATA.is_file() else 40  # real reviews fill pages faster than the three built-in papers
+    render.build_book(book, n)
     pdf = render.soffice_convert(book, tmp_path, "pdf", profile=lo_profile)
     info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True).stdout
     width, height = (float(x) for x in info.split("Page size:")[1].split("pts")[0].split("x"))
@@ -553,7 +554,7 @@ def test_libreoffice_prints_landscape_fit_to_width_with_the_header_on_every_page
                for page in pages)  # the running header: file name left, sheet name right
     sheet_of = render.page_sheets(pages)
     review = [p for p, s in zip(pages, sheet_of) if s == "Review"]
-    assert 2 <= len(review) <= 8  # 8 examples: more than one page, not one page per row
+    assert 2 <= len(review) < n  # more than one page, not one page per row
     for page in review:  # the header row is repeated, and nothing is cut to a sliver ("examp")
         assert all(h in page for h in ("reviews", "reference", "A output", "A rating", "D comment", "example_id"))
     assert sheet_of.count("Summary") == 1 and "ROUGE F1 (x100) per system" in pages[sheet_of.index("Summary")]
