@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 PROMPT_TEMPLATE = "Peer reviews of a paper:\n\n{reviews}\n\nMeta-review:"
 REVIEW_JOINER = "\n\n"
+# The models the README's pipeline uses when no flag names one (fine_tune.py's default output_dir for the tuned
+# one); steer.py and evaluation.py fill missing model flags from these, after a blend file's record.
+DEFAULT_MODELS = {"large": "EleutherAI/pythia-410m", "small_base": "EleutherAI/pythia-70m",
+                  "small_tuned": "outputs/pythia-70m-meta-review/final"}
 
 
 class UsageError(ValueError):

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    DEFAULT_MODELS,
     DTYPES,
     PROMPT_TEMPLATE,
     REVIEW_JOINER,
@@ -83,10 +84,8 @@ SYSTEM_ROLES = {
     "large_tuned": ("large_tuned",),
     "steered": ("large", "small_base", "small_tuned"),
 }
-# What the pipeline's earlier steps make by default (fine_tune.py's output_dir, steer.py --tune's), so that a
-# bare `python evaluation.py` evaluates them.
-PIPELINE_MODELS = {"small_base": "EleutherAI/pythia-70m", "small_tuned": "outputs/pythia-70m-meta-review/final",
-                   "large": "EleutherAI/pythia-410m"}
+# What the pipeline's earlier steps make by default (steer.py --tune's output_dir, processing's), so that a bare
+# `python evaluation.py` evaluates them; the models are common.DEFAULT_MODELS.
 DEFAULT_BLEND = "outputs/steer/blend.json"
 DEFAULT_DATASET = "outputs/meta_review"  # processing_meta_review.py's output_dir
 DEFAULT_NUM_EXAMPLES = 20
@@ -104,14 +103,14 @@ SHARD_FORMAT = "evaluation-shard-v1"
 class ModelArguments:
     small_base_model: str | None = field(
         default=None, metadata={"help": "Small base model (Hub id or dir). With no model flag at all: the blend's "
-                                "record, else EleutherAI/pythia-70m."})
+                                f"record, else {DEFAULT_MODELS['small_base']}."})
     small_tuned_model: str | None = field(
         default=None, metadata={"help": "Small fine-tuned model: a dir from fine_tune.py (full or LoRA adapter). With "
-                                f"no model flag at all: the blend's record, else {PIPELINE_MODELS['small_tuned']}."}
+                                f"no model flag at all: the blend's record, else {DEFAULT_MODELS['small_tuned']}."}
     )
     large_model: str | None = field(
         default=None, metadata={"help": "Large base model (Hub id or dir). With no model flag at all: the blend's "
-                                f"record, else {PIPELINE_MODELS['large']}."})
+                                f"record, else {DEFAULT_MODELS['large']}."})
     large_tuned_model: str | None = field(default=None, metadata={"help": "Large fine-tuned model, if you have one."})
     blend: str | None = field(
         default=None, metadata={"help": "Blend JSON from steer.py --tune; adds the 'steered' system, and the models "
@@ -257,10 +256,10 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
     """Fill the model flags left out from the blend's record of the models it was tuned with.
 
     With no model, blend, alpha or systems flag at all, this is the pipeline's last step: the blend at
-    DEFAULT_BLEND (if steer.py --tune wrote one) and its models, else PIPELINE_MODELS. A model flag given
-    explicitly wins over the blend's record; a difference is warned about (the blend was tuned for other models).
+    DEFAULT_BLEND (if steer.py --tune wrote one) and its models, else DEFAULT_MODELS. A model flag given
+    explicitly wins over the blend's record; a difference is warned about (steer.fill_models).
     """
-    from steer import blend_models, recorded_model, same_model
+    from steer import fill_models
 
     given = model_args.model_paths()
     bare = not given and model_args.blend is None and model_args.alpha is None and model_args.systems is None
@@ -270,21 +269,10 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
             logger.info("no --blend and no %s: evaluating the pipeline's default models without 'steered' "
                         "(run steer.py --tune first, or pass --blend/--alpha)", DEFAULT_BLEND)
         model_args = dataclasses.replace(model_args, blend=blend)
-    record = {}
-    if model_args.blend is not None and Path(model_args.blend).is_file():
-        record = {role: recorded_model(entry) for role, entry in blend_models(model_args.blend).items()}
-    filled = {}
-    for role in ("small_base", "small_tuned", "large", "large_tuned"):
-        flag = getattr(model_args, f"{role}_model")
-        if flag and role in record and not same_model(flag, record[role]):
-            logger.warning("--%s_model %s differs from %s, which the blend %s was tuned with; using %s", role, flag,
-                           record[role], model_args.blend, flag)
-        if not flag and (role in record or (bare and role in PIPELINE_MODELS)):
-            filled[f"{role}_model"] = record.get(role) or PIPELINE_MODELS[role]
-    if filled:
-        logger.info("models: %s (%s)", ", ".join(f"{k}={v}" for k, v in filled.items()),
-                    f"from {model_args.blend}" if record else "the pipeline's defaults")
-    return dataclasses.replace(model_args, **filled)
+    blend_file = model_args.blend if model_args.blend is not None and Path(model_args.blend).is_file() else None
+    filled = fill_models({role: getattr(model_args, f"{role}_model") for role in SYSTEMS if role != "steered"},
+                         blend_file, DEFAULT_MODELS if bare else {})
+    return dataclasses.replace(model_args, **{f"{role}_model": model for role, model in filled.items()})
 
 
 def resolve_systems(model_args: ModelArguments) -> list[str]:

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (
+    DEFAULT_MODELS,
     DTYPES,
     SEED_MAX,
     UsageError,
@@ -71,9 +72,6 @@ logger = logging.getLogger("steer")
 # Model roles: the keys of the `models` dicts passed around, of score_targets' results and of blend.json's record.
 LARGE, SMALL_BASE, SMALL_TUNED, LARGE_TUNED = "large", "small_base", "small_tuned", "large_tuned"
 MODEL_ROLES = (LARGE, SMALL_BASE, SMALL_TUNED, LARGE_TUNED)
-# What a model flag left out means when no --blend file records the models (the README's pipeline).
-DEFAULT_MODELS = {LARGE: "EleutherAI/pythia-410m", SMALL_BASE: "EleutherAI/pythia-70m",
-                  SMALL_TUNED: "outputs/pythia-70m-meta-review/final"}
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Search ranges for --tune. A weight is an inverse temperature (see Blend), so [1/3, 3] for the temperature
 # searches maps onto the weight range and every baseline's optimum is a point of the free search.
@@ -969,25 +967,32 @@ def check_model_path(name_or_path: str, flag: str) -> None:
 
 
 def resolve_model_args(args: ModelArguments, blend_file: str | None = None) -> ModelArguments:
-    """Fill the model flags left out: from the models the --blend file records (blend_models), else DEFAULT_MODELS.
+    """Fill the model flags left out: from the models the --blend file records, else DEFAULT_MODELS (fill_models)."""
+    filled = fill_models({role: getattr(args, f"{role}_model") for role in MODEL_ROLES}, blend_file, DEFAULT_MODELS)
+    return dataclasses.replace(args, **{f"{role}_model": model for role, model in filled.items()})
+
+
+def fill_models(given: dict[str, str | None], blend_file: str | None, defaults: dict[str, str]) -> dict[str, str]:
+    """{role: model} for the roles of `given` left out (None): the model the blend file records (blend_models),
+    else `defaults`. Used by steer.py and evaluation.py.
 
     A flag given explicitly wins; when it names another model than the record, or the Hub cache now holds another
     revision of a recorded Hub model, that is logged as a warning (the blend was tuned for the recorded models).
     """
     record = blend_models(blend_file) if blend_file else {}
     filled, sources = {}, []
-    for role in MODEL_ROLES:
-        flag, entry = getattr(args, f"{role}_model"), record.get(role)
+    for role, flag in given.items():
+        entry = record.get(role)
         if flag is not None and entry and not same_model(flag, recorded_model(entry)):
             logger.warning("--%s_model %s is not %s, which the blend %s was tuned with; using %s", role, flag,
                            entry["name_or_path"], blend_file, flag)
         elif flag is None and entry:
-            filled[f"{role}_model"] = recorded_model(entry)
-            sources.append(f"{role}={filled[f'{role}_model']} (from {blend_file})")
-        elif flag is None and role in DEFAULT_MODELS:
-            filled[f"{role}_model"] = DEFAULT_MODELS[role]
-            sources.append(f"{role}={DEFAULT_MODELS[role]} (default)")
-        name = filled.get(f"{role}_model", flag)
+            filled[role] = recorded_model(entry)
+            sources.append(f"{role}={filled[role]} (from {blend_file})")
+        elif flag is None and role in defaults:
+            filled[role] = defaults[role]
+            sources.append(f"{role}={defaults[role]} (default)")
+        name = filled.get(role, flag)
         if entry and entry.get("revision") and same_model(name, recorded_model(entry)):
             now = hub_revision(name)
             if now and now != entry["revision"]:
@@ -995,7 +1000,7 @@ def resolve_model_args(args: ModelArguments, blend_file: str | None = None) -> M
                                role, now, name, blend_file, entry["revision"])
     if sources:
         logger.info("models not given as flags: %s", ", ".join(sources))
-    return dataclasses.replace(args, **filled)
+    return filled
 
 
 def model_records(args: ModelArguments) -> dict[str, dict]:
