@@ -311,6 +311,21 @@ def number_problems(obj, ranges: dict[str, str | tuple[str, str]], prefix: str =
     return problems
 
 
+# Decoding settings, the same for every system and script (steer.py's flags, evaluation.py's flags and overrides).
+DECODING_RANGES = {"max_new_tokens": ("[1, inf)", None), "temperature": ("(0, inf)", "greedy decoding is do_sample false"),
+                   "top_p": ("(0, 1]", None), "repetition_penalty": ("(0, inf)", "1.0 = off"),
+                   "no_repeat_ngram_size": ("[0, inf)", "0 = off")}
+
+
+def decoding_problems(settings: dict[str, Any], prefix: str = "--") -> list[str]:
+    """Problems with one set of decoding settings (the keys of DECODING_RANGES); `prefix` goes before each name
+    ("--" for flags, "--decoding_overrides large." for an override): `decoding_problems({..., "top_p": 2.0})` ->
+    ['--top_p 2.0 must be in (0, 1]']."""
+    problems = [number_problem(f"{prefix}{name}", settings[name], spec, hint)
+                for name, (spec, hint) in DECODING_RANGES.items()]
+    return [p for p in problems if p]
+
+
 def raise_problems(problems: Sequence[str]) -> None:
     """Collect every problem, raise once (as litgpt validates its arguments)."""
     if problems:

@@ -58,11 +58,11 @@ from common import (
     build_prompt,
     check_output_dir,
     check_same_vocab,
+    decoding_problems,
     default_device,
     encode_target,
     load_causal_lm,
     load_tokenizer,
-    number_problem,
     number_problems,
     raise_problems,
     read_config_file,
@@ -188,7 +188,7 @@ class GenerationArguments:
                                 "loop. Batches of several examples always use the plain batched loop."})
 
     def __post_init__(self):
-        raise_problems(check_decoding(dataclasses.asdict(self), "--")
+        raise_problems(decoding_problems(dataclasses.asdict(self), "--")
                        + number_problems(self, {"batch_size": "[1, inf)"}))
 
 
@@ -237,16 +237,6 @@ class OutputArguments:
 
 
 ARGUMENT_TYPES = (ModelArguments, DataArguments, GenerationArguments, OutputArguments)
-
-
-def check_decoding(settings: dict[str, Any], where: str) -> list[str]:
-    """Problems with one set of decoding settings; `where` prefixes each name ("--" for the flags, the system for
-    --decoding_overrides). common.number_problem refuses NaN and numbers beyond float32 too."""
-    ranges = {"max_new_tokens": ("[1, inf)", None), "temperature": ("(0, inf)", "use do_sample false for greedy"),
-              "top_p": ("(0, 1]", None), "repetition_penalty": ("(0, inf)", "1.0 = off"),
-              "no_repeat_ngram_size": ("[0, inf)", "0 = off")}
-    problems = [number_problem(f"{where}{name}", settings[name], spec, hint) for name, (spec, hint) in ranges.items()]
-    return [p for p in problems if p]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +317,7 @@ def resolve_decoding(gen_args: GenerationArguments, systems: list[str]) -> dict[
                 problems.append(f"--decoding_overrides: {system}.{key} = {value!r} is not a {type(base[key]).__name__}")
                 continue
             settings[key] = type(base[key])(value)
-        problems += check_decoding(settings, f"--decoding_overrides {system}.") if system in overrides else []
+        problems += decoding_problems(settings, f"--decoding_overrides {system}.") if system in overrides else []
         out[system] = settings
     if problems:
         raise UsageError("; ".join(problems))

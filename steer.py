@@ -51,6 +51,7 @@ from common import (
     build_prompt,
     check_output_dir,
     check_same_vocab,
+    decoding_problems,
     is_missing_local_path,
     load_causal_lm,
     load_tokenizer,
@@ -676,14 +677,9 @@ def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch
 
 def check_decoding_args(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float,
                         no_repeat_ngram_size: int) -> None:
-    problems = [
-        number_problem("--max_new_tokens", max_new_tokens, "[1, inf)"),
-        number_problem("--temperature", temperature, "(0, inf)", "greedy decoding is --do_sample false, the default"),
-        number_problem("--top_p", top_p, "(0, 1]"),
-        number_problem("--repetition_penalty", repetition_penalty, "(0, inf)", "1.0 = off"),
-        number_problem("--no_repeat_ngram_size", no_repeat_ngram_size, "[0, inf)", "0 = off"),
-    ]
-    raise_problems([p for p in problems if p])
+    raise_problems(decoding_problems(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          repetition_penalty=repetition_penalty,
+                                          no_repeat_ngram_size=no_repeat_ngram_size)))
 
 
 @torch.inference_mode()
