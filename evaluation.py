@@ -183,9 +183,8 @@ class GenerationArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Examples per generation batch."})
     speculative: bool = field(
-        default=True, metadata={"help": "steered system, --batch_size 1: decode speculatively with S_tuned drafting "
-                                "(same greedy output, same sampling distribution; speculative.py); false = the plain "
-                                "loop. Batches of several examples always use the plain batched loop."})
+        default=True, metadata={"help": "steered system: decode speculatively with S_tuned drafting (same greedy "
+                                "output, same sampling distribution; speculative.py); false = the plain loop."})
 
     def __post_init__(self):
         raise_problems(decoding_problems(dataclasses.asdict(self), "--")

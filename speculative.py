@@ -18,9 +18,10 @@ distribution q as draft: keep x with probability min(1, p*(x) / q(x)); on reject
 normalize(max(0, p* - q)); the bonus token comes from p*. Each emitted token is then distributed as p*, so
 the output has the plain loop's distribution (not its samples: the random draws differ).
 
-Rows are decoded one at a time (batch 1 per round): rows accept different counts, and per row the caches stay
-plain prefix caches that one `crop` rolls back. bench/bench_speculative.py measures this against the plain
-batched loop.
+A batch runs its rows together in every round. Rows keep different numbers of drafts; instead of cutting each
+row's cache to its own length, the slots a row did not keep are masked out like left padding (BatchCache),
+so one forward per model and round serves the whole batch. bench/bench_speculative.py measures this against
+the plain batched loop and against rows decoded one at a time.
 
     python bench/bench_speculative.py             # acceptance on the lab's models, t_L(k), t_S(k), end-to-end
     python steer.py --blend outputs/steer/blend.json --prompt "..." --speculative false   # the plain loop
@@ -42,6 +43,9 @@ from steer import (
     blend_logprobs,
     check_decoding_args,
     model_context,
+    positions_from_mask,
+    prefill_rows,
+    prefill_separately,
     process_scores,
     slice_vocab,
     steered_generate,
@@ -123,34 +127,79 @@ class RowState:
                 self.blocker.truncate(mark)
 
 
-class RowCache:
-    """One model's KV cache for one row (batch 1, no padding), preallocated, cut back with `crop`."""
+class BatchCache:
+    """One model's KV cache over a LEFT-padded batch whose rows keep different numbers of each round's tokens.
 
-    def __init__(self, model, prompt: torch.Tensor, max_cache_len: int):
+    Every row writes a round's slots; the slots a row does not keep are masked out (attention mask 0, as left
+    padding is) instead of removed, and the cache is cut back to the longest kept prefix, so the next round
+    overwrites what no row kept. Position ids count a row's kept tokens only, so each row's keys, values and
+    logits are those of the row decoded alone. The masked slots use room; when a round would not fit,
+    `reserve` moves every row's kept slots to the right end (the left-padded layout again, as prefill_rows
+    builds it). A batch of one never has masked slots: its cache is a plain prefix cache.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int):
         from transformers import StaticCache
 
-        self.model, self.length = model, 0
-        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        if prompt.shape[0] > 1:  # everything but the last token, which the first round feeds
-            self.logprobs(prompt[:-1].tolist(), None, None)
+        self.model, self.capacity = model, capacity
+        ids, mask = input_ids.to(model.device), attention_mask.to(model.device)  # (B, T) each
+        # Everything but the last column, which the first round feeds (as ModelStream does).
+        self.cache = prefill_rows(model, ids, mask, capacity) if prefill_separately(model, ids) else None
+        if self.cache is None:
+            self.cache = StaticCache(config=model.config, max_cache_len=capacity)
+            if ids.shape[1] > 1:
+                model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_from_mask(mask)[:, :-1],
+                      cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.mask = mask[:, :-1].clone()  # (B, length) 1 where a slot holds a kept token
+        self.kept = self.mask.sum(-1)  # (B,) kept tokens per row: the next token's position id
 
-    def logprobs(self, tokens: list[int], vocab_size: int | None, device: torch.device | None) -> torch.Tensor | None:
-        """Feed `tokens` (k of them) -> (k, V) log-softmax at their positions, on `device` (None: don't compute)."""
-        k = len(tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.device)  # (1, k)
-        positions = torch.arange(self.length, self.length + k, device=self.model.device)[None]  # (1, k)
-        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                         logits_to_keep=k if vocab_size is not None else 1)
-        self.cache, self.length = out.cache, self.length + k
-        if vocab_size is None:
-            return None
-        return torch.log_softmax(slice_vocab(out.logits[0], vocab_size).float(), dim=-1).to(device)  # (k, V)
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
 
-    def crop(self, length: int) -> None:
-        """Forget every position from `length` on (the next feed overwrites them)."""
-        if length < self.length:
-            self.cache.crop(length - self.length)  # transformers 5: a negative count of tokens to remove
-            self.length = length
+    def feed(self, tokens: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Feed (B, n) tokens, one per row and slot -> (B, n, V) log-softmax at their positions, on `device`."""
+        batch, n = tokens.shape
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"BatchCache: {self.length} + {n} slots exceed its {self.capacity}; call reserve first")
+        positions = self.kept[:, None] + torch.arange(n, device=self.mask.device)  # (B, n)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(batch, n)], dim=1)
+        # No mask when nothing is masked (a batch of one): attention then takes the plain causal path.
+        mask = None if bool(self.mask.all()) else self.mask
+        out = self.model(input_ids=tokens.to(self.model.device), attention_mask=mask, position_ids=positions,
+                         cache=self.cache, use_cache=True, logits_to_keep=n)
+        self.cache, self.kept = out.cache, self.kept + n
+        return torch.log_softmax(slice_vocab(out.logits, vocab_size).float(), dim=-1).to(device)  # (B, n, V)
+
+    def keep(self, start: int, kept: torch.Tensor) -> None:
+        """Of the slots fed since length `start`, row r keeps the first kept[r] (B,); the rest are masked or cut."""
+        kept = kept.to(self.mask.device)
+        fed = self.length - start
+        self.mask[:, start:] = torch.arange(fed, device=self.mask.device)[None] < kept[:, None]
+        self.kept = self.kept - fed + kept
+        end = start + int(kept.max())
+        if end < self.length:
+            self.cache.crop(end - self.length)  # transformers 5: a negative count of tokens to remove
+            self.mask = self.mask[:, :end]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more slots: if they do not fit, move each row's kept slots, in order, to the right end
+        of the first max(kept) slots. Writes transformers 5's StaticLayer fields (keys, values,
+        cumulative_length) as prefill_rows does; tests/test_speculative.py forces it and compares outputs."""
+        if self.length + n <= self.capacity:
+            return
+        width = int(self.kept.max())
+        if width + n > self.capacity:
+            raise RuntimeError(f"BatchCache: {width} kept + {n} slots exceed its {self.capacity}")
+        # A stable sort of the mask puts each row's masked slots first and its kept ones last, each in order.
+        take = torch.sort(self.mask, dim=1, stable=True).indices[:, -width:]  # (B, width)
+        for layer in self.cache.layers:
+            index = take.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1,
+                                                                        layer.keys.shape[3])
+            layer.keys[:, :, :width] = layer.keys[:, :, :self.length].gather(2, index)
+            layer.values[:, :, :width] = layer.values[:, :, :self.length].gather(2, index)
+            layer.cumulative_length.fill_(width)
+        self.mask = self.mask.gather(1, take)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,15 +207,18 @@ class RowCache:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class SpeculativeStats:
-    """Counts over a call: rounds, drafted and kept draft tokens, emitted tokens, and forwards per model."""
+    """Counts over a call. Per row and round (a "row-round"): drafted (checked) and kept draft tokens, emitted
+    tokens; per batch round: the draft length k and whether S_tuned ran after the last draft (the bonus position);
+    forwards per model."""
 
-    rounds: int = 0
+    rounds: int = 0  # row-rounds
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
     forwards: dict[str, int] = field(default_factory=lambda: {LARGE: 0, SMALL_BASE: 0, SMALL_TUNED: 0})
-    drafted_per_round: list[int] = field(default_factory=list)
-    accepted_per_round: list[int] = field(default_factory=list)
+    drafted_per_round: list[int] = field(default_factory=list)  # per row-round
+    accepted_per_round: list[int] = field(default_factory=list)  # per row-round
+    batch_rounds: list[tuple[int, int, bool]] = field(default_factory=list)  # (rows, k, bonus) per batch round
 
     @property
     def acceptance(self) -> float:
@@ -175,6 +227,7 @@ class SpeculativeStats:
 
     @property
     def tokens_per_round(self) -> float:
+        """Tokens a row gains per round."""
         return self.emitted / self.rounds if self.rounds else float("nan")
 
 
@@ -202,9 +255,10 @@ def speculative_generate(
     stats: SpeculativeStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """steer.steered_generate's contract (same arguments, (B, N) new tokens and (B,) ended_with_eos), decoded
-    speculatively with S_tuned as the draft, one row at a time. `draft_tokens`: a fixed k per round (default
-    DEFAULT_DRAFT_TOKENS); None = adaptive, from INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled
-    in when given. return_logprobs and use_cache=False are not offered (steered_generate has them).
+    speculatively with S_tuned as the draft, every row of the batch in each round (rows keep different counts:
+    BatchCache). `draft_tokens`: a fixed k per round (default DEFAULT_DRAFT_TOKENS); None = adaptive, from
+    INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled in when given. return_logprobs and
+    use_cache=False are not offered (steered_generate has them).
 
     Exactness. Greedy: every emitted token is the argmax of the processed blend given the tokens before it, as
     in the plain loop; in float64 the outputs are identical (tests/test_speculative.py). In float32 a k-token
@@ -239,22 +293,18 @@ def speculative_generate(
         raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
                          f"context ({context} tokens); shorten the prompt or lower max_new_tokens")
     device = (large if large is not None else small_tuned).device
-    stats = stats if stats is not None else SpeculativeStats()
-    rows, ended = [], []
-    for row in range(input_ids.shape[0]):
-        prompt = input_ids[row, attention_mask[row].bool()].to(device)  # (T,) the row's real tokens
-        tokens, eos = decode_row(
-            verifiers, small_tuned, prompt, blend, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            vocab_size=vocab_size, do_sample=do_sample, temperature=temperature, top_p=top_p,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, generator=generator,
-            draft_tokens=draft_tokens, max_draft_tokens=max_draft_tokens, stats=stats, device=device)
-        rows.append(tokens)
-        ended.append(eos)
-    width = max(len(t) for t in rows)
-    new_tokens = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
-    for row, tokens in enumerate(rows):
-        new_tokens[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-    return new_tokens, torch.tensor(ended, dtype=torch.bool, device=device)
+    decoder = RoundDecoder(verifiers, small_tuned, input_ids, attention_mask, blend, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                           do_sample=do_sample, temperature=temperature, top_p=top_p,
+                           repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                           generator=generator, max_draft_tokens=draft_tokens or max_draft_tokens,
+                           stats=stats if stats is not None else SpeculativeStats(), device=device)
+    k = draft_tokens or min(INITIAL_DRAFT_TOKENS, max_draft_tokens)
+    while not decoder.finished:
+        all_kept = decoder.round(k)
+        if draft_tokens is None:
+            k = min(k + DRAFT_GROWTH, max_draft_tokens) if all_kept else max(1, k - 1)
+    return decoder.result()
 
 
 def pick(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> int:
@@ -264,81 +314,148 @@ def pick(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | Non
     return int(scores.argmax(dim=-1)[0])
 
 
-def decode_row(verifiers: dict, draft_model, prompt: torch.Tensor, blend: Blend, *, max_new_tokens: int,
-               eos_token_id: int, vocab_size: int, do_sample: bool, temperature: float, top_p: float,
-               repetition_penalty: float, no_repeat_ngram_size: int, generator: torch.Generator | None,
-               draft_tokens: int | None, max_draft_tokens: int, stats: SpeculativeStats,
-               device: torch.device) -> tuple[list[int], bool]:
-    """Speculative rounds for one prompt (T,) -> (new tokens, ended with EOS)."""
-    max_cache_len = prompt.shape[0] + max_new_tokens
-    caches = {role: RowCache(m, prompt, max_cache_len) for role, m in verifiers.items()}
-    draft = RowCache(draft_model, prompt, max_cache_len)
-    state = RowState(prompt, vocab_size, repetition_penalty, no_repeat_ngram_size)
-    # Sampling compares p*(x) / q(x): both renormalised after the nucleus cut.
-    target = (lambda s: torch.log_softmax(warp_scores(s, temperature, top_p), dim=-1)) if do_sample else (lambda s: s)
-    last, out = int(prompt[-1]), []
-    k_next = draft_tokens or min(INITIAL_DRAFT_TOKENS, max_draft_tokens)
-    while True:
-        # The round emits at most k + 1 tokens: never draft past max_new_tokens (k = 0 is a plain step).
-        k = min(k_next, max_new_tokens - len(out) - 1)
-        start = draft.length  # == every cache's length: all hold the tokens before `last`
-        drafted, q_logps, tuned_logps, feed = [], [], [], last
-        for _ in range(k):
-            logp_tuned = draft.logprobs([feed], vocab_size, device)  # (1, V)
-            q = target(state.scores(logp_tuned))  # (1, V) the draft's distribution, processed like the blend's
-            token = pick(q, do_sample, generator)
-            tuned_logps.append(logp_tuned)
-            q_logps.append(q)
-            drafted.append(token)
-            state.push(token)
-            feed = token
-            if token == eos_token_id:
-                break
-        k = len(drafted)
-        state.pop_to(0)
-        # One forward of L and of S over [last, drafts]: (k + 1, V) log-probs each.
-        logps = {role: cache.logprobs([last, *drafted], vocab_size, device) for role, cache in caches.items()}
-        for role in logps:
-            stats.forwards[role] += 1
-        stats.forwards[SMALL_TUNED] += k
+def cache_capacity(batch: int, width: int, max_new_tokens: int, max_draft_tokens: int) -> int:
+    """Slots per BatchCache: a batch of one keeps a plain prefix (prompt + new tokens + one round's drafts); a
+    bigger batch also holds masked slots, here up to max_new_tokens of them before BatchCache.reserve packs them."""
+    return width + max_new_tokens + max_draft_tokens + 1 + (max_new_tokens if batch > 1 else 0)
 
-        accepted, new_token = 0, None
-        for j in range(k + 1):
-            if j == k:  # every draft kept: S_tuned's log-probs after the last one (the bonus position)
-                tuned_logps.append(draft.logprobs([feed], vocab_size, device))
-                stats.forwards[SMALL_TUNED] += 1
-            mixed = blend_logprobs(logps[LARGE][j:j + 1] if LARGE in logps else None, tuned_logps[j],
-                                   logps[SMALL_BASE][j:j + 1] if SMALL_BASE in logps else None, blend)  # (1, V)
-            p = target(state.scores(mixed))  # (1, V)
-            if j < k and keep_draft(p, q_logps[j], drafted[j], do_sample, generator):
-                accepted += 1
-                state.push(drafted[j])
-                if drafted[j] == eos_token_id:
+
+class RoundDecoder:
+    """The speculative rounds over a batch: the three models' BatchCaches, each row's RowState and its output."""
+
+    def __init__(self, verifiers: dict, draft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 blend: Blend, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int, vocab_size: int,
+                 do_sample: bool, temperature: float, top_p: float, repetition_penalty: float,
+                 no_repeat_ngram_size: int, generator: torch.Generator | None, max_draft_tokens: int,
+                 stats: SpeculativeStats, device: torch.device):
+        self.blend, self.max_new_tokens, self.eos, self.pad = blend, max_new_tokens, eos_token_id, pad_token_id
+        self.vocab_size, self.do_sample, self.generator, self.stats, self.device = (
+            vocab_size, do_sample, generator, stats, device)
+        batch, width = input_ids.shape
+        capacity = cache_capacity(batch, width, max_new_tokens, max_draft_tokens)
+        self.caches = {role: BatchCache(m, input_ids, attention_mask, capacity) for role, m in verifiers.items()}
+        self.draft = BatchCache(draft_model, input_ids, attention_mask, capacity)
+        self.states = [RowState(input_ids[r, attention_mask[r].bool()].to(device), vocab_size, repetition_penalty,
+                                no_repeat_ngram_size) for r in range(batch)]
+        # Sampling compares p*(x) / q(x): both renormalised after the nucleus cut.
+        self.target = (lambda s: torch.log_softmax(warp_scores(s, temperature, top_p), dim=-1)) if do_sample \
+            else (lambda s: s)
+        self.last = input_ids[:, -1].clone().to(device)  # (B,) each row's token not yet fed
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+        self.ended = [False] * batch
+        self.done = [False] * batch
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(t) for t in self.out)
+        new_tokens = torch.full((len(self.out), width), self.pad, dtype=torch.long, device=self.device)
+        for row, tokens in enumerate(self.out):
+            new_tokens[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return new_tokens, torch.tensor(self.ended, dtype=torch.bool, device=self.device)
+
+    def round(self, k_next: int) -> bool:
+        """One round for every row still decoding -> whether every row kept every draft it checked."""
+        active = [r for r, done in enumerate(self.done) if not done]
+        # A row emits at most its budget: it checks at most `remaining - 1` drafts, then picks one token.
+        limits = {r: self.max_new_tokens - len(self.out[r]) - 1 for r in active}
+        k = min(k_next, max(limits.values()))
+        for cache in (*self.caches.values(), self.draft):
+            cache.reserve(k + 1)
+        starts = {id(c): c.length for c in (*self.caches.values(), self.draft)}
+
+        # 1. S_tuned drafts k tokens per row; its log-probs at those positions are the blend's tuned term.
+        # (B, k); a finished row feeds its last token again: any real id serves, its slots are never kept.
+        drafts = self.last[:, None].repeat(1, k)
+        tuned, q_logps = [], {r: [] for r in active}  # tuned[j]: (B, V) S_tuned at position j
+        feed = self.last
+        for i in range(k):
+            tuned.append(self.draft.feed(feed[:, None], self.vocab_size, self.device)[:, 0])
+            for r in active:
+                q = self.target(self.states[r].scores(tuned[i][r:r + 1]))  # (1, V) processed like the blend
+                q_logps[r].append(q)
+                drafts[r, i] = pick(q, self.do_sample, self.generator)
+                self.states[r].push(int(drafts[r, i]))
+                if drafts[r, i] == self.eos:  # nothing after a drafted EOS is checked
+                    limits[r] = min(limits[r], i + 1)
+            feed = drafts[:, i]
+            if all(limits[r] <= i + 1 for r in active):  # every row has drafted all it can use
+                k = i + 1
+                drafts = drafts[:, :k]
+                break
+        for r in active:
+            self.states[r].pop_to(0)
+        self.stats.forwards[SMALL_TUNED] += k
+
+        # 2. L and S: one forward each over [last, drafts], (B, k + 1, V) log-probs.
+        tokens = torch.cat([self.last[:, None], drafts], dim=1)  # (B, k + 1)
+        logps = {role: cache.feed(tokens, self.vocab_size, self.device) for role, cache in self.caches.items()}
+        for role in logps:
+            self.stats.forwards[role] += 1
+
+        # 3. Each row keeps the longest prefix the blend agrees with, then one token from the blend.
+        kept, new, stopped = {}, {}, []
+        for r in active:
+            limit = min(k, limits[r])
+            j = 0
+            while j < limit:
+                p = self.processed(r, j, logps, tuned)
+                d = int(drafts[r, j])
+                if not self.accepts(r, j, p, q_logps[r][j], d):
+                    new[r] = pick(p, False, None) if not self.do_sample else pick_residual(p, q_logps[r][j],
+                                                                                           self.generator)
                     break
-                continue
-            new_token = pick(p, do_sample, generator) if (j == k or not do_sample) else \
-                pick_residual(p, q_logps[j], generator)
-            state.push(new_token)
-            break
-        emitted = drafted[:accepted] + ([new_token] if new_token is not None else [])
-        out += emitted
-        stats.rounds += 1
-        stats.drafted += k
-        stats.accepted += accepted
-        stats.emitted += len(emitted)
-        stats.drafted_per_round.append(k)
-        stats.accepted_per_round.append(accepted)
-        if out[-1] == eos_token_id:
-            return out, True
-        if len(out) >= max_new_tokens:
-            return out, False
-        # Keep `last` and the kept drafts; the new token is the next round's `last`.
-        for cache in (*caches.values(), draft):
-            cache.crop(start + 1 + accepted)
-        state.pushed.clear()  # the emitted tokens are final
-        last = new_token
-        if draft_tokens is None:
-            k_next = min(k_next + DRAFT_GROWTH, max_draft_tokens) if accepted == k else max(1, k_next - 1)
+                self.states[r].push(d)
+                j += 1
+                if d == self.eos:
+                    new[r] = None
+                    break
+            kept[r] = j
+            if r not in new:
+                stopped.append(r)  # no draft rejected up to the limit: the token at `limit` comes from the blend
+        bonus = any(kept[r] == k for r in stopped)
+        if bonus:  # S_tuned's log-probs after the last draft (or after `last` when k == 0)
+            tuned.append(self.draft.feed(tokens[:, -1:], self.vocab_size, self.device)[:, 0])
+            self.stats.forwards[SMALL_TUNED] += 1
+        for r in stopped:
+            new[r] = pick(self.processed(r, kept[r], logps, tuned), self.do_sample, self.generator)
+
+        # 4. Emit, and keep in every cache each row's `last` and its kept drafts.
+        keep = torch.zeros(len(self.out), dtype=torch.long)
+        for r in active:
+            emitted = drafts[r, :kept[r]].tolist() + ([new[r]] if new[r] is not None else [])
+            if new[r] is not None:
+                self.states[r].push(new[r])
+            self.states[r].pushed.clear()  # the emitted tokens are final
+            self.out[r] += emitted
+            self.stats.rounds += 1
+            self.stats.drafted += min(k, limits[r])
+            self.stats.accepted += kept[r]
+            self.stats.emitted += len(emitted)
+            self.stats.drafted_per_round.append(min(k, limits[r]))
+            self.stats.accepted_per_round.append(kept[r])
+            if self.out[r][-1] == self.eos or len(self.out[r]) >= self.max_new_tokens:
+                self.done[r], self.ended[r] = True, self.out[r][-1] == self.eos
+            else:
+                keep[r] = 1 + kept[r]
+                self.last[r] = new[r]
+        self.stats.batch_rounds.append((len(active), k, bonus))
+        for cache in (*self.caches.values(), self.draft):
+            cache.keep(starts[id(cache)], keep)
+        return all(kept[r] == min(k, limits[r]) for r in active)
+
+    def accepts(self, row: int, j: int, p: torch.Tensor, q: torch.Tensor, token: int) -> bool:
+        """Whether row `row` keeps its j-th draft `token` (p, q: (1, V) target and draft). One place, so that
+        bench/bench_speculative.py can replay measured acceptance at shapes with no trained weights."""
+        return keep_draft(p, q, token, self.do_sample, self.generator)
+
+    def processed(self, r: int, j: int, logps: dict, tuned: list) -> torch.Tensor:
+        """Row r's processed (and, sampling, warped) blend at the round's position j -> (1, V)."""
+        at = {role: lp[r, j][None] for role, lp in logps.items()}  # (1, V) each
+        mixed = blend_logprobs(at.get(LARGE), tuned[j][r:r + 1], at.get(SMALL_BASE), self.blend)  # (1, V)
+        return self.target(self.states[r].scores(mixed))
 
 
 def keep_draft(p: torch.Tensor, q: torch.Tensor, token: int, do_sample: bool,
@@ -360,17 +477,17 @@ def pick_residual(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator |
     return int(torch.multinomial(residual, 1, generator=generator)[0, 0])
 
 
-def uses_speculation(small_tuned, blend: Blend, batch: int, speculative: bool) -> bool:
-    """Whether `decode_steered` drafts: asked for, S_tuned is loaded and in the blend, and the batch holds one
-    prompt. Several prompts decode faster with the plain batched loop than speculatively one row at a time on
-    CPU (bench/bench_speculative.py: a batch-8 step of L costs far less than 8 batch-1 steps)."""
-    return speculative and small_tuned is not None and blend.coefficients[1] != 0 and batch == 1
+def uses_speculation(small_tuned, blend: Blend, speculative: bool) -> bool:
+    """Whether `decode_steered` drafts: asked for, and S_tuned is loaded and in the blend. Batches too: rounds
+    over the whole batch beat both the plain batched loop and rows one at a time (bench/RESULTS.md,
+    bench_speculative.py)."""
+    return speculative and small_tuned is not None and blend.coefficients[1] != 0
 
 
 def decode_steered(large, small_base, small_tuned, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    blend: Blend, *, speculative: bool = True, draft_tokens: int | None = DEFAULT_DRAFT_TOKENS, **kw):
     """steer.steered_generate, or speculative_generate where `uses_speculation` says so: the same contract."""
-    if uses_speculation(small_tuned, blend, input_ids.shape[0], speculative):
+    if uses_speculation(small_tuned, blend, speculative):
         return speculative_generate(large, small_base, small_tuned, input_ids, attention_mask, blend,
                                     draft_tokens=draft_tokens, **kw)
     return steered_generate(large, small_base, small_tuned, input_ids, attention_mask, blend, **kw)

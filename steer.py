@@ -345,9 +345,9 @@ class SteerArguments:
     repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 lowers tokens already in the row."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size (0 = off)."})
     speculative: bool = field(
-        default=True, metadata={"help": "Decode a batch of one prompt speculatively, S_tuned drafting (speculative.py: "
-                                "greedy output unchanged, sampling distribution unchanged, fewer L steps); false = "
-                                "the plain loop. Batches of several prompts always use the plain batched loop."})
+        default=True, metadata={"help": "Decode speculatively, S_tuned drafting and L and S checking its drafts "
+                                "(speculative.py: greedy output unchanged, sampling distribution unchanged, fewer L "
+                                "steps; batches too); false = the plain loop."})
     draft_tokens: int = field(
         default=2, metadata={"help": "Tokens S_tuned drafts per speculative round (0 = adaptive, as HF assisted "
                              "generation)."})

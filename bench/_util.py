@@ -23,6 +23,8 @@ PYTHIA_SHAPES = {
     "pythia-70m": (512, 6, 8),
     "pythia-160m": (768, 12, 12),
     "pythia-410m": (1024, 24, 16),
+    "pythia-1b": (2048, 16, 8),
+    "pythia-1.4b": (2048, 24, 16),
     "tiny": (64, 2, 4),
     "tiny-large": (128, 3, 4),
 }

@@ -92,6 +92,29 @@ def test_each_row_stops_at_its_own_eos_as_the_plain_loop_does(models64):
         assert torch.equal(spec[0], plain[0])
 
 
+def test_a_batch_whose_masked_slots_fill_the_cache_is_packed_and_decodes_the_same(models64, monkeypatch):
+    """Rows keep different counts per round, so a batch's caches fill with masked slots; with no spare room
+    (the capacity a batch of one needs) BatchCache.reserve must pack them, and every row still decodes as alone."""
+    import speculative
+
+    packs = []
+    real_reserve = speculative.BatchCache.reserve
+
+    def reserve(self, n):
+        before = self.length
+        real_reserve(self, n)
+        packs.append(self.length < before)
+
+    monkeypatch.setattr(speculative, "cache_capacity", lambda batch, width, new, k: width + new + k + 1)
+    monkeypatch.setattr(speculative.BatchCache, "reserve", reserve)
+    for kw in (dict(), dict(repetition_penalty=1.3, no_repeat_ngram_size=2)):
+        plain = run(steered_generate, models64, PROMPTS, BLENDS["mostly-draft"], max_new_tokens=20, **kw)
+        spec = run(speculative_generate, models64, PROMPTS, BLENDS["mostly-draft"], max_new_tokens=20,
+                   draft_tokens=3, **kw)
+        assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    assert any(packs)  # the packing path ran
+
+
 def test_greedy_float32_equals_the_plain_loop_on_these_prompts():
     models = tiny_models(torch.float32, sharpen=30.0)
     for blend in BLENDS.values():
@@ -206,9 +229,9 @@ def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_d
 
     assert speculative.process_scores is steer.process_scores  # one per-step processing for both loops
     blend = Blend.from_alpha(1.0)
-    assert uses_speculation(object(), blend, 1, True) and not uses_speculation(object(), blend, 2, True)
-    assert not uses_speculation(object(), blend, 1, False) and not uses_speculation(None, blend, 1, True)
-    assert not uses_speculation(object(), Blend.from_alpha(0.0), 1, True)  # S_tuned is not in the blend
+    assert uses_speculation(object(), blend, True)
+    assert not uses_speculation(object(), blend, False) and not uses_speculation(None, blend, True)
+    assert not uses_speculation(object(), Blend.from_alpha(0.0), True)  # S_tuned is not in the blend
     calls = []
     real = speculative.speculative_generate
     monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
