@@ -927,7 +927,7 @@ def warn_if_trained_quantized(name_or_path: str, bits: int | None, flag: str, qu
         return
     if trained != bits:
         now = f"{bits}-bit" if bits else "unquantised (the adapter merged into the full-precision base)"
-        logger.warning("%s %s: this adapter was trained on a %d-bit base and is loaded %s; pass %s_load_in_%dbit "
+        logger.warning("%s %s: this adapter was trained on a %d-bit base and is loaded %s; pass %sload_in_%dbit "
                        "to load it as it was trained", flag, name_or_path, trained, now, quantize_prefix, trained)
 
 

@@ -125,3 +125,116 @@ def test_bfloat16_compute_still_blends_float32_logprobs(tiny_model_dirs, vocab, 
     tokens, _, logps = generate(large, small, tuned, ids, mask, Blend.from_alpha(1.0), vocab, return_logprobs=True)
     assert logps.dtype == torch.float32 and torch.isfinite(logps).all()
     torch.testing.assert_close(logps.exp().sum(-1), torch.ones(logps.shape[:2], device=logps.device))
+
+
+# --- QLoRA in fine_tune.py ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qlora_base_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny GPT-NeoX base of hidden size 64: the smallest whose 4-bit layers take bitsandbytes' CPU kernel."""
+    path = tmp_path_factory.mktemp("qlora_base")
+    make_tiny_model(len(tiny_tokenizer), seed=4, hidden_size=64, padded_vocab=len(tiny_tokenizer) + 12).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def run_fine_tune(*flags: str) -> dict:
+    return fine_tune.main(*fine_tune.parse_args([*QUIET, *flags]))
+
+
+@requires_bnb
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_an_adapter_that_steer_loads_quantised_or_merged(tmp_path, jsonl_file, qlora_base_dir, bits,
+                                                                      caplog):
+    out = tmp_path / "qlora"
+    # Evaluation every 2 steps, between training steps: a 4-bit layer repacked for CPU inference would fail the
+    # next training step (common.prepare_quantized_for_lora).
+    result = run_fine_tune("--model_name_or_path", str(qlora_base_dir), "--dataset_path", str(jsonl_file),
+                           "--max_length", "128", "--use_lora", "--lora_r", "4", f"--load_in_{bits}bit",
+                           "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "4",
+                           "--learning_rate", "5e-2", "--num_samples", "1", "--max_new_tokens", "4",
+                           "--output_dir", str(out))
+    final = result["final_dir"]
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    assert json.loads((final / QUANTIZATION_RECORD).read_text())["bits"] == bits
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it trained
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    base = load_causal_lm(str(qlora_base_dir), device="cpu", quantize=bits)
+    tuned = load_causal_lm(str(final), device="cpu", quantize=bits, quantize_prefix="--large_")
+    assert type(tuned).__name__ == "PeftModelForCausalLM"  # unmerged on the quantised base, as it was trained
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids).logits, base(ids).logits)
+    logging.getLogger("common").addHandler(caplog.handler)  # fine_tune.main's setup_logging replaced the root's
+    try:
+        merged = load_causal_lm(str(final), device="cpu", flag="--large_model", quantize_prefix="--large_")
+    finally:
+        logging.getLogger("common").removeHandler(caplog.handler)
+    assert type(merged).__name__ == "GPTNeoXForCausalLM"
+    assert f"trained on a {bits}-bit base" in caplog.text and f"pass --large_load_in_{bits}bit" in caplog.text
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--load_in_4bit"], "--load_in_4bit trains a LoRA adapter on the frozen quantised base"),
+    (["--load_in_8bit", "--use_lora", "--merge_lora"], "--merge_lora with --load_in_8bit would round"),
+    (["--load_in_4bit", "--load_in_8bit", "--use_lora"], "give --load_in_4bit or --load_in_8bit, not both"),
+])
+def test_fine_tune_refuses_quantisation_without_an_adapter(flags, message):
+    with pytest.raises(UsageError, match=message):
+        fine_tune.parse_args(["--output_dir", "unused", *flags])
+
+
+def test_both_widths_for_one_role_are_refused():
+    with pytest.raises(UsageError, match="give --large_load_in_4bit or --large_load_in_8bit, not both"):
+        QuantizationArguments(large_load_in_4bit=True, large_load_in_8bit=True)
+    assert quantization_bits(False, False) is None and QuantizationArguments(small_base_load_in_8bit=True) \
+        .quantization_of("small_base") == 8
+
+
+def test_missing_bitsandbytes_is_one_clear_line(monkeypatch, tiny_model_dirs):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    with pytest.raises(UsageError, match=r"--large_load_in_4bit needs bitsandbytes, which is not installed; "
+                                         r"`pip install bitsandbytes`"):
+        load_causal_lm(str(tiny_model_dirs["large"]), device="cpu", quantize=4, quantize_prefix="--large_")
+
+
+@requires_bnb
+def test_a_device_bitsandbytes_cannot_run_on_is_refused(monkeypatch):
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"}, raising=False)  # as builds before 0.49
+    with pytest.raises(UsageError, match="--load_in_8bit: bitsandbytes .* cannot run on cpu .*supports cuda"):
+        check_bitsandbytes("cpu", "--load_in_8bit")
+
+
+# --- the scripts' flags ------------------------------------------------------------------------------------
+@requires_bnb
+def test_steer_cli_with_a_4bit_large_model(tiny_model_dirs, caplog):
+    from common import parse_config
+    from steer import ModelArguments, SteerArguments, TuneArguments, main
+
+    flags = ["--large_model", str(tiny_model_dirs["large"]), "--small_base_model", str(tiny_model_dirs["small_base"]),
+             "--small_tuned_model", str(tiny_model_dirs["small_tuned"]), "--large_load_in_4bit", "--small_base_load_in_8bit",
+             "--alpha", "1.0", "--prompt", "Good paper. Weak baselines.", "--max_new_tokens", "5"]
+    logging.getLogger("steer").addHandler(caplog.handler)  # main's setup_logging replaces the root's handlers
+    try:
+        rows = main(*parse_config([ModelArguments, SteerArguments, TuneArguments], flags))
+    finally:
+        logging.getLogger("steer").removeHandler(caplog.handler)
+    assert len(rows) == 1 and rows[0]["n_new_tokens"] <= 5
+    assert "large: " in caplog.text and "4-bit weights" in caplog.text and "8-bit weights" in caplog.text
+
+
+@requires_bnb
+def test_evaluation_loads_each_role_with_its_own_quantisation(tiny_model_dirs):
+    from evaluation import ModelArguments, load_models
+
+    args = ModelArguments(large_model=str(tiny_model_dirs["large"]), small_base_model=str(tiny_model_dirs["small_base"]),
+                          small_tuned_model=str(tiny_model_dirs["small_tuned"]), large_tuned_model=str(tiny_model_dirs["large"]),
+                          large_load_in_8bit=True)
+    _, models = load_models(args, ["large", "large_tuned", "small_base"], "cpu")
+    assert "Linear8bitLt" in linear_types(models["large"])
+    assert models["large_tuned"] is not models["large"] and "Linear8bitLt" not in linear_types(models["large_tuned"])
+    assert linear_types(models["small_base"]) == {"Linear"}
