@@ -6,6 +6,7 @@ Fine-tune on the dataset that processing_meta_review.py wrote (or a raw Input/Ou
 LoRA, merged into the weights at the end (leave out --merge_lora to save an adapter directory instead):
     python fine_tune.py --dataset_path ../shared/data/meta_review/mred_val_longest.jsonl \
         --use_lora --merge_lora --learning_rate 5e-4 --output_dir outputs/pythia-70m-lora
+(QLoRA: --use_lora --load_in_4bit, without --merge_lora; README "Quantised models".)
 
 Train a fresh GPT-NeoX from a size preset on plain text (loss on every token, texts packed into blocks):
     python fine_tune.py --config_name pythia-14m --tokenizer_name ../shared/tokenizers/pythia \

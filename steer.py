@@ -15,7 +15,8 @@ tuned with, so no model flag is needed (a flag given explicitly wins, with a war
         --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer_generations
 
 Each model may sit on its own device and dtype (--large_device cuda:0 --small_base_device cuda:1 --large_dtype
-bfloat16 ...); the arithmetic runs on L's device.
+bfloat16 ...) and be loaded in 4 or 8 bits (--large_load_in_4bit, bitsandbytes; README "Quantised models"); the
+arithmetic runs on L's device, on float32 log-probs.
 
 The next-token distribution is, normalised over the whole vocabulary,
 

@@ -142,9 +142,9 @@ def run_fine_tune(*flags: str) -> dict:
 
 
 @requires_bnb
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits, checkpointing", [(4, False), (8, False), (4, True)])
 def test_qlora_trains_an_adapter_that_steer_loads_quantised_or_merged(tmp_path, jsonl_file, qlora_base_dir, bits,
-                                                                      caplog):
+                                                                      checkpointing, caplog):
     out = tmp_path / "qlora"
     # Evaluation every 2 steps, between training steps: a 4-bit layer repacked for CPU inference would fail the
     # next training step (common.prepare_quantized_for_lora).
@@ -152,7 +152,7 @@ def test_qlora_trains_an_adapter_that_steer_loads_quantised_or_merged(tmp_path, 
                            "--max_length", "128", "--use_lora", "--lora_r", "4", f"--load_in_{bits}bit",
                            "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "4",
                            "--learning_rate", "5e-2", "--num_samples", "1", "--max_new_tokens", "4",
-                           "--output_dir", str(out))
+                           "--activation_checkpointing", str(checkpointing).lower(), "--output_dir", str(out))
     final = result["final_dir"]
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
     assert json.loads((final / QUANTIZATION_RECORD).read_text())["bits"] == bits
