@@ -49,4 +49,4 @@ def test_bench_speculative_ci(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_bench_quantized_ci(tmp_path):
     out = run_bench_ci("bench_quantized.py", tmp_path)
-    assert "4-bit general" in out and "proxy-tuning, alpha=1" in out
+    assert "4-bit general" in out and "8-bit" in out and "proxy-tuning, alpha=1" in out
