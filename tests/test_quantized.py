@@ -238,3 +238,21 @@ def test_evaluation_loads_each_role_with_its_own_quantisation(tiny_model_dirs):
     assert "Linear8bitLt" in linear_types(models["large"])
     assert models["large_tuned"] is not models["large"] and "Linear8bitLt" not in linear_types(models["large_tuned"])
     assert linear_types(models["small_base"]) == {"Linear"}
+
+
+def test_speculative_decoding_with_a_quantised_large_model_equals_the_plain_loop(quantised_models, vocab):
+    """steer.py decodes a batch of one speculatively by default: L then scores k drafted tokens in one call, which
+    must give the tokens the one-at-a-time loop gives (bitsandbytes' 4-bit CPU kernel and LLM.int8 quantise each row
+    of activations on its own, so a row's result does not depend on the others)."""
+    from speculative import SpeculativeStats, speculative_generate
+
+    mostly_draft = Blend(large_weight=0.2, tuned_weight=1.0, base_weight=0.2)
+    for blend in (Blend.from_alpha(1.0), mostly_draft):
+        for prompt in ([5, 6, 7, 8, 9, 10, 11], [12, 13, 14]):
+            ids, mask = left_pad([prompt], PAD)
+            plain = generate(*quantised_models, ids, mask, blend, vocab, max_new_tokens=12)
+            stats = SpeculativeStats()
+            spec = speculative_generate(*quantised_models, ids, mask, blend, max_new_tokens=12, eos_token_id=EOS,
+                                        pad_token_id=PAD, vocab_size=vocab, draft_tokens=3, stats=stats)
+            assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+            assert stats.accepted > 0 or blend is not mostly_draft  # L's multi-token check really ran on drafts
