@@ -54,6 +54,7 @@ from common import (
     PROMPT_TEMPLATE,
     REVIEW_JOINER,
     SEED_MAX,
+    QuantizationArguments,
     UsageError,
     build_prompt,
     check_output_dir,
@@ -100,7 +101,7 @@ SHARD_FORMAT = "evaluation-shard-v1"
 # Arguments
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class ModelArguments:
+class ModelArguments(QuantizationArguments):
     small_base_model: str | None = field(
         default=None, metadata={"help": "Small base model (Hub id or dir). With no model flag at all: the blend's "
                                 f"record, else {DEFAULT_MODELS['small_base']}."})
@@ -132,6 +133,7 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
 
     def __post_init__(self):
+        super().__post_init__()  # --{role}_load_in_4bit / _8bit
         raise_problems(number_problems(self, {"alpha": ("[0, inf)", "0 = the large model alone, 1 = proxy-tuning")}))
 
     def model_paths(self) -> dict[str, str]:
@@ -495,14 +497,16 @@ def load_models(model_args: ModelArguments, systems: list[str], device: str) -> 
             except UsageError:
                 logger.warning("no tokenizer beside %s (%s); its vocabulary is not checked", role, path)
     check_same_vocab(tokenizers)
-    by_path: dict[str, Any] = {}
+    by_path: dict[tuple[str, int | None], Any] = {}
     models = {}
     for role, path in paths.items():
-        if path not in by_path:
-            logger.info("loading %s from %s", role, path)
-            by_path[path] = load_causal_lm(path, dtype=model_args.dtype, device=device,
-                                           trust_remote_code=model_args.trust_remote_code, flag=f"--{role}_model")
-        models[role] = by_path[path]
+        key = (path, model_args.quantization_of(role))
+        if key not in by_path:
+            logger.info("loading %s from %s%s", role, path, f" ({key[1]}-bit)" if key[1] else "")
+            by_path[key] = load_causal_lm(path, dtype=model_args.dtype, device=device,
+                                          trust_remote_code=model_args.trust_remote_code, flag=f"--{role}_model",
+                                          quantize=key[1], quantize_prefix=f"--{role}_")
+        models[role] = by_path[key]
         rows = models[role].get_output_embeddings().weight.shape[0]
         if rows < vocab_size_of(tokenizer):
             raise UsageError(f"{role} model {path} has {rows} output rows but the tokenizer has "
@@ -900,6 +904,7 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
         "tokenizer": model_args.tokenizer_name or paths.get("large") or next(iter(paths.values())),
         "context": context, "max_length": data_args.max_length, "prompt_token_budget": prompt_budget,
         "prompt_template": PROMPT_TEMPLATE, "dtype": model_args.dtype, "device": device,
+        "quantization": {role: f"{bits}-bit" for role in paths if (bits := model_args.quantization_of(role))},
         "compute_perplexity": out_args.compute_perplexity, "bootstrap_samples": out_args.bootstrap_samples,
         "confidence": out_args.confidence, "shards": num_shards, "versions": library_versions(),
     }

@@ -6,6 +6,7 @@ Fine-tune on the dataset that processing_meta_review.py wrote (or a raw Input/Ou
 LoRA, merged into the weights at the end (leave out --merge_lora to save an adapter directory instead):
     python fine_tune.py --dataset_path ../shared/data/meta_review/mred_val_longest.jsonl \
         --use_lora --merge_lora --learning_rate 5e-4 --output_dir outputs/pythia-70m-lora
+(QLoRA: --use_lora --load_in_4bit, without --merge_lora; README "Quantised models".)
 
 Train a fresh GPT-NeoX from a size preset on plain text (loss on every token, texts packed into blocks):
     python fine_tune.py --config_name pythia-14m --tokenizer_name ../shared/tokenizers/pythia \
@@ -49,6 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, 
 from common import (
     DTYPES,
     PROMPT_TEMPLATE,
+    QUANTIZATION_RECORD,
     SEED_MAX,
     UsageError,
     atomic_directory,
@@ -66,6 +68,9 @@ from common import (
     not_cached_error,
     number_problems,
     parse_config,
+    prepare_quantized_for_lora,
+    quantization_bits,
+    quantization_record,
     raise_problems,
     resolve_dtype,
     setup_logging,
@@ -142,6 +147,17 @@ class ModelArguments:
     merge_lora: bool = field(
         default=False, metadata={"help": "Merge the adapter into the weights and save a plain model (else an adapter)."}
     )
+    # QLoRA (Dettmers et al. 2023): the frozen base in 4 (or 8) bits, the LoRA adapter trained in full precision.
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base model's linear layers in 4 bits (bitsandbytes NF4; with --use_lora)."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Load the base model's linear layers in 8 bits (bitsandbytes LLM.int8; with --use_lora)."})
+    bnb_4bit_compute_dtype: str = field(default="auto", metadata={
+        "help": "dtype the 4-bit layers compute in ('auto': bfloat16 on a GPU that has it, else float32).",
+        "choices": list(DTYPES)})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantise the 4-bit quantisation constants too (~0.4 bit per weight saved)."})
 
     def __post_init__(self):
         problems = number_problems(self, {"lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)"})
@@ -149,6 +165,14 @@ class ModelArguments:
             problems.append("--merge_lora needs --use_lora")
         if self.use_lora and self.config_name:
             problems.append("--use_lora adapts a pretrained model; drop it or drop --config_name")
+        bits = quantization_bits(self.load_in_4bit, self.load_in_8bit)
+        if bits and not self.use_lora:
+            problems.append(f"--load_in_{bits}bit trains a LoRA adapter on the frozen quantised base (quantised weights "
+                            "cannot be trained); add --use_lora")
+        if bits and self.merge_lora:
+            problems.append(f"--merge_lora with --load_in_{bits}bit would round the update into the {bits}-bit weights; "
+                            f"drop --merge_lora and load the adapter with steer.py/evaluation.py "
+                            f"(--large_load_in_{bits}bit, or unquantised: merged into the full-precision base)")
         if self.dtype == "float16" and not self.use_lora:
             problems.append("--dtype float16 weights cannot be trained directly (fp16 gradients overflow and cannot "
                             "be unscaled); keep --dtype float32 and pass --fp16 for mixed precision")
@@ -732,8 +756,16 @@ def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int
         dtype = model_args.dtype
         if dtype == "auto":
             dtype = str(resolve_dtype("auto", default_device())).removeprefix("torch.")
-        model = load_causal_lm(model_args.model_name_or_path, dtype=dtype, device="cpu",
-                               trust_remote_code=model_args.trust_remote_code, flag="--model_name_or_path")
+        bits = quantization_bits(model_args.load_in_4bit, model_args.load_in_8bit)
+        device = "cpu"
+        if bits and default_device() == "cuda":  # quantised weights are placed at load; the Trainer cannot move them
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        model = load_causal_lm(model_args.model_name_or_path, dtype=dtype, device=device,
+                               trust_remote_code=model_args.trust_remote_code, flag="--model_name_or_path",
+                               quantize=bits, quantize_options=dict(
+                                   compute_dtype=model_args.bnb_4bit_compute_dtype,
+                                   quant_type=model_args.bnb_4bit_quant_type,
+                                   double_quant=model_args.bnb_4bit_use_double_quant))
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise UsageError(f"the model has {rows} embedding rows but the tokenizer {len(tokenizer)} tokens; pass the "
@@ -1316,6 +1348,11 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
         plot_training_curve(trainer.state.log_history, tmp / "training_curve.png")
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        bits = quantization_bits(model_args.load_in_4bit, model_args.load_in_8bit)
+        if bits:  # load_causal_lm warns when the adapter is loaded otherwise
+            write_json(tmp / QUANTIZATION_RECORD, quantization_record(bits, model_args.bnb_4bit_compute_dtype,
+                                                                     model_args.bnb_4bit_use_double_quant,
+                                                                     model_args.bnb_4bit_quant_type))
         if data.mode == "meta_review":
             (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
         # After save_pretrained: peft writes a README.md of its own that this card replaces.
@@ -1394,6 +1431,8 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     tokenizer.model_max_length = saved_max_length
     model = load_model(model_args, tokenizer, data_args.max_length, training_args.seed)
     if model_args.use_lora:
+        if quantization_bits(model_args.load_in_4bit, model_args.load_in_8bit):
+            model = prepare_quantized_for_lora(model, training_args.activation_checkpointing)
         model = apply_lora(model, model_args)
         if training_args.activation_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with frozen embeddings

@@ -15,7 +15,8 @@ tuned with, so no model flag is needed (a flag given explicitly wins, with a war
         --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer_generations
 
 Each model may sit on its own device and dtype (--large_device cuda:0 --small_base_device cuda:1 --large_dtype
-bfloat16 ...); the arithmetic runs on L's device.
+bfloat16 ...) and be loaded in 4 or 8 bits (--large_load_in_4bit, bitsandbytes; README "Quantised models"); the
+arithmetic runs on L's device, on float32 log-probs.
 
 The next-token distribution is, normalised over the whole vocabulary,
 
@@ -46,6 +47,7 @@ from common import (
     DEFAULT_MODELS,
     DTYPES,
     SEED_MAX,
+    QuantizationArguments,
     UsageError,
     atomic_directory,
     build_prompt,
@@ -300,7 +302,7 @@ def same_model(a: str, b: str) -> bool:
 # Command-line arguments
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class ModelArguments:
+class ModelArguments(QuantizationArguments):
     # None = not given: resolve_model_args fills it from the --blend file's record, else from DEFAULT_MODELS.
     large_model: str | None = field(
         default=None, metadata={"help": "L, the large base model: Hub id, local dir or LoRA adapter dir. None: the "
@@ -1028,18 +1030,19 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
     large_device = args.large_device
     models, loaded = {}, {}
     for role, path in paths.items():
-        key = (path, getattr(args, f"{role}_device") or large_device, getattr(args, f"{role}_dtype"))
-        if key not in loaded:  # a path given for two roles (same device and dtype) loads once
+        key = (path, getattr(args, f"{role}_device") or large_device, getattr(args, f"{role}_dtype"),
+               args.quantization_of(role))
+        if key not in loaded:  # a path given for two roles (same device, dtype, quantisation) loads once
             loaded[key] = load_causal_lm(path, dtype=key[2], device=key[1], trust_remote_code=args.trust_remote_code,
-                                         flag=f"--{role}_model")
+                                         flag=f"--{role}_model", quantize=key[3], quantize_prefix=f"--{role}_")
         models[role] = loaded[key]
         large_device = large_device or str(models[LARGE].device)
         width = models[role].get_output_embeddings().weight.shape[0]
         if width < vocab_size:
             raise UsageError(f"--{role}_model {path} has {width} output rows but the tokenizer has {vocab_size} "
                              "tokens; steering needs models that share one vocabulary")
-        logger.info("%s: %s (%.0fM parameters, %s, %s)", role, path, models[role].num_parameters() / 1e6,
-                    models[role].device, models[role].dtype)
+        logger.info("%s: %s (%.0fM parameters, %s, %s%s)", role, path, models[role].num_parameters() / 1e6,
+                    models[role].device, models[role].dtype, f", {key[3]}-bit weights" if key[3] else "")
     return models, tokenizer
 
 

@@ -3,10 +3,12 @@ prints its table rows with the ratio in bold. Timings are not asserted; bench/RE
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, requires_shared
 
 RATIO = re.compile(r"\*\*\d+\.\d+\*\*")  # the bold ratio cell of a bench table row, e.g. **1.42**
@@ -42,3 +44,9 @@ def test_bench_fine_tune_ci(tmp_path):
 def test_bench_speculative_ci(tmp_path):
     out = run_bench_ci("bench_speculative.py", tmp_path)
     assert "t(k) ms" in out and "speculative K = 2" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_bench_quantized_ci(tmp_path):
+    out = run_bench_ci("bench_quantized.py", tmp_path)
+    assert "4-bit general" in out and "8-bit" in out and "proxy-tuning, alpha=1" in out
