@@ -718,17 +718,20 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
     flag: str = "--model_name_or_path",
+    head: dict | None = None,
 ):
     """Load a causal LM from a Hub id, a local directory, or a LoRA adapter directory from fine_tune.py.
 
     Weights load from safetensors only (no pickle). An adapter directory (adapter_config.json) is
     loaded on its base model and, by default, merged so decoding pays nothing for it. Errors name `flag`.
+    `head` (config fields: num_labels, id2label, ...) loads a sequence classifier instead (classify.py).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **(head or {}))
+    auto = AutoModelForCausalLM if head is None else AutoModelForSequenceClassification
     path = Path(name_or_path)
     if is_missing_local_path(name_or_path):
         raise UsageError(f"cannot load model '{name_or_path}': no such directory; pass a Hub id "
@@ -737,13 +740,14 @@ def load_causal_lm(
     offline = hub_offline_reason() if hub_name else None
     try:
         if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            peft_auto = AutoPeftModelForCausalLM if head is None else AutoPeftModelForSequenceClassification
+            model = peft_auto.from_pretrained(name_or_path, **kwargs)
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            model = auto.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         if path.is_dir() and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
             raise UsageError(
