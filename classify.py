@@ -164,9 +164,15 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
         rows = [(row[INPUT_COLUMNS[source]], label_of(row.get(column), task, column, name)) for row in split]
         kept = [(t, y) for t, y in rows if y is not None and isinstance(t, str) and t.strip()]
         unlabelled[name] = len(rows) - len(kept)
-        texts[name], labels[name] = [t for t, _ in kept], [y for _, y in kept]
-    if unlabelled and any(unlabelled.values()):
+        # --max_train_samples / --max_eval_samples: the same seeded sample as the language-modelling task
+        cap = data_args.max_train_samples if name == "train" else data_args.max_eval_samples
+        kept = limit(datasets.Dataset.from_dict({"text": [t for t, _ in kept], "label": [y for _, y in kept]}),
+                     cap, seed)
+        texts[name], labels[name] = list(kept["text"]), list(kept["label"])
+    if any(unlabelled.values()):
         logger.warning("left out rows without a %s label: %s", column, unlabelled)
+    if not labels["train"]:
+        raise UsageError(f"no training rows of {data_args.dataset_path} have a {column} label; check --label_column")
     info: dict[str, Any] = {"task": task, "label_column": column, "classification_input": source,
                             "max_length": data_args.max_length, "template": list(INPUT_TEMPLATES[source]),
                             "class_weights": data_args.class_weights, "unlabelled_rows": unlabelled}
@@ -193,12 +199,8 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
         return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels[name], "length": [len(x) for x in ids]})
 
     splits = {name: encoded(name) for name in dataset}
-    train = limit(splits["train"], data_args.max_train_samples, seed)
-    validation = limit(splits["validation"], data_args.max_eval_samples, seed)
-    test = limit(splits["test"], data_args.max_eval_samples, seed) if "test" in splits else None
-    if len(train) == 0:
-        raise UsageError(f"no training rows of {data_args.dataset_path} have a {column} label")
-    what = "decision-like classes " + ", ".join(f"{k} {v}" for k, v in info.get("train_label_counts", {}).items()) \
+    train, validation, test = splits["train"], splits["validation"], splits.get("test")
+    what = "classes " + ", ".join(f"{k} {v}" for k, v in info.get("train_label_counts", {}).items()) \
         if task == "classification" else f"targets with mean {info['train_mean']:.3g}"
     info["summary"] = f"{column}: {what}"
     description = (f"{task} of '{column}' from the {source.replace('_', '-')} (last-token pooling, "

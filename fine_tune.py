@@ -201,7 +201,7 @@ class DataArguments:
         default=4, metadata={"help": "Validation examples to generate from after training (samples.jsonl); 0 = none."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Length limit of the sample generations."})
-    # Hyperparameter search (hp_search.py): --output_dir then holds trial-<n>/ runs, the study's reports and best.yaml.
+    # The task: language modelling (this script's own), or a classifier of a label column (classify.py).
     task: str = field(
         default="language_modeling",
         metadata={"help": "language_modeling (write the meta-review), or classification / regression of "
@@ -222,6 +222,7 @@ class DataArguments:
                                   "for imbalanced labels; 'none' = plain cross-entropy.",
                                   "choices": ["none", "balanced"]}
     )
+    # Hyperparameter search (hp_search.py): --output_dir then holds trial-<n>/ runs, the study's reports and best.yaml.
     hp_search: str | None = field(
         default=None, metadata={"help": "Search hyperparameters over this space file (YAML/JSON: a list = values to "
                                 "try, {low, high, log} = a range, a scalar = fixed); see README 'Hyperparameter search'."}
