@@ -348,7 +348,7 @@ def plot_confusion(counts: list[list[int]], names: list[str], title: str, path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 1.2 + 1.0 * len(names)), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 1.1 * len(names)), 1.6 + 1.0 * len(names)), dpi=120)
     ax.imshow(counts, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -392,12 +392,12 @@ def write_classifier_files(tmp: Path, data, metrics: dict) -> None:
     split = {"test": "test", "eval": "validation"}[prefix]
     if f"{prefix}_confusion_matrix" in metrics:
         m = metrics
-        title = (f"{info['label_column']}, {split} split: accuracy {m[f'{prefix}_accuracy']:.3f}, macro-F1 "
+        title = (f"{info['label_column']}, {split} split\naccuracy {m[f'{prefix}_accuracy']:.3f}, macro-F1 "
                  f"{m[f'{prefix}_macro_f1']:.3f} (majority {m[f'{prefix}_majority_rate']:.3f})")
         plot_confusion(metrics[f"{prefix}_confusion_matrix"], info["labels"], title, tmp / "confusion_matrix.png")
     elif prefix in predictions:
         rho = metrics.get(f"{prefix}_spearman")
-        title = f"{info['label_column']}, {split} split: MSE {metrics[f'{prefix}_mse']:.3f}, Spearman " + \
+        title = f"{info['label_column']}, {split} split\nMSE {metrics[f'{prefix}_mse']:.3f}, Spearman " + \
             (f"{rho:.3f}" if rho is not None else "n/a")
         plot_regression(*predictions[prefix], title, tmp / "predictions.png")
 

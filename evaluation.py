@@ -773,12 +773,12 @@ def decision_consistency(predicted: dict[str, list[str]], references: list[str],
 
 
 def score_decisions(records: list[dict], examples: list[dict], systems: list[str], out_args: OutputArguments,
-                    summary: dict, seed: int) -> dict[str, Any]:
+                    summary: dict, seed: int, device: str | None = None) -> dict[str, Any]:
     """Classify every generated and reference meta-review with --decision_classifier; add `predicted_decision` to the
     records and `decision_consistency` to each system's summary. Returns metrics.json's `decision_consistency`."""
     from classify import load_classifier, predict
 
-    model, tokenizer, info = load_classifier(out_args.decision_classifier, device="cpu")
+    model, tokenizer, info = load_classifier(out_args.decision_classifier, device=device)
     order = sorted(examples, key=lambda e: e["position"])
     check_decisions(order, info, out_args.decision_classifier, "the evaluated examples")
     decisions = [e["decision"] for e in order]
@@ -934,7 +934,8 @@ def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
                         run_info["seed"])
     decision = None
     if out_args.decision_classifier:
-        decision = score_decisions(records, merged["examples"], systems, out_args, summary, run_info["seed"])
+        decision = score_decisions(records, merged["examples"], systems, out_args, summary, run_info["seed"],
+                                   run_info.get("device"))
         run_info = {**run_info, "decision_consistency": {k: decision[k] for k in ("classifier", "ceiling", "floor",
                                                                                     "n_labelled", "n_unlabelled")}}
     out_dir = Path(out_args.output_dir)

@@ -41,7 +41,8 @@ def lab_predictions(lab: Path) -> dict[str, list[dict]]:
     """{system: records} of every evaluation the lab ran on its test split; the runs that evaluate one blend as
     'steered' are named after their directory (eval/test/tuned_blend -> 'steered (tuned_blend)')."""
     out: dict[str, list[dict]] = {}
-    for path in sorted((lab / "eval" / "test").glob("*/predictions.jsonl")):
+    paths = sorted((lab / "eval" / "test").glob("*/predictions.jsonl"), key=lambda p: (p.parent.name != "main", p))
+    for path in paths:
         for rec in map(json.loads, path.read_text(encoding="utf-8").splitlines()):
             name = rec["system"] if path.parent.name == "main" else f"{rec['system']} ({path.parent.name})"
             out.setdefault(name, []).append(rec)
@@ -125,6 +126,11 @@ def main() -> None:
         if abs(acc["mean"] - m["test_accuracy"]) > 1e-9:  # classify.predict and the Trainer batch differently
             print(f"warning: predict() gives accuracy {acc['mean']:.4f}, the Trainer {m['test_accuracy']:.4f}")
         beats = margin["ci_low"] > 0
+        from scipy.stats import binomtest
+
+        # McNemar's exact test: of the papers where exactly one of the two is right, how many go to the classifier.
+        only_clf, only_base = int(((hit == 1) & (base == 0)).sum()), int(((hit == 0) & (base == 1)).sum())
+        p_value = binomtest(only_clf, only_clf + only_base).pvalue if only_clf + only_base else 1.0
         start = f"the lab's pretrained L ({args.lab / 'large' / 'final'})" if args.init == "lab" else \
             ("a fresh tiny GPT-NeoX" if args.ci else "a fresh GPT-NeoX of L's shape")
         table = [("classifier (best epoch by validation macro-F1)", len(truth), f"{m['test_accuracy']:.3f} "
@@ -134,16 +140,19 @@ def main() -> None:
                   f"{margin['ci_high']:+.3f}]", "-")]
         for row in table:
             print(" | ".join(map(str, row)))
-        verdict = ("beats the majority-class rate (the paired 95% interval of the margin is above 0)" if beats else
-                   "does NOT beat the majority-class rate clearly (the paired 95% interval of the margin includes 0 "
-                   "or lies below it)")
+        ahead = margin["mean"] > 0
+        verdict = (f"{'beats' if ahead else 'does NOT beat'} the majority-class rate by {margin['mean']:+.3f} "
+                   f"({'and' if beats else 'but'} the paired 95% bootstrap interval of the margin "
+                   f"{'lies above 0' if beats else 'reaches 0 or below'}; McNemar's exact test: {only_clf} papers "
+                   f"only the classifier gets right, {only_base} only the majority guess, p = {p_value:.3f})")
         notes = (f"Meta-review -> decision classifier trained with `fine_tune.py --task classification --label_column "
                  f"decision --classification_input meta_review --class_weights balanced` from {start}: "
                  f"{len(test)} test papers of the lab's split (test split of mred_val_longest.jsonl, lab processing), "
                  f"train {result['metrics']['train_examples']} / validation {result['metrics']['validation_examples']} "
                  f"papers, labels {counts}; max_length {args.max_length}, lr {args.learning_rate:g}, {epochs:g} epochs, "
-                 f"batch 8, best epoch by validation macro-F1 (epoch {m.get('epoch')}, best checkpoint "
-                 f"{Path(str(m.get('best_checkpoint'))).name}); {train_seconds / 60:.1f} min with --threads "
+                 f"batch 8, class weights balanced, the epoch with the best validation macro-F1 kept "
+                 f"({Path(str(m.get('best_checkpoint'))).name}, {m['global_step']} steps in all); "
+                 f"{train_seconds / 60:.1f} min with --threads "
                  f"{args.threads}. Test confusion matrix (rows true {info['labels']}, columns predicted): "
                  f"{m['test_confusion_matrix']}. The classifier {verdict}.")
         print(notes)
@@ -172,6 +181,8 @@ def main() -> None:
             rows.append((system, len(order), f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
                          f"{sum(p == majority for p in predicted[system]) / len(order):.2f}"))
         c, f = result["ceiling"], result["floor"]
+        above = [s for s, v in result["systems"].items() if v["ci_low"] > f["mean"]]
+        below = [s for s, v in result["systems"].items() if v["ci_high"] < f["mean"]]
         rows.append(("ceiling: reference meta-reviews", len(order), f"**{c['mean']:.3f}** [{c['ci_low']:.3f}, "
                      f"{c['ci_high']:.3f}]", f"{sum(p == majority for p in references) / len(order):.2f}"))
         rows.append((f"floor: always '{f['class']}'", len(order), f"{f['mean']:.3f}", "1.00"))
@@ -183,10 +194,11 @@ def main() -> None:
                   f"whose generated meta-review it reads as the real decision (evaluation.py --decision_classifier's "
                   f"metric), 95% bootstrap intervals over the papers, {args.bootstrap_samples} resamples shared by all "
                   f"rows. 'share {majority}' is how often the classifier answered the majority class: a system near "
-                  f"the floor with share 1.00 says nothing the classifier can read. The classifier "
-                  f"{'beats' if beats else 'does not clearly beat'} the majority rate on the references, so "
-                  + ("differences between systems are readable only where intervals part." if beats else
-                     "these consistency figures cannot tell systems apart from the majority guess."))
+                  f"the floor with share 1.00 says nothing the classifier can read. Systems whose interval lies above "
+                  f"the floor ({f['mean']:.3f}): {', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}. "
+                  f"The ceiling is only {c['mean']:.3f} (the classifier's own accuracy), and "
+                  + ("its margin over the majority rate is clear." if beats else
+                     "its margin over the majority rate is not clear at 95%, so read these shares as a rough signal."))
         print(notes2)
         if not args.no_record:
             record("Decision consistency of the lab's systems (evaluation.py's metric, lab predictions)", rows,
