@@ -726,6 +726,7 @@ def load_causal_lm(
     quantize: int | None = None,
     quantize_prefix: str = "--",
     quantize_options: dict[str, Any] | None = None,
+    head: dict | None = None,
 ):
     """Load a causal LM from a Hub id, a local directory, or a LoRA adapter directory from fine_tune.py.
 
@@ -735,12 +736,13 @@ def load_causal_lm(
     is then the compute dtype and that of the layers left unquantised (`quantize_options`: bnb_config's
     compute_dtype, a DTYPES name, double_quant, quant_type). An adapter on a quantised base stays unmerged
     (merging would round its update into the 4-/8-bit grid); errors name the flag `{quantize_prefix}load_in_4bit`.
+    `head` (config fields: num_labels, id2label, ...) loads a sequence classifier instead (classify.py).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **(head or {}))
     if quantize:
         check_bitsandbytes(device, f"{quantize_prefix}load_in_{quantize}bit")
         # Quantised weights cannot be moved after loading (.to() refuses), so they are placed at load.
@@ -748,6 +750,7 @@ def load_causal_lm(
         compute = resolve_dtype(options.pop("compute_dtype", None) or dtype, device)
         kwargs.update(quantization_config=bnb_config(quantize, compute, **options), device_map={"": device})
         merge_adapter = False
+    auto = AutoModelForCausalLM if head is None else AutoModelForSequenceClassification
     path = Path(name_or_path)
     if is_missing_local_path(name_or_path):
         raise UsageError(f"cannot load model '{name_or_path}': no such directory; pass a Hub id "
@@ -756,13 +759,14 @@ def load_causal_lm(
     offline = hub_offline_reason() if hub_name else None
     try:
         if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            peft_auto = AutoPeftModelForCausalLM if head is None else AutoPeftModelForSequenceClassification
+            model = peft_auto.from_pretrained(name_or_path, **kwargs)
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            model = auto.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         if path.is_dir() and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
             raise UsageError(

@@ -27,6 +27,10 @@ Pairwise sheet for --pairwise, Summary with a chart, Scores, Intervals, Run; jud
 an existing workbook are carried over, never dropped), ratings.jsonl (every judgment), metrics.json,
 predictions.jsonl, prompt_template.txt and rouge_by_system.png.
 
+Decision consistency (does the generated meta-review reach the paper's real decision?), with a classifier from
+`fine_tune.py --task classification --label_column decision --classification_input meta_review` (classify.py):
+    python evaluation.py --decision_classifier outputs/decision-classifier/final
+
 ROUGE-Lsum needs one sentence per line; nltk's punkt data cannot be downloaded here, so sentences are
 split with a regular expression (`split_sentences`) instead. Scores are F1 x 100, with percentile
 bootstrap confidence intervals over examples (the same resamples for every system, so they are paired).
@@ -44,6 +48,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +98,7 @@ DEFAULT_NUM_EXAMPLES = 20
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DECODING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 
-SUMMARY_METRICS = (*ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity")
+SUMMARY_METRICS = (*ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity", "decision_consistency")
 SHARD_FORMAT = "evaluation-shard-v1"
 
 
@@ -160,6 +165,9 @@ class DataArguments:
     max_length: int = field(
         default=2048, metadata={"help": "Prompt + generated tokens; capped by the models' context (Pythia: 2048)."}
     )
+    decision_column: str = field(
+        default="decision", metadata={"help": "With --decision_classifier: the column with the paper's real decision "
+                                      "(normalised as processing_meta_review.normalise_decision does)."})
 
     def __post_init__(self):
         # --max_length's lower bound depends on the tokenizer: checked once it is loaded (check_max_length).
@@ -209,6 +217,12 @@ class OutputArguments:
         metadata={"help": "Two systems for the workbook's blind Pairwise sheet (pick the better of A/B), e.g. "
                   "'steered,large'; 'auto': steered,large when both are evaluated; 'none': no Pairwise sheet."},
     )
+    decision_classifier: str | None = field(
+        default=None, metadata={"help": "A meta-review -> decision classifier (final/ of fine_tune.py --task "
+                                "classification --classification_input meta_review): adds decision_consistency, the "
+                                "share of each system's meta-reviews whose predicted decision is the paper's real one, "
+                                "with the classifier's accuracy on the references (ceiling) and the majority class's "
+                                "rate (floor). Papers without a decision are left out of all three."})
     review_seed: int | None = field(
         default=None, metadata={"help": "Seed of the blind labels' shuffle in the workbook (recorded in its Run sheet). "
                                 "Default: --seed."},
@@ -409,6 +423,8 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
     if missing:
         raise UsageError(f"{path} has no column '{missing[0]}' (columns: {', '.join(table.column_names)}); "
                          "evaluation needs Input (reviews) and Output (meta-review)")
+    from processing_meta_review import normalise_decision
+
     rows, skipped = [], 0
     for index, row in enumerate(table.to_list()):
         reviews = reviews_of(row.get("reviews") or row["Input"])
@@ -418,7 +434,8 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
             continue
         eid = row.get("example_id") or example_id(reviews, meta)
         rows.append({"example_id": str(eid), "index": index, "reviews": reviews,
-                     "Input": REVIEW_JOINER.join(reviews), "Output": meta})
+                     "Input": REVIEW_JOINER.join(reviews), "Output": meta,
+                     "decision": normalise_decision(row.get(data_args.decision_column))})
     if skipped:
         logger.warning("skipped %d rows with empty Input or Output", skipped)
     if not rows:
@@ -669,14 +686,8 @@ def summarize(records: list[dict], systems: list[str], n_examples: int, samples:
     """
     import numpy as np
 
-    idx = np.random.default_rng(seed).integers(0, n_examples, size=(samples, n_examples))  # (S, N)
-    lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
-
-    def interval(stat) -> dict[str, float]:
-        point = float(stat(np.arange(n_examples)[None])[0])
-        boot = stat(idx)
-        return {"mean": point, "ci_low": float(np.percentile(boot, lo)), "ci_high": float(np.percentile(boot, hi))}
-
+    idx = resample_indices(n_examples, samples, seed)
+    interval = lambda stat: bootstrap_interval(stat, idx, confidence)  # noqa: E731
     out = {}
     for system in systems:
         recs = [r for r in records if r["system"] == system]
@@ -691,6 +702,103 @@ def summarize(records: list[dict], systems: list[str], n_examples: int, samples:
             summary["reference_tokens"] = int(tokens.sum())  # every reference token is scored (build_inputs)
         out[system] = summary
     return out
+
+
+def resample_indices(n_examples: int, samples: int, seed: int):
+    """The bootstrap's resampled example sets, (samples, n_examples) positions; one seed gives every metric the same
+    sets, so intervals of different metrics and systems are paired."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, n_examples, size=(samples, n_examples))  # (S, N)
+
+
+def bootstrap_interval(stat, idx, confidence: float) -> dict[str, float]:
+    """{mean, ci_low, ci_high}: `stat` (positions (S, N) -> (S,) values) on all examples, and its percentile interval
+    over the resamples `idx`. Resamples where the stat is NaN (e.g. no labelled paper drawn) are left out."""
+    import numpy as np
+
+    n = idx.shape[1]
+    point = float(stat(np.arange(n)[None])[0])
+    boot = stat(idx)
+    lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+    return {"mean": point, "ci_low": float(np.nanpercentile(boot, lo)), "ci_high": float(np.nanpercentile(boot, hi))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decision consistency: does a meta-review reach the paper's real decision? (--decision_classifier)
+# ---------------------------------------------------------------------------------------------
+def check_decisions(examples: list[dict], info: dict, classifier: str, source: str) -> None:
+    """Before generating: the classifier predicts decisions, the papers have some, and none the classifier was not
+    trained on (it could never match them)."""
+    if info.get("task") != "classification" or info.get("classification_input") != "meta_review":
+        raise UsageError(f"--decision_classifier {classifier} is a {info.get('task')} model of the "
+                         f"{info.get('classification_input')}; decision consistency needs a classifier of meta-reviews "
+                         "(fine_tune.py --task classification --classification_input meta_review)")
+    decisions = [ex["decision"] for ex in examples if ex["decision"] is not None]
+    if not decisions:
+        raise UsageError(f"--decision_classifier needs the papers' decisions, but {source} has none; re-run "
+                         "processing_meta_review.py (it keeps decision), pass a file with that column, or set "
+                         "--decision_column")
+    unseen = sorted(set(decisions) - set(info["labels"]))
+    if unseen:
+        raise UsageError(f"papers have decisions {unseen} that --decision_classifier {classifier} was not trained on "
+                         f"(its labels: {', '.join(info['labels'])}); train it on data with these labels, or evaluate "
+                         "papers it knows")
+
+
+def decision_consistency(predicted: dict[str, list[str]], references: list[str], decisions: list[str | None],
+                         info: dict, idx, confidence: float) -> dict[str, Any]:
+    """Per system, the share of papers whose generated meta-review the classifier reads as the paper's real decision,
+    with bootstrap intervals over the papers (resamples `idx`, shared with the other metrics); beside it the ceiling
+    (the classifier's accuracy on the reference meta-reviews) and the floor (the rate of always answering the
+    classifier's majority training class). Papers without a decision (None) count in no share.
+
+    `predicted` = {system: [decision per paper]}, `references` = the classifier's decision for each reference,
+    `decisions` = the papers' real ones, all in paper order.
+    """
+    import numpy as np
+
+    known = np.array([d is not None for d in decisions])
+
+    def share_of(labels: list[str]):
+        hits = np.array([float(p == d) for p, d in zip(labels, decisions)])
+        hits[~known] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample of unlabelled papers only: NaN, left out
+            return bootstrap_interval(lambda ix: np.nanmean(hits[ix], -1), idx, confidence)
+
+    counts = info["train_label_counts"]
+    majority = max(counts, key=counts.get)
+    return {"systems": {s: share_of(labels) for s, labels in predicted.items()},
+            "ceiling": share_of(references),
+            "floor": {**share_of([majority] * len(decisions)), "class": majority},
+            "n_labelled": int(known.sum()), "n_unlabelled": int((~known).sum())}
+
+
+def score_decisions(records: list[dict], examples: list[dict], systems: list[str], out_args: OutputArguments,
+                    summary: dict, seed: int, device: str | None = None) -> dict[str, Any]:
+    """Classify every generated and reference meta-review with --decision_classifier; add `predicted_decision` to the
+    records and `decision_consistency` to each system's summary. Returns metrics.json's `decision_consistency`."""
+    from classify import load_classifier, predict
+
+    model, tokenizer, info = load_classifier(out_args.decision_classifier, device=device)
+    order = sorted(examples, key=lambda e: e["position"])
+    check_decisions(order, info, out_args.decision_classifier, "the evaluated examples")
+    decisions = [e["decision"] for e in order]
+    references = predict(model, tokenizer, info, [e["reference"] for e in order])
+    by_key = {(r["example_id"], r["system"]): r for r in records}
+    predicted = {}
+    for system in systems:
+        recs = [by_key[(e["example_id"], system)] for e in order]
+        predicted[system] = predict(model, tokenizer, info, [r["prediction"] for r in recs])
+        for rec, label in zip(recs, predicted[system]):
+            rec["predicted_decision"] = label
+    idx = resample_indices(len(order), out_args.bootstrap_samples, seed)
+    result = decision_consistency(predicted, references, decisions, info, idx, out_args.confidence)
+    for system in systems:
+        summary[system]["decision_consistency"] = result["systems"][system]
+    return {"classifier": out_args.decision_classifier, "label_column": info["label_column"],
+            "labels": info["labels"], **result}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,6 +935,12 @@ def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
         rec["perplexity"] = math.exp(rec["nll"] / rec["target_tokens"]) if rec.get("nll") is not None else None
     summary = summarize(records, systems, len(examples), out_args.bootstrap_samples, out_args.confidence,
                         run_info["seed"])
+    decision = None
+    if out_args.decision_classifier:
+        decision = score_decisions(records, merged["examples"], systems, out_args, summary, run_info["seed"],
+                                   run_info.get("device"))
+        run_info = {**run_info, "decision_consistency": {k: decision[k] for k in ("classifier", "ceiling", "floor",
+                                                                                    "n_labelled", "n_unlabelled")}}
     out_dir = Path(out_args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = BookOptions(review_chars=out_args.review_chars, pairwise=resolve_pairwise(out_args.pairwise, systems),
@@ -845,6 +959,12 @@ def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
                          "perplexity": "of the reference ' ' + meta-review + EOS given the prompt; corpus-level",
                          "human": "mean rating (1-5) and pairwise win rate (ties count half) from the workbook as "
                          "read at the start of this run, with bootstrap intervals over the judged examples"}}
+    if decision is not None:
+        metrics["decision_consistency"] = decision
+        metrics["notes"]["decision_consistency"] = (
+            "share of papers whose generated meta-review --decision_classifier reads as the paper's real decision; "
+            "ceiling = its accuracy on the reference meta-reviews, floor = always its majority training class; papers "
+            "without a decision are left out of all three (n_unlabelled), and the bootstrap resamples all papers")
     write_json(out_dir / "metrics.json", metrics)
     write_jsonl_atomically(out_dir / "predictions.jsonl",
                            [{**r, "reference": examples[r["example_id"]]["reference"]} for r in records])
@@ -880,6 +1000,11 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     rows = load_examples(data_args)
     positions = select_examples(len(rows), data_args.num_examples, data_args.seed)
     selected = [{**rows[i], "position": p} for p, i in enumerate(positions)]
+    if out_args.decision_classifier:  # before an hour of generation
+        from classify import read_classifier_info
+
+        check_decisions(selected, read_classifier_info(out_args.decision_classifier), out_args.decision_classifier,
+                        f"{data_args.dataset_path} (split {data_args.split}, column '{data_args.decision_column}')")
     tokenizer, models = load_models(model_args, systems, device)
     from processing_meta_review import check_max_length
 
@@ -940,7 +1065,8 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
         "format": SHARD_FORMAT, "run_key": run_key(run_info, [ex["example_id"] for ex in selected]),
         "shard_index": shard_index, "num_shards": num_shards, "run_info": run_info,
         "examples": [{"example_id": ex["example_id"], "position": ex["position"], "index": ex["index"],
-                      "input": ex["Input"], "reference": ex["Output"], "prompt_truncated": ex["prompt_truncated"]}
+                      "input": ex["Input"], "reference": ex["Output"], "prompt_truncated": ex["prompt_truncated"],
+                      "decision": ex["decision"]}
                      for ex in mine],
         "records": records,
     }

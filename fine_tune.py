@@ -8,6 +8,11 @@ LoRA, merged into the weights at the end (leave out --merge_lora to save an adap
         --use_lora --merge_lora --learning_rate 5e-4 --output_dir outputs/pythia-70m-lora
 (QLoRA: --use_lora --load_in_4bit, without --merge_lora; README "Quantised models".)
 
+Classify instead (a GPTNeoXForSequenceClassification head; classify.py has the details and more commands): the paper's
+decision from its meta-review, or `--task regression --label_column avg_rating` from the reviews:
+    python fine_tune.py --task classification --label_column decision --classification_input meta_review \
+        --dataset_path outputs/meta_review --output_dir outputs/decision-classifier
+
 Train a fresh GPT-NeoX from a size preset on plain text (loss on every token, texts packed into blocks):
     python fine_tune.py --config_name pythia-14m --tokenizer_name ../shared/tokenizers/pythia \
         --dataset_path ../shared/data/imdb/imdb_partial.jsonl.gz --text_column text --max_length 128 \
@@ -220,6 +225,27 @@ class DataArguments:
         default=4, metadata={"help": "Validation examples to generate from after training (samples.jsonl); 0 = none."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Length limit of the sample generations."})
+    # The task: language modelling (this script's own), or a classifier of a label column (classify.py).
+    task: str = field(
+        default="language_modeling",
+        metadata={"help": "language_modeling (write the meta-review), or classification / regression of "
+                  "--label_column with a sequence-classification head (classify.py).", "choices": [
+                      "language_modeling", "classification", "regression"]},
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "classification/regression: the label column (decision, avg_rating). "
+                                "Default: decision for classification, avg_rating for regression."}
+    )
+    classification_input: str = field(
+        default="reviews", metadata={"help": "classification/regression: what the model reads, the reviews (predict "
+                                     "the decision) or the meta-review (which decision does it state?).",
+                                     "choices": ["reviews", "meta_review"]}
+    )
+    class_weights: str = field(
+        default="none", metadata={"help": "classification: 'balanced' weighs each class's loss by n / (k * n_class), "
+                                  "for imbalanced labels; 'none' = plain cross-entropy.",
+                                  "choices": ["none", "balanced"]}
+    )
     # Hyperparameter search (hp_search.py): --output_dir then holds trial-<n>/ runs, the study's reports and best.yaml.
     hp_search: str | None = field(
         default=None, metadata={"help": "Search hyperparameters over this space file (YAML/JSON: a list = values to "
@@ -256,7 +282,14 @@ class DataArguments:
                   "max_eval_samples": "[1, inf)", "num_samples": "[0, inf)", "max_new_tokens": "[1, inf)"}
         if self.text_column:
             ranges["max_length"] = ("[2, inf)", "a block needs an input token and a label")
-        raise_problems(number_problems(self, ranges))
+        problems = number_problems(self, ranges)
+        if self.task != "language_modeling":
+            self.label_column = self.label_column or ("decision" if self.task == "classification" else "avg_rating")
+            if self.text_column:
+                problems.append(f"--task {self.task} reads Input/Output rows; drop --text_column")
+        if self.class_weights != "none" and self.task != "classification":
+            problems.append(f"--class_weights {self.class_weights} needs --task classification")
+        raise_problems(problems)
 
 
 def _retuned(name: str, default: Any):
@@ -461,7 +494,9 @@ def retokenize(dataset, tokenizer, max_length: int):
     from processing_meta_review import _features, tokenize_example
 
     out, dropped = {}, {}
-    features = _features()
+    first = next(iter(dataset.values()))
+    # Label columns (decision, avg_rating) ride along unchanged.
+    features = _features({k: f.dtype for k, f in first.features.items() if k not in _features()})
     for name, split in dataset.items():
         rows = [example for row in split.to_list() if (example := tokenize_example(row, tokenizer, max_length))]
         dropped[name] = len(split) - len(rows)
@@ -482,11 +517,12 @@ def check_splits_not_emptied(dataset, dropped: dict[str, int], max_length: int, 
                              f"are too long to fit with a prompt ({dropped[name]} examples dropped); raise --max_length")
 
 
-def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name: str):
+def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name: str, tokenize: bool = True):
     """The processed DatasetDict (train/validation[/test]) for `tokenizer` and --max_length.
 
     A directory from processing_meta_review.py is read as is, or re-tokenized when it was made for another
-    max_length or tokenizer; anything else goes through processing_meta_review.process().
+    max_length or tokenizer; anything else goes through processing_meta_review.process(). `tokenize=False`
+    (classification, which encodes its own inputs) keeps every row: nothing is re-cut or dropped for --max_length.
     """
     import datasets
     from processing_meta_review import ProcessingArguments, process
@@ -507,6 +543,8 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
                 raise UsageError(f"{path} split '{name}' lacks columns {missing}; re-run processing_meta_review.py "
                                  "or pass --text_column for plain text")
         made_with = json.loads((path / "processing_config.json").read_text(encoding="utf-8"))
+        if not tokenize:
+            return dataset
         if made_with.get("max_length") != data_args.max_length or not same_tokenization(dataset["train"], tokenizer):
             logger.info("re-tokenizing %s (made with max_length=%s, tokenizer %s) for max_length=%d, tokenizer %s",
                         path, made_with.get("max_length"), made_with.get("tokenizer_name"), data_args.max_length,
@@ -520,7 +558,7 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
         input_column=data_args.input_column,
         output_column=data_args.output_column,
         tokenizer_name=tokenizer_name,
-        max_length=data_args.max_length,
+        max_length=data_args.max_length if tokenize else 10**9,  # classification: no row dropped for its length
         validation_split_percentage=data_args.validation_split_percentage,
     )
     dataset, stats = process(pargs, tokenizer, flag="--dataset_path")
@@ -632,6 +670,7 @@ class PreparedData:
     mode: str  # "meta_review" or "text"
     description: str
     test: Any = None  # meta-review mode: the test split, evaluated with --do_predict
+    label_info: dict | None = None  # classification/regression (classify.py): label map, template, head config
 
 
 def check_dataset_path(name: str) -> None:
@@ -645,6 +684,10 @@ def check_dataset_path(name: str) -> None:
 def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed: int) -> PreparedData:
     """Load, tokenize and label the train/validation examples, and pick the prompts of the sample generations."""
     check_dataset_path(data_args.dataset_path)
+    if data_args.task != "language_modeling":
+        from classify import prepare_classification_data
+
+        return prepare_classification_data(data_args, tokenizer, tokenizer_name, seed)
     mode = "text" if data_args.text_column else "meta_review"
     if mode == "meta_review":
         from processing_meta_review import check_max_length
@@ -741,16 +784,18 @@ def build_config(model_args: ModelArguments, tokenizer):
     return config
 
 
-def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int):
-    """A pretrained model (float32 by default) or a fresh one from --config_name, with special ids aligned."""
+def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int, head: dict | None = None):
+    """A pretrained model (float32 by default) or a fresh one from --config_name, with special ids aligned.
+    `head` (classify.py's num_labels, id2label, ...): a sequence-classification head instead of the LM head."""
     import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     if model_args.config_name:
         config = build_config(model_args, tokenizer)
+        config.update(head or {})
         set_seed(seed)  # the same seed gives the same initial weights
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 trust_remote_code=model_args.trust_remote_code)
+        auto = AutoModelForSequenceClassification if head else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=torch.float32, trust_remote_code=model_args.trust_remote_code)
     else:
         # Loaded on CPU; the Trainer moves it to this process's device (one per rank under torchrun).
         dtype = model_args.dtype
@@ -761,7 +806,7 @@ def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int
         if bits and default_device() == "cuda":  # quantised weights are placed at load; the Trainer cannot move them
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         model = load_causal_lm(model_args.model_name_or_path, dtype=dtype, device=device,
-                               trust_remote_code=model_args.trust_remote_code, flag="--model_name_or_path",
+                               trust_remote_code=model_args.trust_remote_code, flag="--model_name_or_path", head=head,
                                quantize=bits, quantize_options=dict(
                                    compute_dtype=model_args.bnb_4bit_compute_dtype,
                                    quant_type=model_args.bnb_4bit_quant_type,
@@ -773,20 +818,23 @@ def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and max_length > positions:
         raise UsageError(f"--max_length {max_length} exceeds the model's context ({positions} positions); lower it")
-    # Pythia's config says eos=0 but names no pad; generation and the saved config must know both.
+    # Pythia's config says eos=0 but names no pad; generation and the saved config must know both (a classifier
+    # finds its last real token by the pad id).
     for key in ("eos_token_id", "pad_token_id"):
         setattr(model.config, key, getattr(tokenizer, key))
-        setattr(model.generation_config, key, getattr(tokenizer, key))
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, key, getattr(tokenizer, key))
     model.train()
     return model
 
 
-def apply_lora(model, model_args: ModelArguments):
+def apply_lora(model, model_args: ModelArguments, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in a LoRA adapter; task_type SEQ_CLS (a classifier) also trains and saves the new `score` head."""
     from peft import LoraConfig, get_peft_model
 
     targets = model_args.lora_target_modules
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
@@ -1159,6 +1207,10 @@ def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneT
     callbacks: list[TrainerCallback] = list(extra_callbacks)
     if evaluating and training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    if data.label_info is not None:
+        from classify import build_classifier_trainer
+
+        return build_classifier_trainer(model, tokenizer, data, training_args, callbacks)
     # Tensor cores want sequence lengths in multiples of 8; on CPU that would only add padding.
     pad_multiple = 8 if (training_args.bf16 or training_args.fp16) else None
     return LMTrainer(
@@ -1186,14 +1238,15 @@ def log_startup(model_args, data_args, training_args, data: PreparedData, model,
         steps = math.ceil(per_epoch * training_args.num_train_epochs)
     source = f"fresh {model_args.config_name}" if model_args.config_name else model_args.model_name_or_path
     precision = "bf16 mixed" if training_args.bf16 else "fp16 mixed" if training_args.fp16 else "none"
-    label_tokens = sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in data.train["labels"])
+    labelled = data.label_info["summary"] if data.label_info else \
+        f"{sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in data.train['labels']):,} label tokens"
     lines = [
         f"model: {source} ({type(model).__name__}); parameters {total:,}, trainable {trainable:,} "
         f"({100 * trainable / max(total, 1):.2f}%)" + (f"; LoRA r={model_args.lora_r}" if model_args.use_lora else ""),
         f"device: {training_args.device} x {world} process(es); weights {next(model.parameters()).dtype}; "
         f"mixed precision: {precision}",
         f"data: {data_args.dataset_path}: {data.description}",
-        f"examples: train {len(data.train):,} ({label_tokens:,} label tokens), validation {len(data.validation):,}; "
+        f"examples: train {len(data.train):,} ({labelled}), validation {len(data.validation):,}; "
         f"max_length {data_args.max_length}; sampler {training_args.train_sampling_strategy}, dynamic padding",
         f"batch: {training_args.per_device_train_batch_size} per device x {training_args.gradient_accumulation_steps} "
         f"accumulation x {world} = {effective}; ~{steps} optimizer steps; lr {training_args.learning_rate:g} "
@@ -1216,10 +1269,18 @@ def evaluate_final(trainer, data: PreparedData, train_metrics: dict, training_ar
     load_best_model_at_end) and, with --do_predict, the test split's."""
     metrics = {**train_metrics, "train_examples": len(data.train), "validation_examples": len(data.validation),
                "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint}
+    if data.label_info is not None:  # the same metrics, with the confusion matrix (classify.evaluate_split)
+        from classify import evaluate_split
+
+        evaluate = lambda split, metric_key_prefix="eval": evaluate_split(  # noqa: E731
+            trainer, split, metric_key_prefix, data.label_info)
+    else:
+        evaluate = lambda split=None, metric_key_prefix="eval": trainer.evaluate(  # noqa: E731
+            split, metric_key_prefix=metric_key_prefix)
     if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(evaluate(trainer.eval_dataset))
     if training_args.do_predict and data.test is not None and len(data.test):
-        metrics.update(trainer.evaluate(data.test, metric_key_prefix="test"))
+        metrics.update(evaluate(data.test, metric_key_prefix="test"))
         metrics["test_examples"] = len(data.test)
     return metrics
 
@@ -1292,7 +1353,8 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     """README.md for final/: base model, data, hyperparameters, results, prompt, one sample."""
     base = None if model_args.config_name else model_args.model_name_or_path
     library = "peft" if model_args.use_lora and not model_args.merge_lora else "transformers"
-    front = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
+    classifier = data.label_info is not None
+    front = ["---", f"library_name: {library}", f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
              "tags: [meta-review, proxy-tuning, fine_tune.py]"]
     if base:
         front.append(f"base_model: {base}")
@@ -1311,13 +1373,18 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     }
     results = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines = [*front, "", f"# {Path(training_args.output_dir).name}", "",
-             f"A causal LM {origin}, written by `fine_tune.py`.", "", "## Data", "",
+             f"A {'sequence classifier (GPTNeoXForSequenceClassification)' if classifier else 'causal LM'} {origin}, "
+             "written by `fine_tune.py`.", "", "## Data", "",
              f"- source: `{data_args.dataset_path}`", f"- {data.description}",
              f"- examples: train {len(data.train)}, validation {len(data.validation)}", "",
              "## Training hyperparameters", "", "| name | value |", "| --- | --- |",
              *[f"| {k} | {v} |" for k, v in hyper.items()], "", "## Results", "", "| metric | value |",
              "| --- | --- |", *[f"| {k} | {v:.4g} |" for k, v in results.items()], "",
              "![training curve](training_curve.png)", ""]
+    if classifier:
+        from classify import card_lines
+
+        return "\n".join(lines + card_lines(data))
     if data.mode == "meta_review":
         lines += ["## Prompt", "", "The target is ` <meta-review><|endoftext|>`; the prompt is:", "", "```text",
                   PROMPT_TEMPLATE, "```", ""]
@@ -1355,6 +1422,10 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
                                                                      model_args.bnb_4bit_quant_type))
         if data.mode == "meta_review":
             (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+        if data.label_info is not None:
+            from classify import write_classifier_files
+
+            write_classifier_files(tmp, data, metrics)
         # After save_pretrained: peft writes a README.md of its own that this card replaces.
         (tmp / "README.md").write_text(model_card(model_args, data_args, training_args, data, metrics, samples),
                                        encoding="utf-8")
@@ -1429,11 +1500,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
     saved_max_length, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)  # measure long reviews whole
     data = prepare_data(data_args, tokenizer, tokenizer_name, training_args.seed)
     tokenizer.model_max_length = saved_max_length
-    model = load_model(model_args, tokenizer, data_args.max_length, training_args.seed)
+    head = data.label_info["head"] if data.label_info else None
+    model = load_model(model_args, tokenizer, data_args.max_length, training_args.seed, head)
     if model_args.use_lora:
         if quantization_bits(model_args.load_in_4bit, model_args.load_in_8bit):
             model = prepare_quantized_for_lora(model, training_args.activation_checkpointing)
-        model = apply_lora(model, model_args)
+        model = apply_lora(model, model_args, "SEQ_CLS" if head else "CAUSAL_LM")
         if training_args.activation_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with frozen embeddings
     run_config = to_jsonable(model_args, data_args, training_args)
@@ -1473,7 +1545,7 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
                                training_args.per_device_eval_batch_size) if data.samples else []
     if samples:
         metrics["samples_stopped_with_eos"] = sum(s["stopped_with_eos"] for s in samples) / len(samples)
-    trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None})
+    trainer.log_metrics("final", {k: v for k, v in metrics.items() if v is not None and not isinstance(v, list)})
     try:
         final = save_final(trainer, tokenizer, model_args, data_args, training_args, data, metrics, samples)
     except Exception as err:  # atomic_directory has removed the partial final/

@@ -14,7 +14,14 @@ With a config file (later files and flags override it):
 Every example becomes `prompt` (the reviews in the shared template from common.py, cut token-wise so
 prompt + target fit --max_length, each review keeping a fair share) and `target` (" " + meta-review +
 EOS, never cut). Output: a DatasetDict (train/validation/test) saved with save_to_disk, `stats.json`
-(rows in/kept, drops by reason, token-length percentiles, truncations) and `prompt_template.txt`.
+(rows in/kept, drops by reason, token-length percentiles, truncations, counts per label) and `prompt_template.txt`.
+
+Label columns (--label_columns, default `decision` and `avg_rating`, kept when the source has them) ride along for
+`fine_tune.py --task classification/regression` and evaluation.py's decision consistency. Decisions are normalised by
+DECISION_MAP (every "Accept (...)" -> accept, "Reject (...)" -> reject); `--stratify_by_column decision` keeps each
+label's share the same in train, validation and test:
+    python processing_meta_review.py --dataset_name ../shared/data/meta_review/mred_val_longest.jsonl \
+        --tokenizer_name ../shared/tokenizers/pythia --stratify_by_column decision --output_dir outputs/meta_review_strat
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from common import (
@@ -69,6 +77,13 @@ SPLIT_PRIORITY = ("test", "validation", "train")
 MIN_REVIEW_TOKENS = 16
 # What a file in a save_to_disk directory is called (a DatasetDict, or a single Dataset).
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
+# Columns with a paper's labels, kept beside Input/Output when the source has them (MReD: the venue's decision and the
+# reviewers' average rating).
+LABEL_COLUMNS = ("decision", "avg_rating")
+# How a venue's decision string is normalised, by its first word (case and spacing ignored): MReD's "Accept (Poster)",
+# "Accept (Oral)", "Accept (Spotlight)" and "Accept (Workshop)" are all accepted papers; "Reject (Invite to Workshop
+# Track)" was rejected from the main conference. Any other string is kept lower-cased (e.g. "workshop").
+DECISION_MAP = {"accept": "accept", "accepted": "accept", "reject": "reject", "rejected": "reject"}
 
 
 @dataclass
@@ -111,6 +126,16 @@ class ProcessingArguments:
         default=10.0, metadata={"help": "Share of rows for test when the source has no test split."}
     )
     max_examples: int | None = field(default=None, metadata={"help": "Keep at most this many rows per split (debugging)."})
+    label_columns: list[str] = field(
+        default_factory=lambda: list(LABEL_COLUMNS),
+        metadata={"help": "Label columns kept beside Input/Output when the source has them ('decision' is normalised "
+                  "by DECISION_MAP: accept/reject); counted per split in stats.json."},
+    )
+    stratify_by_column: str | None = field(
+        default=None,
+        metadata={"help": "Split so that each value of this label column (e.g. decision) has the same share in train, "
+                  "validation and test. Default: a plain seeded split."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
     output_dir: str = field(default="outputs/meta_review", metadata={"help": "Where the processed dataset goes."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
@@ -135,6 +160,9 @@ class ProcessingArguments:
             problems.append("--push_to_hub needs --hub_dataset_id (e.g. your-name/meta-review-processed)")
         if self.review_separator == "":
             problems.append("--review_separator must not be empty")
+        if self.stratify_by_column and self.stratify_by_column not in self.label_columns:
+            problems.append(f"--stratify_by_column {self.stratify_by_column} must be one of --label_columns "
+                            f"({', '.join(self.label_columns) or 'none'})")
         raise_problems(problems)
 
 
@@ -344,8 +372,9 @@ def example_id(reviews: list[str], meta_review: str) -> str:
 # Cleaning, splitting, tokenizing
 # ---------------------------------------------------------------------------------------------
 def clean_rows(rows: list[dict], input_col: str, output_col: str, args: ProcessingArguments,
-               seen: set[str], drops: dict[str, int]) -> list[dict]:
-    """Clean one split's rows; drop (and count by reason) empty, too short/long and duplicate rows."""
+               seen: set[str], drops: dict[str, int], label_columns: Sequence[str] = ()) -> list[dict]:
+    """Clean one split's rows; drop (and count by reason) empty, too short/long and duplicate rows. The
+    `label_columns` are kept (normalise_label); a missing label is None, never a reason to drop the row."""
     kept = []
     for row in rows:
         reviews = [clean_text(r, args.clean) for r in extract_reviews(row.get(input_col), args.review_separator)]
@@ -373,14 +402,84 @@ def clean_rows(rows: list[dict], input_col: str, output_col: str, args: Processi
             drops[reason] = drops.get(reason, 0) + 1
             continue
         seen.add(eid)
-        kept.append({"example_id": eid, "reviews": reviews, "Input": REVIEW_JOINER.join(reviews), "Output": meta})
+        labels = {c: normalise_label(c, row.get(c)) for c in label_columns}
+        kept.append({"example_id": eid, "reviews": reviews, "Input": REVIEW_JOINER.join(reviews), "Output": meta,
+                     **labels})
     return kept
 
 
-def split_rows(rows: list[dict], validation_pct: float, test_pct: float, seed: int) -> dict[str, list[dict]]:
-    """A deterministic seeded split of one list of rows into train/validation/test."""
+def normalise_decision(value: Any) -> str | None:
+    """A venue's decision by DECISION_MAP: `normalise_decision("Accept (Poster)")` -> 'accept',
+    `normalise_decision("Reject (Invite to Workshop Track)")` -> 'reject', `normalise_decision(" Workshop ")` ->
+    'workshop'; None or a blank string -> None."""
+    if value is None or not str(value).strip():
+        return None
+    text = " ".join(str(value).split()).lower()
+    first = re.split(r"[\s(:/-]", text, maxsplit=1)[0]
+    return DECISION_MAP.get(first, text)
+
+
+def normalise_label(column: str, value: Any) -> Any:
+    """A label cell as kept: decisions normalised, numbers as floats, other text stripped, blanks None."""
+    if column == "decision":
+        return normalise_decision(value)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return None if value != value else float(value)  # NaN (pandas' empty CSV cell) is a missing label
+    return str(value).strip() or None
+
+
+def label_columns_of(columns: list[str], args: ProcessingArguments) -> list[str]:
+    """The --label_columns the source has; a --stratify_by_column it lacks is an error."""
+    present = [c for c in args.label_columns if c in columns]
+    if args.stratify_by_column and args.stratify_by_column not in present:
+        raise UsageError(f"--stratify_by_column {args.stratify_by_column}: no such column in {args.dataset_name} "
+                         f"(columns: {', '.join(columns)}); pass a label column it has, or drop the flag")
+    return present
+
+
+def count_labels(splits: dict[str, Any], label_columns: list[str]) -> dict[str, Any]:
+    """stats.json's `labels`: per column and split (a Dataset or a list of rows), counts of each text label
+    (`{"decision": {"train": {"accept": 3, "reject": 5}}}`), or for numbers n / missing / mean / min / max."""
     import numpy as np
 
+    out: dict[str, Any] = {}
+    for column in label_columns:
+        out[column] = {}
+        for name, split in splits.items():
+            column_values = [r.get(column) for r in split] if isinstance(split, list) else list(split[column])
+            values = [v for v in column_values if v is not None]
+            missing = len(column_values) - len(values)
+            if values and all(isinstance(v, float) for v in values):
+                out[column][name] = {"n": len(values), "missing": missing, "mean": float(np.mean(values)),
+                                     "min": float(min(values)), "max": float(max(values))}
+            else:
+                counts = {str(k): values.count(k) for k in sorted(set(map(str, values)))}
+                out[column][name] = {**counts, **({"missing": missing} if missing else {})}
+    return out
+
+
+def split_rows(rows: list[dict], validation_pct: float, test_pct: float, seed: int,
+               stratify_by: str | None = None) -> dict[str, list[dict]]:
+    """A deterministic seeded split of one list of rows into train/validation/test.
+
+    With `stratify_by`, each value of that column (a missing one is a group of its own) is split by itself at the same
+    shares, so every split keeps the label mix. Done here rather than with datasets' train_test_split(
+    stratify_by_column=...), which needs a ClassLabel column and splits in two, not three.
+    """
+    import numpy as np
+
+    if stratify_by:
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(str(row.get(stratify_by)), []).append(i)
+        out: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
+        for k, (_, members) in enumerate(sorted(groups.items())):
+            part = split_rows(members, validation_pct, test_pct, seed + k)  # type: ignore[arg-type]
+            for name in out:
+                out[name] += part[name]
+        return {name: [rows[i] for i in sorted(idx)] for name, idx in out.items()}
     order = np.random.default_rng(seed).permutation(len(rows))
     n_test = round(len(rows) * test_pct / 100)
     n_val = round(len(rows) * validation_pct / 100)
@@ -431,6 +530,7 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
     columns = next(iter(raw.values())).column_names
     input_col, output_col = resolve_columns(columns, args, args.dataset_name)
     check_text_columns(raw, input_col, output_col, args.dataset_name)
+    label_columns = label_columns_of(columns, args)
     stats: dict[str, Any] = {"source": args.dataset_name, "source_splits": sorted(raw), "rows_in": {},
                              "dropped": {}, "rows_kept": {}}
     seen: set[str] = set()
@@ -442,7 +542,7 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
             if args.max_examples is not None:
                 rows = rows[: args.max_examples]
             stats["rows_in"][name] = len(rows)
-            cleaned[name] = clean_rows(rows, input_col, output_col, args, seen, drops)
+            cleaned[name] = clean_rows(rows, input_col, output_col, args, seen, drops, label_columns)
     if "train" not in cleaned:
         raise UsageError(f"the source has no train split (splits: {', '.join(raw)}); pass a file or a dataset with one")
     if "validation" not in cleaned or "test" not in cleaned:
@@ -451,10 +551,12 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
             validation_pct=0 if "validation" in cleaned else args.validation_split_percentage,
             test_pct=0 if "test" in cleaned else args.test_split_percentage,
             seed=args.seed,
+            stratify_by=args.stratify_by_column,
         )
         cleaned = {"train": carved["train"],
                    "validation": cleaned.get("validation", carved["validation"]),
                    "test": cleaned.get("test", carved["test"])}
+    features = _features(label_features(label_columns, cleaned))
     out, prompt_lens, target_lens, n_truncated = {}, [], [], 0
     for name in ("train", "validation", "test"):
         rows = []
@@ -467,7 +569,6 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
             prompt_lens.append(example["prompt_length"])
             target_lens.append(len(example["input_ids"]) - example["prompt_length"])
             n_truncated += example["truncated"]
-        features = _features()
         out[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
         stats["rows_kept"][name] = len(rows)
         # Per split, so that a split --max_length emptied can be told from one that was empty to begin with.
@@ -480,10 +581,29 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
     stats["target_tokens"] = percentiles(target_lens)
     stats["max_length"] = args.max_length
     stats["tokenizer"] = args.tokenizer_name
+    if label_columns:
+        stats["labels"] = count_labels(out, label_columns)
+        if args.stratify_by_column:
+            stats["stratified_by"] = args.stratify_by_column
     return datasets.DatasetDict(out), stats
 
 
-def _features():
+def label_features(label_columns: Sequence[str], cleaned: dict[str, list[dict]]) -> dict[str, str]:
+    """{column: "float64" | "string"}: a column of numbers (and blanks) is float64, anything else text."""
+    kinds = {}
+    for column in label_columns:
+        values = [r[column] for rows in cleaned.values() for r in rows if r.get(column) is not None]
+        numeric = bool(values) and all(isinstance(v, float) for v in values)
+        kinds[column] = "float64" if numeric else "string"
+        if not numeric:
+            for rows in cleaned.values():
+                for r in rows:
+                    r[column] = None if r.get(column) is None else str(r[column])
+    return kinds
+
+
+def _features(labels: dict[str, str] | None = None):
+    """The processed dataset's columns; `labels` adds label columns ({name: "string" | "float64"})."""
     import datasets
 
     return datasets.Features({
@@ -496,6 +616,7 @@ def _features():
         "input_ids": datasets.List(datasets.Value("int32")),
         "prompt_length": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
+        **{name: datasets.Value(kind) for name, kind in (labels or {}).items()},
     })
 
 
@@ -505,6 +626,8 @@ def summarize(stats: dict) -> str:
         f"source: {stats['source']} (splits {', '.join(stats['source_splits'])})",
         f"rows in: {stats['rows_in_total']}  kept: {stats['rows_kept_total']}  dropped: {dropped}",
         "kept per split: " + ", ".join(f"{k}={v}" for k, v in stats["rows_kept"].items()),
+        *[f"{column} per split: " + "; ".join(f"{split} {json.dumps(counts)}" for split, counts in per_split.items())
+          for column, per_split in stats.get("labels", {}).items()],
         f"prompt tokens p50/p95/max: {stats['prompt_tokens'].get('p50', 0):.0f}/"
         f"{stats['prompt_tokens'].get('p95', 0):.0f}/{stats['prompt_tokens'].get('max', 0):.0f}; "
         f"target tokens p50/p95/max: {stats['target_tokens'].get('p50', 0):.0f}/"

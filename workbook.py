@@ -14,7 +14,8 @@ Sheets, in order:
   Pairwise   (two systems named by --pairwise) one row per example: outputs A and B in a seeded random order,
              a choice dropdown (A / B / tie) and a comment.
   Summary    one row per system: model, scores, live mean rating and win rate (formulas over the Key), and a
-             ROUGE chart below the table.
+             ROUGE chart below the table; with evaluation.py --decision_classifier, the decision_consistency column's
+             ceiling and floor under the table (from run_info["decision_consistency"]).
   Scores     the analysis table: one row per (example, system) with every score and the live rating.
   Intervals  system, metric, mean, ci_low, ci_high: bootstrap intervals of the scores, ratings and win rates.
   Run        what was evaluated, how, and when (key/value), the review seed included.
@@ -771,6 +772,18 @@ def write_summary(ws, plan: Plan, summary: dict, run_info: dict, human: dict, ca
     write_table(ws, header, rows, cached)
     set_print(ws, one_page=True)
     ws.freeze_panes = "B2"
+    below = len(rows) + 3
+    decision = run_info.get("decision_consistency")
+    if decision:  # evaluation.py --decision_classifier: the column's bounds, under the table
+        for k, (name, d) in enumerate((("ceiling (classifier on the reference meta-reviews)", decision["ceiling"]),
+                                       (f"floor (majority class '{decision['floor']['class']}')", decision["floor"])),
+                                      below):
+            ws.cell(k, 1, f"decision_consistency {name}")
+            ws.cell(k, 3, decision["n_labelled"])
+            ws.cell(k, 4, f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
+        ws.cell(below + 2, 1, f"papers with a decision: {decision['n_labelled']}; without (left out): "
+                              f"{decision['n_unlabelled']}; classifier {decision['classifier']}")
+        below += 4
 
     chart = BarChart()
     chart.type = "col"
@@ -782,7 +795,7 @@ def write_summary(ws, plan: Plan, summary: dict, run_info: dict, human: dict, ca
                    titles_from_data=True)
     chart.set_categories(Reference(ws, min_col=1, min_row=2, max_row=1 + len(rows)))
     chart.width, chart.height = 18, 9  # cm: with the table, one landscape page
-    ws.add_chart(chart, f"A{len(rows) + 3}")
+    ws.add_chart(chart, f"A{below}")
 
 
 def metrics_of(summary: dict) -> list[str]:

@@ -50,3 +50,12 @@ def test_bench_speculative_ci(tmp_path):
 def test_bench_quantized_ci(tmp_path):
     out = run_bench_ci("bench_quantized.py", tmp_path)
     assert "4-bit general" in out and "8-bit" in out and "proxy-tuning, alpha=1" in out
+
+
+@requires_shared
+def test_bench_decision_ci(tmp_path):
+    """The decision bench's smoke mode (a fresh tiny classifier on 48 real papers) runs and prints its table."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_decision.py"), "--ci", "--no_record"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "accuracy - majority (paired) |" in res.stdout and "majority class '" in res.stdout

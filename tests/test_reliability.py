@@ -174,6 +174,7 @@ def inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer, tiny_model_dirs
     (files / "truncated.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     (files / "data.parquet.gz").write_bytes(gzip.compress(b"PAR1 not really parquet PAR1"))
     write_jsonl(files / "numeric_output.jsonl", [{"Input": f"review {i}", "Output": i} for i in range(5)])
+    write_jsonl(files / "one_decision.jsonl", [{**r, "decision": "Reject"} for r in make_rows(12)])
     (files / "no_data_dir").mkdir()
     (files / "no_data_dir" / "notes.txt").write_text("no data here")
     return Inputs(Path(tiny_tokenizer_dir), data, root / "processed", tiny_model_dirs, root / "other_vocab",
@@ -326,6 +327,16 @@ BAD_INPUTS: dict[str, Bad] = {
     "fine_tune/lora_dropout_out_of_range": Bad("fine_tune.py",
                                                lambda i, d: fine_tune(i, d, "--use_lora", "--lora_dropout", "1.5"),
                                                ("--lora_dropout 1.5 must be in [0, 1)",)),
+    "fine_tune/label_column_missing": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--task", "classification"),
+                                          ("--label_column decision is not a column",)),
+    "fine_tune/single_class_labels": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--task", "classification", "--dataset_path",
+                                               i.file("one_decision.jsonl")),
+        ("single class in the training split", "at least two")),
+    "fine_tune/non_numeric_regression_labels": Bad(
+        "fine_tune.py", lambda i, d: fine_tune(i, d, "--task", "regression", "--label_column", "decision",
+                                               "--dataset_path", i.file("one_decision.jsonl")),
+        ("--task regression needs numbers in --label_column decision",)),
     "fine_tune/foreign_output_dir": Bad("fine_tune.py", lambda i, d: fine_tune(i, d, "--output_dir", foreign_dir(d)),
                                         ("holds no fine_tune.py run",)),
     "fine_tune/unwritable_output_dir": Bad("fine_tune.py",
@@ -421,6 +432,9 @@ BAD_INPUTS: dict[str, Bad] = {
                                                                       i.file("a_file") / "gen"),
                                        ("cannot be created",)),
     # evaluation.py
+    "evaluation/decision_classifier_not_a_classifier": Bad(
+        "evaluation.py", lambda i, d: evaluation(i, d, "--decision_classifier", i.models["large"]),
+        ("holds no classifier.json", "--task classification")),
     "evaluation/corrupt_workbook": Bad("evaluation.py",
                                        lambda i, d: evaluation(i, d, "--output_dir", corrupt_workbook(d)),
                                        ("cannot be read", "left untouched")),
