@@ -1011,7 +1011,7 @@ class RunPlan:
     resume_from: Path | None = None
 
 
-def plan_run(training_args: FineTuneTrainingArguments) -> RunPlan:
+def plan_run(training_args, run_config: str = RUN_CONFIG) -> RunPlan:
     """Decide between start, resume and done, and tidy --output_dir (main process only) accordingly.
 
     - --overwrite_output_dir: delete this script's checkpoints, result and run config, start over.
@@ -1025,7 +1025,7 @@ def plan_run(training_args: FineTuneTrainingArguments) -> RunPlan:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; choose a directory")
     check_output_dir(out)
-    ours = [out / FINAL_DIR, out / RUN_CONFIG, *list_checkpoints(out)]
+    ours = [out / FINAL_DIR, out / run_config, *list_checkpoints(out)]
     if main_process and out.is_dir():
         # Leftovers of a final/ write that was killed before its rename (common.atomic_directory's names).
         for leftover in [*out.glob(f".{FINAL_DIR}.tmp-*"), *out.glob(f".{FINAL_DIR}.old-*")]:
@@ -1056,9 +1056,9 @@ def plan_run(training_args: FineTuneTrainingArguments) -> RunPlan:
     return RunPlan(resume_from=resume_from)
 
 
-def warn_config_changes(out: Path, new_config: dict) -> None:
+def warn_config_changes(out: Path, new_config: dict, run_config: str = RUN_CONFIG) -> None:
     """On resume, name the settings that differ from the interrupted run's."""
-    old_path = out / RUN_CONFIG
+    old_path = out / run_config
     if not old_path.is_file():
         return
     old = json.loads(old_path.read_text(encoding="utf-8"))
@@ -1128,12 +1128,9 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-class LMTrainer(Trainer):
-    """The Trainer, with logits only where there is a loss (trim_to_label_logits), perplexity = exp(loss) next
-    to every evaluation loss, and checkpoints reloaded with their weight names converted (reload_weights)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, trim_to_label_logits(inputs), return_outputs, num_items_in_batch)
+class CheckpointReloadMixin:
+    """For any Trainer subclass (this script's, and TRL's in rl_tune.py): checkpoints reloaded with their weight
+    names converted (reload_weights), and a resume from the checkpoint a run ended at trains nothing."""
 
     def _plain_model(self, model) -> bool:
         from transformers import PreTrainedModel
@@ -1179,6 +1176,15 @@ class LMTrainer(Trainer):
         saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
         control = saved.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
         return bool(control.get("should_training_stop")) and saved["global_step"] < saved.get("max_steps", 0)
+
+
+
+class LMTrainer(CheckpointReloadMixin, Trainer):
+    """The Trainer, with logits only where there is a loss (trim_to_label_logits), perplexity = exp(loss) next
+    to every evaluation loss, and checkpoints reloaded with their weight names converted (CheckpointReloadMixin)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, trim_to_label_logits(inputs), return_outputs, num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset=None):
         train_dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -1325,8 +1331,10 @@ def generate_samples(model, tokenizer, samples: list[dict], max_new_tokens: int,
     return out
 
 
-def plot_training_curve(log_history: list[dict], path: Path) -> None:
-    """Train and validation loss against optimizer step (PNG, matplotlib's Agg backend: no display needed)."""
+def plot_training_curve(log_history: list[dict], path: Path, title: str = "fine_tune.py training curve",
+                        extra_keys: Sequence[str] = ()) -> None:
+    """Train and validation loss against optimizer step (PNG, matplotlib's Agg backend: no display needed); the
+    logged values named in `extra_keys` (e.g. rl_tune.py's reward) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1340,22 +1348,31 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
     if val:
         ax.plot(*zip(*val), marker="o", label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("fine_tune.py training curve")
+    ax.set_ylabel("loss" if extra_keys else "cross-entropy (nats / token)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend(loc="upper left")
+    extra = [(key, [(h["step"], h[key]) for h in log_history if key in h]) for key in extra_keys]
+    if any(points for _, points in extra):
+        right = ax.twinx()
+        for (key, points), color in zip(extra, ("tab:green", "tab:red", "tab:purple", "tab:brown")):
+            if points:
+                right.plot(*zip(*points), color=color, linestyle="--", label=key)
+        right.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def model_card(model_args, data_args, training_args, data: PreparedData, metrics: dict, samples: list[dict]) -> str:
+def model_card(model_args, data_args, training_args, data: PreparedData, metrics: dict, samples: list[dict],
+               script: str = "fine_tune.py") -> str:
     """README.md for final/: base model, data, hyperparameters, results, prompt, one sample."""
     base = None if model_args.config_name else model_args.model_name_or_path
     library = "peft" if model_args.use_lora and not model_args.merge_lora else "transformers"
     classifier = data.label_info is not None
     front = ["---", f"library_name: {library}", f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
-             "tags: [meta-review, proxy-tuning, fine_tune.py]"]
+             f"tags: [meta-review, proxy-tuning, {script}]"]
     if base:
         front.append(f"base_model: {base}")
     front.append("---")
@@ -1374,7 +1391,7 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     results = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines = [*front, "", f"# {Path(training_args.output_dir).name}", "",
              f"A {'sequence classifier (GPTNeoXForSequenceClassification)' if classifier else 'causal LM'} {origin}, "
-             "written by `fine_tune.py`.", "", "## Data", "",
+             f"written by `{script}`.", "", "## Data", "",
              f"- source: `{data_args.dataset_path}`", f"- {data.description}",
              f"- examples: train {len(data.train)}, validation {len(data.validation)}", "",
              "## Training hyperparameters", "", "| name | value |", "| --- | --- |",
@@ -1399,8 +1416,10 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
 
 
 def save_final(trainer, tokenizer, model_args, data_args, training_args, data: PreparedData, metrics: dict,
-               samples: list[dict]) -> Path:
-    """Write output_dir/final atomically: a temporary directory beside it, renamed when complete."""
+               samples: list[dict], run_config: str = RUN_CONFIG, card: str | None = None,
+               curve_keys: Sequence[str] = ()) -> Path:
+    """Write output_dir/final atomically: a temporary directory beside it, renamed when complete. `card` replaces
+    the model card, `curve_keys` go on the training curve (rl_tune.py's rewards)."""
     final = Path(training_args.output_dir) / FINAL_DIR
     model = trainer.model
     if model_args.use_lora and model_args.merge_lora:
@@ -1409,10 +1428,12 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
         model.save_pretrained(tmp)  # safetensors; a peft model writes adapter_config.json + adapter_model.safetensors
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / RUN_CONFIG, to_jsonable(model_args, data_args, training_args))
+        write_json(tmp / run_config, to_jsonable(model_args, data_args, training_args))
         write_json(tmp / "metrics.json", metrics)
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
-        plot_training_curve(trainer.state.log_history, tmp / "training_curve.png")
+        script = run_config.removesuffix("_config.json") + ".py"
+        plot_training_curve(trainer.state.log_history, tmp / "training_curve.png", f"{script} training curve",
+                            curve_keys)
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         bits = quantization_bits(model_args.load_in_4bit, model_args.load_in_8bit)
@@ -1427,8 +1448,8 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
 
             write_classifier_files(tmp, data, metrics)
         # After save_pretrained: peft writes a README.md of its own that this card replaces.
-        (tmp / "README.md").write_text(model_card(model_args, data_args, training_args, data, metrics, samples),
-                                       encoding="utf-8")
+        card = card if card is not None else model_card(model_args, data_args, training_args, data, metrics, samples)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         for file in tmp.iterdir():
             file.chmod(0o644)  # some writers create private files; the result is meant to be shared
     return final

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["processing_meta_review", "fine_tune", "steer", "evaluation"]
+SCRIPTS = ["processing_meta_review", "fine_tune", "steer", "evaluation", "rl_tune"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
