@@ -106,6 +106,9 @@ class RLModelArguments:
     lora_target_modules: list[str] = _from_fine_tune("lora_target_modules")
     merge_lora: bool = _from_fine_tune("merge_lora")
     config_name = None  # fine_tune.load_model's "fresh model" switch: RL starts from a trained model
+    # fine_tune.py's QLoRA switches, off: RL here trains a full-precision policy (with or without LoRA).
+    load_in_4bit = load_in_8bit = False
+    bnb_4bit_compute_dtype, bnb_4bit_quant_type, bnb_4bit_use_double_quant = "auto", "nf4", True
     trust_remote_code = False  # set from the training config in parse_args
 
     def __post_init__(self):
