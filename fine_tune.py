@@ -174,6 +174,9 @@ class ModelArguments:
         if bits and not self.use_lora:
             problems.append(f"--load_in_{bits}bit trains a LoRA adapter on the frozen quantised base (quantised weights "
                             "cannot be trained); add --use_lora")
+        if bits and (Path(self.model_name_or_path).expanduser() / "adapter_config.json").is_file():
+            problems.append(f"--load_in_{bits}bit quantises a base model, but --model_name_or_path "
+                            f"{self.model_name_or_path} is a LoRA adapter; pass its base model")
         if bits and self.merge_lora:
             problems.append(f"--merge_lora with --load_in_{bits}bit would round the update into the {bits}-bit weights; "
                             f"drop --merge_lora and load the adapter with steer.py/evaluation.py "

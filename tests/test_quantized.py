@@ -186,6 +186,13 @@ def test_fine_tune_refuses_quantisation_without_an_adapter(flags, message):
         fine_tune.parse_args(["--output_dir", "unused", *flags])
 
 
+def test_fine_tune_refuses_to_quantise_an_adapter_directory(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(UsageError, match="is a LoRA adapter; pass its base model"):
+        fine_tune.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path), "--use_lora",
+                              "--load_in_4bit"])
+
+
 def test_both_widths_for_one_role_are_refused():
     with pytest.raises(UsageError, match="give --large_load_in_4bit or --large_load_in_8bit, not both"):
         QuantizationArguments(large_load_in_4bit=True, large_load_in_8bit=True)
