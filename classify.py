@@ -2,17 +2,19 @@
 or the decision a meta-review states. fine_tune.py dispatches here on --task; evaluation.py uses the trained classifier
 to ask whether a generated meta-review reaches the paper's real decision (--decision_classifier).
 
-Meta-review -> decision, from the lab's pretrained L (the classifier evaluation.py --decision_classifier wants):
+Meta-review -> decision (the classifier evaluation.py --decision_classifier wants), a fresh tiny model on a split
+stratified by decision (processing_meta_review.py --stratify_by_column decision; a raw file works too):
     python fine_tune.py --task classification --label_column decision --classification_input meta_review \
-        --model_name_or_path /work/main/outputs/lab/large/final --tokenizer_name /work/main/outputs/lab/tokenizer \
-        --dataset_path ../shared/data/meta_review/mred_val_longest.jsonl --max_length 256 --num_train_epochs 3 \
-        --learning_rate 1e-3 --per_device_train_batch_size 8 --eval_strategy epoch --save_strategy epoch \
-        --output_dir outputs/decision-classifier
+        --config_name tiny --tokenizer_name ../shared/tokenizers/pythia --dataset_path outputs/meta_review_strat \
+        --max_length 384 --num_train_epochs 2 --learning_rate 1e-3 --class_weights balanced \
+        --eval_strategy epoch --save_strategy epoch --do_predict --output_dir outputs/decision-classifier
 
-Reviews -> average rating (regression), a fresh tiny model, class weights do not apply:
+Reviews -> average rating (regression; class weights do not apply):
     python fine_tune.py --task regression --label_column avg_rating --config_name tiny \
-        --tokenizer_name ../shared/tokenizers/pythia --dataset_path ../shared/data/meta_review/mred_val_longest.jsonl \
-        --max_length 256 --num_train_epochs 1 --output_dir outputs/rating-regressor
+        --tokenizer_name ../shared/tokenizers/pythia --dataset_path outputs/meta_review_strat --max_length 512 \
+        --num_train_epochs 1 --eval_strategy epoch --save_strategy epoch --output_dir outputs/rating-regressor
+
+From the lab's pretrained L, on the lab's split, with the lab's systems read by it: `python bench/bench_decision.py`.
 
 The model is GPTNeoXForSequenceClassification (AutoModelForSequenceClassification): a linear `score` head on the
 hidden state of the LAST REAL token. transformers 5.24 finds that token as the rightmost one whose id is not
@@ -191,8 +193,12 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
         if len(set(values)) < 2:
             raise UsageError(f"--label_column {column} has a single value in the training split; regression needs "
                              "targets that vary")
-        info.update(labels=None, train_mean=sum(values) / len(values),
-                    head={"num_labels": 1, "problem_type": "regression"})
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        # The head has no bias and starts near 0: it learns standardised targets, and every prediction, metric and
+        # plot is mapped back to the column's units (to_units).
+        info.update(labels=None, train_mean=mean, train_std=std, head={"num_labels": 1, "problem_type": "regression"})
+        labels = {k: [(y - mean) / std for y in v] for k, v in labels.items()}
 
     def encoded(name: str):
         ids = [encode_input(t, tokenizer, data_args.max_length, source) for t in texts[name]]
@@ -203,8 +209,9 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
     what = "classes " + ", ".join(f"{k} {v}" for k, v in info.get("train_label_counts", {}).items()) \
         if task == "classification" else f"targets with mean {info['train_mean']:.3g}"
     info["summary"] = f"{column}: {what}"
-    description = (f"{task} of '{column}' from the {source.replace('_', '-')} (last-token pooling, "
-                   f"{'class weights ' + data_args.class_weights if task == 'classification' else 'MSE loss'})")
+    loss = f"class weights {data_args.class_weights}" if task == "classification" else \
+        "MSE loss on standardised targets"
+    description = f"{task} of '{column}' from the {source.replace('_', '-')} (last-token pooling, {loss})"
     return PreparedData(train, validation, [], task, description, test, label_info=info)
 
 
@@ -251,6 +258,13 @@ def confusion_matrix(predictions, labels, n_classes: int) -> list[list[int]]:
     return counts
 
 
+def to_units(values, info: dict):
+    """Regression outputs and labels in the label column's units (the model learns standardised targets)."""
+    import numpy as np
+
+    return np.asarray(values, dtype=float).reshape(-1) * info["train_std"] + info["train_mean"]
+
+
 def make_compute_metrics(info: dict):
     """The Trainer's compute_metrics for this task."""
     majority = None
@@ -262,7 +276,7 @@ def make_compute_metrics(info: dict):
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         if info["task"] == "classification":
             return classification_metrics(logits.argmax(-1), labels, majority)
-        return regression_metrics(logits, labels)
+        return regression_metrics(to_units(logits, info), to_units(labels, info))
 
     return compute_metrics
 
@@ -324,7 +338,8 @@ def build_classifier_trainer(model, tokenizer, data, training_args, callbacks):
 
 
 def evaluate_split(trainer, split, prefix: str, info: dict) -> dict:
-    """The split's metrics (loss, accuracy, macro-F1 or MSE, Spearman) and, for classification, its confusion
+    """The split's metrics (loss, accuracy, macro-F1 or MSE in the label's units and Spearman; a regression's loss is the
+    MSE of the standardised targets) and, for classification, its confusion
     matrix (`{prefix}_confusion_matrix`, rows = true class); regression keeps the predictions for the plot in
     info["predictions"][prefix]."""
     output = trainer.predict(split, metric_key_prefix=prefix)
@@ -333,8 +348,8 @@ def evaluate_split(trainer, split, prefix: str, info: dict) -> dict:
         metrics[f"{prefix}_confusion_matrix"] = confusion_matrix(output.predictions.argmax(-1), output.label_ids,
                                                                  len(info["labels"]))
     else:
-        info.setdefault("predictions", {})[prefix] = ([float(x) for x in output.predictions.reshape(-1)],
-                                                      [float(x) for x in output.label_ids])
+        info.setdefault("predictions", {})[prefix] = (to_units(output.predictions, info).tolist(),
+                                                      to_units(output.label_ids, info).tolist())
     return metrics
 
 
@@ -470,5 +485,5 @@ def predict(model, tokenizer, info: dict, texts: list[str], batch_size: int = 16
         if info["task"] == "classification":
             out += [info["labels"][i] for i in logits.argmax(-1).tolist()]
         else:
-            out += [float(x) for x in logits.squeeze(-1).tolist()]
+            out += to_units(logits.squeeze(-1).tolist(), info).tolist()
     return out
