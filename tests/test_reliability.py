@@ -40,7 +40,7 @@ from conftest import ROOT, make_rows, make_tiny_model, train_tiny_tokenizer
 
 ENV_TOKEN = "hf_FAKEtokenDoNotLeak123456"  # HF_TOKEN, HUGGING_FACE_HUB_TOKEN and --hub_token
 LOGIN_TOKEN = "hf_FAKEloginTokenDoNotLeak654321"  # what `hf auth login` stores in $HF_HOME/token
-SCRIPTS = ("processing_meta_review.py", "fine_tune.py", "steer.py", "evaluation.py")
+SCRIPTS = ("processing_meta_review.py", "fine_tune.py", "steer.py", "evaluation.py", "rl_tune.py")
 
 
 def quiet_env() -> dict[str, str]:
@@ -175,6 +175,15 @@ def inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer, tiny_model_dirs
     (files / "data.parquet.gz").write_bytes(gzip.compress(b"PAR1 not really parquet PAR1"))
     write_jsonl(files / "numeric_output.jsonl", [{"Input": f"review {i}", "Output": i} for i in range(5)])
     write_jsonl(files / "one_decision.jsonl", [{**r, "decision": "Reject"} for r in make_rows(12)])
+    from rl_tune import load_papers
+
+    paper = load_papers(str(data), "train")[0]["example_id"]
+    rate = lambda eid, system, r: {"type": "rating", "example_id": eid, "system": system, "rating": r,  # noqa: E731
+                                   "output": f"output {system}"}
+    write_jsonl(files / "ratings_none.jsonl", [{**rate(paper, "a", None)}])
+    write_jsonl(files / "ratings_ties.jsonl", [rate(paper, "a", 3), rate(paper, "b", 3)])
+    write_jsonl(files / "ratings_unknown.jsonl", [rate("not-a-paper", "a", 4), rate("not-a-paper", "b", 1)])
+    write_jsonl(files / "ratings_one_pair.jsonl", [rate(paper, "a", 4), rate(paper, "b", 1)])
     (files / "no_data_dir").mkdir()
     (files / "no_data_dir" / "notes.txt").write_text("no data here")
     return Inputs(Path(tiny_tokenizer_dir), data, root / "processed", tiny_model_dirs, root / "other_vocab",
@@ -208,6 +217,15 @@ def evaluation(i: Inputs, d: Path, *extra, models=("large", "small_base")) -> li
     flags = [x for role in models for x in (f"--{role}_model", i.models[role])]
     return ["--dataset_path", i.data, "--num_examples", "2", "--max_new_tokens", "3", "--bootstrap_samples", "10",
             "--output_dir", d / "out", *flags, *extra]
+
+
+def rl_tune(i: Inputs, d: Path, *extra) -> list:
+    return ["--model_name_or_path", i.models["small_tuned"], "--dataset_path", i.data, "--max_length", "128",
+            "--max_steps", "1", "--report_to", "none", "--output_dir", d / "out", *extra]
+
+
+def dpo(i: Inputs, d: Path, ratings: str, *extra) -> list:
+    return rl_tune(i, d, "--method", "dpo", "--workbook", i.file(ratings), *extra)
 
 
 def foreign_dir(d: Path) -> Path:
@@ -477,6 +495,18 @@ BAD_INPUTS: dict[str, Bad] = {
                                     ("--seed -1 must be in [0, 4294967295]",)),
     "evaluation/max_length_hint_is_the_tokenizers": Bad(
         "evaluation.py", lambda i, d: evaluation(i, d, "--max_length", "20"), ("use at least 43",)),
+    # rl_tune.py: ratings that give no preference, rewards that do not exist
+    "rl_tune/workbook_without_ratings": Bad("rl_tune.py", lambda i, d: dpo(i, d, "ratings_none.jsonl"),
+                                            ("holds no ratings",)),
+    "rl_tune/only_ties": Bad("rl_tune.py", lambda i, d: dpo(i, d, "ratings_ties.jsonl"), ("are ties",)),
+    "rl_tune/ratings_for_papers_not_in_the_dataset": Bad(
+        "rl_tune.py", lambda i, d: dpo(i, d, "ratings_unknown.jsonl"), ("not-a-paper", "does not have")),
+    "rl_tune/fewer_pairs_than_min_pairs": Bad("rl_tune.py", lambda i, d: dpo(i, d, "ratings_one_pair.jsonl"),
+                                              ("fewer than --min_pairs 8",)),
+    "rl_tune/unknown_reward": Bad("rl_tune.py", lambda i, d: rl_tune(i, d, "--reward", "rogue:1"),
+                                  ("unknown reward 'rogue'", "did you mean 'rouge'")),
+    "rl_tune/reward_weight_not_a_number": Bad("rl_tune.py", lambda i, d: rl_tune(i, d, "--reward", "eos:much"),
+                                              ("weight 'much'",)),
     "steer/alpha_beyond_float32": Bad("steer.py", lambda i, d: steer(i, d, "--alpha", "1e39", "--prompt", "Good."),
                                       ("--alpha 1e+39 is not a finite float32 number",)),
     "steer/temperature_beyond_float32": Bad(
