@@ -425,7 +425,7 @@ def card_lines(data) -> list[str]:
              f"`{info['template'][1]!r}`, cut to {info['max_length']} tokens",
              "- pooling: the hidden state of the last token that is not the pad token (the cue), then a linear head"]
     if info["task"] == "classification":
-        lines += [f"- labels (id: name, training examples): " + ", ".join(
+        lines += ["- labels (id: name, training examples): " + ", ".join(
             f"{i}: {n} ({info['train_label_counts'][n]})" for i, n in enumerate(info["labels"])),
             "", "![confusion matrix](confusion_matrix.png)"]
     lines += ["", "## Use", "", "```python", "from classify import load_classifier, predict",

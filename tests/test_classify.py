@@ -151,6 +151,29 @@ def test_classifier_trains_and_its_labels_round_trip(trained_classifier):
                                                                                                     "reject"}
 
 
+def test_gradient_accumulation_gives_the_same_step(tiny_tokenizer_dir, labelled_jsonl, tmp_path):
+    """The class-weighted loss is summed over the whole accumulated batch and divided once by its size: one step of
+    2 x 2 accumulated examples moves the weights exactly as one step of 4."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for batch, accumulate in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch}"
+        train(tiny_tokenizer_dir, labelled_jsonl, out, "--task", "classification", "--class_weights", "balanced",
+              "--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", str(batch),
+              "--gradient_accumulation_steps", str(accumulate), "--eval_strategy", "no", "--save_strategy", "no")
+        weights[batch] = load_file(str(out / "final" / "model.safetensors"))
+    from common import load_tokenizer
+
+    model_args = fine_tune.parse_args(["--config_name", "tiny", "--tokenizer_name", str(tiny_tokenizer_dir),
+                                       "--report_to", "none"])[0]
+    start = fine_tune.load_model(model_args, load_tokenizer(str(tiny_tokenizer_dir)), 96, 0, {"num_labels": 2})
+    moved = [k for k, v in start.state_dict().items() if k in weights[4] and not torch.allclose(v, weights[4][k])]
+    assert moved  # the step changed something, so the comparison below can fail
+    for key in weights[4]:
+        torch.testing.assert_close(weights[2][key], weights[4][key], atol=1e-6, rtol=1e-5)
+
+
 def test_rerun_of_a_finished_classifier_changes_nothing(trained_classifier, tiny_tokenizer_dir, labelled_jsonl):
     final, _ = trained_classifier
     before = (final / "model.safetensors").stat().st_mtime_ns
