@@ -237,3 +237,14 @@ def test_bad_dpo_inputs_fail_in_one_line_and_write_nothing(tmp_path, jsonl_file,
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and words in err[-1], (name, err[-1])
         assert not out.exists()
+
+
+def test_pairs_file_prompt_as_written_and_eos_text_becomes_the_eos_id(tmp_path, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Peer reviews of a paper:\n\nGood.\n\nMeta-review:", "chosen": f"Accept.{eos}", "rejected": "Accept"},
+        {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    (pair,) = rl_tune.build_file_pairs(path, tiny_tokenizer, 256)  # the identical pair is skipped
+    assert pair["chosen_ids"][-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.eos_token_id not in pair["rejected_ids"]
+    assert tiny_tokenizer.decode(pair["prompt_ids"]).endswith("Meta-review:")
