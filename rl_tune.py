@@ -581,6 +581,8 @@ def evaluate_policy(model, tokenizer, papers: list[dict], max_length: int, max_n
             "rougeL": sum(score_rouge(scorer, g["generation"], g["reference"])["rougeL"] for g in generated) / n,
             "eos_rate": sum(g["stopped_with_eos"] for g in generated) / n,
             "repetition": sum(repetition_rate(g["generation"], 3) for g in generated) / n,
+            "words": sum(len(g["generation"].split()) for g in generated) / n,
+            "distinct_outputs": len({g["generation"] for g in generated}) / n,
             "reference_nll": float(nll["policy"].sum() / nll["n_tokens"].sum()) if scored else float("nan")}
 
 
