@@ -681,8 +681,11 @@ def check_inputs(args: RLArguments) -> None:
                              "--pairs_file (JSONL of prompt, chosen, rejected)")
         if args.reward_model:
             raise UsageError("--reward_model is for --method grpo; DPO learns from --workbook/--pairs_file")
-    elif args.workbook or args.pairs_file:
-        raise UsageError("--workbook/--pairs_file are for --method dpo; GRPO learns from --reward")
+    else:
+        if args.workbook or args.pairs_file:
+            raise UsageError("--workbook/--pairs_file are for --method dpo; GRPO learns from --reward")
+        parse_reward_spec(args.reward, args.reward_model)  # a typo in --reward stops before any loading
+        parse_length_range(args.length_range)
 
 
 def prepare(args: RLArguments, model_args: RLModelArguments, training_args, tokenizer):
