@@ -1181,7 +1181,6 @@ class CheckpointReloadMixin:
         return bool(control.get("should_training_stop")) and saved["global_step"] < saved.get("max_steps", 0)
 
 
-
 class LMTrainer(CheckpointReloadMixin, Trainer):
     """The Trainer, with logits only where there is a loss (trim_to_label_logits), perplexity = exp(loss) next
     to every evaluation loss, and checkpoints reloaded with their weight names converted (CheckpointReloadMixin)."""

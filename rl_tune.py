@@ -584,6 +584,8 @@ def evaluate_policy(model, tokenizer, papers: list[dict], max_length: int, max_n
             "rougeL": sum(score_rouge(scorer, g["generation"], g["reference"])["rougeL"] for g in generated) / n,
             "eos_rate": sum(g["stopped_with_eos"] for g in generated) / n,
             "repetition": sum(repetition_rate(g["generation"], 3) for g in generated) / n,
+            "words": sum(len(g["generation"].split()) for g in generated) / n,
+            "distinct_outputs": len({g["generation"] for g in generated}) / n,
             "reference_nll": float(nll["policy"].sum() / nll["n_tokens"].sum()) if scored else float("nan")}
 
 
@@ -682,8 +684,11 @@ def check_inputs(args: RLArguments) -> None:
                              "--pairs_file (JSONL of prompt, chosen, rejected)")
         if args.reward_model:
             raise UsageError("--reward_model is for --method grpo; DPO learns from --workbook/--pairs_file")
-    elif args.workbook or args.pairs_file:
-        raise UsageError("--workbook/--pairs_file are for --method dpo; GRPO learns from --reward")
+    else:
+        if args.workbook or args.pairs_file:
+            raise UsageError("--workbook/--pairs_file are for --method dpo; GRPO learns from --reward")
+        parse_reward_spec(args.reward, args.reward_model)  # a typo in --reward stops before any loading
+        parse_length_range(args.length_range)
 
 
 def prepare(args: RLArguments, model_args: RLModelArguments, training_args, tokenizer):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -39,7 +40,7 @@ DEFAULT_LAB = Path("/work/main/outputs/lab")
 def run_grpo(args, lab: Path, work: Path) -> dict:
     import rl_tune
 
-    argv = ["--method", "grpo", "--reward", args.reward, "--model_name_or_path", str(lab / "small_tuned" / "final"),
+    argv = ["--method", "grpo", "--reward", args.reward, "--length_range", args.length_range, "--model_name_or_path", str(lab / "small_tuned" / "final"),
             "--dataset_path", str(lab / "data"), "--max_length", "512", "--max_completion_length", "128",
             "--num_generations", str(args.num_generations), "--per_device_train_batch_size",
             str(args.num_generations * args.prompts_per_step), "--temperature", str(args.temperature),
@@ -49,23 +50,38 @@ def run_grpo(args, lab: Path, work: Path) -> dict:
             "true", "--output_dir", str(work / "grpo")]
     t0 = time.perf_counter()
     result = rl_tune.main(*rl_tune.parse_args(argv))
-    return {"metrics": result["metrics"], "seconds": time.perf_counter() - t0, "final": result["final_dir"],
-            "argv": argv}
+    return {"metrics": result["metrics"], "final": result["final_dir"], "argv": argv,
+            "seconds": stage_seconds(work / "grpo", result["status"] == "trained", time.perf_counter() - t0)}
+
+
+def stage_seconds(directory: Path, ran: bool, seconds: float) -> float | None:
+    """The wall time of a stage: measured now, or the one saved when it ran (a re-run reuses finished stages)."""
+    path = directory / "bench_seconds.json"
+    if ran:
+        path.write_text(json.dumps({"seconds": seconds}))
+        return seconds
+    return json.loads(path.read_text())["seconds"] if path.is_file() else None
+
+
+def minutes(seconds: float | None) -> str:
+    return f"{seconds / 60:.1f} min" if seconds is not None else "time not recorded (a stage of an earlier run)"
 
 
 def run_evaluation(args, lab: Path, small_tuned: Path, out: Path) -> dict:
     """The lab's evaluation.py command line, with --small_tuned_model swapped and the two systems that use it."""
     cmd = [sys.executable, str(ROOT / "evaluation.py"), "--small_base_model", str(lab / "small" / "final"),
            "--small_tuned_model", str(small_tuned), "--large_model", str(lab / "large" / "final"),
-           "--systems", "small_tuned,steered", "--alpha", "1.0", "--dataset_path", str(lab / "data"), "--split", "test",
+           "--systems", "small_tuned", "steered", "--alpha", "1.0", "--dataset_path", str(lab / "data"), "--split", "test",
            "--seed", "42", "--max_length", "512", "--max_new_tokens", "128", "--batch_size", "16", "--device", "cpu",
            "--bootstrap_samples", "1000", "--pairwise", "none", "--output_dir", str(out)]
     cmd += ["--all_examples", "true"] if args.test_examples == 0 else ["--num_examples", str(args.test_examples)]
     t0 = time.perf_counter()
-    if not (out / "metrics.json").is_file():
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    return {"metrics": json.loads((out / "metrics.json").read_text()), "seconds": time.perf_counter() - t0,
-            "command": " ".join(cmd[1:])}
+    ran = not (out / "metrics.json").is_file()
+    if ran:
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    return {"metrics": json.loads((out / "metrics.json").read_text()), "command": " ".join(cmd[1:]),
+            "seconds": stage_seconds(out, ran, time.perf_counter() - t0)}
 
 
 def cell(summary: dict, key: str, scale: float = 1.0, log: bool = False) -> str:
@@ -120,8 +136,9 @@ def run_dpo(args, lab: Path, work: Path) -> dict:
     import rl_tune
 
     t0 = time.perf_counter()
+    ran = not (work / "dpo_ratings" / "ratings.jsonl").is_file()
     n_ratings, n_papers = simulate_ratings(args, lab, work / "dpo_ratings")
-    t_sim = time.perf_counter() - t0
+    t_sim = stage_seconds(work / "dpo_ratings", ran, time.perf_counter() - t0)
     argv = ["--method", "dpo", "--workbook", str(work / "dpo_ratings" / "ratings.jsonl"), "--model_name_or_path",
             str(lab / "small_tuned" / "final"), "--dataset_path", str(lab / "data"), "--max_length", "512",
             "--eval_pairs_percentage", "25", "--num_train_epochs", str(args.dpo_epochs), "--per_device_train_batch_size",
@@ -130,15 +147,16 @@ def run_dpo(args, lab: Path, work: Path) -> dict:
             "42", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(work / "dpo")]
     if args.ci:
         argv += ["--max_steps", "3", "--min_pairs", "2"]
+    t1 = time.perf_counter()
     result = rl_tune.main(*rl_tune.parse_args(argv))
-    return {"metrics": result["metrics"], "seconds": time.perf_counter() - t0, "simulate_seconds": t_sim,
-            "ratings": n_ratings, "papers": n_papers}
+    return {"metrics": result["metrics"], "simulate_seconds": t_sim, "ratings": n_ratings, "papers": n_papers,
+            "seconds": stage_seconds(work / "dpo", result["status"] == "trained", time.perf_counter() - t1)}
 
 
 def before_after_rows(label: str, metrics: dict) -> list[tuple]:
     b, a = metrics["before"], metrics["after"]
     return [(label, k, f"{b[k]:.3f}", f"{a[k]:.3f}", f"{a[k] - b[k]:+.3f}") for k in
-            ("rougeL", "eos_rate", "repetition", "reference_nll")]
+            ("rougeL", "eos_rate", "repetition", "reference_nll", "words", "distinct_outputs") if k in b and k in a]
 
 
 def main() -> None:
@@ -148,6 +166,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["grpo", "dpo"], default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reward", default="rouge:1,eos:1,repetition:1")
+    parser.add_argument("--length_range", default="20,200", help="rl_tune.py's --length_range (words).")
     parser.add_argument("--grpo_steps", type=int, default=30)
     parser.add_argument("--grpo_lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.04)
@@ -180,8 +199,9 @@ def main() -> None:
         rows += before_after_rows(f"S_grpo vs S_tuned, greedy, {args.eval_examples} validation papers", grpo["metrics"])
         notes.append(f"GRPO: {grpo['metrics']['global_step']} steps of {args.prompts_per_step} prompts x "
                      f"{args.num_generations} completions (temperature {args.temperature}, <= 128 tokens), rewards "
-                     f"{args.reward}, lr {args.grpo_lr:g}, beta {args.beta}; {grpo['seconds'] / 60:.1f} min (rl_tune.py "
-                     "wall time, its before/after evaluation included).")
+                     f"{args.reward} (length range {args.length_range} words), lr {args.grpo_lr:g}, beta {args.beta}; "
+                     f"{minutes(grpo['seconds'])} (rl_tune.py wall time, its before/after evaluation included), of "
+                     f"which training {grpo['metrics']['train_runtime'] / 60:.1f} min (the Trainer's train_runtime).")
         evals = {}
         for name, path in (("S_tuned", args.lab / "small_tuned" / "final"), ("S_grpo", grpo["final"])):
             evals[name] = run_evaluation(args, args.lab, path, args.work / "eval" / name)
@@ -196,7 +216,7 @@ def main() -> None:
             print(" | ".join(row))
         n_test = evals["S_tuned"]["metrics"]["n_examples"]
         notes.append(f"Test split ({n_test} papers, greedy, 128 new tokens) by evaluation.py, "
-                     f"{sum(e['seconds'] for e in evals.values()) / 60:.1f} min for both runs: `python "
+                     f"{' and '.join(minutes(e['seconds']) for e in evals.values())}: `python "
                      f"{evals['S_grpo']['command']}`.")
         if not args.no_record:
             record(f"GRPO on the lab's S_tuned, steering with it (test split, {n_test} papers; evaluation.py intervals)",
@@ -217,8 +237,9 @@ def main() -> None:
         notes.append(f"DPO: {dpo['ratings']} simulated ratings of {dpo['papers']} training papers ({args.dpo_samples} "
                      f"samples each at temperature {args.dpo_temperature}; rating = 1 + 2*EOS + 2*(1 - repetition)) -> "
                      f"{m['train_rows']} training and {m['heldout_pairs']} held-out pairs (held-out papers: 25%); "
-                     f"{args.dpo_epochs:g} epochs, lr {args.dpo_lr:g}, beta 0.1; {dpo['seconds'] / 60:.1f} min "
-                     f"({dpo['simulate_seconds']:.0f} s sampling and rating).")
+                     f"{args.dpo_epochs:g} epochs, lr {args.dpo_lr:g}, beta 0.1; sampling and rating "
+                     f"{minutes(dpo['simulate_seconds'])}, rl_tune.py {minutes(dpo['seconds'])} (training "
+                     f"{m['train_runtime'] / 60:.1f} min).")
     for row in rows:
         print(" | ".join(row))
     print("\n".join(notes))

@@ -248,3 +248,17 @@ def test_pairs_file_prompt_as_written_and_eos_text_becomes_the_eos_id(tmp_path, 
     assert pair["chosen_ids"][-1] == tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.eos_token_id not in pair["rejected_ids"]
     assert tiny_tokenizer.decode(pair["prompt_ids"]).endswith("Meta-review:")
+
+
+def test_lora_adapter_and_merged_weights_load_as_small_tuned(tmp_path, jsonl_file, tiny_model_dirs):
+    ratings = simulated_ratings(tmp_path, jsonl_file)
+    flags = ["--method", "dpo", "--workbook", ratings, "--dataset_path", jsonl_file, "--model_name_or_path",
+             tiny_model_dirs["small_tuned"], "--max_length", 256, "--min_pairs", 4, "--max_steps", 2,
+             "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--num_eval_examples", 0, "--num_samples", 0,
+             "--report_to", "none", "--use_lora", "--lora_r", 4]
+    adapter = run_main(*flags, "--output_dir", tmp_path / "adapter")["final_dir"]
+    merged = run_main(*flags, "--merge_lora", "--output_dir", tmp_path / "merged")["final_dir"]
+    assert (adapter / "adapter_config.json").is_file() and not (merged / "adapter_config.json").exists()
+    a, m, base = weights(adapter), weights(merged), weights(tiny_model_dirs["small_tuned"])
+    assert all(torch.allclose(a[k], m[k], atol=1e-5) for k in m)  # the adapter, merged on load, is the merged model
+    assert any(not torch.allclose(m[k], base[k]) for k in base)
