@@ -844,6 +844,16 @@ class QuantizationArguments:
                                  prefix=f"--{role}_")
 
 
+def quantization_flags_last(cls):
+    """Class decorator for a dataclass inheriting QuantizationArguments: dataclass fields put a base class's first,
+    so `--help` (HfArgumentParser walks dataclasses.fields) would open with eight quantisation flags; this moves
+    them after the class's own fields (the model paths), in the field table both read."""
+    own = {name: f for name, f in cls.__dataclass_fields__.items()
+           if name not in QuantizationArguments.__dataclass_fields__}
+    cls.__dataclass_fields__ = {**own, **{name: f for name, f in cls.__dataclass_fields__.items() if name not in own}}
+    return cls
+
+
 def quantization_bits(load_in_4bit: bool, load_in_8bit: bool, prefix: str = "--") -> int | None:
     """`quantization_bits(True, False)` -> 4; (False, False) -> None; both -> UsageError naming the two flags."""
     if load_in_4bit and load_in_8bit:

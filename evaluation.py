@@ -60,6 +60,7 @@ from common import (
     REVIEW_JOINER,
     SEED_MAX,
     QuantizationArguments,
+    quantization_flags_last,
     UsageError,
     build_prompt,
     check_output_dir,
@@ -105,6 +106,7 @@ SHARD_FORMAT = "evaluation-shard-v1"
 # ---------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------
+@quantization_flags_last
 @dataclass
 class ModelArguments(QuantizationArguments):
     small_base_model: str | None = field(

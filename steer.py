@@ -48,6 +48,7 @@ from common import (
     DTYPES,
     SEED_MAX,
     QuantizationArguments,
+    quantization_flags_last,
     UsageError,
     atomic_directory,
     build_prompt,
@@ -301,6 +302,7 @@ def same_model(a: str, b: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Command-line arguments
 # ---------------------------------------------------------------------------------------------
+@quantization_flags_last
 @dataclass
 class ModelArguments(QuantizationArguments):
     # None = not given: resolve_model_args fills it from the --blend file's record, else from DEFAULT_MODELS.

@@ -263,3 +263,15 @@ def test_speculative_decoding_with_a_quantised_large_model_equals_the_plain_loop
                                         pad_token_id=PAD, vocab_size=vocab, draft_tokens=3, stats=stats)
             assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
             assert stats.accepted > 0 or blend is not mostly_draft  # L's multi-token check really ran on drafts
+
+
+@pytest.mark.parametrize("script", ["steer", "evaluation"])
+def test_help_lists_the_model_paths_before_the_quantisation_flags(script):
+    """--help opens with the models to load, not with eight --{role}_load_in_* switches."""
+    import dataclasses
+    import importlib
+
+    names = [f.name for f in dataclasses.fields(importlib.import_module(script).ModelArguments)]
+    assert names.index("large_model") < names.index("large_load_in_4bit")
+    assert names.index("small_tuned_model") < names.index("small_base_load_in_8bit")
+    assert names[-1].endswith("_load_in_8bit")
