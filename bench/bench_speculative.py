@@ -203,7 +203,7 @@ def decode_large_alone(large, ids, mask, new_tokens: int):
 
 
 def bench_end_to_end(models, costs: dict, prompt_len: int, new_tokens: int, repeats: int, batch: int,
-                     accepted: list[int], draft_tokens: int) -> list[tuple]:
+                     accepted: list[int], draft_tokens: int, shape: str = "") -> list[tuple]:
     """Predicted and measured time per token at one batch size, prompt passes included in both: L alone, the
     plain steered loop, speculative rounds over the whole batch and (batch > 1) rows one at a time, the latter
     two with the lab's kept-draft counts replayed."""
@@ -220,9 +220,9 @@ def bench_end_to_end(models, costs: dict, prompt_len: int, new_tokens: int, repe
         t_plain = timeit(lambda: steered_generate(*models, ids, mask, blend, **kw), repeats=repeats)
     alone = (batch * p_large + new_tokens * t_large[1]) / n
     plain = (prompts_cost + new_tokens * (t_large[1] + 2 * t_small[1])) / n
-    rows = [(f"batch {batch}: L alone `generate`", f"{1e3 * alone:.0f} ms", "1.00", f"{1e3 * t_alone / n:.0f} ms",
+    rows = [(f"{shape}, batch {batch}: L alone `generate`", f"{1e3 * alone:.0f} ms", "1.00", f"{1e3 * t_alone / n:.0f} ms",
              "1.00", ""),
-            (f"batch {batch}: plain steered loop (alpha = 1)", f"{1e3 * plain:.0f} ms", f"{plain / alone:.2f}",
+            (f"{shape}, batch {batch}: plain steered loop (alpha = 1)", f"{1e3 * plain:.0f} ms", f"{plain / alone:.2f}",
              f"{1e3 * t_plain / n:.0f} ms", f"**{t_plain / t_alone:.2f}**", "")]
     ways = [("rounds over the whole batch", lambda: speculative_generate(*models, ids, mask, blend, stats=stats,
                                                                          draft_tokens=draft_tokens, **kw))]
@@ -241,7 +241,7 @@ def bench_end_to_end(models, costs: dict, prompt_len: int, new_tokens: int, repe
             pred = (batch * (costs["p_large"][1] + 2 * costs["p_small"][1]) + step * n) / n
         else:
             pred = (prompts_cost + predicted_per_token(stats, t_large, t_small) * n) / n
-        rows.append((f"batch {batch}: speculative K = {draft_tokens}, {label}, lab acceptance replayed "
+        rows.append((f"{shape}, batch {batch}: speculative K = {draft_tokens}, {label}, lab acceptance replayed "
                      f"(kept {stats.acceptance:.2f}, {stats.tokens_per_round:.2f} tokens / row-round)",
                      f"{1e3 * pred:.0f} ms", f"{pred / alone:.2f}", f"{1e3 * t_spec / n:.0f} ms",
                      f"**{t_spec / t_alone:.2f}**", target))
@@ -331,7 +331,7 @@ def main() -> None:
         for batch in batches:
             new_tokens = args.new_tokens if batch == 1 else args.batch_new_tokens
             rows += bench_end_to_end(models, costs, args.prompt_len, new_tokens, args.repeats, batch, accepted,
-                                     args.draft_tokens)
+                                     args.draft_tokens, shape)
         del models
     header1 = ("what", "kept / drafted", "tokens / round", "greedy = plain", "time / token", "vs plain alone", "")
     header2 = ("what", "predicted / token", "predicted vs L alone", "measured / token", "measured vs L alone",
