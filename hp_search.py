@@ -244,10 +244,13 @@ def open_study(data_args, space: Space, out: Path, seed: int):
                                  engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
             break
         except Exception as err:  # sqlalchemy: bad URL, missing driver, unreachable server, a race creating tables
-            if attempt == 2 or "already exists" not in str(err):
+            # Two workers started together both create the schema: the loser sees "table ... already exists" or,
+            # when both insert the schema's version row, "UNIQUE constraint failed: alembic_version...".
+            racing = "already exists" in str(err) or "UNIQUE constraint failed: alembic_version" in str(err)
+            if attempt == 2 or not racing:
                 raise UsageError(f"--hp_storage {redact_url(url)}: cannot open it ({' '.join(str(err).split())[:200]});"
                                  " use sqlite:///path/study.db or postgresql://user:password@host/db") from None
-            time.sleep(1 + attempt)  # two workers started together both create the tables; the second retries
+            time.sleep(1 + attempt)  # the winner has finished the schema by then
     # Every worker samples with the same seed: the grid's order is then the same everywhere (Optuna's advice), and
     # trial n takes grid point n, so no two workers train the same point.
     sampler = (optuna.samplers.GridSampler(space.grid, seed=seed) if space.is_grid

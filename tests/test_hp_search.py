@@ -228,3 +228,30 @@ def test_space_parsing_keeps_grid_ranges_and_fixed_apart(tmp_path):
     assert space.grid == {"lora_r": [8, 16]} and space.fixed == {"num_train_epochs": 3}
     assert space.ranges == {"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}} and not space.is_grid
     assert hp_search.redact_url("postgresql://me:secret@db.host/optuna") == "postgresql://me:***@db.host/optuna"
+
+
+def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch):
+    """Two workers creating one sqlite study at once: the loser's INSERT of the schema version fails (sqlite:
+    UNIQUE constraint on alembic_version); it must retry and open the study, not stop with an error."""
+    import types
+
+    import optuna.storages
+
+    import hp_search
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    class racing_storage(real):  # a subclass: optuna checks isinstance(storage, RDBStorage)
+        def __init__(self, url, **kw):
+            calls.append(url)
+            if len(calls) == 1:
+                raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num")
+            super().__init__(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing_storage)
+    monkeypatch.setattr(hp_search.time, "sleep", lambda s: None)
+    space = hp_search.Space("space.yaml", grid={"learning_rate": [1e-3, 3e-3]}, ranges={}, fixed={})
+    args = types.SimpleNamespace(hp_storage=f"sqlite:///{tmp_path / 'study.db'}", hp_pruner_startup_trials=-1,
+                                 hp_study_name="raced", hp_direction="minimize")
+    study, _ = hp_search.open_study(args, space, tmp_path, seed=0)
+    assert len(calls) == 2 and study.study_name == "raced"
