@@ -42,7 +42,7 @@ from steer import (
     UsageError,
     blend_logprobs,
     check_decoding_args,
-    model_context,
+    models_to_run,
     positions_from_mask,
     prefill_rows,
     prefill_separately,
@@ -216,7 +216,6 @@ class SpeculativeStats:
     accepted: int = 0
     emitted: int = 0
     forwards: dict[str, int] = field(default_factory=lambda: {LARGE: 0, SMALL_BASE: 0, SMALL_TUNED: 0})
-    drafted_per_round: list[int] = field(default_factory=list)  # per row-round
     accepted_per_round: list[int] = field(default_factory=list)  # per row-round
     batch_rounds: list[tuple[int, int, bool]] = field(default_factory=list)  # (rows, k, bonus) per batch round
 
@@ -270,28 +269,14 @@ def speculative_generate(
     vocabulary vs a seeded sample, chi-square).
     """
     check_decoding_args(max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram_size)
-    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-                         "must both be (batch, length)")
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("every row must end with a real token: pad prompts on the LEFT "
-                         "(tokenizer.padding_side='left')")
     if draft_tokens is not None and draft_tokens < 1:
         raise UsageError(f"draft_tokens {draft_tokens} must be >= 1, or None for the adaptive length")
     if small_tuned is None:
         raise ValueError("speculative decoding drafts with small_tuned, which is None; use steer.steered_generate")
-    c_large, _, c_base = blend.coefficients
-    # The models that check the drafts: those the blend needs, as in steered_generate (S_tuned always runs).
-    roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit), SMALL_BASE: (small_base, c_base != 0)}
-    missing = [role for role, (model, needed) in roles.items() if needed and model is None]
-    if missing:
-        raise ValueError(f"the blend ({blend.describe()}) needs the {', '.join(missing)} model, which is None")
-    verifiers = {role: model for role, (model, needed) in roles.items() if needed}
-    context = model_context({**verifiers, SMALL_TUNED: small_tuned})
-    longest = int(attention_mask.sum(-1).max())
-    if longest + max_new_tokens > context:
-        raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
-                         f"context ({context} tokens); shorten the prompt or lower max_new_tokens")
+    # The models that check the drafts: those the blend needs, as in steered_generate; S_tuned drafts.
+    verifiers = models_to_run(large, small_base, small_tuned, input_ids, attention_mask, blend, max_new_tokens,
+                              with_small_tuned=True)
+    del verifiers[SMALL_TUNED]
     device = (large if large is not None else small_tuned).device
     decoder = RoundDecoder(verifiers, small_tuned, input_ids, attention_mask, blend, max_new_tokens=max_new_tokens,
                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size,
@@ -342,7 +327,6 @@ class RoundDecoder:
             else (lambda s: s)
         self.last = input_ids[:, -1].clone().to(device)  # (B,) each row's token not yet fed
         self.out: list[list[int]] = [[] for _ in range(batch)]
-        self.ended = [False] * batch
         self.done = [False] * batch
 
     @property
@@ -354,7 +338,8 @@ class RoundDecoder:
         new_tokens = torch.full((len(self.out), width), self.pad, dtype=torch.long, device=self.device)
         for row, tokens in enumerate(self.out):
             new_tokens[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return new_tokens, torch.tensor(self.ended, dtype=torch.bool, device=self.device)
+        ended = [tokens[-1] == self.eos for tokens in self.out]  # every row emits at least one token
+        return new_tokens, torch.tensor(ended, dtype=torch.bool, device=self.device)
 
     def round(self, k_next: int) -> bool:
         """One round for every row still decoding -> whether every row kept every draft it checked."""
@@ -434,10 +419,9 @@ class RoundDecoder:
             self.stats.drafted += min(k, limits[r])
             self.stats.accepted += kept[r]
             self.stats.emitted += len(emitted)
-            self.stats.drafted_per_round.append(min(k, limits[r]))
             self.stats.accepted_per_round.append(kept[r])
             if self.out[r][-1] == self.eos or len(self.out[r]) >= self.max_new_tokens:
-                self.done[r], self.ended[r] = True, self.out[r][-1] == self.eos
+                self.done[r] = True
             else:
                 keep[r] = 1 + kept[r]
                 self.last[r] = new[r]

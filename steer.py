@@ -686,6 +686,32 @@ def check_decoding_args(max_new_tokens: int, temperature: float, top_p: float, r
                                           no_repeat_ngram_size=no_repeat_ngram_size)))
 
 
+def models_to_run(large, small_base, small_tuned, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  blend: Blend, max_new_tokens: int, with_small_tuned: bool = False) -> dict[str, Any]:
+    """The checks every steered decoder makes of its inputs -> {role: model} for the models the blend needs (a
+    zero coefficient's model does not run; `with_small_tuned`: S_tuned runs anyway, as speculative.py's draft).
+    Raises on a batch that is not (B, T) and LEFT-padded, a needed model that is None, or prompt + max_new_tokens
+    past the models' context."""
+    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be (batch, length)")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("every row must end with a real token: pad prompts on the LEFT (tokenizer.padding_side='left')")
+    c_large, c_tuned, c_base = blend.coefficients
+    roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit),
+             SMALL_TUNED: (small_tuned, c_tuned != 0 or with_small_tuned), SMALL_BASE: (small_base, c_base != 0)}
+    missing = [role for role, (model, needed) in roles.items() if needed and model is None]
+    if missing:
+        raise ValueError(f"the blend ({blend.describe()}) needs the {', '.join(missing)} model, which is None")
+    needed = {role: model for role, (model, run) in roles.items() if run}
+    context = model_context(needed)
+    longest = int(attention_mask.sum(-1).max())
+    if longest + max_new_tokens > context:
+        raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
+                         f"context ({context} tokens); shorten the prompt or lower max_new_tokens")
+    return needed
+
+
 @torch.inference_mode()
 def steered_generate(
     large,
@@ -717,25 +743,10 @@ def steered_generate(
     `use_cache=False` recomputes every prefix (for tests: it must give the same result).
     """
     check_decoding_args(max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram_size)
-    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-                         "must both be (batch, length)")
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("every row must end with a real token: pad prompts on the LEFT (tokenizer.padding_side='left')")
+    needed = models_to_run(large, small_base, small_tuned, input_ids, attention_mask, blend, max_new_tokens)
     device = large.device
-    c_large, c_tuned, c_base = blend.coefficients
-    roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit),
-             SMALL_TUNED: (small_tuned, c_tuned != 0), SMALL_BASE: (small_base, c_base != 0)}
-    missing = [role for role, (model, needed) in roles.items() if needed and model is None]
-    if missing:
-        raise ValueError(f"the blend ({blend.describe()}) needs the {', '.join(missing)} model, which is None")
-    context = model_context({role: model for role, (model, needed) in roles.items() if needed})
-    longest = int(attention_mask.sum(-1).max())
-    if longest + max_new_tokens > context:
-        raise UsageError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the models' "
-                         f"context ({context} tokens); shorten the prompt or lower max_new_tokens")
     streams = {role: ModelStream(model, input_ids, attention_mask, use_cache, max_new_tokens)
-               for role, (model, needed) in roles.items() if needed}
+               for role, model in needed.items()}
 
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]
