@@ -12,8 +12,8 @@ then `evaluation.py` (the lab's command line, with --systems small_tuned,steered
 with S_tuned and once with S_grpo as --small_tuned_model, so ROUGE-L, EOS rate, repetition and reference NLL (with the
 bootstrap intervals evaluation.py computes) are reported for S alone and for L steered by (S, S_x) at alpha = 1.
 
-DPO: ratings simulated by a rule this script knows: S_tuned samples --dpo_samples meta-reviews for each of
---dpo_papers training papers; each is rated 1 + 2 * (ended with EOS) + 2 * (1 - share of repeated 3-grams), rounded,
+DPO: ratings simulated by a rule this script knows: S_tuned writes its greedy meta-review and --dpo_samples sampled
+ones at each of --dpo_temperatures for each of --dpo_papers training papers; each is rated 1 + 2 * (ended with EOS) + 2 * (1 - share of repeated 3-grams), rounded,
 and written as evaluation.py's ratings.jsonl and predictions.jsonl; `rl_tune.py --method dpo --workbook ratings.jsonl`
 then trains on the pairs of 75% of the papers and reports the chosen-over-rejected margin on the other 25%, and the
 greedy EOS rate and repetition on validation papers before and after.
@@ -44,6 +44,7 @@ def run_grpo(args, lab: Path, work: Path) -> dict:
             "--dataset_path", str(lab / "data"), "--max_length", "512", "--max_completion_length", "128",
             "--num_generations", str(args.num_generations), "--per_device_train_batch_size",
             str(args.num_generations * args.prompts_per_step), "--temperature", str(args.temperature),
+            "--top_k", str(args.top_k),
             "--learning_rate", str(args.grpo_lr), "--beta", str(args.beta), "--max_steps", str(args.grpo_steps),
             "--num_eval_examples", str(args.eval_examples), "--num_samples", "4", "--max_new_tokens", "128",
             "--logging_steps", "5", "--save_steps", "10", "--seed", "42", "--report_to", "none", "--disable_tqdm",
@@ -114,11 +115,17 @@ def simulate_ratings(args, lab: Path, out: Path) -> tuple[int, int]:
     for paper in papers:
         prompt, _ = build_prompt(paper["reviews"], tokenizer, 512 - 128)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        rows = []
         with torch.no_grad():
-            gen = model.generate(ids, do_sample=True, temperature=args.dpo_temperature, max_new_tokens=128,
-                                 num_return_sequences=args.dpo_samples, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        for k, row in enumerate(gen[:, ids.shape[1]:].tolist()):
+            # Greedy (0) among the temperatures: the loops greedy decoding writes must be among what is rated,
+            # or DPO never sees them rejected and the greedy outputs it is judged on need not move.
+            for temperature in args.dpo_temperatures:
+                sampled = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+                gen = model.generate(ids, max_new_tokens=128, num_return_sequences=args.dpo_samples if temperature > 0
+                                     else 1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     **sampled)
+                rows += gen[:, ids.shape[1]:].tolist()
+        for k, row in enumerate(rows):
             tokens, eos = cut_at_eos(row, tokenizer.eos_token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             rating = max(1, min(5, round(1 + 2 * eos + 2 * (1 - repetition_rate(text, 3)))))
@@ -130,6 +137,14 @@ def simulate_ratings(args, lab: Path, out: Path) -> tuple[int, int]:
     (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
     (out / "ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ratings))
     return len(ratings), len(papers)
+
+
+def rated_outputs(args) -> str:
+    """'the greedy output and 2 samples at each of temperatures 0.7, 1.0' from --dpo_samples/--dpo_temperatures."""
+    hot = [t for t in args.dpo_temperatures if t > 0]
+    parts = (["the greedy output"] if len(hot) < len(args.dpo_temperatures) else []) + (
+        [f"{args.dpo_samples} samples at each of temperatures {', '.join(f'{t:g}' for t in hot)}"] if hot else [])
+    return " and ".join(parts)
 
 
 def run_dpo(args, lab: Path, work: Path) -> dict:
@@ -171,13 +186,16 @@ def main() -> None:
     parser.add_argument("--grpo_lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_k", type=int, default=0, help="GRPO sampling's top-k (0 = off): a small k explores "
+                        "next to the greedy path, whose outputs are the ones judged")
     parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--prompts_per_step", type=int, default=2)
     parser.add_argument("--eval_examples", type=int, default=32, help="Validation papers of rl_tune's before/after.")
     parser.add_argument("--test_examples", type=int, default=48, help="Test papers for evaluation.py; 0 = all 99.")
     parser.add_argument("--dpo_papers", type=int, default=64)
-    parser.add_argument("--dpo_samples", type=int, default=4)
-    parser.add_argument("--dpo_temperature", type=float, default=1.0)
+    parser.add_argument("--dpo_samples", type=int, default=2)
+    parser.add_argument("--dpo_temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0],
+                        help="S_tuned's outputs to rate: --dpo_samples samples at each temperature; 0 = the greedy output")
     parser.add_argument("--dpo_epochs", type=float, default=2)
     parser.add_argument("--dpo_lr", type=float, default=1e-4)
     parser.add_argument("--no_record", action="store_true")
@@ -234,8 +252,8 @@ def main() -> None:
             rows.append((f"{name} ({b.get('pairs', 0)} pairs)", "accuracy (margin > 0)",
                          f"{b.get('accuracy', float('nan')):.3f}", f"{a.get('accuracy', float('nan')):.3f}",
                          f"{a.get('accuracy', 0) - b.get('accuracy', 0):+.3f}"))
-        notes.append(f"DPO: {dpo['ratings']} simulated ratings of {dpo['papers']} training papers ({args.dpo_samples} "
-                     f"samples each at temperature {args.dpo_temperature}; rating = 1 + 2*EOS + 2*(1 - repetition)) -> "
+        notes.append(f"DPO: {dpo['ratings']} simulated ratings of {dpo['papers']} training papers ({rated_outputs(args)}"
+                     f" each; rating = 1 + 2*EOS + 2*(1 - repetition)) -> "
                      f"{m['train_rows']} training and {m['heldout_pairs']} held-out pairs (held-out papers: 25%); "
                      f"{args.dpo_epochs:g} epochs, lr {args.dpo_lr:g}, beta 0.1; sampling and rating "
                      f"{minutes(dpo['simulate_seconds'])}, rl_tune.py {minutes(dpo['seconds'])} (training "
