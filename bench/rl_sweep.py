@@ -27,36 +27,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, record  # noqa: E402
 
 # name -> rl_lab.py flags. R1 is rl_lab's first recorded run; the others change one or two things at a time.
+T02 = dict(length_range="15,60", temperature=0.2, lr=5e-4, beta=0.04, steps=30)  # R1's sampling, a length term added
+SHORT = dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60")  # a range 128 tokens can end inside
+LONG = dict(reward="rouge:2,eos:1,repetition:2,length:2", length_range="40,90", lr=5e-4, beta=0.04)
 CONFIGS = {
     "R1": dict(reward="rouge:1,eos:1,repetition:1", length_range="20,200", temperature=0.2, lr=5e-4, beta=0.04, steps=30),
-    "K": dict(reward="rouge:1,eos:1,repetition:1,length:1", length_range="15,60", temperature=0.2, lr=5e-4, beta=0.04,
-              steps=30),
-    "L": dict(reward="rouge:3,eos:1,repetition:1,length:1", length_range="15,60", temperature=0.2, lr=5e-4, beta=0.04,
-              steps=30),
-    "J": dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60", temperature=0.3, lr=5e-4, beta=0.04,
-              steps=40),
+    "K": {**T02, "reward": "rouge:1,eos:1,repetition:1,length:1"},
+    "L": {**T02, "reward": "rouge:3,eos:1,repetition:1,length:1"},
+    "J": {**SHORT, "temperature": 0.3, "lr": 5e-4, "beta": 0.04, "steps": 40},
     "C": dict(reward="rouge:4,eos:1,repetition:1,length:2", length_range="40,90", temperature=0.3, lr=5e-4, beta=0.04,
               steps=40),
     "D": dict(reward="rouge:8,eos:1,repetition:1,length:2", length_range="40,90", temperature=0.3, lr=3e-4, beta=0.1,
               steps=40),
-    "I": dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60", temperature=0.5, lr=3e-4, beta=0.1,
-              steps=40),
-    "I80": dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60", temperature=0.5, lr=3e-4, beta=0.1,
-                steps=80),
-    "I160": dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60", temperature=0.5, lr=3e-4, beta=0.1,
-                 steps=160),
-    "I5": dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60", temperature=0.5, lr=5e-4, beta=0.1,
-               steps=40),
-    "E": dict(reward="rouge:2,eos:1,repetition:2,length:2", length_range="40,90", temperature=0.5, lr=5e-4, beta=0.04,
-              steps=60, generations=8, prompts=1),
+    "I": {**SHORT, "temperature": 0.5, "lr": 3e-4, "beta": 0.1, "steps": 40},
+    "I80": {**SHORT, "temperature": 0.5, "lr": 3e-4, "beta": 0.1, "steps": 80},  # rl_lab.py's defaults
+    "I160": {**SHORT, "temperature": 0.5, "lr": 3e-4, "beta": 0.1, "steps": 160},
+    "I5": {**SHORT, "temperature": 0.5, "lr": 5e-4, "beta": 0.1, "steps": 40},
+    "E": {**LONG, "temperature": 0.5, "steps": 60, "generations": 8, "prompts": 1},
     "B": dict(reward="rouge:4,eos:1,repetition:1,length:1", length_range="30,90", temperature=0.7, lr=3e-4, beta=0.04,
               steps=40),
     "A": dict(reward="rouge:4,eos:1,repetition:1,length:1", length_range="30,90", temperature=1.0, lr=1e-4, beta=0.1,
               steps=40),
-    "G": dict(reward="rouge:2,eos:1,repetition:2,length:2", length_range="40,90", temperature=1.0, top_k=3, lr=5e-4,
-              beta=0.04, steps=40),
-    "H": dict(reward="rouge:2,eos:1,repetition:2,length:2", length_range="40,90", temperature=1.0, top_k=2, lr=5e-4,
-              beta=0.04, steps=40),
+    "G": {**LONG, "temperature": 1.0, "top_k": 3, "steps": 40},
+    "H": {**LONG, "temperature": 1.0, "top_k": 2, "steps": 40},
 }
 
 
