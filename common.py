@@ -900,6 +900,9 @@ def quantization_record(bits: int, compute_dtype: str, double_quant: bool, quant
 
 
 def linear_4bit_layers(model) -> list:
+    """The bitsandbytes 4-bit linear layers of `model`; none (and no bitsandbytes import) unless it loaded in 4 bits."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return []
     import bitsandbytes as bnb
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -910,7 +913,7 @@ def fit_cpu_inference_kernel(model) -> None:
     bfloat16 kernel; the repacking needs in_features to be a multiple of the block size (64) and out_features of 32,
     and fails with a reshape error otherwise (tiny models). Such layers keep the general path (dequantise, then a
     matmul in the compute dtype). Every Pythia size fits."""
-    for layer in linear_4bit_layers(model) if getattr(model, "is_loaded_in_4bit", False) else []:
+    for layer in linear_4bit_layers(model):
         blocksize = getattr(layer.weight.quant_state, "blocksize", 64)
         if layer.in_features % blocksize or layer.out_features % 32:
             layer.support_avx512bf16_for_cpu = False
@@ -923,7 +926,7 @@ def prepare_quantized_for_lora(model, gradient_checkpointing: bool):
     switched off on every 4-bit layer of a model that trains."""
     from peft import prepare_model_for_kbit_training
 
-    for layer in linear_4bit_layers(model) if getattr(model, "is_loaded_in_4bit", False) else []:
+    for layer in linear_4bit_layers(model):
         layer.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 

@@ -775,12 +775,12 @@ def write_summary(ws, plan: Plan, summary: dict, run_info: dict, human: dict, ca
     below = len(rows) + 3
     decision = run_info.get("decision_consistency")
     if decision:  # evaluation.py --decision_classifier: the column's bounds, under the table
+        column = header.index("decision_consistency") + 1 if "decision_consistency" in header else 4
         for k, (name, d) in enumerate((("ceiling (classifier on the reference meta-reviews)", decision["ceiling"]),
                                        (f"floor (majority class '{decision['floor']['class']}')", decision["floor"])),
                                       below):
             ws.cell(k, 1, f"decision_consistency {name}")
             ws.cell(k, header.index("n") + 1, decision["n_labelled"])
-            column = header.index("decision_consistency") + 1 if "decision_consistency" in header else 4
             ws.cell(k, column, round(d["mean"], 4))  # under the systems' column; the interval beside it
             ws.cell(k, column + 1, f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
         ws.cell(below + 2, 1, f"papers with a decision: {decision['n_labelled']}; without (left out): "

@@ -16,10 +16,11 @@ The GRPO defaults are the settings bench/rl_sweep.py found to help without colla
 record shows the settings that collapse it instead.
 
 DPO: ratings simulated by a rule this script knows: S_tuned writes its greedy meta-review and --dpo_samples sampled
-ones at each of --dpo_temperatures for each of --dpo_papers training papers; each is rated 1 + 2 * (ended with EOS) + 2 * (1 - share of repeated 3-grams), rounded,
-and written as evaluation.py's ratings.jsonl and predictions.jsonl; `rl_tune.py --method dpo --workbook ratings.jsonl`
-then trains on the pairs of 75% of the papers and reports the chosen-over-rejected margin on the other 25%, and the
-greedy EOS rate and repetition on validation papers before and after.
+ones at each of --dpo_temperatures for each of --dpo_papers training papers; each is rated
+1 + 2 * (ended with EOS) + 2 * (1 - share of repeated 3-grams), rounded, and written as evaluation.py's
+ratings.jsonl and predictions.jsonl; `rl_tune.py --method dpo --workbook ratings.jsonl` then trains on the pairs
+of 75% of the papers and reports the chosen-over-rejected margin on the other 25%, and the greedy EOS rate and
+repetition on validation papers before and after.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ DEFAULT_LAB = Path("/work/main/outputs/lab")
 def run_grpo(args, lab: Path, work: Path) -> dict:
     import rl_tune
 
-    argv = ["--method", "grpo", "--reward", args.reward, "--length_range", args.length_range, "--model_name_or_path", str(lab / "small_tuned" / "final"),
-            "--dataset_path", str(lab / "data"), "--max_length", "512", "--max_completion_length", "128",
+    argv = ["--method", "grpo", "--reward", args.reward, "--length_range", args.length_range,
+            "--model_name_or_path", str(lab / "small_tuned" / "final"), "--dataset_path", str(lab / "data"),
+            "--max_length", "512", "--max_completion_length", "128",
             "--num_generations", str(args.num_generations), "--per_device_train_batch_size",
             str(args.num_generations * args.prompts_per_step), "--temperature", str(args.temperature),
             "--top_k", str(args.top_k),
@@ -255,7 +257,7 @@ def main() -> None:
                          f"{b.get('accuracy', float('nan')):.3f}", f"{a.get('accuracy', float('nan')):.3f}",
                          f"{a.get('accuracy', 0) - b.get('accuracy', 0):+.3f}"))
         notes.append(f"DPO: {dpo['ratings']} simulated ratings of {dpo['papers']} training papers ({rated_outputs(args)}"
-                     f" each; rating = 1 + 2*EOS + 2*(1 - repetition)) -> "
+                     f" per paper; rating = 1 + 2*EOS + 2*(1 - repetition)) -> "
                      f"{m['train_rows']} training and {m['heldout_pairs']} held-out pairs (held-out papers: 25%); "
                      f"{args.dpo_epochs:g} epochs, lr {args.dpo_lr:g}, beta 0.1; sampling and rating "
                      f"{minutes(dpo['simulate_seconds'])}, rl_tune.py {minutes(dpo['seconds'])} (training "

@@ -30,6 +30,7 @@ from _util import ROOT, record  # noqa: E402
 T02 = dict(length_range="15,60", temperature=0.2, lr=5e-4, beta=0.04, steps=30)  # R1's sampling, a length term added
 SHORT = dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60")  # a range 128 tokens can end inside
 LONG = dict(reward="rouge:2,eos:1,repetition:2,length:2", length_range="40,90", lr=5e-4, beta=0.04)
+DEFAULTS = dict(top_k=0, generations=4, prompts=2)  # rl_lab.py's, unless a configuration says otherwise
 CONFIGS = {
     "R1": dict(reward="rouge:1,eos:1,repetition:1", length_range="20,200", temperature=0.2, lr=5e-4, beta=0.04, steps=30),
     "K": {**T02, "reward": "rouge:1,eos:1,repetition:1,length:1"},
@@ -56,16 +57,16 @@ CONFIGS = {
 def rl_lab_argv(name: str, c: dict, args) -> list[str]:
     argv = [sys.executable, str(ROOT / "bench" / "rl_lab.py"), "--only", "grpo", "--no_record", "--work",
             str(args.work / f"sweep_{name}"), "--reward", c["reward"], "--length_range", c["length_range"],
-            "--temperature", str(c["temperature"]), "--top_k", str(c.get("top_k", 0)), "--grpo_lr", str(c["lr"]),
+            "--temperature", str(c["temperature"]), "--top_k", str(c["top_k"]), "--grpo_lr", str(c["lr"]),
             "--beta", str(c["beta"]), "--grpo_steps", str(c["steps"]), "--num_generations",
-            str(c.get("generations", 4)), "--prompts_per_step", str(c.get("prompts", 2)), "--test_examples",
+            str(c["generations"]), "--prompts_per_step", str(c["prompts"]), "--test_examples",
             str(args.test_examples), "--lab", str(args.lab)]
     return argv + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def describe(c: dict) -> str:
-    sampling = f"T {c['temperature']:g}" + (f", top-k {c['top_k']}" if c.get("top_k") else "")
-    group = f"{c.get('prompts', 2)}x{c.get('generations', 4)}"
+    sampling = f"T {c['temperature']:g}" + (f", top-k {c['top_k']}" if c["top_k"] else "")
+    group = f"{c['prompts']}x{c['generations']}"
     return (f"`{c['reward']}`, length {c['length_range']}; {sampling}; lr {c['lr']:g}, beta {c['beta']:g}, "
             f"{c['steps']} steps of {group}")
 
@@ -85,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     rows, baseline = [], None
     for name in args.only:
-        c = CONFIGS[name]
+        c = {**DEFAULTS, **CONFIGS[name]}
         work = args.work / f"sweep_{name}"
         subprocess.run(rl_lab_argv(name, c, args), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         tuned = json.loads((work / "grpo" / "final" / "metrics.json").read_text())
