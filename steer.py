@@ -461,6 +461,8 @@ def blend_logprobs(
 
         log p~ = log_softmax( c_L * log p_L + c_tuned * log p_S_tuned + c_base * log p_S ),  c = Blend.coefficients
 
+    with the sum formed by mix_logprobs (the small pair's difference first, so that a zero delta is exactly zero).
+
     An input may be None when its coefficient is 0 (the model need not run). With blend = Blend.from_alpha(0)
     the result is log_softmax(logp_large), i.e. L itself.
     """
@@ -473,11 +475,7 @@ def blend_logprobs(
             f"log-prob shapes differ: {shapes}; slice every model's logits to len(tokenizer) (slice_vocab) and "
             "use models that share one tokenizer"
         )
-    c_large, c_tuned, c_base = blend.coefficients
-    # mixed = c_L * log p_L + c_tuned * log p_S_tuned + c_base * log p_S   (c_base < 0: S is subtracted)
-    mixed = add_term(None, c_large, logp_large, "logp_large")
-    mixed = add_term(mixed, c_tuned, logp_tuned, "logp_tuned")
-    mixed = add_term(mixed, c_base, logp_base, "logp_base")  # (..., V)
+    mixed = mix_logprobs(logp_large, logp_tuned, logp_base, blend.coefficients)  # (..., V)
     if mixed is None:  # every weight 0: the uniform distribution
         mixed = torch.zeros_like(next(t for t in (logp_large, logp_tuned, logp_base) if t is not None))
     if blend.has_plausibility_limit:
@@ -487,14 +485,44 @@ def blend_logprobs(
     return torch.log_softmax(mixed, dim=-1)
 
 
-def add_term(mixed: torch.Tensor | None, coefficient: float, logp: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    """mixed + coefficient * logp (in place into `mixed` when there is one: no (B, T, V) temporaries). A zero term is
-    skipped, so that its model need not run and a -inf in its log-probs cannot turn into NaN (0 * -inf)."""
-    if coefficient == 0:
-        return mixed
-    if logp is None:
-        raise ValueError(f"{name} is None but its coefficient in the blend is {coefficient}")
-    return coefficient * logp if mixed is None else mixed.add_(logp, alpha=coefficient)
+def mix_logprobs(
+    logp_large: torch.Tensor | None,
+    logp_tuned: torch.Tensor | None,
+    logp_base: torch.Tensor | None,
+    coefficients: Sequence[float],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The blend before it is normalised, m = c_L * lp_L + c_tuned * lp_tuned + c_base * lp_base, computed as
+
+        m = c_L * lp_L + c_tuned * (lp_tuned - lp_base) + (c_tuned + c_base) * lp_base
+
+    (inputs of one shape, (..., V); the result has it too; None when every coefficient is 0). The order matters in
+    floating point: summed term by term, a delta that is zero in exact arithmetic (S_tuned == S) comes out as +-1 ulp
+    of lp_S, and a near-tie in L's row then flips on one CPU and not on another. Taking the small pair's difference
+    first makes a zero delta exactly zero, and the last term vanishes for every alpha-blend (c_base = -c_tuned), so
+    steering with S_tuned == S gives L's log-probs bit for bit. Every path that blends (decoding, speculative
+    decoding, scoring, --tune's cached rows) comes through here. A zero term is skipped, so that its model need not
+    run and a -inf in its log-probs cannot turn into NaN (0 * -inf). `out`: a buffer of the result's shape to write
+    into.
+    """
+    c_large, c_tuned, c_base = (float(c) for c in coefficients)
+    for name, c, logp in (("logp_large", c_large, logp_large), ("logp_tuned", c_tuned, logp_tuned),
+                          ("logp_base", c_base, logp_base)):
+        if c != 0 and logp is None:
+            raise ValueError(f"{name} is None but its coefficient in the blend is {c}")
+    if c_tuned != 0 and c_base != 0:  # the small pair's difference first (see above)
+        terms = [(c_large, logp_large), (c_tuned, logp_tuned - logp_base), (c_tuned + c_base, logp_base)]
+    else:
+        terms = [(c_large, logp_large), (c_tuned, logp_tuned), (c_base, logp_base)]
+    mixed = None
+    for c, logp in terms:
+        if c == 0:
+            continue
+        if mixed is None:
+            mixed = c * logp if out is None else torch.mul(logp, c, out=out)
+        else:
+            mixed.add_(logp, alpha=c)
+    return mixed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -891,26 +919,22 @@ def blend_nll(cached: dict[str, torch.Tensor], blend: Blend, chunk_rows: int = 3
     if blend.has_plausibility_limit:
         return blend_nll_masked(cached, blend, chunk_rows)
     targets, examples = cached["targets"], cached["example_index"]  # (R,)
-    terms = [(c, cached[f"logprobs/{role}"]) for role, c in zip((LARGE, SMALL_TUNED, SMALL_BASE), blend.coefficients)
-             if c != 0]  # each (coefficient, (R, V) rows)
+    roles = (LARGE, SMALL_TUNED, SMALL_BASE)
+    rows = [cached[f"logprobs/{role}"] if c != 0 else None for role, c in zip(roles, blend.coefficients)]  # (R, V)
     n_rows = targets.shape[0]
-    target_score = torch.zeros(n_rows, dtype=torch.float64, device=targets.device)  # (R,) m(y)
-    for c, rows in terms:
-        target_score += c * rows.gather(1, targets[:, None])[:, 0].double()
-    if not terms:  # every weight 0: uniform over the vocabulary
+    at_target = [r.gather(1, targets[:, None])[:, 0].double() if r is not None else None for r in rows]  # each (R,)
+    target_score = mix_logprobs(*at_target, blend.coefficients)  # (R,) m(y), float64
+    if target_score is None:  # every weight 0: uniform over the vocabulary
+        target_score = torch.zeros(n_rows, dtype=torch.float64, device=targets.device)
         log_z = torch.full((n_rows,), math.log(cached[f"logprobs/{LARGE}"].shape[1]), dtype=torch.float64)
     else:
+        width = next(r for r in rows if r is not None).shape[1]
         log_z = torch.empty(n_rows, dtype=torch.float64, device=targets.device)  # (R,)
-        mixed = torch.empty(min(chunk_rows, n_rows), terms[0][1].shape[1], device=targets.device)  # (r, V) reused
+        mixed = torch.empty(min(chunk_rows, n_rows), width, device=targets.device)  # (r, V) reused
         for start in range(0, n_rows, chunk_rows):
             end = min(start + chunk_rows, n_rows)
-            m = mixed[:end - start]
-            for i, (c, rows) in enumerate(terms):
-                if i == 0:
-                    torch.mul(rows[start:end].float(), c, out=m)
-                else:
-                    m.add_(rows[start:end].float(), alpha=c)
-            log_z[start:end] = torch.logsumexp(m, dim=-1)
+            chunk = [r[start:end].float() if r is not None else None for r in rows]  # each (r, V)
+            log_z[start:end] = torch.logsumexp(mix_logprobs(*chunk, blend.coefficients, out=mixed[:end - start]), -1)
     out = torch.zeros(cached["n_tokens"].shape[0], dtype=torch.float64, device=targets.device)
     return out.index_add_(0, examples, log_z - target_score).cpu()
 
@@ -947,10 +971,10 @@ def blend_nll_derivatives(cached: dict[str, torch.Tensor], coefficients: Sequenc
     c = torch.tensor(list(coefficients), dtype=torch.float64)
     x_target = torch.stack([r.gather(1, targets[:, None])[:, 0] for r in rows], dim=1).double().cpu()  # (R, 3)
     value, grad, hess = -(x_target @ c).sum(), -x_target.sum(0), torch.zeros(3, 3, dtype=torch.float64)
-    c32 = c.to(dtype=torch.float32, device=targets.device)
     for start in range(0, targets.shape[0], chunk_rows):
         x = torch.stack([r[start:start + chunk_rows].float() for r in rows], dim=1)  # (r, 3, V)
-        m = torch.einsum("k,rkv->rv", c32, x)  # (r, V) the blend before normalising
+        m = mix_logprobs(*x.unbind(1), coefficients)  # (r, V) the blend before normalising
+        m = torch.zeros_like(x[:, 0]) if m is None else m  # every coefficient 0: uniform
         log_z = torch.logsumexp(m, dim=-1)  # (r,)
         p = m.sub_(log_z[:, None]).exp_()  # (r, V) the blend's distribution
         mean = torch.bmm(x, p[:, :, None])[..., 0]  # (r, 3) E_p[x]

@@ -676,3 +676,20 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tiny_model_dirs, other_vocab
 def steer_cli(argv):
     """As `python steer.py` runs (common.run_cli): argument errors too end in one line and exit 2."""
     return cli(lambda: main(*parse_config([ModelArguments, SteerArguments, TuneArguments], argv)))()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_zero_delta_is_exactly_zero_on_a_near_tie(seed):
+    """S_tuned == S: the steered log-probs are L's own, bit for bit, even where L's top two differ by one ulp (the
+    blend takes the small pair's difference first; summed term by term, +-1 ulp of lp_S flipped the tie on AVX2)."""
+    g = torch.Generator().manual_seed(seed)
+    logp_large = torch.log_softmax(torch.randn(4, 50, generator=g), -1)  # (B, V)
+    top = logp_large.argmax(-1)
+    runner_up = (top + 1) % 50
+    logp_large[torch.arange(4), runner_up] = torch.nextafter(logp_large[torch.arange(4), top], torch.tensor(-1e9))
+    logp_small = torch.log_softmax(torch.randn(4, 50, generator=g) * 5, -1)
+    alone = blend_logprobs(logp_large, None, None, Blend.from_alpha(0.0))
+    for alpha in (0.5, 1.0, 1.7):
+        steered = blend_logprobs(logp_large, logp_small, logp_small, Blend.from_alpha(alpha))
+        assert torch.equal(steered, alone)
+        assert torch.equal(steered.argmax(-1), top)
