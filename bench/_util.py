@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import stat
 import statistics
 import sys
 import time
@@ -84,9 +85,151 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def record(title: str, table: list[tuple], header: tuple, notes: str = "", results: Path | None = None) -> str:
-    """Append a dated section with a Markdown table to bench/RESULTS.md and return it."""
-    lines = [f"\n## {title} — {dt.datetime.now():%Y-%m-%d %H:%M}", "",
+# The sections of bench/RESULTS.md: one per bench script (its file stem, which is also the section's heading and
+# link anchor, e.g. bench/RESULTS.md#bench_speculative), in this order; a script not listed gets a section at the end.
+BENCH_ORDER = ("bench_steering", "bench_speculative", "bench_fine_tune", "bench_evaluation", "bench_quantized",
+               "bench_decision", "bench_hp_search", "steering_lab", "rl_lab", "rl_sweep", "render_workbook")
+
+PREAMBLE = """# Benchmark results
+
+The latest records of the scripts in `bench/`: one section per script, headed by its name (`## bench_speculative`,
+linkable as `bench/RESULTS.md#bench_speculative`), in a fixed order (`BENCH_ORDER` in `bench/_util.py`). Each record
+(`### <what was measured> — <date>`) is written by its script and never edited by hand. A run replaces the records
+of its section that it measures again (same title, every row of the old table among the new one's) and keeps the
+others, so a section can hold several records: other shapes, settings or stages. Every earlier record is in git:
+`git log -p bench/RESULTS.md`.
+"""
+
+
+def _split_results(text: str) -> tuple[str, list[list[str]]]:
+    """(preamble, sections): each section is its lines (newline-terminated), from its `## ` heading on.
+    Headings inside fenced code blocks are text."""
+    preamble, sections, fence = [], [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fence = not fence
+        if not fence and line.startswith("## "):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+        else:
+            preamble.append(line)
+    return "".join(preamble), sections
+
+
+def _split_section(lines: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(heading and intro lines, records): each record is its lines, from its `### ` heading on."""
+    head, records, fence = [], [], False
+    for line in lines:
+        if line.startswith("```"):
+            fence = not fence
+        if not fence and line.startswith("### "):
+            records.append([line])
+        elif records:
+            records[-1].append(line)
+        else:
+            head.append(line)
+    return head, records
+
+
+def _record_title(lines: list[str]) -> str:
+    """A record's title: its heading without the `### ` and the ` — <date>` the record function adds."""
+    return lines[0][4:].strip().rsplit(" — ", 1)[0]
+
+
+def _row_labels(lines: list[str]) -> set[str]:
+    """The first cells of the rows of a record's first Markdown table (its main table)."""
+    labels, started = set(), False
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not started:
+            if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].strip().startswith("|---"):
+                started = True
+            continue
+        if line.startswith("|---"):
+            continue
+        if not line.startswith("|"):
+            break
+        inner = line[1:-1] if line.endswith("|") else line[1:]
+        labels.add(inner.split(" | ")[0].strip())
+    return labels
+
+
+def _block(lines: list[str]) -> str:
+    """Lines as one block: no blank lines at either end, one newline at the end."""
+    return "".join(lines).strip("\n") + "\n"
+
+
+def _caller_bench() -> str:
+    """The file stem of the script that called record() (bench_speculative for bench/bench_speculative.py)."""
+    frame = sys._getframe(2)
+    while frame is not None and Path(frame.f_code.co_filename).resolve() == Path(__file__).resolve():
+        frame = frame.f_back
+    name = Path(frame.f_code.co_filename).stem if frame is not None else ""
+    if not name or name.startswith("<"):
+        name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    return name or "misc"
+
+
+def place_record(text: str, bench: str, record_text: str) -> str:
+    """The RESULTS.md `text` with `record_text` (a `### ` record) in section `## bench`. The new record replaces
+    the section's records it supersedes (same title, every row label of their main table among its own) at the
+    place of the first of them; with none, it goes at the end of the section. A missing section is made at its
+    place in BENCH_ORDER. Everything else (preamble, other sections, other records) is kept as it is."""
+    preamble, sections = _split_results(text)
+    if not preamble.strip():
+        preamble = PREAMBLE
+    new = record_text.splitlines(keepends=True)
+    title, labels = _record_title(new), _row_labels(new)
+    names = [s[0][3:].strip() for s in sections]
+    if bench not in names:
+        rank = {n: i for i, n in enumerate(BENCH_ORDER)}
+        mine = rank.get(bench, len(BENCH_ORDER))
+        at = next((i for i, n in enumerate(names) if rank.get(n, len(BENCH_ORDER)) > mine), len(sections))
+        sections.insert(at, [f"## {bench}\n", "\n", f"`bench/{bench}.py`.\n"])
+        names.insert(at, bench)
+    index = names.index(bench)
+    head, records = _split_section(sections[index])
+    superseded = [i for i, r in enumerate(records) if _record_title(r) == title and _row_labels(r) <= labels]
+    if superseded:
+        records[superseded[0]] = new
+        records = [r for i, r in enumerate(records) if i not in superseded[1:]]
+    else:
+        records.append(new)
+    blocks = [_block([preamble])]
+    for i, lines in enumerate(sections):
+        blocks.append("\n".join([_block(head)] + [_block(r) for r in records]) if i == index else _block(lines))
+    return "\n".join(blocks)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and os.replace: a reader, or a run killed
+    mid-write, sees the old file or the new one, never half of one. The file keeps its permissions."""
+    import tempfile
+
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record(title: str, table: list[tuple], header: tuple, notes: str = "", results: Path | None = None,
+           bench: str | None = None) -> str:
+    """Write a dated record (`### title — date`, machine, versions, a Markdown table, notes) into the section of its
+    bench script (`## bench`; default: the stem of the calling script's file) of bench/RESULTS.md, or of `results`,
+    replacing the records of that section it supersedes (see place_record), and return the record's text.
+    A missing file is made with the preamble. Runs of two scripts at once take turns (an exclusive lock where
+    the platform has fcntl)."""
+    bench = bench or _caller_bench()
+    lines = [f"### {title} — {dt.datetime.now():%Y-%m-%d %H:%M}", "",
              f"Machine: {machine()}. Versions: {versions()}.", ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -95,9 +238,18 @@ def record(title: str, table: list[tuple], header: tuple, notes: str = "", resul
     if notes:
         lines += ["", notes]
     text = "\n".join(lines) + "\n"
-    path = results or RESULTS
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nWritten by the scripts in `bench/`; never edited by hand.\n")
-    with path.open("a") as f:
-        f.write(text)
-    return text
+    path = Path(results or RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): read, place, replace
+        fcntl = None
+    while True:
+        with path.open("a+", encoding="utf-8") as lock:  # creates a missing file (empty: the preamble is added)
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                if not path.exists() or os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
+                    continue  # another run replaced the file while this one waited: lock the new one
+            old = path.read_text(encoding="utf-8")
+            _write_atomic(path, place_record(old, bench, text))
+            return text

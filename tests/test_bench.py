@@ -59,3 +59,128 @@ def test_bench_decision_ci(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "accuracy - majority (paired) |" in res.stdout and "majority class '" in res.stdout
+
+
+# bench/RESULTS.md keeps the latest records, one `## <script>` section each: record() replaces what a run measures
+# again and keeps everything else. Fast: no models, machine()/versions() stubbed, a tmp RESULTS.md.
+
+def load_bench_util():
+    spec = importlib.util.spec_from_file_location("bench_util_for_tests", ROOT / "bench" / "_util.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def util(tmp_path, monkeypatch):
+    module = load_bench_util()
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(module, "machine", lambda: "test machine")
+    monkeypatch.setattr(module, "versions", lambda: "test versions")
+    return module
+
+
+HEADER = ("what", "value")
+
+
+def sections(text: str) -> list[str]:
+    return [line[3:] for line in text.splitlines() if line.startswith("## ")]
+
+
+def records(text: str) -> list[str]:
+    return [line[4:] for line in text.splitlines() if line.startswith("### ")]
+
+
+def test_record_creates_the_file_with_the_preamble_and_a_section(util):
+    text = util.record("Cost at 410m", [("batch 1", "**1.17**")], HEADER, notes="Some notes.", bench="bench_steering")
+    content = util.RESULTS.read_text()
+    assert content.startswith(util.PREAMBLE)
+    assert "git log -p bench/RESULTS.md" in content
+    assert sections(content) == ["bench_steering"]
+    assert text.startswith("### Cost at 410m — ") and text in content
+    assert "| batch 1 | **1.17** |" in content and content.endswith("Some notes.\n")
+    assert [p.name for p in util.RESULTS.parent.iterdir()] == ["RESULTS.md"]  # no temporary file left behind
+
+
+def test_record_replaces_its_own_record_and_keeps_the_rest(util):
+    util.record("Cost", [("batch 1", "1.0")], HEADER, bench="bench_steering")
+    util.record("Acceptance", [("K = 2", "0.69")], HEADER, bench="bench_speculative")
+    other = util.RESULTS.read_text().split("\n## bench_speculative\n")[1]
+    util.record("Cost", [("batch 1", "2.0")], HEADER, bench="bench_steering")
+    util.record("Cost", [("batch 1", "3.0")], HEADER, bench="bench_steering")
+    content = util.RESULTS.read_text()
+    assert sections(content) == ["bench_steering", "bench_speculative"]
+    assert records(content.split("\n## bench_speculative\n")[0]) and len(records(content)) == 2
+    assert "| batch 1 | 3.0 |" in content and "| batch 1 | 1.0 |" not in content and "| batch 1 | 2.0 |" not in content
+    assert content.split("\n## bench_speculative\n")[1] == other  # another script's section is untouched, byte for byte
+
+
+def test_records_of_other_configurations_or_fewer_rows_are_kept(util):
+    def put(title, rows):
+        util.record(title, [(r, "x") for r in rows], HEADER, bench="bench_speculative")
+
+    put("Cost at 410m/70m", ["410m batch 1", "410m batch 8"])
+    put("Cost at 1.4b/70m", ["1.4b batch 8"])  # another shape: another record
+    put("Cost at 410m/70m", ["410m batch 1"])  # fewer rows: does not replace the full record
+    titles = [t.rsplit(" — ", 1)[0] for t in records(util.RESULTS.read_text())]
+    assert titles == ["Cost at 410m/70m", "Cost at 1.4b/70m", "Cost at 410m/70m"]
+    put("Cost at 410m/70m", ["410m batch 1", "410m batch 8", "410m batch 16"])  # covers both 410m records
+    content = util.RESULTS.read_text()
+    titles = [t.rsplit(" — ", 1)[0] for t in records(content)]
+    assert titles == ["Cost at 410m/70m", "Cost at 1.4b/70m"]  # in the place of the first one it replaced
+    assert "| 410m batch 16 | x |" in content and sections(content) == ["bench_speculative"]
+
+
+def test_sections_follow_the_fixed_order_and_unknown_sections_are_kept(util):
+    util.RESULTS.write_text(util.PREAMBLE + "\n## someone_elses_notes\n\nKept as it is.\n")
+    util.record("RL", [("S_grpo", "1")], HEADER, bench="rl_lab")
+    util.record("Steering", [("batch 1", "1")], HEADER, bench="bench_steering")
+    util.record("Lab", [("S", "1")], HEADER, bench="steering_lab")
+    util.record("New", [("a", "1")], HEADER, bench="bench_not_listed")
+    content = util.RESULTS.read_text()
+    assert sections(content) == ["bench_steering", "steering_lab", "rl_lab", "someone_elses_notes", "bench_not_listed"]
+    assert "## someone_elses_notes\n\nKept as it is.\n" in content
+    order = util.BENCH_ORDER
+    assert order.index("bench_steering") < order.index("steering_lab") < order.index("rl_lab")
+
+
+def test_section_intro_and_code_blocks_survive_a_replacement(util):
+    notes = "Blends:\n\n```text\n## not a heading\n### nor this\n```\n\nEnd."
+    util.record("Lab", [("S", "1")], HEADER, notes=notes, bench="steering_lab")
+    content = util.RESULTS.read_text().replace("`bench/steering_lab.py`.", "`bench/steering_lab.py`: the lab.")
+    util.RESULTS.write_text(content)
+    util.record("Lab", [("S", "2")], HEADER, notes=notes, bench="steering_lab")
+    content = util.RESULTS.read_text()
+    assert [part[0] for part in util._split_results(content)[1]] == ["## steering_lab\n"]  # fenced lines are text
+    assert content.count("### Lab — ") == 1 and "| S | 2 |" in content and "| S | 1 |" not in content
+    assert "`bench/steering_lab.py`: the lab." in content and content.count("```text\n## not a heading\n") == 1
+
+
+def test_record_names_the_section_after_the_calling_script_and_keeps_the_old_signature(util, tmp_path):
+    results = tmp_path / "elsewhere" / "RESULTS.md"  # the `results=` argument, as steering_lab passes it
+    util.record("Positional", [("row", 1)], ("what", "n"), "notes", results)
+    assert sections(results.read_text()) == ["test_bench"]  # this file's stem
+    assert not util.RESULTS.exists()
+
+
+def test_record_keeps_the_file_permissions(util):
+    util.record("A", [("r", 1)], HEADER, bench="bench_steering")
+    util.RESULTS.chmod(0o640)
+    util.record("A", [("r", 2)], HEADER, bench="bench_steering")
+    assert util.RESULTS.stat().st_mode & 0o777 == 0o640
+
+
+def test_results_md_has_one_section_per_script_in_the_fixed_order():
+    util = load_bench_util()
+    content = (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    names = sections(content)
+    assert content.startswith("# Benchmark results\n") and "git log -p bench/RESULTS.md" in content.split("\n## ")[0]
+    assert len(names) == len(set(names)) and names
+    assert names == [n for n in util.BENCH_ORDER if n in names]  # every section is a listed script, in order
+    assert all((ROOT / "bench" / f"{n}.py").is_file() for n in util.BENCH_ORDER)
+    assert all(" — " in r for r in records(content))
+    # Replacing one record leaves every other line of the file as it is.
+    lab = next(p for p in util._split_results(content)[1] if p[0] == "## steering_lab\n")
+    recs = util._split_section(lab)[1]
+    again = util.place_record(content, "steering_lab", "".join(recs[-1]))
+    assert again == content
