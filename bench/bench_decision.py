@@ -27,6 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, record  # noqa: E402
 
+import fine_tune
+import processing_meta_review
+from proxytune.evaluation.scores import decision_consistency
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.statistics import bootstrap_interval, resample_indices
+from proxytune.task.arguments import ProcessingArguments
+from proxytune.training import classification as classify
+from proxytune.training.arguments import parse_args
+
 SHARED = ROOT.parent / "shared"
 MRED = SHARED / "data" / "meta_review" / "mred_val_longest.jsonl"
 PYTHIA_TOKENIZER = SHARED / "tokenizers" / "pythia"
@@ -69,11 +78,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import classify
-    import evaluation
-    import fine_tune
-    import processing_meta_review
-    from common import parse_config
 
     has_lab = (args.lab / "large" / "final").is_dir() and (args.lab / "tokenizer").is_dir()
     if args.ci or not has_lab:
@@ -86,7 +90,7 @@ def main() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         data = tmp / "data"
-        processing_meta_review.main(*parse_config([processing_meta_review.ProcessingArguments], [
+        processing_meta_review.main(*parse_config([ProcessingArguments], [
             "--dataset_name", str(MRED), "--tokenizer_name", str(tokenizer), *LAB_PROCESSING,
             "--output_dir", str(data)]))
         model = (["--model_name_or_path", str(args.lab / "large" / "final")] if args.init == "lab" else
@@ -94,7 +98,7 @@ def main() -> None:
                   "max_position_embeddings=512" if args.ci else L_SHAPE])
         small = ["--max_train_samples", "48"] if args.ci else []
         epochs = 1.0 if args.ci else args.epochs
-        result = fine_tune.main(*fine_tune.parse_args([
+        result = fine_tune.main(*parse_args([
             *model, "--tokenizer_name", str(tokenizer), "--dataset_path", str(data), "--task", "classification",
             "--label_column", "decision", "--classification_input", "meta_review", "--class_weights", "balanced",
             "--max_length", str(args.max_length), "--num_train_epochs", str(epochs),
@@ -117,12 +121,12 @@ def main() -> None:
         truth = list(test["decision"])
         counts = info["train_label_counts"]
         majority = max(counts, key=counts.get)
-        idx = evaluation.resample_indices(len(truth), args.bootstrap_samples, 42)
+        idx = resample_indices(len(truth), args.bootstrap_samples, 42)
         hit = np.array([float(s == t) for s, t in zip(said, truth)])
         base = np.array([float(t == majority) for t in truth])
         conf = 0.95
-        acc = evaluation.bootstrap_interval(lambda ix: hit[ix].mean(-1), idx, conf)
-        margin = evaluation.bootstrap_interval(lambda ix: (hit - base)[ix].mean(-1), idx, conf)
+        acc = bootstrap_interval(lambda ix: hit[ix].mean(-1), idx, conf)
+        margin = bootstrap_interval(lambda ix: (hit - base)[ix].mean(-1), idx, conf)
         if abs(acc["mean"] - m["test_accuracy"]) > 1e-9:  # classify.predict and the Trainer batch differently
             print(f"warning: predict() gives accuracy {acc['mean']:.4f}, the Trainer {m['test_accuracy']:.4f}")
         beats = margin["ci_low"] > 0
@@ -176,7 +180,7 @@ def main() -> None:
                 sys.exit(f"{system}: the lab evaluated {len(ids)} of the {len(order)} test papers")
             predicted[system] = classify.predict(clf, clf_tok, info, [by_id[eid]["prediction"] for eid in order])
         references = said
-        result = evaluation.decision_consistency(predicted, references, truth, info, idx, conf)
+        result = decision_consistency(predicted, references, truth, info, idx, conf)
         for system, s in result["systems"].items():
             rows.append((system, len(order), f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
                          f"{sum(p == majority for p in predicted[system]) / len(order):.2f}"))

@@ -1,4 +1,4 @@
-"""Evaluation generation throughput, side by side in one run: `evaluation.generate` in left-padded batches of 8
+"""Evaluation generation throughput, side by side in one run: `generate` in left-padded batches of 8
 vs the same examples one at a time (batch 1, same settings). Random weights with the real Pythia-70m shape, the
 real Pythia tokenizer and real prompts (MReD validation rows with the longest reviews), built by evaluation.py's
 own helpers (load_examples, select_examples, build_inputs, resolve_decoding).
@@ -30,11 +30,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, TOKENIZER_VOCAB, random_model, record  # noqa: E402
 
+from proxytune.evaluation import generation
+from proxytune.evaluation.arguments import GenerationArguments
+from proxytune.evaluation.generation import build_inputs, generate
+from proxytune.evaluation.systems import resolve_decoding
+from proxytune.models.loading import load_tokenizer
+from proxytune.steering.decoding import model_context
+from proxytune.task.papers import DataArguments, load_examples, select_examples
+
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "meta_review" / "mred_val_longest.jsonl"
 TOKENIZER = SHARED / "tokenizers" / "pythia"
-SYSTEM = "small_base"  # any single-model system; evaluation.generate treats them alike
-# An id among the output matrix's padding rows, which evaluation.generate_batch suppresses: used as EOS it can
+SYSTEM = "small_base"  # any single-model system; generate treats them alike
+# An id among the output matrix's padding rows, which generate_batch suppresses: used as EOS it can
 # never be emitted, so both runs decode exactly --new_tokens tokens for every example (random weights would
 # otherwise stop at EOS at different steps and the comparison would not be like for like).
 NEVER_EOS = TOKENIZER_VOCAB + 10
@@ -57,23 +65,19 @@ class NeverStoppingTokenizer:
 
 def load_prompts(tokenizer, model, n_examples: int, new_tokens: int, max_length: int, seed: int) -> list[dict]:
     """The examples evaluation.py would generate for: same sample, same prompt budget, same prompt ids."""
-    import evaluation
-    from steer import model_context
 
-    rows = evaluation.load_examples(evaluation.DataArguments(dataset_path=str(DATA), split="validation"))
-    examples = [rows[i] for i in evaluation.select_examples(len(rows), n_examples, seed)]
+    rows = load_examples(DataArguments(dataset_path=str(DATA), split="validation"))
+    examples = [rows[i] for i in select_examples(len(rows), n_examples, seed)]
     context = min(model_context({SYSTEM: model}), max_length)
-    evaluation.build_inputs(examples, tokenizer, context - new_tokens, context)
+    build_inputs(examples, tokenizer, context - new_tokens, context)
     return examples
 
 
 @contextmanager
 def counting_padding():
-    """Count the pad positions of every batch evaluation.generate builds (it calls steer.left_pad per batch)."""
-    import steer
-
+    """Count the pad positions of every batch evaluation's generate builds (it calls left_pad per batch)."""
     counts = {"pad": 0, "total": 0}
-    left_pad = steer.left_pad
+    left_pad = generation.left_pad
 
     def counted(seqs, pad_token_id):
         ids, mask = left_pad(seqs, pad_token_id)  # (B, T) each
@@ -81,17 +85,16 @@ def counting_padding():
         counts["total"] += mask.numel()
         return ids, mask
 
-    steer.left_pad = counted
+    generation.left_pad = counted
     try:
         yield counts
     finally:
-        steer.left_pad = left_pad
+        generation.left_pad = left_pad
 
 
 def generate_all(model, examples: list[dict], tokenizer, settings: dict, batch_size: int, seed: int) -> list[dict]:
-    import evaluation
 
-    return evaluation.generate(SYSTEM, examples, {SYSTEM: model}, None, settings, tokenizer, batch_size, seed)
+    return generate(SYSTEM, examples, {SYSTEM: model}, None, settings, tokenizer, batch_size, seed)
 
 
 def bench_generation(model, examples, tokenizer, settings: dict, batch: int, repeats: int, seed: int) -> dict:
@@ -168,23 +171,20 @@ def main() -> None:
     if args.ci:
         args.shape, args.examples, args.new_tokens, args.max_length, args.repeats = "tiny", 4, 4, 256, 1
     if args.new_tokens is None:
-        import evaluation
 
-        args.new_tokens = evaluation.GenerationArguments().max_new_tokens
+        args.new_tokens = GenerationArguments().max_new_tokens
     if not (DATA.is_file() and TOKENIZER.is_dir()):
         sys.exit(f"needs the real data and tokenizer: {DATA} and {TOKENIZER} (../shared beside the repo)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import evaluation
-    from common import load_tokenizer
 
     tokenizer = load_tokenizer(str(TOKENIZER), padding_side="left")
-    tokenizer.model_max_length = int(1e30)  # as evaluation.load_models: reviews are measured whole, then cut
+    tokenizer.model_max_length = int(1e30)  # as load_models: reviews are measured whole, then cut
     model = random_model(args.shape)
     examples = load_prompts(tokenizer, model, args.examples, args.new_tokens, args.max_length, args.seed)
     never_stopping = NeverStoppingTokenizer(tokenizer)
-    settings = evaluation.resolve_decoding(evaluation.GenerationArguments(max_new_tokens=args.new_tokens),
+    settings = resolve_decoding(GenerationArguments(max_new_tokens=args.new_tokens),
                                            [SYSTEM])[SYSTEM]  # greedy, no penalties: evaluation.py's defaults
     prefill = {**settings, "max_new_tokens": 1}
 
@@ -224,9 +224,9 @@ def main() -> None:
               "target")
     title = (f"Evaluation generation: {args.shape} shape, batch {args.batch} vs 1, {n} real prompts, "
              f"{args.new_tokens} new tokens, greedy")
-    notes = ("Both sides call `evaluation.generate` (HF `generate`, static KV cache, greedy, left padding, longest "
+    notes = ("Both sides call `generate` (HF `generate`, static KV cache, greedy, left padding, longest "
              "prompts first; at batch > 1 on CPU the prompts run row by row into one batched cache, "
-             "`steer.prefill_rows`) on the same examples built by `evaluation.build_inputs`; only `batch_size` "
+             "`prefill_rows`) on the same examples built by `build_inputs`; only `batch_size` "
              "differs. Random "
              f"weights, so EOS is swapped for id {NEVER_EOS}, a suppressed padding row of the output matrix: every "
              f"example gets exactly {args.new_tokens} new tokens on both sides (checked). Median of "

@@ -31,7 +31,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import ROOT, random_model, record  # noqa: E402
+from _util import ROOT, random_model, record, timeit  # noqa: E402
+
+from proxytune.models.loading import load_tokenizer
+from proxytune.task.arguments import ProcessingArguments
+from proxytune.task.processing import tokenize_example
+from proxytune.task.reviews import clean_rows
+from proxytune.task.sources import load_raw_dataset
+from proxytune.training.arguments import FineTuneTrainingArguments
+from proxytune.training.data import CausalLMCollator, PreparedData, to_training_features
+from proxytune.training.tasks import build_trainer
 
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "meta_review" / "mred_val_longest.jsonl"
@@ -58,8 +67,6 @@ def load_examples(n_examples: int, max_length: int) -> list[dict]:
     """The first `n_examples` rows of DATA (file order) that fit `max_length`, made by processing_meta_review.py's
     own functions as fine_tune.py's data is: cleaned, prompt = the reviews cut to fit, ids = prompt + " " +
     meta-review + EOS. (Rows whose meta-review alone exceeds max_length are skipped, as processing drops them.)"""
-    from common import load_tokenizer
-    from processing_meta_review import ProcessingArguments, clean_rows, load_raw_dataset, tokenize_example
 
     tokenizer = load_tokenizer(str(TOKENIZER))
     tokenizer.model_max_length = int(1e30)  # long reviews are measured whole before they are cut, as processing does
@@ -82,17 +89,16 @@ def load_examples(n_examples: int, max_length: int) -> list[dict]:
 def project_features(rows: list[dict]):
     """fine_tune.py's training features (input_ids, labels with the prompt masked, length)."""
     import datasets
-    import fine_tune
+
 
     split = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "prompt_length": r["prompt_length"]}
                                         for r in rows])
-    return fine_tune.to_training_features(split, "meta_review")
+    return to_training_features(split, "meta_review")
 
 
 def project_args(out: str, batch: int, steps: int, sampling: str):
-    import fine_tune
 
-    return fine_tune.FineTuneTrainingArguments(
+    return FineTuneTrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LEARNING_RATE,
         lr_scheduler_type=LR_SCHEDULER, warmup_steps=WARMUP, eval_strategy="no", save_strategy="no",
         report_to="none", seed=SEED, train_sampling_strategy=sampling, disable_tqdm=True,
@@ -101,10 +107,9 @@ def project_args(out: str, batch: int, steps: int, sampling: str):
 
 def build_ours(model, tokenizer, rows, out, batch, steps, max_length):
     """fine_tune.build_trainer itself: LMTrainer, CausalLMCollator, length-grouped sampler."""
-    import fine_tune
 
-    data = fine_tune.PreparedData(project_features(rows), project_features(rows[:0]), [], "meta_review", "bench")
-    return fine_tune.build_trainer(model, tokenizer, data, project_args(out, batch, steps, "group_by_length"))
+    data = PreparedData(project_features(rows), project_features(rows[:0]), [], "meta_review", "bench")
+    return build_trainer(model, tokenizer, data, project_args(out, batch, steps, "group_by_length"))
 
 
 def build_padded(model, tokenizer, rows, out, batch, steps, max_length):
@@ -113,10 +118,9 @@ def build_padded(model, tokenizer, rows, out, batch, steps, max_length):
     the full (B, max_length, V) logits (LMTrainer's base class, without trim_to_label_logits)."""
     from transformers import Trainer
 
-    import fine_tune
 
     return Trainer(model=model, args=project_args(out, batch, steps, "random"),
-                   data_collator=fine_tune.CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=max_length),
+                   data_collator=CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=max_length),
                    train_dataset=project_features(rows), processing_class=tokenizer)
 
 
@@ -196,7 +200,6 @@ def run_one(system: str, rows: list[dict], shape: str, batch: int, steps: int, m
     """Warm up one step, then time `steps` steps over all rows (one epoch), on a fresh seeded model."""
     import torch
 
-    from common import load_tokenizer
 
     tokenizer = load_tokenizer(str(TOKENIZER))
     model = random_model(shape, seed=SEED).train()
@@ -251,8 +254,6 @@ def run_system(system: str, rows: list[dict], args, tmp: Path) -> dict:
 def bf16_matmul_slowdown() -> float:
     """How much slower a (16, 512) x (512, 50,304) matmul (an LM head's shape) is in bf16 than in fp32 here."""
     import torch
-
-    from _util import timeit
 
     a, w = torch.randn(16, 512), torch.randn(512, 50304)
     a16, w16 = a.bfloat16(), w.bfloat16()

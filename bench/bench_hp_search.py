@@ -24,6 +24,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, record  # noqa: E402
+from steering_lab import PROFILES
+
+import fine_tune
+import processing_meta_review
+from proxytune.foundation.config import parse_config
+from proxytune.task.arguments import ProcessingArguments
+from proxytune.training.arguments import parse_args
 
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared"
@@ -33,7 +40,6 @@ TOKENIZER = SHARED / "tokenizers" / "pythia"
 
 def lab_settings() -> dict:
     """The lab's S_tuned settings (profile `full`), read from steering_lab.py rather than copied."""
-    from steering_lab import PROFILES
 
     p = PROFILES["full"]
     return {"max_length": p.max_length, "batch": p.finetune_batch, "lr": p.finetune_lr_small, "shape": p.small,
@@ -54,9 +60,6 @@ def main() -> None:
     if not (MRED.is_file() and TOKENIZER.is_dir()):
         sys.exit(f"needs {MRED} and {TOKENIZER} (../shared beside the repo)")
 
-    import fine_tune
-    import processing_meta_review
-    from common import parse_config
 
     lab = lab_settings()
     args.epochs = args.epochs or lab["epochs"]
@@ -69,13 +72,13 @@ def main() -> None:
         tmp = Path(tmp)
         data = tmp / "data"
         t0 = time.perf_counter()
-        processing_meta_review.main(*parse_config([processing_meta_review.ProcessingArguments], [
+        processing_meta_review.main(*parse_config([ProcessingArguments], [
             "--dataset_name", str(MRED), "--tokenizer_name", str(TOKENIZER), "--max_length", str(lab["max_length"]),
             "--output_dir", str(data)]))
         space = tmp / "space.yaml"
         space.write_text(yaml.safe_dump({"parameters": {"learning_rate": rates, "epochs": args.epochs}}))
         out = tmp / "search"
-        result = fine_tune.main(*fine_tune.parse_args([
+        result = fine_tune.main(*parse_args([
             "--config_name", "pythia-14m", "--config_overrides", ",".join(f"{k}={v}" for k, v in shape.items()),
             "--tokenizer_name", str(TOKENIZER), "--dataset_path", str(data), "--max_length", str(lab["max_length"]),
             "--per_device_train_batch_size", str(lab["batch"]), "--per_device_eval_batch_size", "8",

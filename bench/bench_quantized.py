@@ -31,6 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, TOKENIZER_VOCAB, random_model, record  # noqa: E402
 
+from proxytune.models.loading import load_causal_lm, load_tokenizer
+from proxytune.models.quantization import linear_4bit_layers
+from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend
+from proxytune.steering.decoding import steered_generate
+from proxytune.steering.scoring import blend_nll, per_token_nll, score_targets
+from proxytune.task.prompts import encode_target, render_prompt
+from proxytune.task.sources import load_saved_split
+
 SETTINGS = {  # name -> (dtype, bits, keep bitsandbytes' CPU bfloat16 kernel)
     "float32": ("float32", None, True),
     "bfloat16": ("bfloat16", None, True),
@@ -51,7 +59,6 @@ def quantisable_share(model) -> tuple[int, int]:
 
 
 def load_large(path: str, setting: str):
-    from common import linear_4bit_layers, load_causal_lm
 
     dtype, bits, fused = SETTINGS[setting]
     model = load_causal_lm(path, dtype=dtype, device="cpu", quantize=bits)
@@ -71,7 +78,6 @@ def child(args) -> None:
 
 
 def measure_setting(large_dir: str, setting: str, args) -> dict:
-    from steer import Blend, steered_generate
 
     started = time.perf_counter()
     large = load_large(large_dir, setting)
@@ -120,7 +126,6 @@ def measure_costs(args) -> list[dict]:
 # 2. Quality on the lab's models
 # ---------------------------------------------------------------------------------------------
 def lab_blends(lab: Path) -> dict:
-    from steer import Blend
 
     blends = {"proxy-tuning, alpha=1": Blend.from_alpha(1.0)}
     report = lab / "steer" / "tune_report.json"
@@ -133,9 +138,6 @@ def lab_blends(lab: Path) -> dict:
 
 
 def measure_quality(args) -> list[dict]:
-    from common import load_causal_lm, load_tokenizer
-    from processing_meta_review import load_saved_split
-    from steer import LARGE, SMALL_BASE, SMALL_TUNED, blend_nll, per_token_nll, score_targets
 
     lab = Path(args.lab)
     tokenizer = load_tokenizer(str(lab / "tokenizer"))
@@ -171,7 +173,7 @@ def ci_lab(tmp: Path) -> Path:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_rows, make_tiny_model, train_tiny_tokenizer
-    from common import encode_target, load_tokenizer, render_prompt
+
 
     tok_dir = train_tiny_tokenizer(tmp / "tokenizer")
     tokenizer = load_tokenizer(str(tok_dir))

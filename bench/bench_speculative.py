@@ -33,8 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, TOKENIZER_VOCAB, random_model, record, timeit  # noqa: E402
 
-from speculative import DEFAULT_DRAFT_TOKENS, BatchCache, SpeculativeStats, speculative_generate  # noqa: E402
-from steer import Blend, left_pad, steered_generate  # noqa: E402
+from proxytune.models.loading import load_causal_lm, load_tokenizer
+from proxytune.steering import speculative
+from proxytune.steering.blend import Blend
+from proxytune.steering.decoding import left_pad, steered_generate
+from proxytune.steering.speculative import DEFAULT_DRAFT_TOKENS, BatchCache, SpeculativeStats, speculative_generate
+from proxytune.task.sources import load_saved_split
 
 LAB = ROOT / "outputs" / "lab"
 NEVER_EOS = TOKENIZER_VOCAB + 10  # an id past the sliced vocabulary: every run decodes exactly N tokens
@@ -45,8 +49,6 @@ DRAFT_HEAVY = Blend(large_weight=1e-3, tuned_weight=1.0, base_weight=1e-3)
 # 1. Acceptance on the lab's models
 # ---------------------------------------------------------------------------------------------
 def load_lab(n_prompts: int, new_tokens: int):
-    from common import load_causal_lm, load_tokenizer
-    from processing_meta_review import load_saved_split
 
     models = [load_causal_lm(str(LAB / name / "final"), dtype="float32", device="cpu")
               for name in ("large", "small", "small_tuned")]
@@ -184,7 +186,6 @@ class Replay:
 @contextlib.contextmanager
 def replaying(accepted: list[int]):
     """A context in which speculative rounds keep the replayed counts of drafts (RoundDecoder.accepts)."""
-    import speculative
 
     replay, real = Replay(accepted), speculative.RoundDecoder.accepts
     speculative.RoundDecoder.accepts = lambda decoder, row, j, p, q, token: replay(decoder, row, j, p, q, token)

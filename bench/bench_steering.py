@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import PYTHIA_VOCAB, TOKENIZER_VOCAB, random_model, record, timeit  # noqa: E402
 
-from steer import Blend, score_targets, steered_generate  # noqa: E402
+from proxytune.steering.blend import Blend
+from proxytune.steering.decoding import steered_generate
+from proxytune.steering.scoring import score_targets
 
 # An id past the sliced vocabulary: neither system can emit it, so every run decodes exactly N tokens.
 NEVER_EOS = TOKENIZER_VOCAB + 10

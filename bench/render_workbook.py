@@ -26,6 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT  # noqa: E402
 
+from proxytune.evaluation.scores import score_records, summarize
+from proxytune.task.reviews import clean_text
+from proxytune.workbook.writer import BookOptions, write_workbook
+
 DATA = ROOT.parent / "shared" / "data" / "meta_review" / "mred_val_longest.jsonl"
 SYSTEMS = ("small_base", "small_tuned", "large", "steered")
 FALLBACK = [
@@ -44,7 +48,6 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 def load_papers(n: int) -> list[dict]:
     """n papers with their reviews (MReD's <sep> marks become blank lines, as processing_meta_review.py does)."""
-    from processing_meta_review import clean_text
 
     rows = [json.loads(line) for line in DATA.open(encoding="utf-8")][:n] if DATA.is_file() else \
         [FALLBACK[i % len(FALLBACK)] for i in range(n)]
@@ -72,8 +75,6 @@ def build_book(path: Path, n_papers: int, seed: int = 0) -> None:
     """Write the book, type ratings and choices as a reviewer would, and write it again around them."""
     from openpyxl import load_workbook
 
-    import evaluation
-    from workbook import BookOptions, write_workbook
 
     papers = load_papers(n_papers)
     outputs = stand_in_outputs(papers)
@@ -81,8 +82,8 @@ def build_book(path: Path, n_papers: int, seed: int = 0) -> None:
                  "prompt_truncated": False} for i, p in enumerate(papers)]
     records = [{"example_id": e["example_id"], "system": s, "prediction": outputs[s][i], "ended_with_eos": True,
                 "new_tokens": len(outputs[s][i].split()) * 4 // 3} for s in SYSTEMS for i, e in enumerate(examples)]
-    evaluation.score_records(records, {e["example_id"]: e["reference"] for e in examples}, 3)
-    summary = evaluation.summarize(records, list(SYSTEMS), len(examples), 200, 0.95, seed)
+    score_records(records, {e["example_id"]: e["reference"] for e in examples}, 3)
+    summary = summarize(records, list(SYSTEMS), len(examples), 200, 0.95, seed)
     run_info = {"date": "2026-01-01T00:00:00+00:00", "dataset_path": str(DATA if DATA.is_file() else "built-in"),
                 "n_examples": len(examples), "seed": seed, "compute_perplexity": False, "confidence": 0.95,
                 "bootstrap_samples": 200,

@@ -37,11 +37,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, record  # noqa: E402
 
+import rl_tune
+from proxytune.evaluation.generation import cut_at_eos
+from proxytune.models.loading import load_causal_lm, load_tokenizer
+from proxytune.preference.arguments import parse_args
+from proxytune.task.papers import load_papers, select_examples
+from proxytune.task.prompts import build_prompt
+from proxytune.task.text_metrics import repetition_rate
+
 DEFAULT_LAB = Path("/work/main/outputs/lab")
 
 
 def run_grpo(args, lab: Path, work: Path) -> dict:
-    import rl_tune
 
     argv = ["--method", "grpo", "--reward", args.reward, "--length_range", args.length_range,
             "--model_name_or_path", str(lab / "small_tuned" / "final"), "--dataset_path", str(lab / "data"),
@@ -54,7 +61,7 @@ def run_grpo(args, lab: Path, work: Path) -> dict:
             "--logging_steps", "5", "--save_steps", "10", "--seed", "42", "--report_to", "none", "--disable_tqdm",
             "true", "--output_dir", str(work / "grpo")]
     t0 = time.perf_counter()
-    result = rl_tune.main(*rl_tune.parse_args(argv))
+    result = rl_tune.main(*parse_args(argv))
     return {"metrics": result["metrics"], "final": result["final_dir"], "argv": argv,
             "seconds": stage_seconds(work / "grpo", result["status"] == "trained", time.perf_counter() - t0)}
 
@@ -102,9 +109,6 @@ def simulate_ratings(args, lab: Path, out: Path) -> tuple[int, int]:
     """Sampled outputs of S_tuned on training papers, rated by the known rule; (ratings, papers) written."""
     import torch
 
-    from common import build_prompt, load_causal_lm, load_tokenizer
-    from evaluation import cut_at_eos, repetition_rate, select_examples
-    from rl_tune import load_papers
 
     out.mkdir(parents=True, exist_ok=True)
     if (out / "ratings.jsonl").is_file():
@@ -152,7 +156,6 @@ def rated_outputs(args) -> str:
 
 
 def run_dpo(args, lab: Path, work: Path) -> dict:
-    import rl_tune
 
     t0 = time.perf_counter()
     ran = not (work / "dpo_ratings" / "ratings.jsonl").is_file()
@@ -167,7 +170,7 @@ def run_dpo(args, lab: Path, work: Path) -> dict:
     if args.ci:
         argv += ["--max_steps", "3", "--min_pairs", "2"]
     t1 = time.perf_counter()
-    result = rl_tune.main(*rl_tune.parse_args(argv))
+    result = rl_tune.main(*parse_args(argv))
     return {"metrics": result["metrics"], "simulate_seconds": t_sim, "ratings": n_ratings, "papers": n_papers,
             "seconds": stage_seconds(work / "dpo", result["status"] == "trained", time.perf_counter() - t1)}
 

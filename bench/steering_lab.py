@@ -52,8 +52,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import ROOT, record  # noqa: E402
 
-from common import (UsageError, default_device, first_line, parse_config, run_cli, setup_logging,  # noqa: E402
-                    write_json)
+from proxytune.evaluation.arguments import ARGUMENT_TYPES
+from proxytune.evaluation.generation import build_inputs
+from proxytune.foundation.cli import run_cli, setup_logging
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.errors import UsageError, first_line
+from proxytune.foundation.outputs import write_json
+from proxytune.models.loading import default_device, load_causal_lm, load_tokenizer, vocab_size_of
+from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend
+from proxytune.steering.decoding import model_context
+from proxytune.steering.scoring import blend_nll, score_targets
+from proxytune.steering.tuning import format_report
+from proxytune.task.arguments import ProcessingArguments
+from proxytune.task.papers import load_examples, select_examples
+from proxytune.task.processing import split_rows
+from proxytune.task.reviews import clean_rows, resolve_columns
+from proxytune.task.sources import FILE_FORMATS, SPLIT_PRIORITY, load_raw_dataset, normalise_splits
 
 logger = logging.getLogger("steering_lab")
 
@@ -424,7 +438,6 @@ def read_corpus(source: str, column: str) -> list[str]:
     every split of a Hub dataset, in order."""
     import datasets
 
-    from processing_meta_review import FILE_FORMATS
 
     path = Path(source)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
@@ -494,8 +507,6 @@ def processing_arguments(lab: Lab, tokenizer_dir: str | None = None) -> list[str
 def train_split_texts(lab: Lab) -> list[str]:
     """Reviews and meta-reviews of the papers processing_meta_review.py will put in the TRAIN split, found with its
     own cleaning and splitting helpers, so that the tokenizer never sees a validation or test paper."""
-    from processing_meta_review import (SPLIT_PRIORITY, ProcessingArguments, clean_rows, load_raw_dataset,
-                                        normalise_splits, resolve_columns, split_rows)
 
     (pargs,) = parse_config([ProcessingArguments], processing_arguments(lab, tokenizer_dir="unused"))
     raw = normalise_splits(load_raw_dataset(pargs))
@@ -621,7 +632,6 @@ def tune_arguments(lab: Lab) -> list[str]:
 
 def tune_blend(lab: Lab) -> None:
     """steer.py --tune, then one blend file per tuned system (the tuned blend and the baselines' optima)."""
-    import steer
 
     run_script(lab, "steer", tune_arguments(lab))
     report = json.loads(lab.path("steer", "tune_report.json").read_text(encoding="utf-8"))
@@ -632,7 +642,7 @@ def tune_blend(lab: Lab) -> None:
         if entry not in report["entries"]:
             raise UsageError(f"steer.py's tune report has no entry '{entry}' (entries: {', '.join(report['entries'])})"
                              "; update TUNED_ENTRIES in bench/steering_lab.py")
-        steer.Blend(**report["entries"][entry]["blend"]).save(blends / f"{run}.json")
+        Blend(**report["entries"][entry]["blend"]).save(blends / f"{run}.json")
     write_json(blends / "done.json", {"runs": list(TUNED_ENTRIES)})
 
 
@@ -681,32 +691,29 @@ def score_alpha_curve(lab: Lab) -> None:
 
     The prompts and references are built by evaluation.py's own helpers with its budget, so alpha = 1 must
     reproduce evaluation.py's steered perplexity; each chunk of papers is scored once per model by
-    steer.score_targets and every alpha re-blends the cached rows (steer.blend_nll)."""
-    import evaluation
-    import steer
+    score_targets and every alpha re-blends the cached rows (blend_nll)."""
 
-    from common import load_causal_lm, load_tokenizer, vocab_size_of
 
     p = lab.profile
-    (_, data_args, _, _) = parse_config(evaluation.ARGUMENT_TYPES, evaluation_data(lab))
-    rows = evaluation.load_examples(data_args)
-    examples = [rows[i] for i in evaluation.select_examples(len(rows), data_args.num_examples, data_args.seed)]
-    roles = {steer.LARGE: "large", steer.SMALL_TUNED: "small_tuned", steer.SMALL_BASE: "small"}
+    (_, data_args, _, _) = parse_config(ARGUMENT_TYPES, evaluation_data(lab))
+    rows = load_examples(data_args)
+    examples = [rows[i] for i in select_examples(len(rows), data_args.num_examples, data_args.seed)]
+    roles = {LARGE: "large", SMALL_TUNED: "small_tuned", SMALL_BASE: "small"}
     models = {role: load_causal_lm(lab.model(name), device=lab.device) for role, name in roles.items()}
     tokenizer = load_tokenizer(lab.model("large"), padding_side="left")
     tokenizer.model_max_length = int(1e30)
-    context = min(steer.model_context(models), data_args.max_length)
-    evaluation.build_inputs(examples, tokenizer, context - p.max_new_tokens, context)
+    context = min(model_context(models), data_args.max_length)
+    build_inputs(examples, tokenizer, context - p.max_new_tokens, context)
     nll = {a: [] for a in p.alphas}
     chunk = 16  # papers per scoring call: bounds the cached (tokens, vocab) rows of three models
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
-        cached = steer.score_targets(models, [e["score_prompt_ids"] for e in part], [e["target_ids"] for e in part],
+        cached = score_targets(models, [e["score_prompt_ids"] for e in part], [e["target_ids"] for e in part],
                                      vocab_size=vocab_size_of(tokenizer), batch_size=8,
                                      keep_logprobs=tuple(models), pad_token_id=tokenizer.pad_token_id,
                                      show_progress=False)
         for a in p.alphas:
-            nll[a] += steer.blend_nll(cached, steer.Blend.from_alpha(a)).tolist()
+            nll[a] += blend_nll(cached, Blend.from_alpha(a)).tolist()
         del cached
     tokens = [len(e["target_ids"]) for e in examples]
     write_json(lab.eval_dir / "alpha_curve.json", {
@@ -794,7 +801,6 @@ def analyse(per_system: dict[str, dict], samples: int, seed: int) -> dict:
 
 
 def count_parameters(model_dir: str) -> dict[str, int]:
-    from common import load_causal_lm
 
     model = load_causal_lm(model_dir, device="cpu")
     embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
@@ -1013,9 +1019,8 @@ def design_lines(lab: Lab, models: dict, counts: dict, tune_report: dict) -> lis
 
 
 def format_tune(report: dict) -> str:
-    import steer
 
-    return steer.format_report(report)
+    return format_report(report)
 
 
 def stage_lines(stage_times: dict[str, dict], total_seconds: float, lab: Lab) -> list[str]:

@@ -105,7 +105,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
-    from common import load_tokenizer
+    from proxytune.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_tokenizer_dir))
 

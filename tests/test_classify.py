@@ -9,12 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_rows
 
-import classify
 import evaluation
 import fine_tune
-from common import UsageError, parse_config
-from conftest import make_rows
+from proxytune.evaluation.arguments import ARGUMENT_TYPES
+from proxytune.evaluation.scores import decision_consistency
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.errors import UsageError
+from proxytune.task.arguments import ProcessingArguments
+from proxytune.task.papers import DataArguments, load_examples
+from proxytune.training import classification as classify
+from proxytune.training.arguments import parse_args
+from proxytune.training.data import retokenize
+from proxytune.training.model import load_model
 
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
 
@@ -40,7 +48,7 @@ def labelled_jsonl(tmp_path_factory) -> Path:
 
 
 def train(tok_dir: Path, data: Path, out: Path, *extra: str) -> dict:
-    return fine_tune.main(*fine_tune.parse_args([
+    return fine_tune.main(*parse_args([
         *QUIET, "--config_name", "tiny", "--tokenizer_name", str(tok_dir), "--dataset_path", str(data),
         "--max_length", "96", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--save_steps", "10",
         "--eval_steps", "10", "--seed", "0", "--output_dir", str(out), *extra]))
@@ -163,11 +171,11 @@ def test_gradient_accumulation_gives_the_same_step(tiny_tokenizer_dir, labelled_
               "--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", str(batch),
               "--gradient_accumulation_steps", str(accumulate), "--eval_strategy", "no", "--save_strategy", "no")
         weights[batch] = load_file(str(out / "final" / "model.safetensors"))
-    from common import load_tokenizer
+    from proxytune.models.loading import load_tokenizer
 
-    model_args = fine_tune.parse_args(["--config_name", "tiny", "--tokenizer_name", str(tiny_tokenizer_dir),
+    model_args = parse_args(["--config_name", "tiny", "--tokenizer_name", str(tiny_tokenizer_dir),
                                        "--report_to", "none"])[0]
-    start = fine_tune.load_model(model_args, load_tokenizer(str(tiny_tokenizer_dir)), 96, 0, {"num_labels": 2})
+    start = load_model(model_args, load_tokenizer(str(tiny_tokenizer_dir)), 96, 0, {"num_labels": 2})
     moved = [k for k, v in start.state_dict().items() if k in weights[4] and not torch.allclose(v, weights[4][k])]
     assert moved  # the step changed something, so the comparison below can fail
     for key in weights[4]:
@@ -194,7 +202,7 @@ def test_regression_of_the_rating_from_the_reviews(tiny_tokenizer_dir, labelled_
 
 
 def test_lora_classifier_saves_its_head_and_loads_back(base_model_dir, labelled_jsonl, tmp_path):
-    fine_tune.main(*fine_tune.parse_args([
+    fine_tune.main(*parse_args([
         *QUIET, "--model_name_or_path", str(base_model_dir), "--dataset_path", str(labelled_jsonl), "--task",
         "classification", "--classification_input", "meta_review", "--use_lora", "--max_length", "96",
         "--max_steps", "2", "--save_steps", "2", "--output_dir", str(tmp_path)]))
@@ -217,7 +225,7 @@ def base_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 def test_language_modelling_stays_the_default():
-    _, data_args, _ = fine_tune.parse_args(["--report_to", "none"])
+    _, data_args, _ = parse_args(["--report_to", "none"])
     assert data_args.task == "language_modeling" and data_args.label_column is None
 
 
@@ -257,7 +265,7 @@ def test_bad_label_input_is_one_clear_error(case, rows, flags, needles, tiny_tok
     ("Accept (Workshop)", "accept"), ("Reject", "reject"), ("Reject (Invite to Workshop Track)", "reject"),
     ("  accept ", "accept"), ("Workshop", "workshop"), ("", None), (None, None)])
 def test_decisions_are_normalised_by_the_documented_map(raw, normalised):
-    from processing_meta_review import normalise_decision
+    from proxytune.task.reviews import normalise_decision
 
     assert normalise_decision(raw) == normalised
 
@@ -271,7 +279,7 @@ def test_processing_keeps_counts_and_can_stratify_labels(tiny_tokenizer_dir, tmp
     data = write_jsonl(tmp_path / "papers.jsonl", rows)
     args = ["--dataset_name", str(data), "--tokenizer_name", str(tiny_tokenizer_dir), "--max_length", "256",
             "--validation_split_percentage", "25", "--test_split_percentage", "25"]
-    stats = pm.main(*parse_config([pm.ProcessingArguments], [*args, "--stratify_by_column", "decision",
+    stats = pm.main(*parse_config([ProcessingArguments], [*args, "--stratify_by_column", "decision",
                                                               "--output_dir", str(tmp_path / "strat")]))
     dataset = datasets.load_from_disk(str(tmp_path / "strat"))
     assert dataset["train"].features["decision"].dtype == "string"
@@ -286,10 +294,10 @@ def test_processing_keeps_counts_and_can_stratify_labels(tiny_tokenizer_dir, tmp
         assert abs(counts[name]["reject"] - share * n) <= 1
         assert counts[name] == {k: list(dataset[name]["decision"]).count(k) for k in ("accept", "reject")}
     assert stats["labels"]["avg_rating"]["train"]["n"] == len(dataset["train"])
-    plain = pm.main(*parse_config([pm.ProcessingArguments], [*args, "--output_dir", str(tmp_path / "plain")]))
+    plain = pm.main(*parse_config([ProcessingArguments], [*args, "--output_dir", str(tmp_path / "plain")]))
     assert "stratified_by" not in plain and plain["rows_kept"] == stats["rows_kept"]
     with pytest.raises(UsageError, match="--stratify_by_column Score: no such column"):
-        pm.main(*parse_config([pm.ProcessingArguments], [*args, "--label_columns", "decision", "Score",
+        pm.main(*parse_config([ProcessingArguments], [*args, "--label_columns", "decision", "Score",
                                                           "--stratify_by_column", "Score", "--output_dir",
                                                           str(tmp_path / "bad")]))
 
@@ -299,10 +307,10 @@ def test_retokenizing_keeps_the_label_columns(tiny_tokenizer_dir, tiny_tokenizer
 
     import processing_meta_review as pm
 
-    pm.main(*parse_config([pm.ProcessingArguments], [
+    pm.main(*parse_config([ProcessingArguments], [
         "--dataset_name", str(labelled_jsonl), "--tokenizer_name", str(tiny_tokenizer_dir), "--max_length", "256",
         "--output_dir", str(tmp_path / "data")]))
-    again, _ = fine_tune.retokenize(datasets.load_from_disk(str(tmp_path / "data")), tiny_tokenizer, 128)
+    again, _ = retokenize(datasets.load_from_disk(str(tmp_path / "data")), tiny_tokenizer, 128)
     assert {"decision", "avg_rating"} <= set(again["train"].column_names)
 
 
@@ -315,7 +323,7 @@ def test_decision_consistency_matches_a_hand_count():
     decisions = ["accept", "accept", None, "reject", "reject"]
     info = {"train_label_counts": {"accept": 2, "reject": 5}}
     idx = np.array([[0, 1, 2, 3, 4], [0, 0, 0, 0, 0], [2, 2, 2, 2, 2], [3, 4, 3, 4, 2]])  # (S, N)
-    result = evaluation.decision_consistency(
+    result = decision_consistency(
         {"a": ["accept", "reject", "reject", "reject", "accept"], "b": ["reject"] * 5},
         ["accept", "accept", "accept", "reject", "accept"], decisions, info, idx, 0.5)
     # papers 0, 1, 3, 4 have a decision; a matches 0 and 3, b matches 3 and 4; the references match 0, 1, 3
@@ -339,17 +347,17 @@ def test_evaluation_reports_decision_consistency(trained_classifier, tiny_model_
     rows[1]["decision"] = None  # a paper without a decision: left out
     data = write_jsonl(tmp_path / "papers.jsonl", rows)
     out = tmp_path / "eval"
-    metrics = evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, [
+    metrics = evaluation.main(*parse_config(ARGUMENT_TYPES, [
         "--dataset_path", str(data), "--all_examples", "--max_new_tokens", "6", "--bootstrap_samples", "50",
         "--small_base_model", str(tiny_model_dirs["small_base"]), "--large_model", str(tiny_model_dirs["large"]),
         "--decision_classifier", str(final), "--output_dir", str(out)]))
     model, tokenizer, info = classify.load_classifier(final, device="cpu")
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     truth = {p["example_id"]: p for p in preds}
-    from processing_meta_review import normalise_decision
+    from proxytune.task.reviews import normalise_decision
 
     decision_of = {}
-    for row in evaluation.load_examples(evaluation.DataArguments(dataset_path=str(data))):
+    for row in load_examples(DataArguments(dataset_path=str(data))):
         decision_of[row["example_id"]] = row["decision"]
     assert sorted(decision_of.values(), key=str) == sorted(map(normalise_decision, [r["decision"] for r in rows]),
                                                            key=str)
@@ -390,7 +398,7 @@ def test_decision_classifier_bad_inputs(case, needles, trained_classifier, tiny_
     data = write_jsonl(tmp_path / "papers.jsonl", rows)
     classifier = tmp_path if case == "no_classifier" else final
     with pytest.raises(UsageError) as err:
-        evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, [
+        evaluation.main(*parse_config(ARGUMENT_TYPES, [
             "--dataset_path", str(data), "--all_examples", "--max_new_tokens", "2", "--large_model",
             str(tiny_model_dirs["large"]), "--decision_classifier", str(classifier), "--output_dir",
             str(tmp_path / "eval")]))

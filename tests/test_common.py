@@ -6,22 +6,22 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import PYTHIA_TOKENIZER, requires_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import (
+from proxytune.foundation.config import parse_config, to_jsonable
+from proxytune.foundation.errors import UsageError
+from proxytune.foundation.hub import hub_is_unreachable
+from proxytune.foundation.outputs import atomic_directory
+from proxytune.task.prompts import (
     PROMPT_TEMPLATE,
-    UsageError,
     allocate_budget,
-    atomic_directory,
     build_prompt,
     clean_whitespace,
-    parse_config,
     render_prompt,
     render_target,
-    to_jsonable,
 )
-from conftest import PYTHIA_TOKENIZER, requires_shared
 
 
 @dataclass
@@ -142,7 +142,7 @@ def test_build_prompt_template_does_not_fit(tiny_tokenizer):
 
 @requires_shared
 def test_build_prompt_real_tokenizer_long_reviews():
-    from common import load_tokenizer
+    from proxytune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(PYTHIA_TOKENIZER))
     reviews = [("Reviewer %d: " % i) + "The proposed method is interesting, but the evaluation is limited. " * 200
@@ -189,13 +189,13 @@ def test_atomic_directory_keeps_old_on_failure(tmp_path):
     (True, "(5, 6)", None),
 ])
 def test_number_problem(value, spec, expected):
-    from common import number_problem
+    from proxytune.foundation.validation import number_problem
 
     assert number_problem("--x", value, spec) == expected
 
 
 def test_number_problems_sweeps_every_float_field():
-    from common import number_problems
+    from proxytune.foundation.validation import number_problems
 
     @dataclass
     class Flags:
@@ -214,7 +214,7 @@ def test_data_files_read_the_same_compressed_or_not(tmp_path, suffix):
     import gzip
     import lzma
 
-    from common import read_data_head, read_data_text, split_compression
+    from proxytune.foundation.datafiles import read_data_head, read_data_text, split_compression
 
     text = '{"Input": "caf\u00e9", "Output": "ok"}\n' * 3
     raw = text.encode("utf-8")
@@ -232,7 +232,7 @@ def test_data_files_read_the_same_compressed_or_not(tmp_path, suffix):
 def test_corrupt_and_non_utf8_compressed_files_name_the_flag(tmp_path):
     import gzip
 
-    from common import read_data_text
+    from proxytune.foundation.datafiles import read_data_text
 
     truncated = tmp_path / "t.jsonl.gz"
     truncated.write_bytes(gzip.compress(b'{"a": 1}\n' * 1000)[:40])
@@ -249,8 +249,6 @@ def hub_probe(monkeypatch):
     """The Hub probe with its per-process answer cleared, offline mode restored afterwards."""
     import huggingface_hub.constants as constants
 
-    import common
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     try:
@@ -260,9 +258,9 @@ def hub_probe(monkeypatch):
         monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
     except ImportError:
         pass
-    common.hub_is_unreachable.cache_clear()
+    hub_is_unreachable.cache_clear()
     yield lambda endpoint: monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    common.hub_is_unreachable.cache_clear()
+    hub_is_unreachable.cache_clear()
 
 
 def closed_port() -> int:
@@ -279,7 +277,8 @@ def test_unreachable_hub_is_told_within_seconds_and_switches_to_the_cache(hub_pr
 
     import huggingface_hub.constants as constants
 
-    from common import hub_offline_reason, load_tokenizer
+    from proxytune.foundation.hub import hub_offline_reason
+    from proxytune.models.loading import load_tokenizer
 
     hub_probe(f"http://127.0.0.1:{closed_port()}")
     start = time.monotonic()
@@ -300,7 +299,7 @@ def test_reachable_hub_is_left_alone(hub_probe):
 
     import huggingface_hub.constants as constants
 
-    from common import hub_offline_reason
+    from proxytune.foundation.hub import hub_offline_reason
 
     class NotFound(BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -320,8 +319,9 @@ def test_reachable_hub_is_left_alone(hub_probe):
 
 
 def test_vocabulary_mismatch_names_every_model(tiny_tokenizer, tmp_path):
-    from common import check_same_vocab, load_tokenizer
     from conftest import train_tiny_tokenizer
+
+    from proxytune.models.loading import check_same_vocab, load_tokenizer
 
     other = load_tokenizer(str(train_tiny_tokenizer(tmp_path / "other", vocab_size=280)))
     with pytest.raises(UsageError) as err:
@@ -334,7 +334,7 @@ def test_vocabulary_mismatch_names_every_model(tiny_tokenizer, tmp_path):
 def test_write_error_names_the_space(tmp_path):
     import errno
 
-    from common import format_bytes, is_disk_full, write_error
+    from proxytune.foundation.outputs import format_bytes, is_disk_full, write_error
 
     full = OSError(errno.ENOSPC, "No space left on device")
     assert is_disk_full(full) and is_disk_full(RuntimeError("SafetensorError: ... No space left on device (os error 28)"))

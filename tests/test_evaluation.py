@@ -10,11 +10,22 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_workbook import header_of, key_of, row_of
 
 import evaluation
-from common import PROMPT_TEMPLATE, UsageError, cli, parse_config
-from test_workbook import header_of, key_of, row_of
-from workbook import cell_text
+from proxytune.evaluation.arguments import ARGUMENT_TYPES, GenerationArguments
+from proxytune.evaluation.generation import build_inputs, cut_at_eos, generate, generate_batch
+from proxytune.evaluation.scores import summarize
+from proxytune.evaluation.shards import merge_shards
+from proxytune.evaluation.systems import resolve_decoding
+from proxytune.foundation.cli import cli
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.errors import UsageError
+from proxytune.steering.decoding import prefill_rows
+from proxytune.task.papers import load_examples, select_examples
+from proxytune.task.prompts import PROMPT_TEMPLATE
+from proxytune.task.text_metrics import ROUGE_TYPES, make_rouge_scorer, repetition_rate, score_rouge, split_sentences
+from proxytune.workbook.writer import cell_text
 
 N_EXAMPLES = 3
 SYSTEMS = ["small_base", "small_tuned", "large", "steered"]
@@ -25,13 +36,13 @@ def make_args(tiny_model_dirs, data: Path, out: Path, *extra: str, models=("smal
             "--batch_size", "2", "--bootstrap_samples", "50", "--output_dir", str(out)]
     for role in models:
         argv += [f"--{role}_model", str(tiny_model_dirs[role])]
-    return parse_config(evaluation.ARGUMENT_TYPES, argv + list(extra))
+    return parse_config(ARGUMENT_TYPES, argv + list(extra))
 
 
 
 @pytest.fixture
 def blend_file(tmp_path) -> Path:
-    from steer import Blend
+    from proxytune.steering.blend import Blend
 
     path = tmp_path / "blend.json"
     Blend.from_alpha(1.0).save(path)
@@ -74,7 +85,7 @@ def test_end_to_end_writes_workbook_and_artifacts(first_run):
     assert list(saved["systems"]) == SYSTEMS == list(metrics["systems"])
     for s in saved["systems"].values():
         assert s["n"] == N_EXAMPLES
-        for m in (*evaluation.ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity"):
+        for m in (*ROUGE_TYPES, "words", "repetition", "eos_share", "perplexity"):
             assert s[m]["ci_low"] <= s[m]["mean"] <= s[m]["ci_high"]
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == N_EXAMPLES * len(SYSTEMS)
@@ -90,7 +101,8 @@ def test_reference_perplexity_is_the_nll_of_the_training_target(first_run, tiny_
     """Recompute one example's reference NLL under the large model by hand: prompt ids + ' ' + meta-review + EOS."""
     import torch
 
-    from common import build_prompt, load_causal_lm
+    from proxytune.models.loading import load_causal_lm
+    from proxytune.task.prompts import build_prompt
 
     out, _, _ = first_run
     pred = next(p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
@@ -145,10 +157,10 @@ def test_workbook_sheets_validation_and_chart(first_run):
     assert {key[("Pairwise", p["example_id"], s)] for p in preds for s in ("steered", "large")} == {"A", "B"}
 
     summary = wb["Summary"]
-    assert [c.value for c in summary[1]][:7] == ["system", "model", "n", *evaluation.ROUGE_TYPES]
+    assert [c.value for c in summary[1]][:7] == ["system", "model", "n", *ROUGE_TYPES]
     assert [summary.cell(r, 1).value for r in range(2, 6)] == SYSTEMS
     (chart,) = summary._charts
-    assert chart.tagname == "barChart" and len(chart.series) == len(evaluation.ROUGE_TYPES)
+    assert chart.tagname == "barChart" and len(chart.series) == len(ROUGE_TYPES)
     assert chart.series[0].val.numRef.f == "'Summary'!$D$2:$D$5"
     scores = wb["Scores"]
     assert scores.max_row == 1 + N_EXAMPLES * len(SYSTEMS) and scores.freeze_panes == "D2"
@@ -283,10 +295,10 @@ def test_processed_dataset_split_and_ids_are_used(tiny_model_dirs, rows, tmp_pat
 
 
 def test_raw_file_ids_match_processing(tiny_model_dirs, jsonl_file, rows):
-    from processing_meta_review import clean_text, example_id
+    from proxytune.task.reviews import clean_text, example_id
 
     data_args = make_args(tiny_model_dirs, jsonl_file, Path("unused"))[1]
-    loaded = evaluation.load_examples(data_args)
+    loaded = load_examples(data_args)
     first = rows[0]
     assert loaded[0]["example_id"] == example_id([clean_text(first["Input"], "whitespace")],
                                                  clean_text(first["Output"], "whitespace"))
@@ -295,15 +307,15 @@ def test_raw_file_ids_match_processing(tiny_model_dirs, jsonl_file, rows):
 
 
 def test_example_selection_is_seeded_and_in_order():
-    a = evaluation.select_examples(100, 10, seed=1)
-    assert a == evaluation.select_examples(100, 10, seed=1) == sorted(a)
-    assert a != evaluation.select_examples(100, 10, seed=2)
-    assert evaluation.select_examples(5, None, 0) == evaluation.select_examples(5, 50, 0) == [0, 1, 2, 3, 4]
+    a = select_examples(100, 10, seed=1)
+    assert a == select_examples(100, 10, seed=1) == sorted(a)
+    assert a != select_examples(100, 10, seed=2)
+    assert select_examples(5, None, 0) == select_examples(5, 50, 0) == [0, 1, 2, 3, 4]
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, tiny_tokenizer):
     """Left padding with an attention mask must not change greedy outputs."""
-    from common import load_causal_lm
+    from proxytune.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
     prompts = ["Peer reviews of a paper:\n\nGood.\n\nMeta-review:",
@@ -312,8 +324,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, ti
                 for i, p in enumerate(prompts)]
     settings = {"max_new_tokens": 6, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
                 "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
-    together = evaluation.generate("large", examples, {"large": model}, None, settings, tiny_tokenizer, 2, 0)
-    alone = [evaluation.generate("large", [ex], {"large": model}, None, settings, tiny_tokenizer, 1, 0)[0]
+    together = generate("large", examples, {"large": model}, None, settings, tiny_tokenizer, 2, 0)
+    alone = [generate("large", [ex], {"large": model}, None, settings, tiny_tokenizer, 1, 0)[0]
              for ex in examples]
     assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
     assert len({r["prediction"] for r in together}) == 2
@@ -327,8 +339,9 @@ def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_
     import torch
     from transformers import GenerationConfig
 
-    from common import load_causal_lm, vocab_size_of
-    from steer import left_pad, prefill_rows
+    from proxytune.evaluation import generation
+    from proxytune.models.loading import load_causal_lm, vocab_size_of
+    from proxytune.steering.decoding import left_pad, prefill_rows
 
     model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
     prompts = ["Peer reviews of a paper:\n\nGood.\n\nMeta-review:",
@@ -338,12 +351,10 @@ def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_
     ids, mask = left_pad([tiny_tokenizer(p)["input_ids"] for p in prompts], tiny_tokenizer.pad_token_id)  # (3, T)
     settings = {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
                 "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, **penalties}
-    import steer
-
     calls = []
-    monkeypatch.setattr(steer, "prefill_rows", lambda *a, **k: calls.append(a) or prefill_rows(*a, **k))
-    new = evaluation.generate_batch("large", {"large": model}, None, ids, mask, settings, tiny_tokenizer, None)
-    assert len(calls) == 1  # on CPU the prompts ran row by row into one cache (steer.prefill_rows)
+    monkeypatch.setattr(generation, "prefill_rows", lambda *a, **k: calls.append(a) or prefill_rows(*a, **k))
+    new = generate_batch("large", {"large": model}, None, ids, mask, settings, tiny_tokenizer, None)
+    assert len(calls) == 1  # on CPU the prompts ran row by row into one cache (prefill_rows)
 
     vocab, rows = vocab_size_of(tiny_tokenizer), model.get_output_embeddings().weight.shape[0]
     reference = GenerationConfig(
@@ -368,7 +379,7 @@ def test_shards_merge_to_the_single_process_result(tiny_model_dirs, jsonl_file, 
         assert run(tiny_model_dirs, jsonl_file, sharded, "--shard_index", str(k), "--num_shards", "2",
                    models=("small_base",)) is None
     assert not (sharded / "eval_examples.xlsx").exists()
-    evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, ["--output_dir", str(sharded), "--merge_only"]))
+    evaluation.main(*parse_config(ARGUMENT_TYPES, ["--output_dir", str(sharded), "--merge_only"]))
     assert predictions(sharded) == predictions(tmp_path / "single")
     assert (sharded / "eval_examples.xlsx").is_file()
 
@@ -376,11 +387,11 @@ def test_shards_merge_to_the_single_process_result(tiny_model_dirs, jsonl_file, 
 def test_merge_refuses_missing_or_mixed_shards(tiny_model_dirs, jsonl_file, tmp_path):
     run(tiny_model_dirs, jsonl_file, tmp_path, "--shard_index", "0", "--num_shards", "2", models=("small_base",))
     with pytest.raises(UsageError, match="shard 1 of 2 is missing"):
-        evaluation.merge_shards(tmp_path, 2)
+        merge_shards(tmp_path, 2)
     run(tiny_model_dirs, jsonl_file, tmp_path, "--shard_index", "1", "--num_shards", "2", "--seed", "7",
         models=("small_base",))
     with pytest.raises(UsageError, match="different runs"):
-        evaluation.merge_shards(tmp_path, None)
+        merge_shards(tmp_path, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,22 +401,22 @@ def test_rouge_matches_rouge_score_with_newline_sentences():
     from rouge_score import rouge_scorer
 
     pred, ref = "The paper is strong. Accept it!", "The paper is strong overall.\nWe accept it."
-    ours = evaluation.score_rouge(evaluation.make_rouge_scorer(), pred, ref)
-    theirs = rouge_scorer.RougeScorer(list(evaluation.ROUGE_TYPES), use_stemmer=True).score(
+    ours = score_rouge(make_rouge_scorer(), pred, ref)
+    theirs = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True).score(
         "The paper is strong overall.\nWe accept it.", "The paper is strong.\nAccept it!")
     assert ours == pytest.approx({k: 100 * v.fmeasure for k, v in theirs.items()})
-    assert evaluation.score_rouge(evaluation.make_rouge_scorer(), ref, ref)["rougeLsum"] == pytest.approx(100)
+    assert score_rouge(make_rouge_scorer(), ref, ref)["rougeLsum"] == pytest.approx(100)
 
 
 def test_split_sentences_and_repetition():
-    assert evaluation.split_sentences('He said "no." Then left!\nNew line? yes') == \
+    assert split_sentences('He said "no." Then left!\nNew line? yes') == \
         ['He said "no."', "Then left!", "New line?", "yes"]
-    assert evaluation.split_sentences("  ") == []
-    assert evaluation.repetition_rate("a b a b a b", 2) == pytest.approx(0.6)
-    assert evaluation.repetition_rate("one two three four", 3) == 0.0
-    assert evaluation.repetition_rate("short", 3) == 0.0
-    assert evaluation.cut_at_eos([5, 6, 0, 1, 1], 0) == ([5, 6], True)
-    assert evaluation.cut_at_eos([5, 6, 7], 0) == ([5, 6, 7], False)
+    assert split_sentences("  ") == []
+    assert repetition_rate("a b a b a b", 2) == pytest.approx(0.6)
+    assert repetition_rate("one two three four", 3) == 0.0
+    assert repetition_rate("short", 3) == 0.0
+    assert cut_at_eos([5, 6, 0, 1, 1], 0) == ([5, 6], True)
+    assert cut_at_eos([5, 6, 7], 0) == ([5, 6, 7], False)
 
 
 def test_summary_means_intervals_and_corpus_perplexity():
@@ -414,7 +425,7 @@ def test_summary_means_intervals_and_corpus_perplexity():
     records = [{"system": "s", "example_id": str(i), "rouge1": v, "rouge2": v, "rougeL": v, "rougeLsum": v,
                 "words": 10, "repetition": 0.0, "ended_with_eos": i % 2 == 0, "nll": nll, "target_tokens": n}
                for i, (v, nll, n) in enumerate([(10, 2.0, 1), (20, 6.0, 3), (30, 4.0, 4), (40, 0.0, 2)])]
-    summary = evaluation.summarize(records, ["s"], 4, samples=200, confidence=0.9, seed=0)["s"]
+    summary = summarize(records, ["s"], 4, samples=200, confidence=0.9, seed=0)["s"]
     assert summary["rouge1"]["mean"] == pytest.approx(25)
     assert 10 <= summary["rouge1"]["ci_low"] < 25 < summary["rouge1"]["ci_high"] <= 40
     assert summary["words"] == {"mean": 10, "ci_low": 10, "ci_high": 10}
@@ -423,14 +434,14 @@ def test_summary_means_intervals_and_corpus_perplexity():
 
 
 def test_decoding_overrides_apply_to_one_system(tmp_path):
-    gen = evaluation.GenerationArguments(max_new_tokens=16, decoding_overrides='{"steered": {"do_sample": true, '
+    gen = GenerationArguments(max_new_tokens=16, decoding_overrides='{"steered": {"do_sample": true, '
                                          '"temperature": 0.7, "max_new_tokens": 32}}')
-    got = evaluation.resolve_decoding(gen, ["large", "steered"])
+    got = resolve_decoding(gen, ["large", "steered"])
     assert got["large"]["do_sample"] is False and got["large"]["max_new_tokens"] == 16
     assert got["steered"] == {**got["large"], "do_sample": True, "temperature": 0.7, "max_new_tokens": 32}
     path = tmp_path / "o.yaml"
     path.write_text("large:\n  top_p: 0.9\n")
-    assert evaluation.resolve_decoding(evaluation.GenerationArguments(decoding_overrides=str(path)),
+    assert resolve_decoding(GenerationArguments(decoding_overrides=str(path)),
                                        ["large"])["large"]["top_p"] == 0.9
     for bad, match in [('{"large": {"top_k": 5}}', "unknown setting 'top_k'"),
                        ('{"large": {"max_new_tokens": 2.5}}', "is not a int"),
@@ -438,7 +449,7 @@ def test_decoding_overrides_apply_to_one_system(tmp_path):
                        ('{"small_base": {"top_p": 0.5}}', "not evaluated"),
                        ("{not json", "not valid JSON")]:
         with pytest.raises(UsageError, match=match):
-            evaluation.resolve_decoding(evaluation.GenerationArguments(decoding_overrides=bad), ["large"])
+            resolve_decoding(GenerationArguments(decoding_overrides=bad), ["large"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +538,7 @@ def test_reviewer_sheets_and_unnamed_columns_are_kept(first_run, tiny_model_dirs
 def test_reference_is_scored_whole_after_a_truncated_prompt(tiny_model_dirs, tiny_tokenizer, tmp_path):
     """Long reviews and a reference far longer than max_new_tokens: the generation prompt fills the context minus
     max_new_tokens, but the reference gets its own prompt budget and every one of its tokens is scored."""
-    from common import encode_target
+    from proxytune.task.prompts import encode_target
 
     meta = "The reviewers agree the baselines are weak. Reject. " * 2
     rows = [{"Input": "The method is simple and effective. " * 60 + f"Paper {i}.", "Output": f"Paper {i}. {meta}"}
@@ -536,7 +547,7 @@ def test_reference_is_scored_whole_after_a_truncated_prompt(tiny_model_dirs, tin
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     n_target = len(encode_target(rows[0]["Output"], tiny_tokenizer))
     assert n_target > 40  # much longer than the 4 new tokens the generation prompt leaves room for
-    metrics = evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, [
+    metrics = evaluation.main(*parse_config(ARGUMENT_TYPES, [
         "--dataset_path", str(data), "--max_length", "200", "--max_new_tokens", "4", "--batch_size", "2",
         "--bootstrap_samples", "10", "--large_model", str(tiny_model_dirs["large"]), "--output_dir", str(tmp_path / "o")]))
     preds = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
@@ -547,12 +558,12 @@ def test_reference_is_scored_whole_after_a_truncated_prompt(tiny_model_dirs, tin
 
 
 def test_build_inputs_fits_the_context_and_cuts_only_references_that_fill_it(tiny_tokenizer):
-    from common import encode_target
+    from proxytune.task.prompts import encode_target
 
     long_meta = "The reviewers agree the baselines are weak. " * 40
     examples = [{"reviews": ["Simple and effective. " * 80], "Output": "Weak baselines; reject."},
                 {"reviews": ["Simple and effective. " * 80], "Output": long_meta}]
-    evaluation.build_inputs(examples, tiny_tokenizer, prompt_budget=96, context=100)
+    build_inputs(examples, tiny_tokenizer, prompt_budget=96, context=100)
     short, cut = examples
     assert len(short["prompt_ids"]) <= 96 and len(short["score_prompt_ids"]) + len(short["target_ids"]) <= 100
     assert short["target_ids"] == encode_target(short["Output"], tiny_tokenizer) and not short["reference_cut"]
@@ -566,9 +577,9 @@ def test_decoding_calls_raise_no_future_warning(tiny_model_dirs, tiny_tokenizer)
 
     import torch
 
-    import steer
-    from common import load_causal_lm
-    from steer import Blend, left_pad
+    from proxytune.models.loading import load_causal_lm
+    from proxytune.steering.blend import Blend
+    from proxytune.steering.decoding import left_pad
 
     models = {r: load_causal_lm(str(tiny_model_dirs[r]), device="cpu") for r in ("large", "small_base", "small_tuned")}
     ids, mask = left_pad([tiny_tokenizer("Good paper. Weak baselines.")["input_ids"], [5, 6, 7]],
@@ -579,6 +590,6 @@ def test_decoding_calls_raise_no_future_warning(tiny_model_dirs, tiny_tokenizer)
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         for system in ("large", "steered"):
-            evaluation.generate_batch(system, models, Blend.from_alpha(1.0), ids, mask, settings, tiny_tokenizer,
+            generate_batch(system, models, Blend.from_alpha(1.0), ids, mask, settings, tiny_tokenizer,
                                       torch.Generator().manual_seed(0))
-        steer.prefill_rows(models["large"], ids, mask, ids.shape[1] + 2)
+        prefill_rows(models["large"], ids, mask, ids.shape[1] + 2)

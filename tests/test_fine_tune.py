@@ -12,20 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PYTHIA_TOKENIZER, SHARED_DATA, make_rows, make_tiny_model, requires_shared
 from transformers import GenerationConfig
 
 import fine_tune
-from common import UsageError, cli, load_causal_lm, load_tokenizer
-from processing_meta_review import clean_text
-from conftest import PYTHIA_TOKENIZER, SHARED_DATA, make_rows, make_tiny_model, requires_shared
+from proxytune.foundation.cli import cli
+from proxytune.foundation.errors import UsageError
+from proxytune.models.loading import load_causal_lm, load_tokenizer
+from proxytune.task.reviews import clean_text
+from proxytune.training.arguments import DataArguments, ModelArguments, parse_args
+from proxytune.training.checkpoints import checkpoint_problems, find_resume_checkpoint, list_checkpoints
+from proxytune.training.data import IGNORE_INDEX, CausalLMCollator, build_labels
+from proxytune.training.disk import estimate_disk_needs
+from proxytune.training.final import push_final
+from proxytune.training.model import load_model
+from proxytune.training.tasks import prepare_data
+from proxytune.training.trainer import trim_to_label_logits
 
-IGNORE = fine_tune.IGNORE_INDEX
+IGNORE = IGNORE_INDEX
 # Flags every end-to-end run shares: quiet, tiny, CPU.
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
 
 
 def run_main(*flags: str) -> dict:
-    return fine_tune.main(*fine_tune.parse_args([*QUIET, *flags]))
+    return fine_tune.main(*parse_args([*QUIET, *flags]))
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +48,8 @@ def save_processed(out: Path, examples: list[dict], tokenizer_name: str, max_len
                    validation: list[dict] | None = None) -> Path:
     """A directory shaped like processing_meta_review.py's output."""
     import datasets
-    from processing_meta_review import _features
+
+    from proxytune.task.processing import _features
 
     def split(rows):
         return datasets.Dataset.from_list(rows, features=_features())
@@ -71,7 +82,7 @@ def fixture_jsonl(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------
 def test_help_exits_zero(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        fine_tune.parse_args(["--help"])
+        parse_args(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--max_length", "--use_lora", "--config_name", "--text_column", "--early_stopping_patience",
@@ -80,25 +91,25 @@ def test_help_exits_zero(capsys):
 
 
 def test_task_defaults():
-    _, _, training = fine_tune.parse_args(["--save_steps", "40"])
+    _, _, training = parse_args(["--save_steps", "40"])
     assert training.eval_strategy == "steps" and training.eval_steps == 40  # evaluated at every checkpoint
     assert training.load_best_model_at_end and training.metric_for_best_model == "eval_loss"
     assert training.train_sampling_strategy == "group_by_length" and training.remove_unused_columns is False
     assert training.output_dir == "outputs/pythia-70m-meta-review"
-    _, _, no_eval = fine_tune.parse_args(["--eval_strategy", "no"])
+    _, _, no_eval = parse_args(["--eval_strategy", "no"])
     assert no_eval.load_best_model_at_end is False  # nothing to pick the best by
 
 
 def test_run_config_redacts_tokens_and_push_uploads_final(tmp_path, monkeypatch, caplog):
     import huggingface_hub
 
-    from common import to_jsonable
+    from proxytune.foundation.config import to_jsonable
 
-    model_args, data_args, training = fine_tune.parse_args(["--hub_token", "hf_SECRET", "--hub_model_id", "me/tuned",
+    model_args, data_args, training = parse_args(["--hub_token", "hf_SECRET", "--hub_model_id", "me/tuned",
                                                             "--output_dir", str(tmp_path / "run")])
     config = to_jsonable(model_args, data_args, training)
     assert "hf_SECRET" not in json.dumps(config) and config["hub_token"] == "<redacted>"
-    assert config["tokenizer_name"] is None and to_jsonable(fine_tune.ModelArguments(tokenizer_name="tok/x"))[
+    assert config["tokenizer_name"] is None and to_jsonable(ModelArguments(tokenizer_name="tok/x"))[
         "tokenizer_name"] == "tok/x"  # a setting, not a secret
     calls = {}
 
@@ -117,18 +128,18 @@ def test_run_config_redacts_tokens_and_push_uploads_final(tmp_path, monkeypatch,
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
     with caplog.at_level("INFO"):
-        fine_tune.push_final(final, training)
+        push_final(final, training)
     assert calls == {"token": "hf_SECRET", "repo": "me/tuned", "folder": str(final)}
     assert "hf_SECRET" not in caplog.text
 
 
 def test_labels_mask_prompt_by_position_and_keep_eos():
-    assert fine_tune.build_labels([5, 6, 7, 0], 2) == [IGNORE, IGNORE, 7, 0]
+    assert build_labels([5, 6, 7, 0], 2) == [IGNORE, IGNORE, 7, 0]
     # pad = eos = 0: the failure mode where masking by id would hide the target's EOS.
-    collate = fine_tune.CausalLMCollator(pad_token_id=0)
+    collate = CausalLMCollator(pad_token_id=0)
     batch = collate([
-        {"input_ids": [5, 6, 7, 0], "labels": fine_tune.build_labels([5, 6, 7, 0], 2), "length": 4},
-        {"input_ids": [8, 9, 0], "labels": fine_tune.build_labels([8, 9, 0], 1), "length": 3},
+        {"input_ids": [5, 6, 7, 0], "labels": build_labels([5, 6, 7, 0], 2), "length": 4},
+        {"input_ids": [8, 9, 0], "labels": build_labels([8, 9, 0], 1), "length": 3},
     ])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, IGNORE, 7, 0], [IGNORE, 9, 0, IGNORE]]
@@ -137,7 +148,7 @@ def test_labels_mask_prompt_by_position_and_keep_eos():
 
 
 def test_collator_pads_to_multiple():
-    collate = fine_tune.CausalLMCollator(pad_token_id=1, pad_to_multiple_of=8)
+    collate = CausalLMCollator(pad_token_id=1, pad_to_multiple_of=8)
     batch = collate([{"input_ids": [3] * 5, "labels": [3] * 5}])
     assert batch["input_ids"].shape == (1, 8) and batch["labels"][0, 5:].eq(IGNORE).all()
 
@@ -148,17 +159,17 @@ def test_trimmed_logits_give_the_same_loss(tiny_tokenizer):
     features = []
     for length, prompt in [(40, 25), (36, 30), (30, 12)]:
         ids = torch.randint(2, len(tiny_tokenizer), (length,), generator=gen).tolist()
-        features.append({"input_ids": ids, "labels": fine_tune.build_labels(ids, prompt)})
-    batch = fine_tune.CausalLMCollator(pad_token_id=1)(features)
-    trimmed = fine_tune.trim_to_label_logits(batch)
+        features.append({"input_ids": ids, "labels": build_labels(ids, prompt)})
+    batch = CausalLMCollator(pad_token_id=1)(features)
+    trimmed = trim_to_label_logits(batch)
     assert trimmed["logits_to_keep"] == 40 - 12 + 1  # from the position predicting the earliest label
     with torch.no_grad():
         full, cut = model(**batch), model(**trimmed)
     assert cut.logits.shape[1] == 29 < full.logits.shape[1]
     torch.testing.assert_close(cut.loss, full.loss)
     # No prompt (plain-text mode): nothing to trim.
-    all_labels = fine_tune.CausalLMCollator(1)([{"input_ids": [4, 5, 6], "labels": [4, 5, 6]}])
-    assert "logits_to_keep" not in fine_tune.trim_to_label_logits(all_labels)
+    all_labels = CausalLMCollator(1)([{"input_ids": [4, 5, 6], "labels": [4, 5, 6]}])
+    assert "logits_to_keep" not in trim_to_label_logits(all_labels)
 
 
 @requires_shared
@@ -169,8 +180,8 @@ def test_labels_on_a_real_example(tmp_path):
     source.write_text(json.dumps({"Input": row["Input"], "Output": row["Output"]}) + "\n", encoding="utf-8")
     tokenizer = load_tokenizer(str(PYTHIA_TOKENIZER))
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1)
-    data_args = fine_tune.DataArguments(dataset_path=str(source), max_length=256, validation_split_percentage=0)
-    data = fine_tune.prepare_data(data_args, tokenizer, str(PYTHIA_TOKENIZER), seed=0)
+    data_args = DataArguments(dataset_path=str(source), max_length=256, validation_split_percentage=0)
+    data = prepare_data(data_args, tokenizer, str(PYTHIA_TOKENIZER), seed=0)
     example = data.train[0]
     ids, labels = example["input_ids"], example["labels"]
     assert len(ids) == len(labels) == example["length"] <= 256  # the reviews were cut to fit
@@ -189,19 +200,19 @@ def test_checkpoint_problems_name_what_is_missing(tmp_path):
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
-    assert "trainer_state.json missing or unreadable" in fine_tune.checkpoint_problems(ckpt)
+    assert "trainer_state.json missing or unreadable" in checkpoint_problems(ckpt)
     save_file({"w": torch.zeros(4, 4)}, str(ckpt / "model.safetensors"))
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         torch.save({"x": torch.ones(3)}, ckpt / name)
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
-    assert fine_tune.checkpoint_problems(ckpt) == []
+    assert checkpoint_problems(ckpt) == []
     data = (ckpt / "optimizer.pt").read_bytes()
     (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])  # killed mid-write
-    assert fine_tune.checkpoint_problems(ckpt) == ["optimizer.pt missing or truncated"]
-    assert fine_tune.checkpoint_problems(ckpt, need_optimizer=False) == []
+    assert checkpoint_problems(ckpt) == ["optimizer.pt missing or truncated"]
+    assert checkpoint_problems(ckpt, need_optimizer=False) == []
     weights = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(weights[:40])
-    assert "model.safetensors is truncated or corrupt" in fine_tune.checkpoint_problems(ckpt, need_optimizer=False)
+    assert "model.safetensors is truncated or corrupt" in checkpoint_problems(ckpt, need_optimizer=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ def test_checkpoint_problems_name_what_is_missing(tmp_path):
 def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, base_model_dir):
     """Fine-tune a saved tiny model on two short examples until it memorises them: it must then write each
     meta-review and END it with EOS, after a reload from disk."""
-    from processing_meta_review import tokenize_example
+    from proxytune.task.processing import tokenize_example
 
     rows = [
         {"example_id": "a", "reviews": ["Novel idea with strong results on CIFAR."], "Input": "",
@@ -278,12 +289,12 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, fixture_js
     (broken / "checkpoint-4" / "trainer_state.json").unlink()  # ... while checkpoint-4 was being written
     optimizer = broken / "checkpoint-4" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
-    assert fine_tune.find_resume_checkpoint(broken)[0] == broken / "checkpoint-2"
+    assert find_resume_checkpoint(broken)[0] == broken / "checkpoint-2"
 
     result = run_main(*flags, "--output_dir", str(broken))
     assert result["status"] == "trained" and result["resumed_from"] == broken / "checkpoint-2"
     assert result["metrics"]["global_step"] == 4
-    assert fine_tune.checkpoint_problems(broken / "checkpoint-4") == []  # written again, completely
+    assert checkpoint_problems(broken / "checkpoint-4") == []  # written again, completely
     expected, resumed = weights_of(whole / "final"), weights_of(broken / "final")
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
@@ -322,15 +333,15 @@ def test_plain_text_mode_packs_blocks(tmp_path, tiny_tokenizer, tiny_tokenizer_d
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for i in range(40):
             f.write(json.dumps({"text": f"{REVIEWS[i % 6]} {META[(i * 5) % 6]}", "id": i}) + "\n")
-    data_args = fine_tune.DataArguments(dataset_path=str(path), text_column="text", max_length=32,
+    data_args = DataArguments(dataset_path=str(path), text_column="text", max_length=32,
                                         validation_split_percentage=10)
-    data = fine_tune.prepare_data(data_args, tiny_tokenizer, str(tiny_tokenizer_dir), seed=0)
+    data = prepare_data(data_args, tiny_tokenizer, str(tiny_tokenizer_dir), seed=0)
     assert len(data.train) > 10 and len(data.validation) >= 1
     assert all(n == 32 for n in data.train["length"])
     assert data.train[0]["labels"] == data.train[0]["input_ids"]
     # 36 training texts, each followed by EOS; only the last partial block (< 32 tokens) is dropped.
     assert sum(row.count(tiny_tokenizer.eos_token_id) for row in data.train["input_ids"]) >= 35
-    unpacked = fine_tune.prepare_data(fine_tune.DataArguments(dataset_path=str(path), text_column="text", packing=False,
+    unpacked = prepare_data(DataArguments(dataset_path=str(path), text_column="text", packing=False,
                                                               max_length=120), tiny_tokenizer, "tok", seed=0)
     eos = tiny_tokenizer.eos_token_id
     # One example per text, ending in EOS; a text cut at max_length gets none (it did not end there).
@@ -351,10 +362,10 @@ def test_max_samples_is_a_seeded_sample_not_the_first_rows(tmp_path, tiny_tokeni
     path = tmp_path / "sorted.jsonl"
     path.write_text("".join(json.dumps({"text": f"{'good' if i < 50 else 'bad'} film number {i}"}) + "\n"
                             for i in range(100)))
-    args = fine_tune.DataArguments(dataset_path=str(path), text_column="text", packing=False, max_length=32,
+    args = DataArguments(dataset_path=str(path), text_column="text", packing=False, max_length=32,
                                    validation_split_percentage=0, max_train_samples=10)
     texts = lambda seed: [tiny_tokenizer.decode(ids) for ids in  # noqa: E731
-                          fine_tune.prepare_data(args, tiny_tokenizer, "tok", seed=seed).train["input_ids"]]
+                          prepare_data(args, tiny_tokenizer, "tok", seed=seed).train["input_ids"]]
     first, again, other = texts(0), texts(0), texts(1)
     assert len(first) == 10 and first == again and first != other
     assert any("good" in t for t in first) and any("bad" in t for t in first)
@@ -381,8 +392,8 @@ def test_fresh_tiny_pythia_on_real_data(tmp_path):
     assert result["metrics"]["train_examples"] == 4 and result["metrics"]["validation_examples"] == 1
 
     # The same seed rebuilds the initial weights: training must have moved every tensor.
-    model_args, data_args, training_args = fine_tune.parse_args([*QUIET, *flags])
-    initial = fine_tune.load_model(model_args, load_tokenizer(str(PYTHIA_TOKENIZER)), 256, training_args.seed)
+    model_args, data_args, training_args = parse_args([*QUIET, *flags])
+    initial = load_model(model_args, load_tokenizer(str(PYTHIA_TOKENIZER)), 256, training_args.seed)
     trained = load_causal_lm(str(final), device="cpu")
     initial_state, trained_state = initial.state_dict(), trained.state_dict()
     assert all(not torch.equal(initial_state[k], trained_state[k]) for k in initial_state)
@@ -429,11 +440,11 @@ def test_bad_flags_are_usage_errors(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("learning_rat: 0.1\n")
     with pytest.raises(UsageError, match="did you mean 'learning_rate'"):
-        fine_tune.parse_args([str(config)])
+        parse_args([str(config)])
     with pytest.raises(UsageError, match="--save_steps 10 is not a multiple of --eval_steps 3"):
-        fine_tune.parse_args(["--save_steps", "10", "--eval_steps", "3"])
+        parse_args(["--save_steps", "10", "--eval_steps", "3"])
     with pytest.raises(UsageError, match="--merge_lora needs --use_lora"):
-        fine_tune.parse_args(["--merge_lora"])
+        parse_args(["--merge_lora"])
 
 
 def test_foreign_output_dir_is_not_touched(tmp_path, fixture_jsonl, base_model_dir, capsys):
@@ -471,7 +482,7 @@ def test_full_disk_mid_run_is_one_error_and_the_same_command_resumes(tmp_path, f
     with pytest.raises(UsageError, match=r"no space left on the device of --output_dir .*run .*a checkpoint needs "
                                          r"about .*then run the same command again \(it resumes from checkpoint-2\)"):
         run_main(*flags)
-    assert [p.name for p in fine_tune.list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
     monkeypatch.setattr(modeling_utils, "safe_save_file", real_save)
     result = run_main(*flags)
     assert result["resumed_from"].name == "checkpoint-2" and result["metrics"]["global_step"] == 4
@@ -494,8 +505,8 @@ def test_disk_needs_follow_the_checkpoint_rule(tiny_tokenizer, base_model_dir):
     """A checkpoint holds the weights and AdamW's two float32 moments per trained parameter."""
     model = load_causal_lm(str(base_model_dir), dtype="float32", device="cpu")
     n = sum(p.numel() for p in model.parameters())
-    model_args, _, training_args = fine_tune.parse_args(["--save_total_limit", "2"])
-    needs = fine_tune.estimate_disk_needs(model, model_args, training_args, existing=0)
+    model_args, _, training_args = parse_args(["--save_total_limit", "2"])
+    needs = estimate_disk_needs(model, model_args, training_args, existing=0)
     assert (needs.checkpoint, needs.final) == (4 * n + 8 * n, 4 * n)
     assert needs.peak == 3 * needs.checkpoint
 
@@ -504,7 +515,9 @@ def test_recutting_a_processed_dir_that_empties_validation_is_one_error(tmp_path
                                                                         base_model_dir):
     """Processed at 256; re-cut at the smallest workable --max_length, the long validation meta-reviews no longer
     fit: one error naming the split and the fix (it was `ValueError: Keys mismatch` from Dataset.from_list([]))."""
-    from processing_meta_review import ProcessingArguments, main as process_main, min_max_length
+    from processing_meta_review import main as process_main
+    from proxytune.task.arguments import ProcessingArguments
+    from proxytune.task.processing import min_max_length
 
     src = tmp_path / "src"
     src.mkdir()

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, make_rows
 
 import fine_tune
-import hp_search
-from common import UsageError
-from conftest import ROOT, make_rows
+from proxytune.foundation.errors import UsageError
+from proxytune.training import hp_search
+from proxytune.training.arguments import DataArguments, FineTuneTrainingArguments, ModelArguments, parse_args
 
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
 
@@ -51,7 +52,7 @@ def test_grid_runs_every_point_and_best_yaml_reproduces_the_best_trial(tmp_path,
     out = tmp_path / "search"
     flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space), "--hp_pruner_startup_trials", "-1",
              "--output_dir", str(out)]
-    result = fine_tune.main(*fine_tune.parse_args(flags))
+    result = fine_tune.main(*parse_args(flags))
     summary = json.loads((out / "hp_search.json").read_text())
     assert summary["sampler"] == "grid" and summary["grid_points"] == 4 and summary["counts"]["COMPLETE"] == 4
     points = {(t["params"]["learning_rate"], t["params"]["per_device_train_batch_size"]) for t in summary["trials"]}
@@ -72,12 +73,12 @@ def test_grid_runs_every_point_and_best_yaml_reproduces_the_best_trial(tmp_path,
     config = yaml.safe_load((out / "best.yaml").read_text())
     assert not any(k.startswith("hp_") for k in config)
     assert config["learning_rate"] == best["params"]["learning_rate"] and config["num_train_epochs"] == 1
-    rerun = fine_tune.main(*fine_tune.parse_args([str(out / "best.yaml"), *QUIET]))
+    rerun = fine_tune.main(*parse_args([str(out / "best.yaml"), *QUIET]))
     assert rerun["status"] == "trained" and Path(rerun["final_dir"]).parent == out / "best"
     assert rerun["metrics"]["eval_loss"] == pytest.approx(best["objective"], rel=1e-5)
 
     # The same command again finds the study finished: no new trials.
-    again = fine_tune.main(*fine_tune.parse_args(flags))
+    again = fine_tune.main(*parse_args(flags))
     assert len(again["summary"]["trials"]) == 4
 
 
@@ -118,7 +119,7 @@ def test_a_trial_behind_the_median_is_recorded_as_pruned(tmp_path, data_file, ti
         params={"learning_rate": 5e-5}, distributions={"learning_rate": optuna.distributions.FloatDistribution(
             1e-5, 1e-4, log=True)}, value=0.0, intermediate_values={2: 0.0, 4: 0.0}))
     out = tmp_path / "search"
-    result = fine_tune.main(*fine_tune.parse_args([*base_flags(data_file, tiny_tokenizer_dir), "--hp_search",
+    result = fine_tune.main(*parse_args([*base_flags(data_file, tiny_tokenizer_dir), "--hp_search",
                                                    str(space), "--hp_trials", "2", "--hp_storage", storage,
                                                    "--hp_study_name", "prune", "--hp_pruner_startup_trials", "1",
                                                    "--output_dir", str(out)]))
@@ -148,12 +149,12 @@ def test_a_failed_trial_stays_failed_and_its_point_is_retried_in_its_directory(t
     flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space), "--hp_pruner_startup_trials", "-1",
              "--output_dir", str(out)]
     with pytest.raises(RuntimeError, match="worker killed"):
-        hp_search.run_search(*fine_tune.parse_args(flags))
+        hp_search.run_search(*parse_args(flags), train=fine_tune.main)
     assert (out / "trial-0" / "checkpoint-2").is_dir() and not (out / "trial-0" / "final").exists()
     saved = (out / "trial-0" / "checkpoint-2" / "optimizer.pt").stat().st_mtime_ns
     monkeypatch.setattr(fine_tune, "main", real_main)
 
-    result = hp_search.run_search(*fine_tune.parse_args(flags))
+    result = hp_search.run_search(*parse_args(flags), train=fine_tune.main)
     rows = {r["number"]: r for r in result["summary"]["trials"]}
     assert rows[0]["state"] == "FAIL"
     complete = [r for r in rows.values() if r["state"] == "COMPLETE"]
@@ -175,7 +176,7 @@ def test_model_and_data_flags_are_searched_too(tmp_path, tiny_model_dirs, tiny_t
     text.write_text("\n".join(make_rows(1)[0]["Input"] + f" {i}" for i in range(40)), encoding="utf-8")
     space = write_space(tmp_path / "space.yaml", {"lora_r": [2, 4]})
     out = tmp_path / "search"
-    fine_tune.main(*fine_tune.parse_args([
+    fine_tune.main(*parse_args([
         *QUIET, "--model_name_or_path", str(tiny_model_dirs["small_base"]), "--use_lora", "--dataset_path", str(text),
         "--text_column", "text", "--max_length", "32", "--max_steps", "2", "--save_steps", "2", "--num_samples", "0",
         "--learning_rate", "1e-3", "--hp_search", str(space), "--hp_pruner_startup_trials", "-1",
@@ -207,7 +208,7 @@ def test_bad_spaces_are_refused_before_any_training(tmp_path, data_file, tiny_to
     if trials is not None:
         flags += ["--hp_trials", str(trials)]
     with pytest.raises(UsageError) as err:
-        fine_tune.main(*fine_tune.parse_args(flags))
+        fine_tune.main(*parse_args(flags))
     assert message in str(err.value)
     if "space file" in message or "points" in message:
         assert str(space) in str(err.value)
@@ -219,12 +220,12 @@ def test_space_parsing_keeps_grid_ranges_and_fixed_apart(tmp_path):
     path.write_text(json.dumps({"parameters": {"learning_rate": [1e-3, 5e-4, 1e-4], "batch_size": [16, 32, 64],
                                                "warmup_ratio_is_not_a_flag": 1}}))
     with pytest.raises(UsageError, match="unknown key 'warmup_ratio_is_not_a_flag'"):
-        hp_search.parse_space(path, [fine_tune.ModelArguments, fine_tune.DataArguments,
-                                     fine_tune.FineTuneTrainingArguments])
+        hp_search.parse_space(path, [ModelArguments, DataArguments,
+                                     FineTuneTrainingArguments])
     path.write_text(json.dumps({"learning_rate": {"low": "1e-5", "high": 1e-3, "log": True}, "epochs": 3,
                                 "lora_r": [8, 16]}))
-    space = hp_search.parse_space(path, [fine_tune.ModelArguments, fine_tune.DataArguments,
-                                         fine_tune.FineTuneTrainingArguments])
+    space = hp_search.parse_space(path, [ModelArguments, DataArguments,
+                                         FineTuneTrainingArguments])
     assert space.grid == {"lora_r": [8, 16]} and space.fixed == {"num_train_epochs": 3}
     assert space.ranges == {"learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}} and not space.is_grid
     assert hp_search.redact_url("postgresql://me:secret@db.host/optuna") == "postgresql://me:***@db.host/optuna"
@@ -237,7 +238,7 @@ def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch):
 
     import optuna.storages
 
-    import hp_search
+    from proxytune.training import hp_search
 
     real, calls = optuna.storages.RDBStorage, []
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, make_rows, train_tiny_tokenizer
 from hub_cache import build_hub_cache, offline_env
 
@@ -23,7 +22,7 @@ import json, sys
 import datasets, torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils.hub import resolve_revision
-from common import load_causal_lm, load_tokenizer
+from proxytune.models.loading import load_causal_lm, load_tokenizer
 out = {}
 for repo in ("EleutherAI/pythia-70m", "EleutherAI/pythia-410m"):
     model = load_causal_lm(repo, device="cpu", dtype="auto")

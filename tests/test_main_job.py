@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, make_rows, train_tiny_tokenizer
 from hub_cache import build_hub_cache, offline_env
 
@@ -53,6 +52,7 @@ def test_main_job_runs_as_the_readme_writes_it(warm_cache, tmp_path):
     work.mkdir()
     for path in [*ROOT.glob("*.py"), ROOT / "requirements.txt"]:
         shutil.copy(path, work / path.name)
+    shutil.copytree(ROOT / "proxytune", work / "proxytune", ignore=shutil.ignore_patterns("__pycache__"))
     env = offline_env(warm_cache)
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -83,7 +83,7 @@ def test_main_job_runs_as_the_readme_writes_it(warm_cache, tmp_path):
     for system in SYSTEMS:
         assert system in text
     # The steered system is labelled by what its blend really runs ("small_tuned alone" for a blend without L).
-    from steer import Blend, describe_blend
+    from proxytune.steering.blend import Blend, describe_blend
 
     label = describe_blend(Blend.load(out / "steer" / "blend.json"))
     assert metrics["run"]["systems"]["steered"]["model"].startswith(label)

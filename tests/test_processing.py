@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from common import UsageError, render_prompt
 from conftest import PYTHIA_TOKENIZER, ROOT, SHARED_DATA, make_rows, requires_shared
-from processing_meta_review import ProcessingArguments, clean_text, main, split_rows
+
+from processing_meta_review import main
+from proxytune.foundation.errors import UsageError
+from proxytune.task.arguments import ProcessingArguments
+from proxytune.task.processing import split_rows
+from proxytune.task.prompts import render_prompt
+from proxytune.task.reviews import clean_text
 
 
 def run(tmp_path, tokenizer_dir, data, **kw):
@@ -321,7 +325,7 @@ def test_directory_without_data_says_what_to_pass(tmp_path, tiny_tokenizer_dir):
     (["--min_target_words", "-3"], "--min_target_words -3 must be >= 0"),
 ])
 def test_numbers_are_finite_and_in_range(flags, needle):
-    from common import parse_config
+    from proxytune.foundation.config import parse_config
 
     with pytest.raises(UsageError) as err:
         parse_config([ProcessingArguments], flags)
@@ -330,7 +334,7 @@ def test_numbers_are_finite_and_in_range(flags, needle):
 
 def test_too_small_max_length_hint_is_the_real_minimum(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, jsonl_file):
     """One number, from the tokenizer, in every case and script: the smallest --max_length that works."""
-    from processing_meta_review import min_max_length
+    from proxytune.task.processing import min_max_length
 
     needed = min_max_length(tiny_tokenizer)
     for too_small in (0, 8, needed - 1):

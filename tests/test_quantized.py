@@ -17,15 +17,17 @@ import torch
 from conftest import make_tiny_model
 
 import fine_tune
-from common import (
+from proxytune.foundation.errors import UsageError
+from proxytune.models.loading import load_causal_lm
+from proxytune.models.quantization import (
     QUANTIZATION_RECORD,
     QuantizationArguments,
-    UsageError,
     check_bitsandbytes,
-    load_causal_lm,
     quantization_bits,
 )
-from steer import Blend, left_pad, steered_generate
+from proxytune.steering.blend import Blend
+from proxytune.steering.decoding import left_pad, steered_generate
+from proxytune.training.arguments import parse_args
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 requires_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed (pip install bitsandbytes)")
@@ -138,7 +140,7 @@ def qlora_base_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def run_fine_tune(*flags: str) -> dict:
-    return fine_tune.main(*fine_tune.parse_args([*QUIET, *flags]))
+    return fine_tune.main(*parse_args([*QUIET, *flags]))
 
 
 @requires_bnb
@@ -166,11 +168,11 @@ def test_qlora_trains_an_adapter_that_steer_loads_quantised_or_merged(tmp_path, 
     assert type(tuned).__name__ == "PeftModelForCausalLM"  # unmerged on the quantised base, as it was trained
     with torch.no_grad():
         assert not torch.allclose(tuned(ids).logits, base(ids).logits)
-    logging.getLogger("common").addHandler(caplog.handler)  # fine_tune.main's setup_logging replaced the root's
+    logging.getLogger("proxytune").addHandler(caplog.handler)  # fine_tune.main's setup_logging replaced the root's
     try:
         merged = load_causal_lm(str(final), device="cpu", flag="--large_model", quantize_prefix="--large_")
     finally:
-        logging.getLogger("common").removeHandler(caplog.handler)
+        logging.getLogger("proxytune").removeHandler(caplog.handler)
     assert type(merged).__name__ == "GPTNeoXForCausalLM"
     assert f"trained on a {bits}-bit base" in caplog.text and f"pass --large_load_in_{bits}bit" in caplog.text
 
@@ -183,13 +185,13 @@ def test_qlora_trains_an_adapter_that_steer_loads_quantised_or_merged(tmp_path, 
 ])
 def test_fine_tune_refuses_quantisation_without_an_adapter(flags, message):
     with pytest.raises(UsageError, match=message):
-        fine_tune.parse_args(["--output_dir", "unused", *flags])
+        parse_args(["--output_dir", "unused", *flags])
 
 
 def test_fine_tune_refuses_to_quantise_an_adapter_directory(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(UsageError, match="is a LoRA adapter; pass its base model"):
-        fine_tune.parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path), "--use_lora",
+        parse_args(["--output_dir", "unused", "--model_name_or_path", str(tmp_path), "--use_lora",
                               "--load_in_4bit"])
 
 
@@ -219,24 +221,26 @@ def test_a_device_bitsandbytes_cannot_run_on_is_refused(monkeypatch):
 # --- the scripts' flags ------------------------------------------------------------------------------------
 @requires_bnb
 def test_steer_cli_with_a_4bit_large_model(tiny_model_dirs, caplog):
-    from common import parse_config
-    from steer import ModelArguments, SteerArguments, TuneArguments, main
+    from proxytune.foundation.config import parse_config
+    from proxytune.steering.arguments import ModelArguments, SteerArguments, TuneArguments
+    from steer import main
 
     flags = ["--large_model", str(tiny_model_dirs["large"]), "--small_base_model", str(tiny_model_dirs["small_base"]),
              "--small_tuned_model", str(tiny_model_dirs["small_tuned"]), "--large_load_in_4bit", "--small_base_load_in_8bit",
              "--alpha", "1.0", "--prompt", "Good paper. Weak baselines.", "--max_new_tokens", "5"]
-    logging.getLogger("steer").addHandler(caplog.handler)  # main's setup_logging replaces the root's handlers
+    logging.getLogger("proxytune").addHandler(caplog.handler)  # main's setup_logging replaces the root's handlers
     try:
         rows = main(*parse_config([ModelArguments, SteerArguments, TuneArguments], flags))
     finally:
-        logging.getLogger("steer").removeHandler(caplog.handler)
+        logging.getLogger("proxytune").removeHandler(caplog.handler)
     assert len(rows) == 1 and rows[0]["n_new_tokens"] <= 5
     assert "large: " in caplog.text and "4-bit weights" in caplog.text and "8-bit weights" in caplog.text
 
 
 @requires_bnb
 def test_evaluation_loads_each_role_with_its_own_quantisation(tiny_model_dirs):
-    from evaluation import ModelArguments, load_models
+    from proxytune.evaluation.arguments import ModelArguments
+    from proxytune.evaluation.systems import load_models
 
     args = ModelArguments(large_model=str(tiny_model_dirs["large"]), small_base_model=str(tiny_model_dirs["small_base"]),
                           small_tuned_model=str(tiny_model_dirs["small_tuned"]), large_tuned_model=str(tiny_model_dirs["large"]),
@@ -251,7 +255,7 @@ def test_speculative_decoding_with_a_quantised_large_model_equals_the_plain_loop
     """steer.py decodes a batch of one speculatively by default: L then scores k drafted tokens in one call, which
     must give the tokens the one-at-a-time loop gives (bitsandbytes' 4-bit CPU kernel and LLM.int8 quantise each row
     of activations on its own, so a row's result does not depend on the others)."""
-    from speculative import SpeculativeStats, speculative_generate
+    from proxytune.steering.speculative import SpeculativeStats, speculative_generate
 
     mostly_draft = Blend(large_weight=0.2, tuned_weight=1.0, base_weight=0.2)
     for blend in (Blend.from_alpha(1.0), mostly_draft):

@@ -32,11 +32,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_forkserver import ForkServer, Result, Started
+from conftest import ROOT, make_rows, make_tiny_model, train_tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli_forkserver import ForkServer, Result, Started
-from conftest import ROOT, make_rows, make_tiny_model, train_tiny_tokenizer
+from proxytune.foundation.errors import UsageError
+from proxytune.models.loading import load_causal_lm
+from proxytune.training.checkpoints import checkpoint_problems, list_checkpoints
 
 ENV_TOKEN = "hf_FAKEtokenDoNotLeak123456"  # HF_TOKEN, HUGGING_FACE_HUB_TOKEN and --hub_token
 LOGIN_TOKEN = "hf_FAKEloginTokenDoNotLeak654321"  # what `hf auth login` stores in $HF_HOME/token
@@ -132,7 +135,7 @@ def inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer, tiny_model_dirs
     assert res.returncode == 0, res.stderr[-2000:]
 
     other_tok = train_tiny_tokenizer(root / "other_tok", vocab_size=280)
-    from common import load_tokenizer
+    from proxytune.models.loading import load_tokenizer
 
     other = load_tokenizer(str(other_tok))
     make_tiny_model(len(other), padded_vocab=len(other) + 12).save_pretrained(root / "other_vocab")
@@ -175,7 +178,7 @@ def inputs(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer, tiny_model_dirs
     (files / "data.parquet.gz").write_bytes(gzip.compress(b"PAR1 not really parquet PAR1"))
     write_jsonl(files / "numeric_output.jsonl", [{"Input": f"review {i}", "Output": i} for i in range(5)])
     write_jsonl(files / "one_decision.jsonl", [{**r, "decision": "Reject"} for r in make_rows(12)])
-    from rl_tune import load_papers
+    from proxytune.task.papers import load_papers
 
     paper = load_papers(str(data), "train")[0]["example_id"]
     rate = lambda eid, system, r: {"type": "rating", "example_id": eid, "system": system, "rating": r,  # noqa: E731
@@ -515,7 +518,7 @@ BAD_INPUTS: dict[str, Bad] = {
 }
 
 
-# Cases of the same classes whose fix belongs in steer.py / evaluation.py (common.number_problem is the check to
+# Cases of the same classes whose fix belongs in steer.py / evaluation.py (number_problem is the check to
 # call); strict xfail, so each one reports when fixed and then moves into BAD_INPUTS.
 def test_the_table_covers_every_script_and_25_distinct_bad_inputs():
     kinds = {name.split("/")[1] for name in BAD_INPUTS}
@@ -667,7 +670,6 @@ def killed_at(server, flags, logs, tmp_path, **hook) -> None:
 
 
 def test_sigkill_anywhere_then_same_command_resumes_and_matches(server, tiny_tokenizer_dir, jsonl_file, tmp_path):
-    import fine_tune
 
     logs = tmp_path / "_logs"
     whole, crashed = tmp_path / "whole", tmp_path / "crashed"
@@ -678,8 +680,8 @@ def test_sigkill_anywhere_then_same_command_resumes_and_matches(server, tiny_tok
     # 1. Killed while checkpoint-10 is being written: weights and optimizer are there, RNG and trainer state not.
     killed_at(server, flags, logs, tmp_path, kind="pause", target="transformers.trainer:Trainer._save_rng_state",
               match="checkpoint-10")
-    assert fine_tune.checkpoint_problems(crashed / "checkpoint-10")
-    assert not fine_tune.checkpoint_problems(crashed / "checkpoint-8")
+    assert checkpoint_problems(crashed / "checkpoint-10")
+    assert not checkpoint_problems(crashed / "checkpoint-8")
 
     # 2. The same command; killed inside a file this time: checkpoint-20's trainer_state.json half written.
     started = server.start("fine_tune.py", flags, logs, hook={
@@ -688,7 +690,7 @@ def test_sigkill_anywhere_then_same_command_resumes_and_matches(server, tiny_tok
     kill_when(server, started, (tmp_path / "marker-2").exists)
     log = started.stderr.read_text()
     assert "skipping incomplete checkpoint checkpoint-10" in log and "resuming from checkpoint-8" in log
-    assert "trainer_state.json missing or unreadable" in fine_tune.checkpoint_problems(crashed / "checkpoint-20")
+    assert "trainer_state.json missing or unreadable" in checkpoint_problems(crashed / "checkpoint-20")
 
     # 3. Killed at an arbitrary moment: as soon as checkpoint-24 appears, wherever the save is.
     started = server.start("fine_tune.py", flags, logs)
@@ -701,8 +703,8 @@ def test_sigkill_anywhere_then_same_command_resumes_and_matches(server, tiny_tok
     assert not (crashed / "final").exists() and list(crashed.glob(".final.tmp-*"))
 
     # 5. The same command finishes: from the last complete checkpoint, with the uninterrupted run's result.
-    newest = fine_tune.list_checkpoints(crashed)[0]
-    assert not fine_tune.checkpoint_problems(newest)
+    newest = list_checkpoints(crashed)[0]
+    assert not checkpoint_problems(newest)
     res = server.run("fine_tune.py", flags, logs)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {newest.name}" in res.stderr
@@ -735,7 +737,6 @@ def test_sigkill_mid_run_and_during_the_final_save_resumes_to_the_same_end(sched
                                                                             jsonl_file, tmp_path):
     """The resumed run ends where the uninterrupted one does, at every kill point: killed mid-run, and killed while
     final/ is written after the last checkpoint (resuming from that checkpoint must train no further step)."""
-    import fine_tune
 
     extra, stop = SCHEDULES[schedule]
     logs, whole, crashed = tmp_path / "_logs", tmp_path / "whole", tmp_path / "crashed"
@@ -755,7 +756,7 @@ def test_sigkill_mid_run_and_during_the_final_save_resumes_to_the_same_end(sched
     killed_at(server, flags(crashed), logs, tmp_path, kind="pause",
               target="transformers.trainer_callback:TrainerState.save_to_json", match=".final.tmp-")
     assert not (crashed / "final").exists()
-    assert fine_tune.list_checkpoints(crashed)[0].name == f"checkpoint-{stop}"
+    assert list_checkpoints(crashed)[0].name == f"checkpoint-{stop}"
     res = server.run("fine_tune.py", flags(crashed), logs)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from checkpoint-{stop}" in res.stderr
@@ -803,7 +804,6 @@ def test_full_disk_is_one_line_and_the_same_command_resumes_with_room(server, ti
                                                                       tmp_path, small_disk):
     """Room for one checkpoint and final/ (the up-front check passes), not for the second checkpoint kept: the run
     fails in one line naming the directory, leaves no partial checkpoint, and resumes once there is room."""
-    import fine_tune
 
     logs = tmp_path / "_logs"
     flags = lambda out: [*fine_tune_flags(tiny_tokenizer_dir, jsonl_file, out)[:-1], out]  # noqa: E731
@@ -819,8 +819,8 @@ def test_full_disk_is_one_line_and_the_same_command_resumes_with_room(server, ti
     line = assert_clean_failure(res, f"no space left on the device of --output_dir {run_dir}", "a checkpoint needs about",
                                 "the partial files were removed", "resumes from checkpoint-2")
     assert "Traceback" not in res.stderr, line
-    assert [p.name for p in fine_tune.list_checkpoints(run_dir)] == ["checkpoint-2"]
-    assert not fine_tune.checkpoint_problems(run_dir / "checkpoint-2")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert not checkpoint_problems(run_dir / "checkpoint-2")
     assert not (run_dir / "final").exists() and not list(run_dir.glob(".final*"))
 
     small_disk(4 * (3 * checkpoint + final) // 1024, remount=True)
@@ -857,7 +857,6 @@ def type_ratings(path: Path) -> dict[tuple[str, str], tuple]:
     """Type three ratings into the Review sheet under the blind letters, as a reviewer would; returns them by
     (example_id, system), the systems found through the hidden Key sheet."""
     from openpyxl import load_workbook
-
     from test_workbook import header_of, key_of, row_of
 
     wb = load_workbook(path)
@@ -879,7 +878,6 @@ def type_ratings(path: Path) -> dict[tuple[str, str], tuple]:
 def read_ratings(path: Path) -> dict[tuple[str, str], tuple]:
     """{(example_id, system): (rating, comment)} of every rating in the Review sheet, un-blinded through the Key."""
     from openpyxl import load_workbook
-
     from test_workbook import header_of, key_of
 
     wb = load_workbook(path)
@@ -910,7 +908,7 @@ def test_sigkill_while_writing_the_workbook_loses_nothing(server, tiny_model_dir
 
     marker = tmp_path / "marker"
     started = server.start("evaluation.py", flags, logs, hook={
-        "kind": "half_write", "target": "workbook:write_xlsx", "dest": 1, "marker": str(marker)})
+        "kind": "half_write", "target": "proxytune.workbook.writer:write_xlsx", "dest": 1, "marker": str(marker)})
     kill_when(server, started, marker.exists)
     assert book.read_bytes() == before and read_ratings(book) == typed
     (half,) = out.glob(".eval_examples.xlsx.*.tmp")  # the kill really came mid-write
@@ -981,21 +979,19 @@ def test_no_token_is_written_anywhere_in_the_pipeline(server, inputs, tiny_model
 def test_trust_remote_code_is_off_unless_asked(script, types):
     import importlib
 
-    from common import parse_config
+    from proxytune.foundation.config import parse_config
 
     module = importlib.import_module(script)
     parsed = parse_config([getattr(module, t) for t in types], [])
-    flags = [getattr(p, "trust_remote_code") for p in parsed if hasattr(p, "trust_remote_code")]
+    flags = [p.trust_remote_code for p in parsed if hasattr(p, "trust_remote_code")]
     assert flags == [False]
     parsed = parse_config([getattr(module, t) for t in types], ["--trust_remote_code"])
-    assert [getattr(p, "trust_remote_code") for p in parsed if hasattr(p, "trust_remote_code")] == [True]
+    assert [p.trust_remote_code for p in parsed if hasattr(p, "trust_remote_code")] == [True]
 
 
 def test_models_load_from_safetensors_only(inputs, monkeypatch):
     """load_causal_lm (used by every script) asks for safetensors, and a pickle-only directory is refused."""
     from transformers import AutoModelForCausalLM
-
-    import common
 
     seen = {}
     original = AutoModelForCausalLM.from_pretrained.__func__
@@ -1005,10 +1001,10 @@ def test_models_load_from_safetensors_only(inputs, monkeypatch):
         return original(cls, name, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    common.load_causal_lm(str(inputs.models["small_base"]), device="cpu")
+    load_causal_lm(str(inputs.models["small_base"]), device="cpu")
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
-    with pytest.raises(common.UsageError, match="pickle weights"):
-        common.load_causal_lm(str(inputs.pickle_only), device="cpu")
+    with pytest.raises(UsageError, match="pickle weights"):
+        load_causal_lm(str(inputs.pickle_only), device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1080,7 +1076,8 @@ review_text = st.lists(st.sampled_from(WORDS), min_size=1, max_size=120).map(" "
 @settings(max_examples=60, deadline=None)
 @given(reviews=st.lists(review_text, min_size=1, max_size=4), budget=st.integers(0, 400))
 def test_build_prompt_fits_keeps_the_template_and_cuts_only_review_tails(tiny_tokenizer, reviews, budget):
-    from common import REVIEW_JOINER, UsageError, build_prompt, render_prompt
+    from proxytune.foundation.errors import UsageError
+    from proxytune.task.prompts import REVIEW_JOINER, build_prompt, render_prompt
 
     count = lambda text: len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     overhead = count(render_prompt([""] * len(reviews)))
@@ -1102,8 +1099,9 @@ def test_build_prompt_fits_keeps_the_template_and_cuts_only_review_tails(tiny_to
 @settings(max_examples=40, deadline=None)
 @given(reviews=st.lists(review_text, min_size=1, max_size=3), meta=review_text, max_length=st.integers(32, 300))
 def test_tokenized_example_fits_and_never_cuts_the_target(tiny_tokenizer, reviews, meta, max_length):
-    from common import render_prompt
-    from processing_meta_review import MIN_REVIEW_TOKENS, tokenize_example
+    from proxytune.task.arguments import MIN_REVIEW_TOKENS
+    from proxytune.task.processing import tokenize_example
+    from proxytune.task.prompts import render_prompt
 
     row = {"example_id": "x", "reviews": reviews, "Input": "", "Output": meta}
     target = tiny_tokenizer(" " + meta, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
@@ -1127,7 +1125,7 @@ logprob_rows = st.integers(0, 2**16).map(
 @given(logps=logprob_rows, alpha=st.floats(0, 5))
 def test_no_delta_means_no_steering(logps, alpha):
     """S_tuned == S: the delta is zero and proxy-tuning with any alpha is L itself."""
-    from steer import Blend, blend_logprobs
+    from proxytune.steering.blend import Blend, blend_logprobs
 
     large, small, _ = logps
     torch.testing.assert_close(blend_logprobs(large, small, small, Blend.from_alpha(alpha)), large, atol=1e-5, rtol=0)
@@ -1138,7 +1136,7 @@ def test_no_delta_means_no_steering(logps, alpha):
        shifts=st.lists(st.floats(-50, 50), min_size=3, max_size=3))
 def test_blend_ignores_per_row_constants(logps, weights, shifts):
     """Only distributions matter: adding a constant to one model's log-probs (a normaliser) changes nothing."""
-    from steer import Blend, blend_logprobs
+    from proxytune.steering.blend import Blend, blend_logprobs
 
     blend = Blend(*weights)
     shifted = [lp + s for lp, s in zip(logps, shifts)]
@@ -1151,7 +1149,7 @@ def test_blend_ignores_per_row_constants(logps, weights, shifts):
 @given(logps=logprob_rows, alphas=st.tuples(st.floats(0, 4), st.floats(0, 4)))
 def test_more_alpha_never_lowers_the_token_the_delta_favours_most(logps, alphas):
     """d/dalpha log p~(x) = delta(x) - E_p~[delta] >= 0 for x = argmax delta: steering harder pushes toward it."""
-    from steer import Blend, blend_logprobs
+    from proxytune.steering.blend import Blend, blend_logprobs
 
     large, tuned, base = logps
     best = (tuned - base).argmax(-1, keepdim=True)  # (B, 1)

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import rl_tune
-from common import UsageError, cli, load_causal_lm, load_tokenizer, parse_config
+from proxytune.evaluation.arguments import ARGUMENT_TYPES
+from proxytune.foundation.cli import cli
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.errors import UsageError
+from proxytune.models.loading import load_causal_lm
+from proxytune.preference.arguments import parse_args
+from proxytune.preference.pairs import build_file_pairs, completion_ids, pairs_from_ratings
+from proxytune.preference.rewards import make_reward_functions, parse_reward_spec
+from proxytune.task.papers import load_papers
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -19,7 +27,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def run_main(*argv) -> dict:
-    return rl_tune.main(*rl_tune.parse_args([str(a) for a in argv]))
+    return rl_tune.main(*parse_args([str(a) for a in argv]))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -28,13 +36,13 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 # --- the reward spec and the pairs ------------------------------------------------------------------
 def test_reward_spec_is_parsed_with_weights_and_bad_specs_are_refused():
-    assert rl_tune.parse_reward_spec("rouge:1,eos:0.5,repetition", None) == [("rouge", 1.0), ("eos", 0.5),
+    assert parse_reward_spec("rouge:1,eos:0.5,repetition", None) == [("rouge", 1.0), ("eos", 0.5),
                                                                              ("repetition", 1.0)]
-    assert rl_tune.parse_reward_spec("", "some/dir") == []  # the reward model alone
+    assert parse_reward_spec("", "some/dir") == []  # the reward model alone
     for spec, words in [("rogue:1", "did you mean 'rouge'"), ("eos:much", "not a number"), ("eos:-1", ">= 0"),
                         ("eos:nan", "finite"), ("eos,eos", "twice"), ("eos:0", "weight 0"), ("", "names no reward")]:
         with pytest.raises(UsageError, match=words):
-            rl_tune.parse_reward_spec(spec, None)
+            parse_reward_spec(spec, None)
 
 
 def test_pairs_higher_rating_chosen_ties_skipped_choices_as_given():
@@ -46,14 +54,14 @@ def test_pairs_higher_rating_chosen_ties_skipped_choices_as_given():
              "outputs": {"a": "loser text", "b": "winner text"}},
             {"type": "pairwise", "example_id": "r", "systems": ["a", "b"], "choice": "tie", "winner": None,
              "loser": None, "outputs": {"a": "x", "b": "y"}}]
-    pairs, counts = rl_tune.pairs_from_ratings(recs)
+    pairs, counts = pairs_from_ratings(recs)
     got = sorted((p["example_id"], p["chosen"], p["rejected"]) for p in pairs)
     assert got == [("p", "also good", "bad"), ("p", "good", "bad"), ("q", "winner text", "loser text")]
     assert counts == {"ratings": 3, "choices": 2, "ties": 2}  # a = c on p, and the tie choice on r
 
 
 def test_eos_reward_reads_the_completion_ids_and_repetition_is_a_penalty():
-    eos, rouge, length, rep = rl_tune.make_reward_functions(
+    eos, rouge, length, rep = make_reward_functions(
         [("eos", 1.0), ("rouge", 1.0), ("length", 1.0), ("repetition", 1.0)], [0], (2, 4), 3)
     # TRL decodes completions without special tokens: only the ids show that the first one stopped
     assert eos(completions=["Accept.", "Accept."], completion_ids=[[7, 8, 0], [7, 8, 9]]) == [1.0, 0.0]
@@ -63,8 +71,8 @@ def test_eos_reward_reads_the_completion_ids_and_repetition_is_a_penalty():
 
 
 def test_completion_ids_keep_an_eos_only_where_the_output_ended_with_one(tiny_tokenizer):
-    stopped = rl_tune.completion_ids("Accept.", True, tiny_tokenizer, 100)
-    cut = rl_tune.completion_ids("Accept.", False, tiny_tokenizer, 100)
+    stopped = completion_ids("Accept.", True, tiny_tokenizer, 100)
+    cut = completion_ids("Accept.", False, tiny_tokenizer, 100)
     assert stopped == cut + [tiny_tokenizer.eos_token_id] and tiny_tokenizer.eos_token_id not in cut
 
 
@@ -73,7 +81,7 @@ def simulated_ratings(tmp_path: Path, data: Path) -> Path:
     """Two outputs per paper, rated by a known rule: one that stops with EOS and does not repeat (5), one that
     loops and is cut off (1). predictions.jsonl beside the ratings says which ended with EOS, as evaluation.py's."""
     ratings, predictions = [], []
-    for paper in rl_tune.load_papers(str(data), "train"):
+    for paper in load_papers(str(data), "train"):
         good, bad = paper["Output"], "the paper the paper the paper the paper the paper"
         for system, text, rating, eos in (("a", good, 5, True), ("b", bad, 1, False)):
             ratings.append({"type": "rating", "example_id": paper["example_id"], "system": system, "rating": rating,
@@ -108,7 +116,7 @@ def test_dpo_raises_the_held_out_margin_and_loads_in_steer(tmp_path, jsonl_file,
         assert (final / name).is_file(), name
     assert "rl_tune.py" in (final / "README.md").read_text() and "held-out margin" in (final / "README.md").read_text()
     # steer.py takes it as --small_tuned_model
-    from steer import ModelArguments, SteerArguments, TuneArguments
+    from proxytune.steering.arguments import ModelArguments, SteerArguments, TuneArguments
     from steer import main as steer_main
 
     steered = steer_main(*parse_config([ModelArguments, SteerArguments, TuneArguments], [
@@ -157,7 +165,7 @@ def eos_prone_model(src: Path, dst: Path, tokenizer) -> Path:
 
 
 def first_token_eos_logprob(path: Path, tokenizer, papers: list[dict]) -> float:
-    from common import build_prompt
+    from proxytune.task.prompts import build_prompt
 
     model = load_causal_lm(str(path), device="cpu")
     total = 0.0
@@ -179,7 +187,7 @@ def test_grpo_raises_what_the_reward_pays_for_and_loads_in_evaluation(tmp_path, 
                       "--learning_rate", 1e-2, "--num_eval_examples", 2, "--num_samples", 1, "--max_new_tokens", 6,
                       "--report_to", "none", "--logging_steps", 1, "--output_dir", out)
     final = out / "final"
-    papers = rl_tune.load_papers(str(jsonl_file), "validation")[:6]
+    papers = load_papers(str(jsonl_file), "validation")[:6]
     assert first_token_eos_logprob(final, tiny_tokenizer, papers) > first_token_eos_logprob(start, tiny_tokenizer,
                                                                                             papers) + 0.5
     log = json.loads((final / "trainer_state.json").read_text())["log_history"]
@@ -191,7 +199,7 @@ def test_grpo_raises_what_the_reward_pays_for_and_loads_in_evaluation(tmp_path, 
     # evaluation.py takes it as --small_tuned_model
     import evaluation
 
-    metrics = evaluation.main(*parse_config(evaluation.ARGUMENT_TYPES, [
+    metrics = evaluation.main(*parse_config(ARGUMENT_TYPES, [
         "--dataset_path", str(jsonl_file), "--num_examples", "2", "--max_new_tokens", "3", "--bootstrap_samples", "20",
         "--small_tuned_model", str(final), "--systems", "small_tuned", "--output_dir", str(tmp_path / "eval")]))
     assert metrics is not None and (tmp_path / "eval" / "metrics.json").is_file()
@@ -217,7 +225,7 @@ def test_grpo_with_a_learned_reward_model(tmp_path, jsonl_file, tiny_model_dirs,
 
 # --- bad input ------------------------------------------------------------------------------------
 def test_bad_dpo_inputs_fail_in_one_line_and_write_nothing(tmp_path, jsonl_file, tiny_model_dirs, capsys):
-    paper = rl_tune.load_papers(str(jsonl_file), "train")[0]["example_id"]
+    paper = load_papers(str(jsonl_file), "train")[0]["example_id"]
     rate = lambda eid, system, r: {"type": "rating", "example_id": eid, "system": system, "rating": r,  # noqa: E731
                                    "output": f"output {system}"}
     cases = {
@@ -244,7 +252,7 @@ def test_pairs_file_prompt_as_written_and_eos_text_becomes_the_eos_id(tmp_path, 
     path = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": "Peer reviews of a paper:\n\nGood.\n\nMeta-review:", "chosen": f"Accept.{eos}", "rejected": "Accept"},
         {"prompt": "p", "chosen": "same", "rejected": "same"}])
-    (pair,) = rl_tune.build_file_pairs(path, tiny_tokenizer, 256)  # the identical pair is skipped
+    (pair,) = build_file_pairs(path, tiny_tokenizer, 256)  # the identical pair is skipped
     assert pair["chosen_ids"][-1] == tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.eos_token_id not in pair["rejected_ids"]
     assert tiny_tokenizer.decode(pair["prompt_ids"]).endswith("Meta-review:")

@@ -1,4 +1,4 @@
-"""speculative.py: greedy speculative steering gives steer.steered_generate's tokens (float64, and float32 on
+"""speculative.py: greedy speculative steering gives steered_generate's tokens (float64, and float32 on
 these prompts), and speculative sampling has the blend's output distribution (exact enumeration on a tiny
 vocabulary vs a seeded sample)."""
 
@@ -11,8 +11,10 @@ import torch
 from conftest import make_tiny_model
 from scipy.stats import chi2
 
-from speculative import RowState, SpeculativeStats, speculative_generate, uses_speculation, warp_scores
-from steer import LARGE, SMALL_BASE, SMALL_TUNED, Blend, NgramBlocker, blend_logprobs, left_pad, slice_vocab, steered_generate
+from proxytune.evaluation.generation import generate_batch
+from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blend_logprobs, slice_vocab
+from proxytune.steering.decoding import NgramBlocker, left_pad, process_scores, steered_generate, warp_scores
+from proxytune.steering.speculative import RowState, SpeculativeStats, speculative_generate, uses_speculation
 
 V = 300
 PAD, EOS = 1, 0
@@ -95,7 +97,7 @@ def test_each_row_stops_at_its_own_eos_as_the_plain_loop_does(models64):
 def test_a_batch_whose_masked_slots_fill_the_cache_is_packed_and_decodes_the_same(models64, monkeypatch):
     """Rows keep different counts per round, so a batch's caches fill with masked slots; with no spare room
     (the capacity a batch of one needs) BatchCache.reserve must pack them, and every row still decodes as alone."""
-    import speculative
+    from proxytune.steering import speculative
 
     packs = []
     real_reserve = speculative.BatchCache.reserve
@@ -222,12 +224,11 @@ def test_speculative_sampling_has_the_blends_distribution():
 # Wiring: steer.py and evaluation.py
 # ---------------------------------------------------------------------------------------------
 def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_dirs, monkeypatch):
-    import speculative
     from test_steer import model_flags, run_main
 
-    import steer
+    from proxytune.steering import speculative
 
-    assert speculative.process_scores is steer.process_scores  # one per-step processing for both loops
+    assert speculative.process_scores is process_scores  # one per-step processing for both loops
     blend = Blend.from_alpha(1.0)
     assert uses_speculation(object(), blend, True)
     assert not uses_speculation(object(), blend, False) and not uses_speculation(None, blend, True)
@@ -247,8 +248,7 @@ def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_d
 
 
 def test_evaluation_steered_system_decodes_one_example_speculatively(tiny_tokenizer, monkeypatch):
-    import evaluation
-    import speculative
+    from proxytune.steering import speculative
 
     models = tiny_models(torch.float32, vocab=len(tiny_tokenizer), padded=len(tiny_tokenizer) + 12, sharpen=30.0)
     calls = []
@@ -257,6 +257,6 @@ def test_evaluation_steered_system_decodes_one_example_speculatively(tiny_tokeni
     ids, mask = left_pad([[5, 6, 7, 8, 9]], tiny_tokenizer.pad_token_id)
     settings = dict(max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
                     no_repeat_ngram_size=0)
-    out = {flag: evaluation.generate_batch("steered", models, Blend.from_alpha(1.0), ids, mask, settings,
+    out = {flag: generate_batch("steered", models, Blend.from_alpha(1.0), ids, mask, settings,
                                            tiny_tokenizer, torch.Generator(), speculative=flag) for flag in (True, False)}
     assert calls == [1] and torch.equal(out[True], out[False])

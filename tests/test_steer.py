@@ -13,38 +13,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GenerationConfig
 
-from common import cli, parse_config
-from steer import (
+from proxytune.foundation.cli import cli
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.hub import hub_revision
+from proxytune.steering import tuning
+from proxytune.steering.arguments import ModelArguments, SteerArguments, TuneArguments
+from proxytune.steering.blend import (
     LARGE,
     SMALL_BASE,
     SMALL_TUNED,
     Blend,
-    ModelArguments,
-    SteerArguments,
-    TuneArguments,
     blend_logprobs,
-    blend_models,
-    blend_nll,
-    blend_nll_derivatives,
-    choose_by_generation,
     describe_blend,
-    from_coefficients,
-    generation_figures,
-    hub_revision,
     is_steering,
-    left_pad,
-    line_search,
-    main,
-    newton_search,
     nucleus_mask,
-    prefill_rows,
-    prefill_separately,
-    resolve_model_args,
-    score_targets,
     slice_vocab,
-    steered_generate,
-    warn_if_not_steering,
 )
+from proxytune.steering.decoding import left_pad, prefill_rows, prefill_separately, steered_generate
+from proxytune.steering.generation import generate_texts
+from proxytune.steering.loading import resolve_model_args
+from proxytune.steering.records import blend_models
+from proxytune.steering.scoring import blend_nll, blend_nll_derivatives, score_targets
+from proxytune.steering.search import from_coefficients, line_search, newton_search
+from proxytune.steering.tuning import choose_by_generation, generation_figures, warn_if_not_steering
+from steer import main
 
 V = 300  # tokenizer size of the in-memory models; their output layer is 12 rows wider, like Pythia's
 PAD, EOS = 1, 0
@@ -196,7 +188,7 @@ def test_row_by_row_prefill_equals_a_batched_prompt_pass(models):
     values a left-padded batched pass computes; padding columns stay empty; generate() will feed the last column."""
     from transformers import DynamicCache
 
-    from steer import positions_from_mask
+    from proxytune.steering.decoding import positions_from_mask
 
     model = models[LARGE]
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], PAD)  # (3, 7)
@@ -398,7 +390,7 @@ def test_blend_file_round_trip_and_errors(tmp_path):
 def test_describe_blend_names_what_a_blend_really_is(blend, system, caplog):
     assert describe_blend(blend) == system
     assert is_steering(blend) == (system == "large + small_tuned - small_base")
-    with caplog.at_level("WARNING", logger="steer"):
+    with caplog.at_level("WARNING"):
         message = warn_if_not_steering("tuned blend", blend)
     assert (message is None) == is_steering(blend)
     if message:
@@ -422,8 +414,8 @@ def test_model_flags_default_from_the_blend_record_then_the_pipeline(tmp_path, m
     records = {"large": {"name_or_path": "EleutherAI/pythia-1b", "path": None, "revision": "old"},
                "small_tuned": {"name_or_path": "gone/relative", "path": str(tmp_path), "revision": None}}
     Blend.from_alpha(1.0).save(blend_file, models=records)
-    monkeypatch.setattr("steer.hub_revision", lambda name, cache_dir=None: "new")
-    with caplog.at_level("WARNING", logger="steer"):
+    monkeypatch.setattr("proxytune.steering.loading.hub_revision", lambda name, cache_dir=None: "new")
+    with caplog.at_level("WARNING"):
         args = resolve_model_args(ModelArguments(small_base_model="mine"), str(blend_file))
     assert args.large_model == "EleutherAI/pythia-1b"  # from the record
     assert args.small_tuned_model == str(tmp_path)  # the recorded absolute path: the relative one is not here
@@ -496,7 +488,7 @@ def test_cli_tune_select_by_perplexity_keeps_the_perplexity_best_free_blend(tiny
 
 def test_cli_default_tune_chooses_the_candidate_whose_generations_score_best(tiny_model_dirs, jsonl_file, rows,
                                                                              tmp_path, capsys):
-    from evaluation import make_rouge_scorer, score_rouge
+    from proxytune.task.text_metrics import make_rouge_scorer, score_rouge
 
     out = tmp_path / "tune"
     report = run_main(tune_flags(tiny_model_dirs, jsonl_file, out))
@@ -531,9 +523,7 @@ def test_cli_tune_picks_a_candidate_that_writes_the_reference(tiny_model_dirs, j
                                                               monkeypatch):
     """A candidate whose outputs are the meta-reviews themselves (ROUGE-L 100) must be chosen, whatever its
     perplexity: the generation stage decides."""
-    import steer
-
-    generate = steer.generate_texts
+    generate = generate_texts
 
     def perfect_for_alpha_2(models, tokenizer, prompts, blend, args, desc="generating"):
         results = generate(models, tokenizer, prompts, blend, args, desc)
@@ -542,7 +532,7 @@ def test_cli_tune_picks_a_candidate_that_writes_the_reference(tiny_model_dirs, j
                 result["generation"] = next(r["Output"] for r in rows if r["Input"].split(" <sep> ")[0] in prompt)
         return results
 
-    monkeypatch.setattr(steer, "generate_texts", perfect_for_alpha_2)
+    monkeypatch.setattr(tuning, "generate_texts", perfect_for_alpha_2)
     report = run_main(tune_flags(tiny_model_dirs, jsonl_file, tmp_path / "tune"))
     assert report["chosen"] == "proxy-tuning, alpha=2" and report["system"] == "large + small_tuned - small_base"
     assert report["entries"]["proxy-tuning, alpha=2"]["generation"]["rougeL"] == pytest.approx(100.0)
@@ -584,13 +574,13 @@ def test_blend_file_alone_is_enough_and_an_explicit_model_flag_wins(tiny_model_d
                                "revision": None}
     monkeypatch.chdir(tmp_path)
     prompt = ["--prompt", "Good paper. Weak baselines.", "--max_new_tokens", "5", "--large_device", "cpu"]
-    with caplog.at_level("INFO", logger="steer"):
+    with caplog.at_level("INFO"):
         alone = run_main(["--blend", str(out / "blend.json"), *prompt])
     assert f"small_tuned={tiny_model_dirs['small_tuned'].resolve()} (from {out / 'blend.json'})" in caplog.text
     explicit = run_main([*model_flags(tiny_model_dirs), "--blend", str(out / "blend.json"), *prompt])
     assert alone == explicit
     caplog.clear()
-    with caplog.at_level("WARNING", logger="steer"):
+    with caplog.at_level("WARNING"):
         run_main(["--blend", str(out / "blend.json"), "--small_tuned_model", str(tiny_model_dirs["small_base"]),
                   *prompt])
     assert f"--small_tuned_model {tiny_model_dirs['small_base']} is not small_tuned" in caplog.text
@@ -614,14 +604,14 @@ def test_cli_tune_reads_a_processed_dataset_directory(tiny_model_dirs, tiny_toke
         run_main([*flags, "--validation_data", str(tmp_path / "ids_only"), "--output_dir", str(tmp_path / "t2")])
     rows |= {"reviews": [["Good."]] * 3, "Output": ["Accept."] * 3}
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
-    with caplog.at_level("WARNING", logger="steer"):
+    with caplog.at_level("WARNING"):
         report = run_main([*flags, "--validation_data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "t3")])
     assert report["generation"]["examples"] == "tune" and "papers the perplexity search tuned on" in caplog.text
 
 
 @requires_shared
 def test_cli_tune_on_shared_data_with_the_pythia_tokenizer(tmp_path):
-    from common import load_tokenizer
+    from proxytune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(PYTHIA_TOKENIZER))
     dirs = {}
@@ -643,7 +633,7 @@ def test_cli_tune_on_shared_data_with_the_pythia_tokenizer(tmp_path):
 def other_vocab_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("other_vocab")
     tok_dir = train_tiny_tokenizer(root / "tok", vocab_size=280)
-    from common import load_tokenizer
+    from proxytune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tok_dir))
     make_tiny_model(len(tokenizer), padded_vocab=len(tokenizer) + 12).save_pretrained(root / "model")

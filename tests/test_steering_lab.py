@@ -11,9 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from common import UsageError, parse_config
 from conftest import ROOT, SHARED, SHARED_DATA
+
+from proxytune.foundation.config import parse_config
+from proxytune.foundation.errors import UsageError
 
 sys.path.insert(0, str(ROOT / "bench"))
 import steering_lab  # noqa: E402
@@ -96,7 +97,7 @@ def test_smoke_lab_end_to_end_cached_redo_and_test_file(tmp_path):
     again = steering_lab.main(args)
     assert all(t["cached"] for t in again["stages"].values())
     assert json.dumps(again["analysis"], sort_keys=True) == json.dumps(analysis, sort_keys=True)  # NaN-safe
-    assert results.read_text().count("## Steering lab (smoke, MReD test split)") == 2
+    assert results.read_text().count("## Steering lab (smoke, MReD test split)") == 1  # a re-run replaces its record
 
     # --redo reruns that stage and the later ones only.
     redone = steering_lab.main(lab_args("--smoke", "--work_dir", str(work), "--redo", "alpha_curve"))
@@ -203,7 +204,7 @@ def test_hub_sources_for_the_from_scratch_lab(lab_hub, tmp_path):
 import json, sys
 sys.path.insert(0, {str(ROOT / 'bench')!r})
 import steering_lab
-from common import parse_config
+from proxytune.foundation.config import parse_config
 (args,) = parse_config([steering_lab.LabArguments], ["--smoke", "--corpus", "stanfordnlp/imdb", "--task_data",
                        "zqz979/meta-review", "--work_dir", {str(tmp_path / 'work')!r}])
 lab = steering_lab.resolve_lab(args)

@@ -12,10 +12,25 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import META, REVIEWS, ROOT
 
 import workbook as W
-from common import UsageError
-from conftest import META, REVIEWS, ROOT
+from proxytune.evaluation.arguments import OutputArguments
+from proxytune.evaluation.outputs import resolve_pairwise
+from proxytune.foundation.errors import UsageError
+from proxytune.workbook.judgments import export_judgments, read_judgments
+from proxytune.workbook.sheets import LINE_PT, MAX_ROW_HEIGHT
+from proxytune.workbook.writer import (
+    BookOptions,
+    WrittenBook,
+    blind_labels,
+    cell_text,
+    label_name,
+    pair_labels,
+    text_lines,
+    write_table,
+    write_workbook,
+)
 
 SYSTEMS = ["small_base", "small_tuned", "large", "steered"]
 ADJECTIVES = ["sound", "incremental", "novel", "unclear", "thorough", "limited"]
@@ -27,7 +42,7 @@ requires_libreoffice = pytest.mark.skipif(
 
 
 def make_run(n_examples: int = 5, systems=SYSTEMS, outputs_version: int = 0) -> tuple[list, list, dict, dict]:
-    """(records, examples, summary, run_info) as evaluation.write_outputs passes them. Outputs never name their
+    """(records, examples, summary, run_info) as write_outputs passes them. Outputs never name their
     system, so the Review sheet can be searched for system names; each (example, system) has its own text."""
     examples = [{"example_id": f"{i:04x}beefcafe{i:04x}", "position": i, "input": f"{REVIEWS[i % 6]}\n{REVIEWS[(i + 1) % 6]}",
                  "reference": META[i % 6], "prompt_truncated": i == 1} for i in range(n_examples)]
@@ -53,10 +68,10 @@ def make_run(n_examples: int = 5, systems=SYSTEMS, outputs_version: int = 0) -> 
 
 
 def write(path: Path, *, seed: int = 1, systems=SYSTEMS, pairwise=("steered", "large"), n_examples: int = 5,
-          outputs_version: int = 0, cached_values: bool = True) -> W.WrittenBook:
+          outputs_version: int = 0, cached_values: bool = True) -> WrittenBook:
     records, examples, summary, run_info = make_run(n_examples, systems, outputs_version)
-    options = W.BookOptions(seed=seed, pairwise=pairwise, bootstrap_samples=50, cached_values=cached_values)
-    return W.write_workbook(path, records, examples, summary, run_info, options)
+    options = BookOptions(seed=seed, pairwise=pairwise, bootstrap_samples=50, cached_values=cached_values)
+    return write_workbook(path, records, examples, summary, run_info, options)
 
 
 def key_of(wb) -> dict[tuple[str, str, str], str]:
@@ -173,12 +188,12 @@ def test_review_sheet_is_blind_one_row_per_example_with_dropdowns(tmp_path):
 
 
 def test_labels_are_seeded_per_example():
-    a = W.blind_labels(SYSTEMS, "ex1", 0)
-    assert sorted(a.values()) == ["A", "B", "C", "D"] and a == W.blind_labels(SYSTEMS, "ex1", 0)
-    assert any(W.blind_labels(SYSTEMS, "ex1", seed) != a for seed in range(1, 6))
-    assert {tuple(W.pair_labels(("steered", "large"), f"ex{i}", 0).items()) for i in range(20)} == {
+    a = blind_labels(SYSTEMS, "ex1", 0)
+    assert sorted(a.values()) == ["A", "B", "C", "D"] and a == blind_labels(SYSTEMS, "ex1", 0)
+    assert any(blind_labels(SYSTEMS, "ex1", seed) != a for seed in range(1, 6))
+    assert {tuple(pair_labels(("steered", "large"), f"ex{i}", 0).items()) for i in range(20)} == {
         (("steered", "A"), ("large", "B")), (("large", "A"), ("steered", "B"))}
-    assert [W.label_name(i) for i in (0, 25, 26, 27)] == ["A", "Z", "AA", "AB"]
+    assert [label_name(i) for i in (0, 25, 26, 27)] == ["A", "Z", "AA", "AB"]
 
 
 def test_print_setup_and_sizes_fit_the_content(tmp_path):
@@ -202,15 +217,15 @@ def test_print_setup_and_sizes_fit_the_content(tmp_path):
     for r in range(2, ws.max_row + 1):
         height = ws.row_dimensions[r].height
         text = ws.cell(r, col["reviews"]).value
-        assert W.MAX_ROW_HEIGHT >= height >= W.text_lines(text, reviews) * W.LINE_PT  # the reviews are not cut off
-        assert height < 20 * W.LINE_PT  # and the row is not a fixed tall block
+        assert MAX_ROW_HEIGHT >= height >= text_lines(text, reviews) * LINE_PT  # the reviews are not cut off
+        assert height < 20 * LINE_PT  # and the row is not a fixed tall block
         assert ws.cell(r, col["A output"]).alignment.wrap_text
     long = tmp_path / "long.xlsx"
     records, examples, summary, run_info = make_run(2)
     examples[0]["input"] = "A long review sentence. " * 400
-    W.write_workbook(long, records, examples, summary, run_info, W.BookOptions(review_chars=5000))
+    write_workbook(long, records, examples, summary, run_info, BookOptions(review_chars=5000))
     ws = load_workbook(long)["Review"]
-    assert len(ws["B2"].value) == 5000 and ws.row_dimensions[2].height == W.MAX_ROW_HEIGHT  # capped
+    assert len(ws["B2"].value) == 5000 and ws.row_dimensions[2].height == MAX_ROW_HEIGHT  # capped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +238,7 @@ def test_judgments_land_on_their_example_and_system_across_seeds_and_systems(tmp
     expected_by_output = {(eid, prediction(eid, s)): v for (eid, s), v in TYPED.items()}
 
     def judged(p=path):
-        found = W.read_judgments(p)
+        found = read_judgments(p)
         ratings = {(j.example_id, j.systems[0]): (j.values.get("rating"), j.values.get("comment"))
                    for j in found.current.values() if j.sheet == "Review" and j.systems}
         choices = {j.example_id: j.values["choice"] for j in found.current.values() if j.sheet == "Pairwise"}
@@ -260,7 +275,7 @@ def test_changed_output_carries_the_rating_and_keeps_the_rated_output(tmp_path):
     write(path)
     type_judgments(path, {(EIDS[0], "steered"): (4, "ok")}, {EIDS[0]: "large"})
     write(path, outputs_version=1)  # new outputs for every system
-    found = W.read_judgments(path)
+    found = read_judgments(path)
     assert found.current[("Review", EIDS[0], ("steered",))].values == {"rating": 4, "comment": "ok"}
     kept = {j.sheet: j for j in found.kept}
     assert kept["Review"].outputs == {"steered": prediction(EIDS[0], "steered")}  # the output that was rated
@@ -270,7 +285,7 @@ def test_changed_output_carries_the_rating_and_keeps_the_rated_output(tmp_path):
     note = ws.cell(row_of(ws, EIDS[0]), header_of(ws)["note"]).value
     assert "another rating of this output is in 'Kept ratings'" in note and "steered" not in note
     write(path, outputs_version=1)  # the same outputs again: nothing more is kept
-    assert len(W.read_judgments(path).kept) == 2
+    assert len(read_judgments(path).kept) == 2
 
 
 def test_reviewer_columns_sheets_and_formulas_are_kept(tmp_path):
@@ -307,7 +322,7 @@ def test_reviewer_columns_sheets_and_formulas_are_kept(tmp_path):
     rows = list(scores.iter_rows(min_row=2, values_only=True))
     fcol = header_of(scores)["flag"] - 1
     assert [(r[1], r[2]) for r in rows if r[fcol] == "check"] == [flagged]
-    assert W.read_judgments(path).current[("Review", over[0], (over[1],))].values == {"rating": 3}  # a rating now
+    assert read_judgments(path).current[("Review", over[0], (over[1],))].values == {"rating": 3}  # a rating now
     assert ratings_by_output(path)[(over[0], prediction(*over))] == (3, None)
     pw = wb["Pairwise"]
     assert pw.cell(row_of(pw, EIDS[0]), header_of(pw)["confidence"]).value == "high"
@@ -321,13 +336,13 @@ def test_text_that_looks_like_a_formula_stays_text(tmp_path):
     from openpyxl import Workbook, load_workbook
 
     wb = Workbook()
-    W.write_table(wb.active, ["output", "rating"], [{"output": "=1+1 \x07bell", "rating": "=2+2"}], {},
+    write_table(wb.active, ["output", "rating"], [{"output": "=1+1 \x07bell", "rating": "=2+2"}], {},
                   keep_formulas={"rating"})
     wb.save(tmp_path / "t.xlsx")
     ws = load_workbook(tmp_path / "t.xlsx").active
     assert (ws["A2"].value, ws["A2"].data_type) == ("=1+1 bell", "s")
     assert ws["B2"].data_type == "f"
-    assert W.cell_text("x" * 40_000).endswith("[... 7233 more characters]") and len(W.cell_text("x" * 40_000)) == 32_767
+    assert cell_text("x" * 40_000).endswith("[... 7233 more characters]") and len(cell_text("x" * 40_000)) == 32_767
 
 
 def test_old_layout_workbook_is_carried_over(tmp_path):
@@ -351,7 +366,7 @@ def test_old_layout_workbook_is_carried_over(tmp_path):
     wb.save(path)
 
     write(path)
-    found = W.read_judgments(path)
+    found = read_judgments(path)
     assert found.current[("Review", EIDS[0], ("steered",))].values == {"rating": 4, "comment": "clear"}
     assert found.current[("Review", EIDS[1], ("small_base",))].values == {"rating": 2}
     assert found.current[("Scores", EIDS[0], ("large",))].values == {"second_opinion": "later"}
@@ -419,9 +434,9 @@ def test_ratings_jsonl_matches_the_book(tmp_path):
     type_judgments(path, TYPED, CHOSEN)
     written = write(path, systems=["small_tuned", "large", "steered"])  # small_base's ratings kept aside
     out = tmp_path / "ratings.jsonl"
-    n = W.export_judgments(written.judgments, out)
+    n = export_judgments(written.judgments, out)
     again = tmp_path / "again.jsonl"
-    W.export_judgments(W.read_judgments(path), again)
+    export_judgments(read_judgments(path), again)
     assert out.read_text() == again.read_text()  # what was exported is what the book holds
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert n == len(lines) == len(TYPED) + len(CHOSEN)
@@ -450,7 +465,7 @@ def test_a_book_without_its_key_or_with_an_unmapped_letter_is_refused(tmp_path):
     ws = wb["Review"]
     ws.append([99, "reviews", "reference", "an output", 4])  # a row typed by hand, without an example_id...
     wb.save(path)
-    W.read_judgments(path)  # ...holds no judgment that could be matched, and is not one
+    read_judgments(path)  # ...holds no judgment that could be matched, and is not one
     wb = load_workbook(path)
     wb["Review"].cell(wb["Review"].max_row, header_of(wb["Review"])["example_id"], "not-an-example")
     wb.save(path)
@@ -468,16 +483,15 @@ def test_a_book_without_its_key_or_with_an_unmapped_letter_is_refused(tmp_path):
 
 
 def test_pairwise_flag(tmp_path):
-    import evaluation
 
-    assert evaluation.resolve_pairwise("auto", ["large", "steered"]) == ("steered", "large")
-    assert evaluation.resolve_pairwise("auto", ["small_base", "large"]) is None
-    assert evaluation.resolve_pairwise("none", ["large", "steered"]) is None
-    assert evaluation.resolve_pairwise("large, small_base", ["small_base", "large"]) == ("large", "small_base")
-    assert evaluation.resolve_pairwise("large,large_tuned", ["large"]) is None  # warned, no Pairwise sheet
+    assert resolve_pairwise("auto", ["large", "steered"]) == ("steered", "large")
+    assert resolve_pairwise("auto", ["small_base", "large"]) is None
+    assert resolve_pairwise("none", ["large", "steered"]) is None
+    assert resolve_pairwise("large, small_base", ["small_base", "large"]) == ("large", "small_base")
+    assert resolve_pairwise("large,large_tuned", ["large"]) is None  # warned, no Pairwise sheet
     for bad in ("steered", "steered,steered", "steered,huge"):
         with pytest.raises(UsageError, match=f"--pairwise {bad} must name two different systems"):
-            evaluation.OutputArguments(pairwise=bad)
+            OutputArguments(pairwise=bad)
     path = tmp_path / "book.xlsx"
     write(path, pairwise=None)
     from openpyxl import load_workbook
@@ -530,8 +544,8 @@ def test_libreoffice_computes_the_stored_values_and_keeps_every_judgment(tmp_pat
                     assert got == pytest.approx(expected) if isinstance(expected, float) else got == expected, \
                         (name, f.coordinate, f.value)
     assert checked > 40
-    assert W.export_judgments(W.read_judgments(saved), tmp_path / "a.jsonl") == len(TYPED) + len(CHOSEN)
-    W.export_judgments(W.read_judgments(path), tmp_path / "b.jsonl")
+    assert export_judgments(read_judgments(saved), tmp_path / "a.jsonl") == len(TYPED) + len(CHOSEN)
+    export_judgments(read_judgments(path), tmp_path / "b.jsonl")
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,27 +51,45 @@ from typing import Any
 import yaml
 from transformers import TrainerCallback
 
-from common import UsageError, raise_problems, read_config_file, to_jsonable, write_json
+from proxytune.foundation.cli import setup_logging
+from proxytune.foundation.config import read_config_file, to_jsonable
+from proxytune.foundation.errors import UsageError, raise_problems
+from proxytune.foundation.outputs import write_json
+from proxytune.training.arguments import DataArguments, FineTuneTrainingArguments, ModelArguments, parse_args
 
-logger = logging.getLogger("hp_search")
+logger = logging.getLogger(__name__)
+
 
 ALIASES = {"batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs"}
+
+
 TRIAL_DIR = "trial-{number}"
+
+
 TRIAL_CONFIG = "trial-{number}.yaml"  # beside trial-<n>/, which fine_tune.py wants empty or its own
+
+
 BEST_CONFIG = "best.yaml"
+
+
 DEFAULT_DB = "hp_search.db"
+
+
 # Settings never copied into a trial's or the winner's config: where it writes, and the search itself.
 NOT_COPIED = {"output_dir", "logging_dir", "run_name", "resume_from_checkpoint", "overwrite_output_dir"}
+
+
 # A worker that stops sending heartbeats for GRACE_S seconds is dead: its trial is marked failed and retried (at most
 # MAX_RETRY times) in the same run directory, so the retry resumes from the dead worker's last checkpoint.
 HEARTBEAT_S = 30
+
+
 GRACE_S = 120
+
+
 MAX_RETRY = 2
 
 
-# ---------------------------------------------------------------------------------------------
-# The space
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Space:
     """A parsed space file: `grid` (key -> values), `ranges` (key -> {low, high, log}), `fixed` (key -> value)."""
@@ -183,12 +202,8 @@ def parse_space(path: str | Path, dataclass_types, check_value=None) -> Space:
     return Space(str(path), grid, ranges, fixed)
 
 
-# ---------------------------------------------------------------------------------------------
-# Configs: each trial's, and the winner's, are config files fine_tune.py reads like any other
-# ---------------------------------------------------------------------------------------------
 def base_settings(model_args, data_args, training_args) -> dict[str, Any]:
     """The settings of this run that differ from fine_tune.py's defaults, without the search's own flags."""
-    from fine_tune import parse_args
 
     defaults = to_jsonable(*parse_args([]))
     given = to_jsonable(model_args, data_args, training_args)
@@ -202,9 +217,6 @@ def write_config(path: Path, settings: dict[str, Any], comment: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# The study
-# ---------------------------------------------------------------------------------------------
 class OptunaPruningCallback(TrainerCallback):
     """Report every evaluation's objective to the trial; stop the trial when the pruner says it falls behind.
 
@@ -269,12 +281,11 @@ def open_study(data_args, space: Space, out: Path, seed: int):
     return study, url
 
 
-def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str):
-    """The function study.optimize calls: write trial-<n>.yaml, run fine_tune.main on it (in trial-<n>/), return the
-    objective of its final (best-checkpoint) model."""
+def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str, train: Callable[..., dict]):
+    """The function study.optimize calls: write trial-<n>.yaml, run `train` (fine_tune.py's main) on it (in
+    trial-<n>/), return the objective of its final (best-checkpoint) model."""
     import optuna
 
-    import fine_tune
 
     def run_trial(trial) -> float:
         # RetryHeartbeatStaleTrialCallback marks a retry with the number of the trial it retries: the retry resumes
@@ -296,8 +307,7 @@ def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str
         trial.set_user_attr("run_dir", str(run_dir))
         logger.info("trial %d%s: %s -> %s", trial.number, f" (retry of {retry})" if retry is not None else "",
                     params, run_dir)
-        result = fine_tune.main(*fine_tune.parse_args([str(config)]),
-                                callbacks=[OptunaPruningCallback(trial, objective)])
+        result = train(*parse_args([str(config)]), callbacks=[OptunaPruningCallback(trial, objective)])
         metrics = result["metrics"]
         if objective not in metrics:
             names = sorted(k for k in metrics if k.startswith("eval_"))
@@ -379,9 +389,6 @@ def requeue_failed_points(study, space: Space) -> list[int]:
     return requeued
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------
 def trial_rows(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -489,9 +496,6 @@ def redact_url(url: str) -> str:
     return url
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry point (fine_tune.main calls it when --hp_search is given)
-# ---------------------------------------------------------------------------------------------
 def check_search_args(data_args, training_args, space: Space) -> int:
     """The number of trials of the whole study; refuses a count the space cannot use."""
     problems = []
@@ -519,7 +523,6 @@ def value_checker(base: dict[str, Any]):
     """check_value for parse_space: does fine_tune.py accept the base config with key = value?"""
     import tempfile
 
-    from fine_tune import parse_args
 
     def check(key: str, value: Any) -> str | None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -534,13 +537,12 @@ def value_checker(base: dict[str, Any]):
     return check
 
 
-def run_search(model_args, data_args, training_args) -> dict[str, Any]:
-    """Run this worker's share of the study, then write the reports from all its trials. Returns
+def run_search(model_args, data_args, training_args, train: Callable[..., dict]) -> dict[str, Any]:
+    """Run this worker's share of the study, then write the reports from all its trials; `train(model_args,
+    data_args, training_args, callbacks=...)` runs one trial (fine_tune.py's main). Returns
     {"status": "searched", "best": {...} | None, "summary": hp_search.json's content}."""
     import optuna
 
-    from common import setup_logging
-    from fine_tune import DataArguments, FineTuneTrainingArguments, ModelArguments
 
     setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
     out = Path(training_args.output_dir)
@@ -569,7 +571,7 @@ def run_search(model_args, data_args, training_args) -> dict[str, Any]:
         callbacks = [stop_at_finished(n_trials)]
         if space.is_grid:
             callbacks.append(stop_when_grid_taken(space.grid_size))
-        study.optimize(make_objective(space, base, out, objective), callbacks=callbacks)
+        study.optimize(make_objective(space, base, out, objective, train), callbacks=callbacks)
     summary = write_outputs(study, space, base, out, data_args, url)
     if summary["best"]:
         logger.info("best trial %d, %s %.6g with %s; wrote %s", summary["best"]["number"], objective,

@@ -33,21 +33,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steer import (
-    LARGE,
-    SMALL_BASE,
-    SMALL_TUNED,
-    Blend,
+from proxytune.foundation.errors import UsageError
+from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blend_logprobs, slice_vocab
+from proxytune.steering.decoding import (
     NgramBlocker,
-    UsageError,
-    blend_logprobs,
     check_decoding_args,
     models_to_run,
     positions_from_mask,
     prefill_rows,
     prefill_separately,
     process_scores,
-    slice_vocab,
     steered_generate,
     warp_scores,
 )
@@ -56,16 +51,19 @@ from steer import (
 # (`num_assistant_tokens_schedule="heuristic"`):
 # +2 after a round whose every draft was kept, -1 (down to 1) otherwise, between 1 and MAX_DRAFT_TOKENS.
 INITIAL_DRAFT_TOKENS = 2
+
+
 DRAFT_GROWTH = 2
+
+
 MAX_DRAFT_TOKENS = 8
+
+
 # The default is a fixed k = 2: at the Pythia-410m/70m shapes on CPU a forward of 4+ tokens costs far more than
 # one of 3 (bench/RESULTS.md, t_L(k)), and the adaptive schedule's long drafts lost to k = 2 on the lab's rounds.
 DEFAULT_DRAFT_TOKENS = 2
 
 
-# ---------------------------------------------------------------------------------------------
-# One row's decoding state, with tentative tokens that can be taken back
-# ---------------------------------------------------------------------------------------------
 class UndoableNgramBlocker(NgramBlocker):
     """An NgramBlocker for one row whose appended tokens can be taken back (`truncate`): drafted tokens are
     pushed while drafting and verifying, and the rejected ones popped."""
@@ -202,9 +200,6 @@ class BatchCache:
         self.mask = self.mask.gather(1, take)
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class SpeculativeStats:
     """Counts over a call. Per row and round (a "row-round"): drafted (checked) and kept draft tokens, emitted

@@ -35,24 +35,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import UsageError
+from proxytune.foundation.errors import UsageError
+from proxytune.models.loading import load_causal_lm, load_tokenizer
+from proxytune.task.reviews import normalise_label
+from proxytune.training.data import PreparedData, limit, load_meta_review_dataset
+from proxytune.training.trainer import LMTrainer
 
-logger = logging.getLogger("classify")
+logger = logging.getLogger(__name__)
+
 
 TASKS = ("language_modeling", "classification", "regression")
+
+
 INPUTS = ("reviews", "meta_review")
+
+
 # (header, cue) around the text; one template per input, shared by training and evaluation.py.
 INPUT_TEMPLATES = {"reviews": ("Peer reviews of a paper:\n\n", "\n\nVerdict:"),
                    "meta_review": ("Meta-review of a paper:\n\n", "\n\nVerdict:")}
+
+
 # Where the text comes from in a processed row (processing_meta_review.py's columns).
 INPUT_COLUMNS = {"reviews": "Input", "meta_review": "Output"}
+
+
 CLASSIFIER_INFO = "classifier.json"
+
+
 CLASS_WEIGHTS = ("none", "balanced")
 
 
-# ---------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------
 def encode_input(text: str, tokenizer, max_length: int, source: str) -> list[int]:
     """The ids of `{header}{text}{cue}` with at most `max_length` tokens; only the text's tail is ever cut.
 
@@ -95,13 +107,9 @@ class ClassificationCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
 def label_of(value: Any, task: str, column: str, split: str) -> Any:
     """A cell as a training label: text for classification (decisions are normalised), a float for regression.
     A non-numeric regression value is one error naming it."""
-    from processing_meta_review import normalise_label
 
     if task == "classification":
         value = normalise_label(column, value)
@@ -154,7 +162,6 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
     """fine_tune.PreparedData for --task classification/regression: the rows of the processed dataset (or a raw file,
     processed on the fly) that have a label, encoded by encode_input, with the label map in `label_info`."""
     import datasets
-    from fine_tune import PreparedData, limit, load_meta_review_dataset
 
     task, column, source = data_args.task, data_args.label_column, data_args.classification_input
     dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name, tokenize=False)
@@ -215,9 +222,6 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
     return PreparedData(train, validation, [], task, description, test, label_info=info)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
 def classification_metrics(predictions, labels, majority: int | None = None) -> dict[str, float]:
     """accuracy and macro-F1 (over the classes in labels or predictions, sklearn's default), and with `majority`
     the rate of always predicting that class. `classification_metrics([0, 1, 1], [0, 1, 0])` -> accuracy 2/3,
@@ -282,7 +286,6 @@ def make_compute_metrics(info: dict):
 
 
 def _classifier_trainer_class():
-    from fine_tune import LMTrainer
     from transformers import Trainer
 
     class ClassifierTrainer(LMTrainer):
@@ -353,9 +356,6 @@ def evaluate_split(trainer, split, prefix: str, info: dict) -> dict:
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------
 def plot_confusion(counts: list[list[int]], names: list[str], title: str, path: Path) -> None:
     """The confusion matrix as a PNG (rows: true class, columns: predicted), counts in the cells."""
     import matplotlib
@@ -428,15 +428,12 @@ def card_lines(data) -> list[str]:
         lines += ["- labels (id: name, training examples): " + ", ".join(
             f"{i}: {n} ({info['train_label_counts'][n]})" for i, n in enumerate(info["labels"])),
             "", "![confusion matrix](confusion_matrix.png)"]
-    lines += ["", "## Use", "", "```python", "from classify import load_classifier, predict",
+    lines += ["", "## Use", "", "```python", "from proxytune.training.classification import load_classifier, predict",
               "model, tokenizer, info = load_classifier(\"<this directory>\")",
               "predict(model, tokenizer, info, [\"The reviewers agree ... Accept.\"])", "```", ""]
     return lines
 
 
-# ---------------------------------------------------------------------------------------------
-# Using a trained classifier (evaluation.py --decision_classifier)
-# ---------------------------------------------------------------------------------------------
 def read_classifier_info(path: str | Path, flag: str = "--decision_classifier") -> dict:
     """final/classifier.json of a `fine_tune.py --task classification` run, or one error naming `flag`."""
     file = Path(path).expanduser() / CLASSIFIER_INFO
@@ -452,7 +449,6 @@ def read_classifier_info(path: str | Path, flag: str = "--decision_classifier") 
 
 def load_classifier(path: str | Path, device: str | None = None, flag: str = "--decision_classifier"):
     """(model, tokenizer, info) of a trained classifier (a plain model, or a LoRA adapter on its base)."""
-    from common import load_causal_lm, load_tokenizer
 
     info = read_classifier_info(path, flag)
     if info["task"] == "classification":
