@@ -18,7 +18,7 @@ Sharded over processes (each generates its share; rank 0 merges and writes every
     # or by hand: --shard_index K --num_shards N for each K, then the same command with --merge_only
 
 Systems: small_base, small_tuned, large, large_tuned, steered (a system runs when its models are given;
---systems picks a subset). Every system gets the same prompts (the template of common.py, re-cut to fit
+--systems picks a subset). Every system gets the same prompts (the template of proxytune/task/prompts.py, re-cut to fit
 min(model context, --max_length) - max_new_tokens) and the same decoding settings unless
 --decoding_overrides changes them for one system.
 
@@ -28,7 +28,8 @@ an existing workbook are carried over, never dropped), ratings.jsonl (every judg
 predictions.jsonl, prompt_template.txt and rouge_by_system.png.
 
 Decision consistency (does the generated meta-review reach the paper's real decision?), with a classifier from
-`fine_tune.py --task classification --label_column decision --classification_input meta_review` (classify.py):
+`fine_tune.py --task classification --label_column decision --classification_input meta_review`
+(proxytune/training/classification.py):
     python evaluation.py --decision_classifier outputs/decision-classifier/final
 
 ROUGE-Lsum needs one sentence per line; nltk's punkt data cannot be downloaded here, so sentences are

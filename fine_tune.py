@@ -8,8 +8,9 @@ LoRA, merged into the weights at the end (leave out --merge_lora to save an adap
         --use_lora --merge_lora --learning_rate 5e-4 --output_dir outputs/pythia-70m-lora
 (QLoRA: --use_lora --load_in_4bit, without --merge_lora; README "Quantised models".)
 
-Classify instead (a GPTNeoXForSequenceClassification head; classify.py has the details and more commands): the paper's
-decision from its meta-review, or `--task regression --label_column avg_rating` from the reviews:
+Classify instead (a GPTNeoXForSequenceClassification head; proxytune/training/classification.py has the details and
+more commands): the paper's decision from its meta-review, or `--task regression --label_column avg_rating` from the
+reviews:
     python fine_tune.py --task classification --label_column decision --classification_input meta_review \
         --dataset_path outputs/meta_review --output_dir outputs/decision-classifier
 
@@ -18,10 +19,11 @@ Train a fresh GPT-NeoX from a size preset on plain text (loss on every token, te
         --dataset_path ../shared/data/imdb/imdb_partial.jsonl.gz --text_column text --max_length 128 \
         --max_train_samples 4000 --output_dir outputs/pythia-14m-imdb
 
-Every TrainingArguments flag works (`--help` lists them); defaults suited to this task are set below
-(`FineTuneTrainingArguments`). Multi-GPU: `torchrun --nproc_per_node N fine_tune.py ...` (DDP); precision: `--bf16`.
+Every TrainingArguments flag works (`--help` lists them); defaults suited to this task are set in
+`FineTuneTrainingArguments` (proxytune/training/arguments.py). Multi-GPU: `torchrun --nproc_per_node N fine_tune.py ...`
+(DDP); precision: `--bf16`.
 Hyperparameter search over these flags (a grid or ranges, Optuna, one worker or many): `--hp_search space.yaml`,
-see hp_search.py; then `python fine_tune.py OUTPUT_DIR/best.yaml` trains the winner.
+see proxytune/training/hp_search.py; then `python fine_tune.py OUTPUT_DIR/best.yaml` trains the winner.
 
 Layout of --output_dir:
     checkpoint-*/            Trainer checkpoints; re-running the same command resumes from the newest complete one
@@ -31,7 +33,8 @@ Layout of --output_dir:
                              adapter + tokenizer (safetensors), README.md (model card), fine_tune_config.json,
                              metrics.json, trainer_state.json, training_curve.png, samples.jsonl and (meta-review
                              mode) prompt_template.txt
-Pass `--output_dir .../final` to steer.py and evaluation.py (common.load_causal_lm loads models and adapters).
+Pass `--output_dir .../final` to steer.py and evaluation.py (proxytune.models.loading.load_causal_lm loads models and
+adapters).
 """
 
 from __future__ import annotations
@@ -64,11 +67,10 @@ logger = logging.getLogger("fine_tune")
 def main(model_args: ModelArguments, data_args: DataArguments, training_args: FineTuneTrainingArguments,
          callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train and write output_dir/final. Returns {"status": "trained"|"done", "final_dir", "metrics",
-    "resumed_from"}; with --hp_search, hp_search.run_search's summary instead. `callbacks` go to the Trainer."""
+    "resumed_from"}; with --hp_search, run_search's summary instead. `callbacks` go to the Trainer."""
     from transformers import set_seed
 
     if data_args.hp_search:
-
         return run_search(model_args, data_args, training_args, train=main)
 
     setup_logging(logging.INFO if training_args.should_log else logging.WARNING)

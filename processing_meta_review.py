@@ -11,7 +11,7 @@ or ORSUM's raw nested records):
 With a config file (later files and flags override it):
     python processing_meta_review.py my_config.yaml --max_length 1024
 
-Every example becomes `prompt` (the reviews in the shared template from common.py, cut token-wise so
+Every example becomes `prompt` (the reviews in the shared template of proxytune/task/prompts.py, cut token-wise so
 prompt + target fit --max_length, each review keeping a fair share) and `target` (" " + meta-review +
 EOS, never cut). Output: a DatasetDict (train/validation/test) saved with save_to_disk, `stats.json`
 (rows in/kept, drops by reason, token-length percentiles, truncations, counts per label) and `prompt_template.txt`.
@@ -21,7 +21,8 @@ Label columns (--label_columns, default `decision` and `avg_rating`, kept when t
 DECISION_MAP (every "Accept (...)" -> accept, "Reject (...)" -> reject); `--stratify_by_column decision` keeps each
 label's share the same in train, validation and test:
     python processing_meta_review.py --dataset_name ../shared/data/meta_review/mred_val_longest.jsonl \
-        --tokenizer_name ../shared/tokenizers/pythia --stratify_by_column decision --output_dir outputs/meta_review_strat
+        --tokenizer_name ../shared/tokenizers/pythia --stratify_by_column decision \
+        --output_dir outputs/meta_review_strat
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ logger = logging.getLogger("rl_tune")
 
 
 def main(args: RLArguments, model_args: RLModelArguments, training_args) -> dict:
-    """Train and write output_dir/final. Returns {"status": "trained"|"done", "final_dir", "metrics", "resumed_from"}."""
+    """Train and write output_dir/final.
+
+    Returns {"status": "trained"|"done", "final_dir", "metrics", "resumed_from"}."""
     from transformers import set_seed
 
     setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
@@ -97,9 +99,10 @@ def main(args: RLArguments, model_args: RLModelArguments, training_args) -> dict
     if args.method == "dpo":
         metrics["heldout_margin"]["after"] = margin_summary(pair_margins(policy, tokenizer, heldout))
         metrics["train_margin"]["after"] = margin_summary(pair_margins(policy, tokenizer, train_rows))
-    samples = generate_samples(policy, tokenizer, eval_samples(eval_papers[:args.num_samples], tokenizer,
-                                                                         training_args.max_length - args.max_new_tokens),
-                                         args.max_new_tokens) if args.num_samples else []
+    samples = generate_samples(policy, tokenizer,
+                               eval_samples(eval_papers[:args.num_samples], tokenizer,
+                                            training_args.max_length - args.max_new_tokens),
+                               args.max_new_tokens) if args.num_samples else []
     logger.info("before -> after: %s", {k: (metrics["before"].get(k), v) for k, v in metrics["after"].items()})
     final = save(trainer, tokenizer, args, model_args, training_args, metrics, samples, train_rows, heldout)
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))

@@ -10,7 +10,8 @@ Tune the blend on validation papers (writes blend.json, tune_report.json): a per
         --small_tuned_model OUT/final --tune --validation_data outputs/meta_review --output_dir outputs/steer
 
 Generate for many reviews (JSONL with an `Input` column) with the tuned blend; blend.json records the models it was
-tuned with, so no model flag is needed (a flag given explicitly wins, with a warning if it differs):
+tuned with and how each was quantised, so no model or quantisation flag is needed (a flag given explicitly wins,
+with a warning if it differs):
     python steer.py --blend outputs/steer/blend.json \
         --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer_generations
 
@@ -41,6 +42,7 @@ from proxytune.foundation.cli import run_cli, setup_logging
 from proxytune.foundation.config import to_jsonable
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import check_output_dir
+from proxytune.models.quantization import loaded_bits
 from proxytune.steering.arguments import DEFAULT_TUNE_DIR, ModelArguments, SteerArguments, TuneArguments
 from proxytune.steering.blend import describe_blend
 from proxytune.steering.decoding import check_decoding_args, model_context
@@ -80,7 +82,7 @@ def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: Tune
 
     if tune_args.tune:
         report, rows = tune(models, tokenizer, tune_args, steer_args)
-        report["models"] = model_records(model_args)
+        report["models"] = model_records(model_args, models)
         print(format_report(report))
         write_tune_outputs(report, rows, config, steer_args.output_dir, steer_args.overwrite_output_dir)
         return report
@@ -91,11 +93,13 @@ def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: Tune
         raise UsageError(f"--max_new_tokens {steer_args.max_new_tokens} leaves no room for the prompt in the "
                          f"{context}-token context; lower it")
     prompts = build_prompts(items, tokenizer, budget, steer_args.use_template)
+    system = describe_blend(blend, loaded_bits(models))
     logger.info("%d prompts, blend %s (%s), %s decoding, max_new_tokens=%d", len(prompts), blend.describe(),
-                describe_blend(blend), "sampled" if steer_args.do_sample else "greedy", steer_args.max_new_tokens)
+                system, "sampled" if steer_args.do_sample else "greedy", steer_args.max_new_tokens)
     warn_if_not_steering("blend", blend)
     results = generate_texts(models, tokenizer, prompts, blend, steer_args)
-    write_generations(items, prompts, results, blend, config, steer_args.output_dir, steer_args.overwrite_output_dir)
+    write_generations(items, prompts, results, blend, config, steer_args.output_dir, steer_args.overwrite_output_dir,
+                      system)
     return results
 
 

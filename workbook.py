@@ -1,7 +1,8 @@
 """The evaluation workbook: blind side-by-side review, pairwise choices, scores, and every judgment read back.
 
 evaluation.py writes the book with one call, after reading what people typed into the previous one:
-    written = write_workbook(path, records, examples, summary, run_info, BookOptions(seed=42, pairwise=("steered", "large")))
+    written = write_workbook(path, records, examples, summary, run_info,
+                             BookOptions(seed=42, pairwise=("steered", "large")))
     export_judgments(written.judgments, out_dir / "ratings.jsonl")
 
 Export what reviewers typed since, without re-running the evaluation (other tools then need no openpyxl):
@@ -45,7 +46,8 @@ logger = logging.getLogger("workbook")
 @dataclass
 class ExportArguments:
     workbook: str = field(metadata={"help": "A workbook written by evaluation.py (eval_examples.xlsx)."})
-    output: str | None = field(default=None, metadata={"help": "The JSONL file. Default: ratings.jsonl beside the book."})
+    output: str | None = field(
+        default=None, metadata={"help": "The JSONL file. Default: ratings.jsonl beside the book."})
 
 
 def main(args: ExportArguments) -> int:

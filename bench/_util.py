@@ -1,4 +1,5 @@
-"""Shared bits of the benchmarks: Pythia-shaped random models, timing, and RESULTS.md records.
+"""Shared bits of the benchmarks: Pythia-shaped random models, timing, RESULTS.md records, and the settings a
+lab's stage was made with (reused only when they are the same).
 
 Shapes follow the published configs (https://huggingface.co/EleutherAI/pythia-70m/blob/main/config.json
 and pythia-410m): random weights, real sizes, so timings reflect the real models without a download.
@@ -7,8 +8,11 @@ and pythia-410m): random weights, real sizes, so timings reflect the real models
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import platform
+import shutil
 import stat
 import statistics
 import sys
@@ -253,3 +257,87 @@ def record(title: str, table: list[tuple], header: tuple, notes: str = "", resul
             old = path.read_text(encoding="utf-8")
             _write_atomic(path, place_record(old, bench, text))
             return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Lab stages: reused only when made with the same settings (bench/rl_lab.py, bench/steering_lab.py)
+# ---------------------------------------------------------------------------------------------
+def argv_flags(argv: list[str]) -> dict:
+    """A command line as {flag: value}: a flag's several values as a list, a flag with none as True, so that two
+    command lines compare (and differ) by flag. argv_flags(["--a", "1", "--b", "x", "y", "--c"]) ==
+    {"--a": "1", "--b": ["x", "y"], "--c": True}"""
+    flags: dict = {"": []}  # "": the values before the first flag, if any
+    flag = ""
+    for token in argv:
+        if token.startswith("--"):
+            flags[token] = []
+            flag = token
+        else:
+            flags[flag].append(token)
+    return {k: v[0] if len(v) == 1 else (v or True) for k, v in flags.items() if k or v}
+
+
+def as_json(config: dict) -> dict:
+    """`config` as it reads back from JSON (tuples as lists, paths as text), so a recorded one compares equal."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def stage_digest(config: dict) -> str:
+    """A short fingerprint of a stage's settings; a later stage records its upstream's, so remaking one with other
+    settings makes the stages after it run again too."""
+    return hashlib.sha256(json.dumps(as_json(config), sort_keys=True).encode()).hexdigest()[:12]
+
+
+_UNSET = object()
+
+
+def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'KEY OLD -> NEW' for every setting that differs (keys of nested settings joined with '.', a command line
+    compared flag by flag, 'unset' for a missing one); [] when they are the same."""
+    def show(value) -> str:
+        if value is _UNSET:
+            return "unset"
+        return value if isinstance(value, str) and value else json.dumps(value)
+
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if all(isinstance(x, list) and x and all(isinstance(t, str) for t in x) and x[0].startswith("--")
+               for x in (a, b)):
+            a, b = argv_flags(a), argv_flags(b)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += setting_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key} {show(a)} -> {show(b)}")
+    return changes
+
+
+def stage_record(directory: Path) -> Path:
+    """Where the settings of the stage that writes `directory` are recorded: beside it, <directory>.stage.json
+    (not inside: fine_tune.py and rl_tune.py refuse an output_dir that holds files that are not theirs)."""
+    return directory.with_name(f"{directory.name}.stage.json")
+
+
+def prepare_stage(directory: Path, config: dict) -> str | None:
+    """Make a stage's outputs (`directory`) fit `config`, the settings that make them (the stage's command line,
+    its inputs, the digests of the stages it reads). Outputs made with the same settings are kept: reused when
+    finished, resumed when not. Outputs made with other settings, or by an older version that recorded none, are
+    deleted so the stage runs again; the reason is returned ('--flag OLD -> NEW, ...'), else None. An unrecorded
+    stage is redone rather than refused: nothing shows it matches, and refusing would stop bench/rl_sweep.py's
+    unattended runs for a stage that takes minutes. `config` is recorded before the stage runs, so an interrupted
+    stage resumes only with its own settings."""
+    record, config = stage_record(directory), as_json(config)
+    old = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    if old == config:
+        return None
+    reason = None
+    if directory.exists():
+        reason = (", ".join(setting_changes(old, config)) if old is not None
+                  else "made by an older version that recorded no settings")
+        if directory.is_dir():
+            shutil.rmtree(directory)
+        else:
+            directory.unlink()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(record, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return reason

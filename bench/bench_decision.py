@@ -153,9 +153,9 @@ def main() -> None:
                  f"decision --classification_input meta_review --class_weights balanced` from {start}: "
                  f"{len(test)} test papers of the lab's split (test split of mred_val_longest.jsonl, lab processing), "
                  f"train {result['metrics']['train_examples']} / validation {result['metrics']['validation_examples']} "
-                 f"papers, labels {counts}; max_length {args.max_length}, lr {args.learning_rate:g}, {epochs:g} epochs, "
-                 f"batch 8, class weights balanced, the epoch with the best validation macro-F1 kept "
-                 f"({Path(str(m.get('best_checkpoint'))).name}, {m['global_step']} steps in all); "
+                 f"papers, labels {counts}; max_length {args.max_length}, lr {args.learning_rate:g}, "
+                 f"{epochs:g} epochs, batch 8, class weights balanced, the epoch with the best validation macro-F1 "
+                 f"kept ({Path(str(m.get('best_checkpoint'))).name}, {m['global_step']} steps in all); "
                  f"{train_seconds / 60:.1f} min with --threads "
                  f"{args.threads}. Test confusion matrix (rows true {info['labels']}, columns predicted): "
                  f"{m['test_confusion_matrix']}. The classifier {verdict}.")

@@ -93,7 +93,6 @@ def counting_padding():
 
 
 def generate_all(model, examples: list[dict], tokenizer, settings: dict, batch_size: int, seed: int) -> list[dict]:
-
     return generate(SYSTEM, examples, {SYSTEM: model}, None, settings, tokenizer, batch_size, seed)
 
 
@@ -171,7 +170,6 @@ def main() -> None:
     if args.ci:
         args.shape, args.examples, args.new_tokens, args.max_length, args.repeats = "tiny", 4, 4, 256, 1
     if args.new_tokens is None:
-
         args.new_tokens = GenerationArguments().max_new_tokens
     if not (DATA.is_file() and TOKENIZER.is_dir()):
         sys.exit(f"needs the real data and tokenizer: {DATA} and {TOKENIZER} (../shared beside the repo)")

@@ -97,7 +97,6 @@ def project_features(rows: list[dict]):
 
 
 def project_args(out: str, batch: int, steps: int, sampling: str):
-
     return FineTuneTrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LEARNING_RATE,
         lr_scheduler_type=LR_SCHEDULER, warmup_steps=WARMUP, eval_strategy="no", save_strategy="no",
@@ -106,7 +105,7 @@ def project_args(out: str, batch: int, steps: int, sampling: str):
 
 
 def build_ours(model, tokenizer, rows, out, batch, steps, max_length):
-    """fine_tune.build_trainer itself: LMTrainer, CausalLMCollator, length-grouped sampler."""
+    """proxytune.training.tasks.build_trainer itself: LMTrainer, CausalLMCollator, length-grouped sampler."""
 
     data = PreparedData(project_features(rows), project_features(rows[:0]), [], "meta_review", "bench")
     return build_trainer(model, tokenizer, data, project_args(out, batch, steps, "group_by_length"))

@@ -97,10 +97,11 @@ def main() -> None:
     notes = (f"Chosen learning rate {best['params']['learning_rate']:g}: validation loss {best['objective']:.4f} "
              f"against {default['objective']:.4f} at the lab's default {lab['lr']:g} "
              f"({default['objective'] - best['objective']:+.4f} nats/token). Grid search ({len(rates)} points, Optuna "
-             f"GridSampler, one worker, sqlite study) through `fine_tune.py --hp_search`; {seconds / 60:.1f} min in all "
-             f"(processing included). Setting (scaled down, see bench/bench_hp_search.py): fresh S of the lab's small "
-             f"shape {shape} with the Pythia tokenizer, the lab's S_tuned settings (max_length {lab['max_length']}, "
-             f"batch {lab['batch']}, cosine), {args.train_examples} MReD training papers, {args.epochs:g} epoch(s), "
+             f"GridSampler, one worker, sqlite study) through `fine_tune.py --hp_search`; "
+             f"{seconds / 60:.1f} min in all (processing included). Setting (scaled down, see "
+             f"bench/bench_hp_search.py): fresh S of the lab's small shape {shape} with the Pythia tokenizer, the "
+             f"lab's S_tuned settings (max_length {lab['max_length']}, batch {lab['batch']}, cosine), "
+             f"{args.train_examples} MReD training papers, {args.epochs:g} epoch(s), "
              f"validation loss on {args.eval_examples} held-out papers (best epoch's).")
     print(notes)
     if not args.no_record:

@@ -59,7 +59,6 @@ def quantisable_share(model) -> tuple[int, int]:
 
 
 def load_large(path: str, setting: str):
-
     dtype, bits, fused = SETTINGS[setting]
     model = load_causal_lm(path, dtype=dtype, device="cpu", quantize=bits)
     if bits == 4 and not fused:
@@ -78,7 +77,6 @@ def child(args) -> None:
 
 
 def measure_setting(large_dir: str, setting: str, args) -> dict:
-
     started = time.perf_counter()
     large = load_large(large_dir, setting)
     load_s = time.perf_counter() - started
@@ -126,7 +124,6 @@ def measure_costs(args) -> list[dict]:
 # 2. Quality on the lab's models
 # ---------------------------------------------------------------------------------------------
 def lab_blends(lab: Path) -> dict:
-
     blends = {"proxy-tuning, alpha=1": Blend.from_alpha(1.0)}
     report = lab / "steer" / "tune_report.json"
     if report.is_file():  # --tune's perplexity-best free blend (its chosen blend.json is often alpha = 1)
@@ -138,7 +135,6 @@ def lab_blends(lab: Path) -> dict:
 
 
 def measure_quality(args) -> list[dict]:
-
     lab = Path(args.lab)
     tokenizer = load_tokenizer(str(lab / "tokenizer"))
     split = load_saved_split(lab / "data", "validation", "--lab")
@@ -194,7 +190,8 @@ def gb(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lab", default=str(ROOT / "outputs" / "lab"), help="The lab's outputs (fine_tune/steer runs).")
+    parser.add_argument("--lab", default=str(ROOT / "outputs" / "lab"),
+                        help="The lab's outputs (fine_tune/steer runs).")
     parser.add_argument("--large", default="pythia-410m")
     parser.add_argument("--small", default="pythia-70m")
     parser.add_argument("--threads", type=int, default=1)
@@ -204,7 +201,9 @@ def main() -> None:
     parser.add_argument("--n_papers", type=int, default=64, help="Validation papers scored in part 2.")
     parser.add_argument("--skip_costs", action="store_true", help="Part 2 only.")
     parser.add_argument("--ci", action="store_true", help="Tiny shapes and a tiny stand-in lab: seconds.")
-    parser.add_argument("--no_record", action="store_true", help="Print only; do not append to bench/RESULTS.md.")
+    parser.add_argument("--no_record", action="store_true",
+                        help="Print only; do not record in bench/RESULTS.md (a record replaces this script's "
+                             "earlier record of the same configuration).")
     parser.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
     parser.add_argument("--large_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,7 +215,8 @@ def main() -> None:
         args.large, args.small, args.prompt_tokens, args.new_tokens, args.repeats = "tiny-large", "tiny", 16, 4, 1
         args.lab = str(ci_lab(Path(tmp.name)))
     elif not (Path(args.lab) / "large" / "final").is_dir():
-        raise SystemExit(f"--lab {args.lab} holds no large/final; pass the lab's directory (e.g. /work/main/outputs/lab)")
+        raise SystemExit(f"--lab {args.lab} holds no large/final; "
+                         "pass the lab's directory (e.g. /work/main/outputs/lab)")
 
     if not args.skip_costs:
         costs = measure_costs(args)

@@ -1,4 +1,5 @@
-"""Speculative steering (speculative.py) vs the plain steered loop and L alone, side by side in one run (issue 14).
+"""Speculative steering (proxytune/steering/speculative.py) vs the plain steered loop and L alone, side by side in one
+run (issue 14).
 
     python bench/bench_speculative.py --threads 1      # lab acceptance + Pythia-shape costs + end-to-end; records
     python bench/bench_speculative.py --ci             # tiny shapes, seconds, no record (CI keeps it from rotting)
@@ -49,7 +50,6 @@ DRAFT_HEAVY = Blend(large_weight=1e-3, tuned_weight=1.0, base_weight=1e-3)
 # 1. Acceptance on the lab's models
 # ---------------------------------------------------------------------------------------------
 def load_lab(n_prompts: int, new_tokens: int):
-
     models = [load_causal_lm(str(LAB / name / "final"), dtype="float32", device="cpu")
               for name in ("large", "small", "small_tuned")]
     tokenizer = load_tokenizer(str(LAB / "tokenizer"))
@@ -108,8 +108,8 @@ def bench_acceptance(models, tokenizer, prompts, blend, new_tokens: int) -> tupl
     for label, draft_tokens in (("K = 1", 1), ("adaptive K", None)):
         stats, t_spec = SpeculativeStats(), 0.0
         for p in one_by_one:
-            _, t = decode(speculative_generate, models, p, blend, new_tokens, eos, pad, vocab, draft_tokens=draft_tokens,
-                          stats=stats, generator=g, **sample)
+            _, t = decode(speculative_generate, models, p, blend, new_tokens, eos, pad, vocab,
+                          draft_tokens=draft_tokens, stats=stats, generator=g, **sample)
             t_spec += t
         traces[f"sampling {label}"] = stats
         rows.append((f"lab sampling T=1 top_p=0.95, speculative {label}", f"{stats.acceptance:.3f}",
@@ -144,7 +144,7 @@ def forward_costs(model, prompt_len: int, ks, repeats: int, batch: int = 1) -> d
 
 def prompt_cost(model, prompt_len: int, repeats: int) -> float:
     """Seconds of one row's prompt pass (all but the last token into a fresh cache), as every decoder here starts
-    (on CPU a batch's prompts are passed one row at a time: steer.prefill_rows)."""
+    (on CPU a batch's prompts are passed one row at a time: proxytune.steering.decoding.prefill_rows)."""
     ids = torch.randint(2, TOKENIZER_VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         return timeit(lambda: BatchCache(model, ids, torch.ones_like(ids), prompt_len + 1), repeats=repeats)
@@ -221,8 +221,8 @@ def bench_end_to_end(models, costs: dict, prompt_len: int, new_tokens: int, repe
         t_plain = timeit(lambda: steered_generate(*models, ids, mask, blend, **kw), repeats=repeats)
     alone = (batch * p_large + new_tokens * t_large[1]) / n
     plain = (prompts_cost + new_tokens * (t_large[1] + 2 * t_small[1])) / n
-    rows = [(f"{shape}, batch {batch}: L alone `generate`", f"{1e3 * alone:.0f} ms", "1.00", f"{1e3 * t_alone / n:.0f} ms",
-             "1.00", ""),
+    rows = [(f"{shape}, batch {batch}: L alone `generate`", f"{1e3 * alone:.0f} ms", "1.00",
+             f"{1e3 * t_alone / n:.0f} ms", "1.00", ""),
             (f"{shape}, batch {batch}: plain steered loop (alpha = 1)", f"{1e3 * plain:.0f} ms", f"{plain / alone:.2f}",
              f"{1e3 * t_plain / n:.0f} ms", f"**{t_plain / t_alone:.2f}**", "")]
     ways = [("rounds over the whole batch", lambda: speculative_generate(*models, ids, mask, blend, stats=stats,
@@ -342,7 +342,8 @@ def main() -> None:
              f"{time.perf_counter() - t0:.0f} s in all. Part 1: {lab_title}; rows alone unless a batch is named; "
              f"`vs plain alone` = time over the plain loop's on the same rows one at a time. Parts 2-3: "
              f"L = {', '.join(args.large)}, S = {args.small} shapes, random weights, {args.prompt_len}-token "
-             f"prompts, {args.new_tokens} new tokens at batch 1, {args.batch_new_tokens} at bigger batches; speculative rows replay {source} (kept-draft counts per "
+             f"prompts, {args.new_tokens} new tokens at batch 1, {args.batch_new_tokens} at bigger batches; "
+             f"speculative rows replay {source} (kept-draft counts per "
              "row-round; the models, caches, blend and processing all run). Predicted = the forwards only, priced "
              "with part 2's t(k) at the batch size run (rows one at a time: at batch 1), plus one prompt pass per "
              "row and model; measured = wall time, prompt passes included.")

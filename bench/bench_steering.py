@@ -81,7 +81,7 @@ def bench_scoring(models, n_targets: int, prompt_len: int, target_len: int, repe
 
     def one_forward():
         with torch.inference_mode():
-            large(input_ids=ids).logits  # (B, T, V): the cheapest honest baseline, no loss, no softmax
+            _ = large(input_ids=ids).logits  # (B, T, V): the cheapest honest baseline, no loss, no softmax
 
     def blend():
         return score_targets(named, prompt_ids, target_ids, vocab_size=TOKENIZER_VOCAB, batch_size=n_targets,
@@ -197,15 +197,17 @@ def main() -> None:
     title = (f"Steering cost: L={args.large} shape, S={args.small} shape, {args.prompt_len}-token prompts, "
              f"{args.new_tokens} new tokens, vocab {PYTHIA_VOCAB} sliced to {TOKENIZER_VOCAB}")
     load = os.getloadavg()
-    notes = (f"torch threads {torch.get_num_threads()}; load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
-             "(1/5/15 min) on 2 cores. Decode baseline: `model.generate` greedy on L alone, static KV cache (as steer.py and evaluation.py). Floor = (t_L + 2 t_S) / t_L with t_S the small "
+    notes = (f"torch threads {torch.get_num_threads()}; "
+             f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
+             "(1/5/15 min) on 2 cores. Decode baseline: `model.generate` greedy on L alone, static KV cache "
+             "(as steer.py and evaluation.py). Floor = (t_L + 2 t_S) / t_L with t_S the small "
              "model's own `generate` time. Scoring baseline: one forward pass of L over the same 8 prompt+target "
-             "sequences; blend = `steer.score_targets` (three forwards, log-softmax over the full vocabulary, blend "
-             "NLL). Memory: peak RSS (VmHWM, reset after the three models are built) of a fresh process while it "
-             "decodes, over the models' weight bytes (float32); it includes the Python/torch/transformers runtime and the "
-             "KV caches. Memory floor = (RSS when decoding starts + the KV caches' bytes) / weight bytes: the least "
-             "any decoder keeping float32 caches reaches by this measure. Prompts run row by row into one cache on "
-             "CPU (steer.prefill_rows).")
+             "sequences; blend = `proxytune.steering.scoring.score_targets` (three forwards, log-softmax over the "
+             "full vocabulary, blend NLL). Memory: peak RSS (VmHWM, reset after the three models are built) of a "
+             "fresh process while it decodes, over the models' weight bytes (float32); it includes the "
+             "Python/torch/transformers runtime and the KV caches. Memory floor = (RSS when decoding starts + the "
+             "KV caches' bytes) / weight bytes: the least any decoder keeping float32 caches reaches by this "
+             "measure. Prompts run row by row into one cache on CPU (proxytune.steering.decoding.prefill_rows).")
     if args.ci or args.no_record:
         print("\n".join(" | ".join(str(c) for c in r) for r in rows))
     else:

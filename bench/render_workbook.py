@@ -134,7 +134,8 @@ def pdf_pages(pdf: Path) -> list[str]:
 
 
 def page_sheets(pages: list[str]) -> list[str]:
-    """The sheet each page prints: the right end of its running header (workbook.set_print puts "&A" there)."""
+    """The sheet each page prints: the right end of its running header (proxytune.workbook.writer.set_print puts
+    "&A" there)."""
     return [next((line.split()[-1] for line in page.splitlines() if line.strip()), "") for page in pages]
 
 

@@ -5,7 +5,11 @@
     python bench/rl_lab.py --ci                        # the same path at a few steps and papers, no record
 
 Reads the offline lab's models and data (bench/steering_lab.py; /work/main/outputs/lab or --lab): S, S_tuned, L and the
-processed MReD DatasetDict. Writes under --work (git-ignored bench/work/rl_lab) and appends to bench/RESULTS.md.
+processed MReD DatasetDict. Writes under --work (git-ignored bench/work/rl_lab) and records in bench/RESULTS.md, each
+record replacing this script's earlier record of the same configuration (earlier runs: git log -p bench/RESULTS.md).
+A re-run reuses a stage (grpo, eval/S_tuned, eval/S_grpo, dpo_ratings, dpo) only when the settings recorded beside it
+(<stage>.stage.json: its command line, the lab's models, the stages it reads) are today's; one made with other settings,
+or by an older version that recorded none, runs again, as do the stages that read it, with a log line naming the change.
 
 GRPO: S_tuned (which loops under greedy decoding) is tuned by `rl_tune.py --method grpo` with the built-in rewards;
 then `evaluation.py` (the lab's command line, with --systems small_tuned,steered) runs on the test split twice, once
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -35,10 +40,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import ROOT, record  # noqa: E402
+from _util import ROOT, argv_flags, prepare_stage, record, stage_digest  # noqa: E402
 
 import rl_tune
 from proxytune.evaluation.generation import cut_at_eos
+from proxytune.foundation.cli import setup_logging
 from proxytune.models.loading import load_causal_lm, load_tokenizer
 from proxytune.preference.arguments import parse_args
 from proxytune.task.papers import load_papers, select_examples
@@ -46,10 +52,32 @@ from proxytune.task.prompts import build_prompt
 from proxytune.task.text_metrics import repetition_rate
 
 DEFAULT_LAB = Path("/work/main/outputs/lab")
+LAB_STAGES = ("data", "pretrain_small", "pretrain_large", "finetune_small")  # the lab's stages whose outputs are read
+logger = logging.getLogger("rl_lab")
+
+
+def lab_made(lab: Path) -> dict:
+    """When the steering lab made what this script reads (its stages.json), so a rebuilt lab redoes the stages here."""
+    path = lab / "stages.json"
+    made = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: made[name].get("finished") for name in LAB_STAGES if name in made}
+
+
+def prepare(name: str, directory: Path, argv: list[str], lab: Path, **upstream: dict) -> dict:
+    """The settings of the stage that writes `directory` (its command line less where it writes, when the lab made
+    its inputs, the digests of the stages it reads), and its outputs fit to them (bench/_util.prepare_stage): a
+    stage made with other settings is deleted, to run again, with one line naming what changed."""
+    config = {**argv_flags(argv), "lab": lab_made(lab)}
+    config.pop("--output_dir", None)
+    if upstream:
+        config["upstream"] = {stage: stage_digest(settings) for stage, settings in upstream.items()}
+    reason = prepare_stage(directory, config)
+    if reason:
+        logger.info("stage %s: made with other settings (%s); running it again", name, reason)
+    return config
 
 
 def run_grpo(args, lab: Path, work: Path) -> dict:
-
     argv = ["--method", "grpo", "--reward", args.reward, "--length_range", args.length_range,
             "--model_name_or_path", str(lab / "small_tuned" / "final"), "--dataset_path", str(lab / "data"),
             "--max_length", "512", "--max_completion_length", "128",
@@ -60,14 +88,16 @@ def run_grpo(args, lab: Path, work: Path) -> dict:
             "--num_eval_examples", str(args.eval_examples), "--num_samples", "4", "--max_new_tokens", "128",
             "--logging_steps", "5", "--save_steps", "10", "--seed", "42", "--report_to", "none", "--disable_tqdm",
             "true", "--output_dir", str(work / "grpo")]
+    config = prepare("grpo", work / "grpo", argv, lab)
     t0 = time.perf_counter()
     result = rl_tune.main(*parse_args(argv))
-    return {"metrics": result["metrics"], "final": result["final_dir"], "argv": argv,
+    return {"metrics": result["metrics"], "final": result["final_dir"], "argv": argv, "config": config,
             "seconds": stage_seconds(work / "grpo", result["status"] == "trained", time.perf_counter() - t0)}
 
 
 def stage_seconds(directory: Path, ran: bool, seconds: float) -> float | None:
-    """The wall time of a stage: measured now, or the one saved when it ran (a re-run reuses finished stages)."""
+    """The wall time of a stage: measured now, or the one saved when it ran (a re-run reuses the stages that
+    finished with the same settings)."""
     path = directory / "bench_seconds.json"
     if ran:
         path.write_text(json.dumps({"seconds": seconds}))
@@ -79,14 +109,17 @@ def minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds is not None else "time not recorded (a stage of an earlier run)"
 
 
-def run_evaluation(args, lab: Path, small_tuned: Path, out: Path) -> dict:
-    """The lab's evaluation.py command line, with --small_tuned_model swapped and the two systems that use it."""
+def run_evaluation(args, lab: Path, small_tuned: Path, out: Path, **upstream: dict) -> dict:
+    """The lab's evaluation.py command line, with --small_tuned_model swapped and the two systems that use it;
+    `upstream`: the settings of the stage that made small_tuned, if this script made it."""
     cmd = [sys.executable, str(ROOT / "evaluation.py"), "--small_base_model", str(lab / "small" / "final"),
            "--small_tuned_model", str(small_tuned), "--large_model", str(lab / "large" / "final"),
-           "--systems", "small_tuned", "steered", "--alpha", "1.0", "--dataset_path", str(lab / "data"), "--split", "test",
+           "--systems", "small_tuned", "steered", "--alpha", "1.0", "--dataset_path", str(lab / "data"),
+           "--split", "test",
            "--seed", "42", "--max_length", "512", "--max_new_tokens", "128", "--batch_size", "16", "--device", "cpu",
            "--bootstrap_samples", "1000", "--pairwise", "none", "--output_dir", str(out)]
     cmd += ["--all_examples", "true"] if args.test_examples == 0 else ["--num_examples", str(args.test_examples)]
+    prepare(f"{out.parent.name}/{out.name}", out, cmd[2:], lab, **upstream)
     t0 = time.perf_counter()
     ran = not (out / "metrics.json").is_file()
     if ran:
@@ -156,19 +189,25 @@ def rated_outputs(args) -> str:
 
 
 def run_dpo(args, lab: Path, work: Path) -> dict:
-
+    # The ratings' settings as rl_lab's flags and the constants simulate_ratings uses.
+    simulated = ["--dpo_papers", str(args.dpo_papers), "--dpo_samples", str(args.dpo_samples), "--dpo_temperatures",
+                 *map(str, args.dpo_temperatures), "--model_name_or_path", str(lab / "small_tuned" / "final"),
+                 "--dataset_path", str(lab / "data"), "--max_length", "512", "--max_new_tokens", "128", "--seed", "42"]
+    ratings = prepare("dpo_ratings", work / "dpo_ratings", simulated, lab)
     t0 = time.perf_counter()
     ran = not (work / "dpo_ratings" / "ratings.jsonl").is_file()
     n_ratings, n_papers = simulate_ratings(args, lab, work / "dpo_ratings")
     t_sim = stage_seconds(work / "dpo_ratings", ran, time.perf_counter() - t0)
     argv = ["--method", "dpo", "--workbook", str(work / "dpo_ratings" / "ratings.jsonl"), "--model_name_or_path",
             str(lab / "small_tuned" / "final"), "--dataset_path", str(lab / "data"), "--max_length", "512",
-            "--eval_pairs_percentage", "25", "--num_train_epochs", str(args.dpo_epochs), "--per_device_train_batch_size",
-            "8", "--learning_rate", str(args.dpo_lr), "--beta", "0.1", "--num_eval_examples", str(args.eval_examples),
+            "--eval_pairs_percentage", "25", "--num_train_epochs", str(args.dpo_epochs),
+            "--per_device_train_batch_size", "8", "--learning_rate", str(args.dpo_lr), "--beta", "0.1",
+            "--num_eval_examples", str(args.eval_examples),
             "--num_samples", "4", "--max_new_tokens", "128", "--logging_steps", "5", "--save_steps", "50", "--seed",
             "42", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(work / "dpo")]
     if args.ci:
         argv += ["--max_steps", "3", "--min_pairs", "2"]
+    prepare("dpo", work / "dpo", argv, lab, dpo_ratings=ratings)
     t1 = time.perf_counter()
     result = rl_tune.main(*parse_args(argv))
     return {"metrics": result["metrics"], "simulate_seconds": t_sim, "ratings": n_ratings, "papers": n_papers,
@@ -181,7 +220,7 @@ def before_after_rows(label: str, metrics: dict) -> list[tuple]:
             ("rougeL", "eos_rate", "repetition", "reference_nll", "words", "distinct_outputs") if k in b and k in a]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lab", type=Path, default=DEFAULT_LAB)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "rl_lab")
@@ -202,12 +241,14 @@ def main() -> None:
     parser.add_argument("--dpo_papers", type=int, default=64)
     parser.add_argument("--dpo_samples", type=int, default=2)
     parser.add_argument("--dpo_temperatures", type=float, nargs="+", default=[0.0, 0.7, 1.0],
-                        help="S_tuned's outputs to rate: --dpo_samples samples at each temperature; 0 = the greedy output")
+                        help="S_tuned's outputs to rate: --dpo_samples samples at each temperature; "
+                             "0 = the greedy output")
     parser.add_argument("--dpo_epochs", type=float, default=2)
     parser.add_argument("--dpo_lr", type=float, default=1e-4)
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--ci", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    setup_logging()
     if args.ci:
         args.grpo_steps, args.eval_examples, args.test_examples, args.dpo_papers, args.no_record = 2, 2, 2, 8, True
         args.work = args.work.with_name("rl_lab_ci")
@@ -228,8 +269,10 @@ def main() -> None:
                      f"{minutes(grpo['seconds'])} (rl_tune.py wall time, its before/after evaluation included), of "
                      f"which training {grpo['metrics']['train_runtime'] / 60:.1f} min (the Trainer's train_runtime).")
         evals = {}
-        for name, path in (("S_tuned", args.lab / "small_tuned" / "final"), ("S_grpo", grpo["final"])):
-            evals[name] = run_evaluation(args, args.lab, path, args.work / "eval" / name)
+        evals["S_tuned"] = run_evaluation(args, args.lab, args.lab / "small_tuned" / "final",
+                                          args.work / "eval" / "S_tuned")
+        evals["S_grpo"] = run_evaluation(args, args.lab, grpo["final"], args.work / "eval" / "S_grpo",
+                                         grpo=grpo["config"])
         table2 = []
         for name, ev in evals.items():
             for system in ("small_tuned", "steered"):
@@ -244,7 +287,8 @@ def main() -> None:
                      f"{' and '.join(minutes(e['seconds']) for e in evals.values())}: `python "
                      f"{evals['S_grpo']['command']}`.")
         if not args.no_record:
-            record(f"GRPO on the lab's S_tuned, steering with it (test split, {n_test} papers; evaluation.py intervals)",
+            record(f"GRPO on the lab's S_tuned, steering with it (test split, {n_test} papers; "
+                   "evaluation.py intervals)",
                    table2, ("system", "ROUGE-L [95% CI]", "EOS rate", "repeated 3-grams", "reference NLL/token"),
                    "\n\n".join(notes))
     if args.only in (None, "dpo"):
@@ -259,7 +303,8 @@ def main() -> None:
             rows.append((f"{name} ({b.get('pairs', 0)} pairs)", "accuracy (margin > 0)",
                          f"{b.get('accuracy', float('nan')):.3f}", f"{a.get('accuracy', float('nan')):.3f}",
                          f"{a.get('accuracy', 0) - b.get('accuracy', 0):+.3f}"))
-        notes.append(f"DPO: {dpo['ratings']} simulated ratings of {dpo['papers']} training papers ({rated_outputs(args)}"
+        notes.append(f"DPO: {dpo['ratings']} simulated ratings of {dpo['papers']} training papers "
+                     f"({rated_outputs(args)}"
                      f" per paper; rating = 1 + 2*EOS + 2*(1 - repetition)) -> "
                      f"{m['train_rows']} training and {m['heldout_pairs']} held-out pairs (held-out papers: 25%); "
                      f"{args.dpo_epochs:g} epochs, lr {args.dpo_lr:g}, beta 0.1; sampling and rating "

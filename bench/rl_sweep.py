@@ -4,10 +4,11 @@
     python bench/rl_sweep.py --only R1 K --no_record
 
 Each configuration runs `bench/rl_lab.py --only grpo` in its own work directory (bench/work/sweep_<name>; a re-run
-reuses what finished there): rl_tune.py --method grpo from the lab's S_tuned, then evaluation.py on --test_examples
-test papers with S_grpo as --small_tuned_model. One table row per configuration: S_grpo's greedy outputs on 32
-validation papers before -> after (rl_tune.py's metrics.json, with the share of distinct outputs, which shows a
-collapse to one text), and L steered by (S, S_grpo) on the test papers (evaluation.py's metrics.json).
+reuses what finished there with the same settings, and rl_lab.py redoes a stage whose settings changed, e.g. after an
+edit of CONFIGS or another --test_examples): rl_tune.py --method grpo from the lab's S_tuned, then evaluation.py on
+--test_examples test papers with S_grpo as --small_tuned_model. One table row per configuration: S_grpo's greedy
+outputs on 32 validation papers before -> after (rl_tune.py's metrics.json, with the share of distinct outputs, which
+shows a collapse to one text), and L steered by (S, S_grpo) on the test papers (evaluation.py's metrics.json).
 
 The question the sweep answers: the issue asks GRPO to cut the repetition and raise the EOS rate of S_tuned's greedy
 outputs (NLL within +5%) and steering to keep the gains; the first run did so by writing one 7-token sentence for
@@ -32,7 +33,8 @@ SHORT = dict(reward="rouge:2,eos:1,repetition:1,length:2", length_range="20,60")
 LONG = dict(reward="rouge:2,eos:1,repetition:2,length:2", length_range="40,90", lr=5e-4, beta=0.04)
 DEFAULTS = dict(top_k=0, generations=4, prompts=2)  # rl_lab.py's, unless a configuration says otherwise
 CONFIGS = {
-    "R1": dict(reward="rouge:1,eos:1,repetition:1", length_range="20,200", temperature=0.2, lr=5e-4, beta=0.04, steps=30),
+    "R1": dict(reward="rouge:1,eos:1,repetition:1", length_range="20,200", temperature=0.2, lr=5e-4, beta=0.04,
+               steps=30),
     "K": {**T02, "reward": "rouge:1,eos:1,repetition:1,length:1"},
     "L": {**T02, "reward": "rouge:3,eos:1,repetition:1,length:1"},
     "J": {**SHORT, "temperature": 0.3, "lr": 5e-4, "beta": 0.04, "steps": 40},

@@ -24,9 +24,12 @@ Sources: without ../shared the general corpus is the Hub's stanfordnlp/imdb and 
 
 Stages run in this order, each writing under --work_dir and skipped when its output is there:
     corpus, tokenizer, data, pretrain_small, pretrain_large, finetune_small, finetune_large, tune, evaluate,
-    alpha_curve. `--redo STAGE` runs STAGE and every later one again. The commands the lab ran are in
-    WORK_DIR/commands.sh (each script's own command line), the timings in WORK_DIR/stages.json.
-The report (a dated section of bench/RESULTS.md and assets/steering_lab.png) is rebuilt on every run.
+    alpha_curve. `--redo STAGE` runs STAGE and every later one again. A stage is reused only when it was made with
+    today's settings (recorded in WORK_DIR/stages.json; a stage made with other ones is refused in one line naming
+    them, old -> new) and after the stages it reads (one made again since makes it run again). The commands the lab
+    ran are in WORK_DIR/commands.sh (each script's own command line), the timings in WORK_DIR/stages.json.
+The report (a dated record in bench/RESULTS.md, replacing the lab's earlier record of the same preset and test data,
+and assets/steering_lab.png) is rebuilt on every run; earlier runs: git log -p bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import ROOT, record  # noqa: E402
+from _util import ROOT, record, setting_changes  # noqa: E402
 
 from proxytune.evaluation.arguments import ARGUMENT_TYPES
 from proxytune.evaluation.generation import build_inputs
@@ -85,6 +88,19 @@ PYTHIA_ACCUMULATE = {"1.4b": 2, "2.8b": 4}  # L's batch split into micro-batches
 STAGES = ("corpus", "tokenizer", "data", "pretrain_small", "pretrain_large", "finetune_small", "finetune_large",
           "tune", "evaluate", "alpha_curve")
 EVAL_STAGES = ("evaluate", "alpha_curve")  # kept apart per evaluation file (the test split or --test_file)
+# The stages whose outputs each stage reads: a cached stage that finished before one of them was made again is stale.
+UPSTREAM = {
+    "corpus": (),
+    "tokenizer": ("corpus",),
+    "data": ("tokenizer",),
+    "pretrain_small": ("corpus", "tokenizer"),
+    "pretrain_large": ("corpus", "tokenizer"),
+    "finetune_small": ("data", "pretrain_small"),
+    "finetune_large": ("data", "pretrain_large"),
+    "tune": ("data", "pretrain_small", "pretrain_large", "finetune_small", "finetune_large"),
+    "evaluate": ("data", "pretrain_small", "pretrain_large", "finetune_small", "finetune_large", "tune"),
+    "alpha_curve": ("data", "pretrain_small", "pretrain_large", "finetune_small"),
+}
 # Systems in the report: (label, evaluation run, system inside that run's predictions).
 SYSTEMS = (
     ("S", "main", "small_base"),
@@ -214,13 +230,15 @@ class LabArguments:
     tokenizer: str | None = field(
         default=None, metadata={"help": "Use this tokenizer directory (e.g. ../shared/tokenizers/pythia) instead of "
                                 "training a small BPE (the default: 50k rows of embedding dominate tiny models)."})
-    seed: int = field(default=42, metadata={"help": "Seed of the corpus sample, the splits, training and the bootstrap."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the corpus sample, the splits, training and the bootstrap."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
     device: str | None = field(
         default=None, metadata={"help": "Device of steer.py, evaluation.py and the alpha curve (fine_tune.py's Trainer "
                                 "picks its own). Default: cpu, or with --preset cuda when available."})
     results_file: str | None = field(
-        default=None, metadata={"help": "Append the report here (default: bench/RESULTS.md; smoke: WORK_DIR/RESULTS.md)."})
+        default=None, metadata={"help": "Record the report here, replacing this lab's earlier record of the same "
+                                "configuration (default: bench/RESULTS.md; smoke: WORK_DIR/RESULTS.md)."})
     figure: str | None = field(
         default=None, metadata={"help": "The figure (default: assets/steering_lab.png, or WORK_DIR/... for smoke "
                                 "runs and --test_file)."})
@@ -391,31 +409,47 @@ def forget_stages(lab: Lab, first: str) -> None:
     for name in STAGES[STAGES.index(first):]:
         if name == "tokenizer" and lab.args.tokenizer:
             continue
-        for path in stage_outputs(lab, name):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        delete_outputs(lab, name)
         stages.pop(stage_key(lab, name), None)
     write_json(lab.path("stages.json"), stages)
 
 
+def delete_outputs(lab: Lab, name: str) -> None:
+    for path in stage_outputs(lab, name):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def run_stage(lab: Lab, name: str, settings: dict, fn) -> dict:
     """Run `fn()` unless the stage's output is there. The stage's settings are recorded with it; a cached stage
-    made with other settings is refused, since its results would silently describe another experiment."""
+    made with other settings, or with none recorded (an older version, a lost stages.json), is refused in one line
+    naming the settings and --redo, since its results would silently describe another experiment. Refused, not
+    redone as bench/rl_lab.py does: a cached stage here can be most of a 41-minute lab, and other settings usually
+    mean another experiment, which belongs in another --work_dir. A cached stage that finished before a stage it
+    reads (UPSTREAM) was made again is stale whatever its settings: it runs again, and so do the stages after it."""
     stages = read_stages(lab)
     key = stage_key(lab, name)
     done = stage_outputs(lab, name)[0].exists()
     settings = json.loads(json.dumps(settings, default=str).replace(str(lab.work), "{work_dir}"))
     if done:
-        recorded = stages.get(key, {}).get("settings")
-        if recorded is not None and recorded != settings:
-            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-            raise UsageError(f"stage '{name}' in {lab.work} was made with other settings ({', '.join(changed)}); "
-                             f"pass --redo {name} to run it (and the later stages) again, or another --work_dir")
-        logger.info("stage %s: cached (%s)", name, stage_outputs(lab, name)[0])
-        entry = stages.get(key, {"seconds": None})
-        return {**entry, "cached": True}
+        entry = stages.get(key, {})
+        redo = f"pass --redo {name} to run it (and the later stages) again, or another --work_dir"
+        if entry.get("settings") is None:
+            raise UsageError(f"stage '{name}' in {lab.work} has no recorded settings (made by an older version, or "
+                             f"stages.json was lost); {redo}")
+        changes = setting_changes(entry["settings"], settings)
+        if changes:
+            raise UsageError(f"stage '{name}' in {lab.work} was made with other settings ({', '.join(changes)}); "
+                             f"{redo}")
+        remade = [f"{up} (made {stages[up]['finished']})" for up in UPSTREAM[name]
+                  if stages.get(up, {}).get("finished", "") > entry.get("finished", "")]
+        if not remade:
+            logger.info("stage %s: cached (%s)", name, stage_outputs(lab, name)[0])
+            return {**entry, "cached": True}
+        logger.info("stage %s: made %s, before %s; running it again", name, entry.get("finished"), ", ".join(remade))
+        delete_outputs(lab, name)
     logger.info("stage %s: running", name)
     started = time.perf_counter()
     n_commands = len(lab.commands)
@@ -801,7 +835,6 @@ def analyse(per_system: dict[str, dict], samples: int, seed: int) -> dict:
 
 
 def count_parameters(model_dir: str) -> dict[str, int]:
-
     model = load_causal_lm(model_dir, device="cpu")
     embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     total = sum(p.numel() for p in model.parameters())
@@ -916,7 +949,8 @@ def plot_report(path: Path, analysis: dict, curve: dict, title: str) -> None:
 
 
 def write_report(lab: Lab, stage_times: dict[str, dict], total_seconds: float) -> dict:
-    """Analyse the evaluation runs, draw the figure and append the dated section to the results file."""
+    """Analyse the evaluation runs, draw the figure and write the dated record into the results file (replacing the
+    lab's earlier record of the same configuration)."""
     per_system = read_predictions(lab)
     analysis = analyse(per_system, lab.profile.bootstrap_samples, lab.args.seed)
     curve = json.loads((lab.eval_dir / "alpha_curve.json").read_text(encoding="utf-8"))
@@ -989,7 +1023,8 @@ def design_lines(lab: Lab, models: dict, counts: dict, tune_report: dict) -> lis
              f"by processing_meta_review.py, max_length {p.max_length} (reviews cut by its fair "
              f"budget rule); evaluation prompts cut to {p.max_length} - {p.max_new_tokens} tokens, greedy decoding of "
              f"at most {p.max_new_tokens} tokens, reference NLL over the tokens that fit the context.", "",
-             "| model | shape | non-embedding params | total params | training | held-out loss (ppl) | train time (s) |",
+             "| model | shape | non-embedding params | total params | training | held-out loss (ppl) "
+             "| train time (s) |",
              "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         if m.get("pretrained"):
@@ -1019,7 +1054,6 @@ def design_lines(lab: Lab, models: dict, counts: dict, tune_report: dict) -> lis
 
 
 def format_tune(report: dict) -> str:
-
     return format_report(report)
 
 
@@ -1110,7 +1144,7 @@ def main(args: LabArguments) -> dict:
     finally:
         write_commands(lab)
     summary = write_report(lab, stages, time.perf_counter() - started)
-    logger.info("steering lab done in %.1f min; report appended to %s, figure %s",
+    logger.info("steering lab done in %.1f min; report recorded in %s, figure %s",
                 (time.perf_counter() - started) / 60, lab.results_file, lab.figure)
     return summary
 

@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # What the scripts import at the top or on their main path; importing them once is the whole point.
 PRELOAD = ["torch", "transformers", "datasets", "peft", "openpyxl", "rouge_score.rouge_scorer", "optuna",
-           "safetensors.torch", "matplotlib.pyplot", "proxytune.foundation.cli", "processing_meta_review", "steer", "evaluation",
-           "fine_tune", "trl", "rl_tune"]
+           "safetensors.torch", "matplotlib.pyplot", "proxytune.foundation.cli", "processing_meta_review", "steer",
+           "evaluation", "fine_tune", "trl", "rl_tune"]
 
 
 @dataclass

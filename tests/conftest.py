@@ -4,6 +4,7 @@ directories, small meta-review fixtures, and access to ../shared (skipped with a
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -110,8 +111,11 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     return load_tokenizer(str(tiny_tokenizer_dir))
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, padded_vocab: int | None = None):
-    """A random GPT-NeoX; `padded_vocab` > vocab_size mimics Pythia's 50,304-row embedding."""
+def make_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
+                    padded_vocab: int | None = None, output_scale: float = 1.0):
+    """A random GPT-NeoX; `padded_vocab` > vocab_size mimics Pythia's 50,304-row embedding. Its next-token
+    distributions are near-uniform (logits within about +-0.5, top-two leads down to ~1e-3 over a few dozen steps);
+    `output_scale` multiplies the output layer, and so the logits and their leads."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -127,7 +131,98 @@ def make_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_l
         eos_token_id=0,
         pad_token_id=1,
     )
-    return GPTNeoXForCausalLM(config).eval()
+    model = GPTNeoXForCausalLM(config).eval()
+    if output_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(output_scale)
+    return model
+
+
+# --- exactness: greedy comparisons that no CPU can flip (tests marked `exactness`; tests/exactness_kernels.sh) -------
+# Two decodings of one float32 model that round differently (batched or alone, cached or not, speculative or not, HF's
+# generate or ours, another CPU's kernels) differ by about 1e-6 in a log-prob (at most 2e-6 measured on the tiny
+# models, 4-bit ones included). Their greedy tokens are equal on any CPU wherever each step's best token leads the
+# runner-up by far more than that, and a random tiny model can hold a near-tie anywhere: so a float32 test asserts the
+# lead (assert_clear_lead) before it asserts equal tokens, and fails at once, on every CPU, if a fixture or prompt
+# holds a near-tie, instead of on some CPUs only. In float64 the paths agree to ~1e-15: the float32 log-probs that
+# steered decoding casts to are then bit for bit the same, and equal tokens need no lead.
+CLEAR_LEAD = 1e-4
+
+
+def smallest_lead(scores) -> float:
+    """(..., V) scores greedy tokens were picked from -> the smallest lead of a best score over its runner-up:
+    `smallest_lead(torch.tensor([[0.0, -1.0, -3.0], [-2.0, -0.5, -0.7]]))` -> 0.2."""
+    top = scores.topk(2, dim=-1).values
+    return float((top[..., 0] - top[..., 1]).min())
+
+
+def assert_clear_lead(scores, at_least: float = CLEAR_LEAD) -> None:
+    """Every greedy step of `scores` (..., V) leads by more than `at_least`: no near-tie a rounding could flip."""
+    lead = smallest_lead(scores)
+    assert lead > at_least, (
+        f"near-tie: a greedy step's best token leads the runner-up by {lead:.3g} only (<= {at_least:g}), within the "
+        "rounding that differs between decoding paths and CPUs; use other prompts or seeds, or compare in float64")
+
+
+def record_generate_scores(model, monkeypatch) -> list:
+    """Make `model.generate` also record the scores each step picked from (logits after HF's processors); -> the list
+    each call appends its (B, N, V) scores to. generate still returns the sequences alone."""
+    import torch
+
+    recorded = []
+    generate = model.generate
+
+    def generate_and_record(*args, **kwargs):
+        out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        recorded.append(torch.stack(out.scores, dim=1))
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate_and_record)
+    return recorded
+
+
+NEAR_TIE_TOKENS = (100, 200)  # (lower id, higher id); the higher one gets the larger logit
+
+
+def add_near_tie(model, logit: float = 5.45, shift: float = 5.0, dim: int = 0):
+    """Build a near-tie into a GPT-NeoX, in place: NEAR_TIE_TOKENS get logits one float32 ulp apart, the larger
+    (`logit`) on the higher id, so that a path that rounded the two into one number would pick the lower id. Exactly,
+    at every position and on every CPU: dimension `dim` of the final layer norm is the constant 1 (weight 0, bias 1)
+    and the two tokens' rows of the output layer read only it, so each logit is a single exact product. Every other
+    row reads `shift` there, so all logits lie in [4, 8), as the log-probs do (about -5.7): a log-softmax then
+    subtracts exactly and keeps the one-ulp gap (near 0, where a tiny model's logits are, it would merge the two).
+    Where `logit` beats the other tokens, greedy decoding must pick the higher id. Returns the model."""
+    import torch
+
+    low, high = NEAR_TIE_TOKENS
+    with torch.no_grad():
+        norm = model.gpt_neox.final_layer_norm
+        norm.weight[dim], norm.bias[dim] = 0.0, 1.0
+        out = model.get_output_embeddings().weight  # (V, H)
+        out[:, dim] = shift
+        out[[low, high]] = 0.0
+        out[high, dim] = logit
+        out[low, dim] = torch.nextafter(out[high, dim], torch.tensor(-math.inf))
+    return model
+
+
+def near_tie_steps(scores):
+    """(B, N, V) scores of a model from add_near_tie -> (B, N) bool: the steps where the built tie decided (its
+    two tokens the top two, one ulp apart)."""
+    import torch
+
+    top = scores.topk(2, dim=-1)
+    low, high = NEAR_TIE_TOKENS
+    return ((top.indices[..., 0] == high) & (top.indices[..., 1] == low)
+            & (top.values[..., 1] == torch.nextafter(top.values[..., 0], torch.tensor(-math.inf))))
+
+
+def assert_only_the_built_tie(scores) -> None:
+    """A near-tie test's premise: the built tie decides at some steps of `scores` (B, N, V), and every other step
+    leads clearly (assert_clear_lead), so the test's outcome turns on the built tie alone."""
+    tie = near_tie_steps(scores)
+    assert 0 < int(tie.sum()) < tie.numel(), f"the built tie decides {int(tie.sum())} of {tie.numel()} steps"
+    assert_clear_lead(scores[~tie])
 
 
 @pytest.fixture(scope="session")

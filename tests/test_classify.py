@@ -1,6 +1,7 @@
-"""Classification and regression (classify.py through fine_tune.py --task), the labels processing_meta_review.py keeps,
-and evaluation.py's decision consistency: pooling under left and right padding, metrics and decision consistency against
-hand counts, labels round-tripping through the saved config, loss going down, and the bad inputs."""
+"""Classification and regression (proxytune/training/classification.py through fine_tune.py --task), the labels
+processing_meta_review.py keeps, and evaluation.py's decision consistency: pooling under left and right padding, metrics
+and decision consistency against hand counts, labels round-tripping through the saved config, loss going down, and the
+bad inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_rows
+from conftest import assert_clear_lead, make_rows
 
 import evaluation
 import fine_tune
@@ -337,6 +338,7 @@ def test_decision_consistency_matches_a_hand_count():
     assert result["systems"]["a"]["ci_high"] == pytest.approx(np.percentile([0.5, 1.0, 0.5], 75))
 
 
+@pytest.mark.exactness
 def test_evaluation_reports_decision_consistency(trained_classifier, tiny_model_dirs, tmp_path):
     """Through evaluation.main: the shares in metrics.json and the workbook are the hand count of what the classifier
     says about each generated and reference meta-review."""
@@ -354,6 +356,14 @@ def test_evaluation_reports_decision_consistency(trained_classifier, tiny_model_
     model, tokenizer, info = classify.load_classifier(final, device="cpu")
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     truth = {p["example_id"]: p for p in preds}
+    # The hand count classifies the texts in other batches than evaluation did: equal labels need each text's top
+    # two logits clearly apart (conftest's exactness note).
+    texts = [p["prediction"] for p in preds] + [p["reference"] for p in preds]
+    batch = classify.ClassificationCollator(tokenizer.pad_token_id)([
+        {"input_ids": classify.encode_input(t, tokenizer, info["max_length"], info["classification_input"]),
+         "labels": 0} for t in texts])
+    with torch.no_grad():
+        assert_clear_lead(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
     from proxytune.task.reviews import normalise_decision
 
     decision_of = {}

@@ -38,7 +38,8 @@ def test_ci_runs_the_readme_test_command():
     command = block.group(1).strip()
     assert "pytest" in command and "requirements.txt" in command
     extracted = subprocess.run(
-        ["bash", "-c", "sed -n '/<!-- TEST-COMMAND -->/,/<!-- \\/TEST-COMMAND -->/p' README.md | grep -v -e '<!--' -e '```'"],
+        ["bash", "-c",
+         "sed -n '/<!-- TEST-COMMAND -->/,/<!-- \\/TEST-COMMAND -->/p' README.md | grep -v -e '<!--' -e '```'"],
         cwd=ROOT, capture_output=True, text=True,
     ).stdout.strip()
     assert extracted == command

@@ -145,7 +145,7 @@ def test_build_prompt_real_tokenizer_long_reviews():
     from proxytune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(PYTHIA_TOKENIZER))
-    reviews = [("Reviewer %d: " % i) + "The proposed method is interesting, but the evaluation is limited. " * 200
+    reviews = [f"Reviewer {i}: " + "The proposed method is interesting, but the evaluation is limited. " * 200
                for i in range(4)]
     prompt, truncated = build_prompt(reviews, tok, 1000)
     n = len(tok(prompt)["input_ids"])
@@ -337,9 +337,11 @@ def test_write_error_names_the_space(tmp_path):
     from proxytune.foundation.outputs import format_bytes, is_disk_full, write_error
 
     full = OSError(errno.ENOSPC, "No space left on device")
-    assert is_disk_full(full) and is_disk_full(RuntimeError("SafetensorError: ... No space left on device (os error 28)"))
+    assert is_disk_full(full)
+    assert is_disk_full(RuntimeError("SafetensorError: ... No space left on device (os error 28)"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
     message = str(write_error(tmp_path / "out", full, "--output_dir", needed=2_500_000))
-    assert message.startswith(f"no space left on the device of {tmp_path / 'out'} (") and "about 2.5 MB needed" in message
+    assert message.startswith(f"no space left on the device of {tmp_path / 'out'} (")
+    assert "about 2.5 MB needed" in message
     assert "permission" in str(write_error(tmp_path, OSError(errno.EACCES, "Permission denied"))).lower()
     assert (format_bytes(999), format_bytes(1536), format_bytes(3.2e9)) == ("999 B", "1.5 KB", "3.2 GB")

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import assert_clear_lead, record_generate_scores
 from test_workbook import header_of, key_of, row_of
 
 import evaluation
@@ -161,7 +162,7 @@ def test_workbook_sheets_validation_and_chart(first_run):
     assert [summary.cell(r, 1).value for r in range(2, 6)] == SYSTEMS
     (chart,) = summary._charts
     assert chart.tagname == "barChart" and len(chart.series) == len(ROUGE_TYPES)
-    assert chart.series[0].val.numRef.f == "'Summary'!$D$2:$D$5"
+    assert chart.series[0].val.numRef.f.replace("'", "") == "Summary!$D$2:$D$5"  # (quoted or not)
     scores = wb["Scores"]
     assert scores.max_row == 1 + N_EXAMPLES * len(SYSTEMS) and scores.freeze_panes == "D2"
 
@@ -216,7 +217,8 @@ def test_ratings_survive_rerun(first_run, tiny_model_dirs, jsonl_file):
     assert "Kept ratings" in load_workbook(path).sheetnames and "Pairwise" not in load_workbook(path).sheetnames
     ratings, current, choices, _ = judged()
     assert ratings == typed and current == {k for k in typed if k[1] == "large"}
-    assert choices == [(eids[0], "steered", f"not in run of {json.loads((out / 'metrics.json').read_text())['run']['date']}")]
+    run_date = json.loads((out / "metrics.json").read_text())["run"]["date"]
+    assert choices == [(eids[0], "steered", f"not in run of {run_date}")]
 
     rerun()
     assert judged()[:3] == (typed, set(typed), [(eids[0], "steered", None)])
@@ -249,26 +251,24 @@ def test_changed_output_keeps_the_rating_and_the_rated_output(first_run, tiny_mo
 
 
 def test_workbook_replaced_atomically_when_saving_fails(first_run, tiny_model_dirs, jsonl_file, monkeypatch):
-    from openpyxl.workbook.workbook import Workbook
-
     out, _, rerun = first_run
     path = out / "eval_examples.xlsx"
     before = path.read_bytes()
 
-    def crash(self, filename):
-        (filename.write if hasattr(filename, "write") else open(filename, "wb").write)(b"PK\x03\x04 half a workbook")
+    def crash(wb, f):  # in place of proxytune.workbook.writer.write_xlsx, which writes the book into the file f
+        f.write(b"PK\x03\x04 half a workbook")
         raise RuntimeError("disk pulled out mid-write")
 
-    monkeypatch.setattr(Workbook, "save", crash)
+    monkeypatch.setattr("proxytune.workbook.writer.write_xlsx", crash)
     with pytest.raises(RuntimeError, match="mid-write"):
         rerun()
     assert path.read_bytes() == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
-    def disk_full(self, filename):
+    def disk_full(wb, f):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Workbook, "save", disk_full)
+    monkeypatch.setattr("proxytune.workbook.writer.write_xlsx", disk_full)
     with pytest.raises(UsageError, match="previous workbook is untouched"):
         rerun()
     assert path.read_bytes() == before
@@ -313,24 +313,29 @@ def test_example_selection_is_seeded_and_in_order():
     assert select_examples(5, None, 0) == select_examples(5, 50, 0) == [0, 1, 2, 3, 4]
 
 
-def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, tiny_tokenizer):
+@pytest.mark.exactness
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dirs, tiny_tokenizer, monkeypatch):
     """Left padding with an attention mask must not change greedy outputs."""
     from proxytune.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu")
     prompts = ["Peer reviews of a paper:\n\nGood.\n\nMeta-review:",
-               "Peer reviews of a paper:\n\nThe method is simple and effective but the evaluation is thin.\n\nMeta-review:"]
+               "Peer reviews of a paper:\n\nThe method is simple and effective but the evaluation is thin.\n\n"
+               "Meta-review:"]
     examples = [{"example_id": str(i), "prompt_ids": tiny_tokenizer(p)["input_ids"], "prompt_truncated": False}
                 for i, p in enumerate(prompts)]
     settings = {"max_new_tokens": 6, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
                 "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    scores = record_generate_scores(model, monkeypatch)
     together = generate("large", examples, {"large": model}, None, settings, tiny_tokenizer, 2, 0)
+    assert_clear_lead(scores[0])  # float32: no near-tie that batching's rounding could flip (conftest)
     alone = [generate("large", [ex], {"large": model}, None, settings, tiny_tokenizer, 1, 0)[0]
              for ex in examples]
     assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
     assert len({r["prediction"] for r in together}) == 2
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
 def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_tokenizer, penalties,
                                                           monkeypatch):
@@ -362,22 +367,27 @@ def test_static_cache_generation_equals_the_default_cache(tiny_model_dirs, tiny_
         no_repeat_ngram_size=settings["no_repeat_ngram_size"], eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id, suppress_tokens=list(range(vocab, rows)))
     assert reference.cache_implementation is None  # HF's default: a DynamicCache
+    scores = record_generate_scores(model, monkeypatch)
     with torch.inference_mode():
         expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=reference)[:, ids.shape[1]:]
+    assert_clear_lead(scores[0])  # float32: no near-tie that the two caches' rounding could flip (conftest)
     assert new.shape == expected.shape and torch.equal(new, expected)
     assert len({tuple(row) for row in new.tolist()}) == 3
 
 
+@pytest.mark.exactness
 def test_shards_merge_to_the_single_process_result(tiny_model_dirs, jsonl_file, tmp_path):
     def predictions(out):
         return [(p["example_id"], p["system"], p["prediction"])
                 for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())]
 
-    run(tiny_model_dirs, jsonl_file, tmp_path / "single", models=("small_base",))
+    # One example per batch: a shard's batches then hold what the single run's do, the same computation to the bit,
+    # so no near-tie of the float32 tiny model can turn a shard's tokens apart on any CPU.
+    run(tiny_model_dirs, jsonl_file, tmp_path / "single", "--batch_size", "1", models=("small_base",))
     sharded = tmp_path / "sharded"
     for k in (1, 0):
         assert run(tiny_model_dirs, jsonl_file, sharded, "--shard_index", str(k), "--num_shards", "2",
-                   models=("small_base",)) is None
+                   "--batch_size", "1", models=("small_base",)) is None
     assert not (sharded / "eval_examples.xlsx").exists()
     evaluation.main(*parse_config(ARGUMENT_TYPES, ["--output_dir", str(sharded), "--merge_only"]))
     assert predictions(sharded) == predictions(tmp_path / "single")
@@ -508,7 +518,8 @@ def test_unusable_existing_workbook_is_left_untouched(case, tiny_model_dirs, jso
         if case == "locked":
             (tmp_path / ".~lock.book.xlsx#").write_text("someone,host,2026")
     before = path.read_bytes()
-    match = {"corrupt": "cannot be read", "locked": "a crash left the lock behind), delete", "foreign": "not written by"}[case]
+    match = {"corrupt": "cannot be read", "locked": "a crash left the lock behind), delete",
+             "foreign": "not written by"}[case]
     expect_usage_error(capsys, make_args(tiny_model_dirs, jsonl_file, tmp_path / "out", "--output_xlsx", str(path)),
                        match)
     assert path.read_bytes() == before
@@ -549,7 +560,8 @@ def test_reference_is_scored_whole_after_a_truncated_prompt(tiny_model_dirs, tin
     assert n_target > 40  # much longer than the 4 new tokens the generation prompt leaves room for
     metrics = evaluation.main(*parse_config(ARGUMENT_TYPES, [
         "--dataset_path", str(data), "--max_length", "200", "--max_new_tokens", "4", "--batch_size", "2",
-        "--bootstrap_samples", "10", "--large_model", str(tiny_model_dirs["large"]), "--output_dir", str(tmp_path / "o")]))
+        "--bootstrap_samples", "10", "--large_model", str(tiny_model_dirs["large"]),
+        "--output_dir", str(tmp_path / "o")]))
     preds = [json.loads(line) for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["prompt_truncated"] for p in preds)
     for p in preds:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHIA_TOKENIZER, SHARED_DATA, make_rows, make_tiny_model, requires_shared
+from conftest import PYTHIA_TOKENIZER, SHARED_DATA, assert_clear_lead, make_rows, make_tiny_model, requires_shared
 from transformers import GenerationConfig
 
 import fine_tune
@@ -174,7 +174,7 @@ def test_trimmed_logits_give_the_same_loss(tiny_tokenizer):
 
 @requires_shared
 def test_labels_on_a_real_example(tmp_path):
-    """A real MReD row through the raw-file path (processing_meta_review.process) with the Pythia tokenizer."""
+    """A real MReD row through the raw-file path (proxytune.task.processing.process) with the Pythia tokenizer."""
     row = json.loads((SHARED_DATA / "mred_val_longest.jsonl").read_text(encoding="utf-8").splitlines()[0])
     source = tmp_path / "one.jsonl"
     source.write_text(json.dumps({"Input": row["Input"], "Output": row["Output"]}) + "\n", encoding="utf-8")
@@ -218,6 +218,7 @@ def test_checkpoint_problems_name_what_is_missing(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.exactness
 def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, base_model_dir):
     """Fine-tune a saved tiny model on two short examples until it memorises them: it must then write each
     meta-review and END it with EOS, after a reload from disk."""
@@ -266,13 +267,15 @@ def test_memorises_two_examples_and_stops(tmp_path, tiny_tokenizer, tiny_tokeniz
     tokenizer = load_tokenizer(str(final))
     prompt = torch.tensor([examples[1]["input_ids"][: examples[1]["prompt_length"]]])  # (1, T)
     greedy = GenerationConfig(max_new_tokens=30, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)
-    new = generated[0, prompt.shape[1]:].tolist()
+                              pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)
+    assert_clear_lead(torch.stack(out.scores, 1))  # memorised: no step a CPU's rounding could turn
+    new = out.sequences[0, prompt.shape[1]:].tolist()
     assert new[-1] == tokenizer.eos_token_id and len(new) < 30  # stopped by itself
     assert tokenizer.decode(new, skip_special_tokens=True) == " The paper is not ready. Reject."
 
 
+@pytest.mark.exactness
 def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, fixture_jsonl, base_model_dir):
     """Kill-after-save simulation: the newest checkpoint is half written. The same command resumes from the
     previous one, and the result equals an uninterrupted run's (which also proves the checkpoint's weights,
@@ -379,7 +382,8 @@ def test_fresh_tiny_pythia_on_real_data(tmp_path):
     Pythia tokenizer on six real MReD examples, max_length 256."""
     lines = (SHARED_DATA / "mred_val_longest.jsonl").read_text(encoding="utf-8").splitlines()[:6]
     source = tmp_path / "six.jsonl"
-    source.write_text("".join(json.dumps({k: json.loads(l)[k] for k in ("Input", "Output")}) + "\n" for l in lines))
+    source.write_text("".join(json.dumps({k: json.loads(line)[k] for k in ("Input", "Output")}) + "\n"
+                              for line in lines))
     out = tmp_path / "run"
     flags = ["--config_name", "tiny", "--tokenizer_name", str(PYTHIA_TOKENIZER), "--dataset_path", str(source),
              "--max_length", "256", "--validation_split_percentage", "20", "--seed", "3"]

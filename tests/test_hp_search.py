@@ -1,15 +1,21 @@
-"""Tests for hp_search.py through fine_tune.py --hp_search: real tiny fine-tunes as trials (fresh tiny GPT-NeoX,
-the tiny tokenizer), best.yaml re-run, two worker processes on one SQLite study, pruning, and bad spaces."""
+"""Tests for proxytune/training/hp_search.py through fine_tune.py --hp_search: real tiny fine-tunes as trials
+(fresh tiny GPT-NeoX, the tiny tokenizer), best.yaml re-run, two worker processes on one SQLite study, pruning, and
+bad spaces."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import ROOT, make_rows
@@ -128,7 +134,8 @@ def test_a_trial_behind_the_median_is_recorded_as_pruned(tmp_path, data_file, ti
     assert [r["state"] for r in read_csv(out / "trials.csv")] == ["COMPLETE", "PRUNED"]
     run_dir = out / "trial-1"
     assert not (run_dir / "final").exists()  # stopped at its first evaluation (step 2)...
-    assert (out / "trial-1.yaml").is_file() and (run_dir / "checkpoint-2").is_dir() is False  # pruned at its first evaluation, before that save
+    # pruned at its first evaluation, before that save
+    assert (out / "trial-1.yaml").is_file() and (run_dir / "checkpoint-2").is_dir() is False
 
 
 def test_a_failed_trial_stays_failed_and_its_point_is_retried_in_its_directory(tmp_path, data_file,
@@ -256,3 +263,179 @@ def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch):
                                  hp_study_name="raced", hp_direction="minimize")
     study, _ = hp_search.open_study(args, space, tmp_path, seed=0)
     assert len(calls) == 2 and study.study_name == "raced"
+
+
+# ---------------------------------------------------------------------------------------------
+# A worker killed mid-trial, and workers still running: the reports cover the finished trials, and say what is missing
+# ---------------------------------------------------------------------------------------------
+class LogLines(logging.Handler):
+    """The library's log records (run_search's setup_logging replaces the root handlers, caplog's among them)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def hp_log():
+    handler, logger = LogLines(), logging.getLogger("proxytune")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+# `python fine_tune.py ARGS` with a tests/cli_forkserver.py hook: it stops (sleeps) at the hooked call, to be killed.
+HOOKED = ("import json, runpy, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+          "from cli_forkserver import install_hook; install_hook(json.loads(sys.argv[3])); "
+          "sys.argv = sys.argv[4:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_worker_gone_means_a_dead_process_of_this_host_only():
+    here = hp_search.this_worker()
+    assert not hp_search.worker_gone(here) and not hp_search.worker_gone(None)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(alive.pid).create_time()
+        assert hp_search.worker_gone({**here, "pid": ended.pid})
+        assert not hp_search.worker_gone({**here, "pid": alive.pid, "started": started})
+        # The pid of a live process that started at another time: the recorded worker's pid, recycled.
+        assert hp_search.worker_gone({**here, "pid": alive.pid, "started": started - 60})
+        # Killed, not yet reaped by its parent.
+        zombie.kill()
+        deadline = time.monotonic() + 30
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert hp_search.worker_gone({**here, "pid": zombie.pid, "started": psutil.Process(zombie.pid).create_time()})
+        # Another host, or another pid namespace (a container), can never be proved gone from here.
+        assert not hp_search.worker_gone({**here, "pid": ended.pid, "host": here["host"] + "-other"})
+        assert not hp_search.worker_gone({**here, "pid": ended.pid, "pid_namespace": "pid:[1]"})
+        assert not hp_search.worker_gone({"host": here["host"], "pid_namespace": here["pid_namespace"]})
+    finally:
+        for proc in (alive, zombie):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_search_killed_and_rerun_at_once_finishes_its_grid_with_one_rerun(tmp_path, data_file, tiny_tokenizer_dir,
+                                                                           hp_log):
+    """SIGKILL in trial 1 of a 3-point grid (trial 0 done; trial 1's checkpoint-2 written, checkpoint-4 being
+    written), then the same command at once, well within the heartbeat's GRACE_S: that one run retries trial 1 in
+    trial-1/ from checkpoint-2, trains the third point, and best.yaml covers 3 of 3 points."""
+    import optuna
+
+    space = write_space(tmp_path / "space.yaml", {"learning_rate": [3e-3, 1e-3, 1e-4]})
+    out, marker = tmp_path / "search", tmp_path / "marker"
+    flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space), "--hp_pruner_startup_trials",
+             "-1", "--output_dir", str(out)]
+    hook = {"kind": "pause", "target": "torch:save", "match": "trial-1/checkpoint-4", "marker": str(marker)}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    worker = subprocess.Popen([sys.executable, "-c", HOOKED, str(ROOT), str(ROOT / "tests"), json.dumps(hook),
+                               str(ROOT / "fine_tune.py"), *flags], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("w"))
+    deadline = time.monotonic() + 400
+    try:
+        while not marker.exists():
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.01)
+    finally:
+        worker.send_signal(signal.SIGKILL)  # also when the wait failed: no paused process is left behind
+        worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    saved = (out / "trial-1" / "checkpoint-2" / "optimizer.pt").stat().st_mtime_ns
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'hp_search.db'}")
+    # Trial 1 stays RUNNING: Optuna's heartbeat check would fail it only after GRACE_S of silence.
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+
+    result = fine_tune.main(*parse_args(flags))
+    assert any(line.startswith(f"trial 1 was left running by process {worker.pid} of this host, which is gone")
+               for line in hp_log), hp_log
+    assert any("resuming from checkpoint-2" in line for line in hp_log), hp_log
+    assert not any("MISSING" in line or line.startswith("waiting for") for line in hp_log), hp_log
+    summary = json.loads((out / "hp_search.json").read_text())
+    assert summary == json.loads(json.dumps(result["summary"]))
+    assert summary["missing_points"] == 0 and summary["finished_points"] == 3 and summary["missing"] == []
+    rows = {r["number"]: r for r in summary["trials"]}
+    assert rows[1]["state"] == "FAIL" and summary["counts"]["RUNNING"] == 0 and summary["counts"]["WAITING"] == 0
+    complete = [r for r in rows.values() if r["state"] == "COMPLETE"]
+    assert sorted(r["params"]["learning_rate"] for r in complete) == [1e-4, 1e-3, 3e-3]
+    retry = next(r for r in complete if r["retry_of"] == 1)
+    assert retry["run_dir"] == str(out / "trial-1") and retry["params"] == rows[1]["params"]
+    # Resumed from checkpoint-2 (not trained again from step 0, which would have rewritten it).
+    assert (out / "trial-1" / "checkpoint-2" / "optimizer.pt").stat().st_mtime_ns == saved
+    assert json.loads((out / "trial-1" / "final" / "trainer_state.json").read_text())["global_step"] == 4
+    assert "RUNNING" not in {r["state"] for r in read_csv(out / "trials.csv")}
+    header = (out / "best.yaml").read_text().splitlines()[0]
+    assert "over 3 of 3 grid points:" in header and "MISSING" not in header
+    assert summary["best"]["objective"] == min(r["objective"] for r in complete)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_live_workers_trial_is_waited_for_or_left_with_hp_no_wait(tmp_path, data_file, tiny_tokenizer_dir,
+                                                                     monkeypatch, hp_log):
+    """Another worker of this host (a live process) runs trial 0 of a 3-point grid. With --hp_no_wait a worker trains
+    the two other points and leaves: hp_search.json, best.yaml and the log say 1 point is missing. Without it, the
+    next worker waits (saying for which trial) until trial 0 finishes, then reports 3 of 3."""
+    import optuna
+
+    space_file = write_space(tmp_path / "space.yaml", {"learning_rate": [3e-3, 1e-3, 1e-4]})
+    out = tmp_path / "search"
+    out.mkdir()
+    flags = [*base_flags(data_file, tiny_tokenizer_dir), "--hp_search", str(space_file),
+             "--hp_pruner_startup_trials", "-1", "--output_dir", str(out)]
+    space = hp_search.parse_space(space_file, [ModelArguments, DataArguments, FineTuneTrainingArguments])
+    args = types.SimpleNamespace(hp_storage=None, hp_pruner_startup_trials=-1, hp_study_name=None,
+                                 hp_direction="minimize")
+    study, _ = hp_search.open_study(args, space, out, seed=5)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        trial = study.ask()
+        point = space.suggest(trial)
+        trial.set_user_attr("worker", {**hp_search.this_worker(), "pid": other.pid, "trial": trial.number,
+                                       "started": psutil.Process(other.pid).create_time()})
+
+        # 1. --hp_no_wait: the two other points, then the reports over them, saying what is missing.
+        result = fine_tune.main(*parse_args([*flags, "--hp_no_wait", "true"]))
+        summary = json.loads((out / "hp_search.json").read_text())
+        assert summary == json.loads(json.dumps(result["summary"]))
+        assert summary["counts"] == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 0, "RUNNING": 1, "WAITING": 0}
+        assert summary["missing_points"] == 1 and summary["finished_points"] == 2 and summary["missing"] == [point]
+        assert summary["best"]["number"] != 0 and summary["best"]["params"] != point
+        header = (out / "best.yaml").read_text().splitlines()[0]
+        assert "over 2 of 3 grid points, 1 MISSING" in header
+        assert any(line.startswith(f"leaving trial(s) 0 (pid {other.pid} on ") for line in hp_log), hp_log
+        assert any("cover 2 of the 3 grid points: 1 MISSING" in line for line in hp_log), hp_log
+        assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # a live worker's trial is never taken
+
+        # 2. Without the flag: nothing left to train, so it waits; the other worker finishes trial 0 meanwhile.
+        hp_log.clear()
+        polls = []
+
+        def poll(seconds):
+            assert not any("cover" in line for line in hp_log)  # no report before the wait ends
+            polls.append(seconds)
+            # The other worker's own Study object (a GridSampler's stops the optimize loop it is told in).
+            optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'hp_search.db'}").tell(
+                trial.number, 0.0)  # better than any real trial: trial 0 becomes the best
+
+        monkeypatch.setattr(hp_search, "time", types.SimpleNamespace(sleep=poll))
+        result = fine_tune.main(*parse_args(flags))
+    finally:
+        other.kill()
+        other.wait()
+    summary = result["summary"]
+    assert polls == [hp_search.POLL_S]
+    assert any(line.startswith(f"waiting for trial(s) 0 (pid {other.pid} on ") for line in hp_log), hp_log
+    assert summary["counts"]["COMPLETE"] == 3 and len(summary["trials"]) == 3  # nothing trained twice
+    assert summary["missing_points"] == 0 and summary["missing"] == [] and summary["best"]["number"] == 0
+    assert not any("MISSING" in line for line in hp_log)
+    header = (out / "best.yaml").read_text().splitlines()[0]
+    assert "over 3 of 3 grid points:" in header and "MISSING" not in header
+    assert yaml.safe_load((out / "best.yaml").read_text())["learning_rate"] == point["learning_rate"]

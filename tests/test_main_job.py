@@ -54,7 +54,8 @@ def test_main_job_runs_as_the_readme_writes_it(warm_cache, tmp_path):
         shutil.copy(path, work / path.name)
     shutil.copytree(ROOT / "proxytune", work / "proxytune", ignore=shutil.ignore_patterns("__pycache__"))
     env = offline_env(warm_cache)
-    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run(["bash", "-c", main_job_line()], cwd=work, env=env, capture_output=True, text=True,
                          timeout=1500)

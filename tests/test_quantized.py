@@ -14,7 +14,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import add_near_tie, assert_clear_lead, make_tiny_model
+from test_steer import check_zero_delta_decodes_large_through_a_near_tie
 
 import fine_tune
 from proxytune.foundation.errors import UsageError
@@ -25,7 +26,7 @@ from proxytune.models.quantization import (
     check_bitsandbytes,
     quantization_bits,
 )
-from proxytune.steering.blend import Blend
+from proxytune.steering.blend import Blend, slice_vocab
 from proxytune.steering.decoding import left_pad, steered_generate
 from proxytune.training.arguments import parse_args
 
@@ -71,23 +72,30 @@ def test_quantised_load_replaces_the_linear_layers_and_keeps_the_output_layer(ti
 # --- steering with a quantised L ---------------------------------------------------------------------
 @pytest.fixture(scope="module", params=[4, 8])
 def quantised_models(request, tiny_model_dirs, vocab):
+    """A quantised L (float32 compute) and the small pair in float64 with a 10x output layer: their delta spreads the
+    blend's top two apart (leads of 9e-3 and more instead of down to 1e-4), and their float32 log-probs are the same
+    on every path, so the float32 rounding of L's paths (~1e-6) cannot turn a greedy comparison (conftest's note)."""
     if not HAS_BNB:
         pytest.skip("bitsandbytes not installed (pip install bitsandbytes)")
     large = load_causal_lm(str(tiny_model_dirs["large"]), device="cpu", quantize=request.param)
-    small_base = make_tiny_model(vocab, seed=0, padded_vocab=vocab + 12)
-    small_tuned = make_tiny_model(vocab, seed=1, padded_vocab=vocab + 12)
+    small_base = make_tiny_model(vocab, seed=0, padded_vocab=vocab + 12, output_scale=10.0).double()
+    small_tuned = make_tiny_model(vocab, seed=1, padded_vocab=vocab + 12, output_scale=10.0).double()
     return large, small_base, small_tuned
 
 
+@pytest.mark.exactness
 def test_alpha0_with_a_quantised_large_model_is_its_own_greedy_output(quantised_models, vocab):
     from transformers import GenerationConfig
 
     large, small_base, small_tuned = quantised_models
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], PAD)
     config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-                              suppress_tokens=list(range(vocab, vocab + 12)))  # the padded rows steer.py slices off
+                              suppress_tokens=list(range(vocab, vocab + 12)),  # the padded rows steer.py slices off
+                              output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
-        hf = large.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        out = large.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    hf = out.sequences[:, ids.shape[1]:]
+    assert_clear_lead(slice_vocab(torch.stack(out.logits, 1), vocab))  # L alone: its own leads (8.8e-4 at 4 bits)
     tokens, _ = generate(large, small_base, small_tuned, ids, mask, Blend.from_alpha(0.0), vocab)
     assert torch.equal(tokens[:, :hf.shape[1]], hf)
     # The full three-model path with a zero delta (S_tuned == S) too.
@@ -95,10 +103,12 @@ def test_alpha0_with_a_quantised_large_model_is_its_own_greedy_output(quantised_
     assert torch.equal(tokens[:, :hf.shape[1]], hf)
 
 
+@pytest.mark.exactness
 def test_cached_equals_uncached_with_a_quantised_large_model(quantised_models, vocab):
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], PAD)
     blend = Blend.from_alpha(1.5)
     cached = generate(*quantised_models, ids, mask, blend, vocab, max_new_tokens=10, return_logprobs=True)
+    assert_clear_lead(cached[2])
     fresh = generate(*quantised_models, ids, mask, blend, vocab, max_new_tokens=10, return_logprobs=True,
                      use_cache=False)
     assert torch.equal(cached[0], fresh[0])
@@ -106,15 +116,30 @@ def test_cached_equals_uncached_with_a_quantised_large_model(quantised_models, v
     assert cached[2].dtype == torch.float32  # the arithmetic runs on float32 log-probs whatever L stores
 
 
+@pytest.mark.exactness
 def test_batched_equals_one_by_one_with_a_quantised_large_model(quantised_models, vocab):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
     blend = Blend.from_alpha(1.0)
     tokens, _, logps = generate(*quantised_models, *left_pad(prompts, PAD), blend, vocab, return_logprobs=True)
+    assert_clear_lead(logps)
     for row, prompt in enumerate(prompts):
         alone, _, alone_logps = generate(*quantised_models, *left_pad([prompt], PAD), blend, vocab,
                                          return_logprobs=True)
         assert torch.equal(tokens[row, :alone.shape[1]], alone[0])
         torch.testing.assert_close(logps[row, :alone.shape[1]], alone_logps[0], atol=1e-4, rtol=1e-4)
+
+
+@requires_bnb
+@pytest.mark.exactness
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_zero_delta_decodes_a_quantised_large_models_output_through_a_built_near_tie(tmp_path, vocab, bits):
+    """test_steer's near-tie test with L quantised: the built tie lives in the final layer norm and the output layer,
+    which stay float32, so L's two tokens are still one ulp apart; steering with S_tuned == S must take L's token."""
+    add_near_tie(make_tiny_model(vocab, seed=2, hidden_size=64, num_layers=3, padded_vocab=vocab + 12)) \
+        .save_pretrained(tmp_path / "large")
+    large = load_causal_lm(str(tmp_path / "large"), device="cpu", quantize=bits)
+    check_zero_delta_decodes_large_through_a_near_tie(large, make_tiny_model(vocab, seed=0, padded_vocab=vocab + 12),
+                                                      vocab)
 
 
 @requires_bnb
@@ -134,7 +159,8 @@ def test_bfloat16_compute_still_blends_float32_logprobs(tiny_model_dirs, vocab, 
 def qlora_base_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny GPT-NeoX base of hidden size 64: the smallest whose 4-bit layers take bitsandbytes' CPU kernel."""
     path = tmp_path_factory.mktemp("qlora_base")
-    make_tiny_model(len(tiny_tokenizer), seed=4, hidden_size=64, padded_vocab=len(tiny_tokenizer) + 12).save_pretrained(path)
+    model = make_tiny_model(len(tiny_tokenizer), seed=4, hidden_size=64, padded_vocab=len(tiny_tokenizer) + 12)
+    model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
 
@@ -149,7 +175,7 @@ def test_qlora_trains_an_adapter_that_steer_loads_quantised_or_merged(tmp_path, 
                                                                       checkpointing, caplog):
     out = tmp_path / "qlora"
     # Evaluation every 2 steps, between training steps: a 4-bit layer repacked for CPU inference would fail the
-    # next training step (common.prepare_quantized_for_lora).
+    # next training step (proxytune.models.quantization.prepare_quantized_for_lora).
     result = run_fine_tune("--model_name_or_path", str(qlora_base_dir), "--dataset_path", str(jsonl_file),
                            "--max_length", "128", "--use_lora", "--lora_r", "4", f"--load_in_{bits}bit",
                            "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "4",
@@ -226,8 +252,9 @@ def test_steer_cli_with_a_4bit_large_model(tiny_model_dirs, caplog):
     from steer import main
 
     flags = ["--large_model", str(tiny_model_dirs["large"]), "--small_base_model", str(tiny_model_dirs["small_base"]),
-             "--small_tuned_model", str(tiny_model_dirs["small_tuned"]), "--large_load_in_4bit", "--small_base_load_in_8bit",
-             "--alpha", "1.0", "--prompt", "Good paper. Weak baselines.", "--max_new_tokens", "5"]
+             "--small_tuned_model", str(tiny_model_dirs["small_tuned"]), "--large_load_in_4bit",
+             "--small_base_load_in_8bit", "--alpha", "1.0", "--prompt", "Good paper. Weak baselines.",
+             "--max_new_tokens", "5"]
     logging.getLogger("proxytune").addHandler(caplog.handler)  # main's setup_logging replaces the root's handlers
     try:
         rows = main(*parse_config([ModelArguments, SteerArguments, TuneArguments], flags))
@@ -242,8 +269,10 @@ def test_evaluation_loads_each_role_with_its_own_quantisation(tiny_model_dirs):
     from proxytune.evaluation.arguments import ModelArguments
     from proxytune.evaluation.systems import load_models
 
-    args = ModelArguments(large_model=str(tiny_model_dirs["large"]), small_base_model=str(tiny_model_dirs["small_base"]),
-                          small_tuned_model=str(tiny_model_dirs["small_tuned"]), large_tuned_model=str(tiny_model_dirs["large"]),
+    args = ModelArguments(large_model=str(tiny_model_dirs["large"]),
+                          small_base_model=str(tiny_model_dirs["small_base"]),
+                          small_tuned_model=str(tiny_model_dirs["small_tuned"]),
+                          large_tuned_model=str(tiny_model_dirs["large"]),
                           large_load_in_8bit=True)
     _, models = load_models(args, ["large", "large_tuned", "small_base"], "cpu")
     assert "Linear8bitLt" in linear_types(models["large"])
@@ -251,6 +280,7 @@ def test_evaluation_loads_each_role_with_its_own_quantisation(tiny_model_dirs):
     assert linear_types(models["small_base"]) == {"Linear"}
 
 
+@pytest.mark.exactness
 def test_speculative_decoding_with_a_quantised_large_model_equals_the_plain_loop(quantised_models, vocab):
     """steer.py decodes a batch of one speculatively by default: L then scores k drafted tokens in one call, which
     must give the tokens the one-at-a-time loop gives (bitsandbytes' 4-bit CPU kernel and LLM.int8 quantise each row
@@ -261,7 +291,8 @@ def test_speculative_decoding_with_a_quantised_large_model_equals_the_plain_loop
     for blend in (Blend.from_alpha(1.0), mostly_draft):
         for prompt in ([5, 6, 7, 8, 9, 10, 11], [12, 13, 14]):
             ids, mask = left_pad([prompt], PAD)
-            plain = generate(*quantised_models, ids, mask, blend, vocab, max_new_tokens=12)
+            plain = generate(*quantised_models, ids, mask, blend, vocab, max_new_tokens=12, return_logprobs=True)
+            assert_clear_lead(plain[2])
             stats = SpeculativeStats()
             spec = speculative_generate(*quantised_models, ids, mask, blend, max_new_tokens=12, eos_token_id=EOS,
                                         pad_token_id=PAD, vocab_size=vocab, draft_tokens=3, stats=stats)

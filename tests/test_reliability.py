@@ -395,8 +395,8 @@ BAD_INPUTS: dict[str, Bad] = {
                                      ("--per_device_train_batch_size 0 must be >= 1",)),
     "fine_tune/save_steps_not_a_multiple_of_eval_steps": Bad(
         "fine_tune.py", lambda i, d: fine_tune(i, d, "--save_steps", "5", "--eval_steps", "20"),
-        ("--load_best_model_at_end (on by default in this script", "--save_steps 5 is not a multiple of --eval_steps 20",
-         "--load_best_model_at_end false")),
+        ("--load_best_model_at_end (on by default in this script",
+         "--save_steps 5 is not a multiple of --eval_steps 20", "--load_best_model_at_end false")),
     "fine_tune/save_and_eval_strategies_differ": Bad(
         "fine_tune.py", lambda i, d: fine_tune(i, d, "--save_strategy", "epoch"),
         ("on by default in this script", "--eval_strategy epoch")),
@@ -489,7 +489,8 @@ BAD_INPUTS: dict[str, Bad] = {
                                             lambda i, d: evaluation(i, d, "--output_dir", i.file("a_file") / "ev"),
                                             ("cannot be created",)),
     "evaluation/alpha_beyond_float32": Bad(
-        "evaluation.py", lambda i, d: evaluation(i, d, "--alpha", "1e39", models=("large", "small_base", "small_tuned")),
+        "evaluation.py",
+        lambda i, d: evaluation(i, d, "--alpha", "1e39", models=("large", "small_base", "small_tuned")),
         ("--alpha 1e+39 is not a finite float32 number",)),
     "evaluation/temperature_beyond_float32": Bad(
         "evaluation.py", lambda i, d: evaluation(i, d, "--do_sample", "true", "--temperature", "1e39"),
@@ -670,7 +671,6 @@ def killed_at(server, flags, logs, tmp_path, **hook) -> None:
 
 
 def test_sigkill_anywhere_then_same_command_resumes_and_matches(server, tiny_tokenizer_dir, jsonl_file, tmp_path):
-
     logs = tmp_path / "_logs"
     whole, crashed = tmp_path / "whole", tmp_path / "crashed"
     res = server.run("fine_tune.py", fine_tune_flags(tiny_tokenizer_dir, jsonl_file, whole), logs)
@@ -751,8 +751,8 @@ def test_sigkill_mid_run_and_during_the_final_save_resumes_to_the_same_end(sched
     expected = json.loads((whole / "final" / "metrics.json").read_text())
     assert expected["global_step"] == stop
 
-    killed_at(server, flags(crashed), logs, tmp_path, kind="pause", target="transformers.trainer:Trainer._save_rng_state",
-              match="checkpoint-2")
+    killed_at(server, flags(crashed), logs, tmp_path, kind="pause",
+              target="transformers.trainer:Trainer._save_rng_state", match="checkpoint-2")
     killed_at(server, flags(crashed), logs, tmp_path, kind="pause",
               target="transformers.trainer_callback:TrainerState.save_to_json", match=".final.tmp-")
     assert not (crashed / "final").exists()
@@ -787,7 +787,8 @@ def small_disk(tmp_path):
         where = tmp_path / "small_disk"
         where.mkdir(exist_ok=True)
         options = f"{'remount,' if remount else ''}size={size_kb}k"
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                             text=True)
         if res.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); the in-process ENOSPC "
                         "test in test_fine_tune.py covers this case")
@@ -816,8 +817,9 @@ def test_full_disk_is_one_line_and_the_same_command_resumes_with_room(server, ti
     disk = small_disk((checkpoint + final + checkpoint // 2) // 1024)
     run_dir = disk / "run"
     res = server.run("fine_tune.py", flags_8(run_dir), logs)
-    line = assert_clean_failure(res, f"no space left on the device of --output_dir {run_dir}", "a checkpoint needs about",
-                                "the partial files were removed", "resumes from checkpoint-2")
+    line = assert_clean_failure(res, f"no space left on the device of --output_dir {run_dir}",
+                                "a checkpoint needs about", "the partial files were removed",
+                                "resumes from checkpoint-2")
     assert "Traceback" not in res.stderr, line
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2"]
     assert not checkpoint_problems(run_dir / "checkpoint-2")

@@ -129,6 +129,7 @@ def test_dpo_raises_the_held_out_margin_and_loads_in_steer(tmp_path, jsonl_file,
                     "--model_name_or_path", tiny_model_dirs["small_tuned"], "--output_dir", out)["status"] == "done"
 
 
+@pytest.mark.exactness
 def test_dpo_resumes_from_the_last_complete_checkpoint(tmp_path, jsonl_file, tiny_model_dirs):
     ratings = simulated_ratings(tmp_path, jsonl_file)
     flags = ["--method", "dpo", "--workbook", ratings, "--dataset_path", jsonl_file, "--model_name_or_path",
@@ -250,7 +251,8 @@ def test_bad_dpo_inputs_fail_in_one_line_and_write_nothing(tmp_path, jsonl_file,
 def test_pairs_file_prompt_as_written_and_eos_text_becomes_the_eos_id(tmp_path, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token
     path = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": "Peer reviews of a paper:\n\nGood.\n\nMeta-review:", "chosen": f"Accept.{eos}", "rejected": "Accept"},
+        {"prompt": "Peer reviews of a paper:\n\nGood.\n\nMeta-review:", "chosen": f"Accept.{eos}",
+         "rejected": "Accept"},
         {"prompt": "p", "chosen": "same", "rejected": "same"}])
     (pair,) = build_file_pairs(path, tiny_tokenizer, 256)  # the identical pair is skipped
     assert pair["chosen_ids"][-1] == tiny_tokenizer.eos_token_id

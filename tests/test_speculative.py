@@ -1,5 +1,5 @@
-"""speculative.py: greedy speculative steering gives steered_generate's tokens (float64, and float32 on
-these prompts), and speculative sampling has the blend's output distribution (exact enumeration on a tiny
+"""proxytune/steering/speculative.py: greedy speculative steering gives steered_generate's tokens (float64, and
+float32 on these prompts), and speculative sampling has the blend's output distribution (exact enumeration on a tiny
 vocabulary vs a seeded sample)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import assert_clear_lead, make_tiny_model
 from scipy.stats import chi2
 
 from proxytune.evaluation.generation import generate_batch
@@ -55,6 +55,7 @@ BLENDS = {
 }
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("name", list(BLENDS))
 @pytest.mark.parametrize("draft_tokens", [None, 1, 4])
 def test_greedy_equals_the_plain_loop_in_float64(models64, name, draft_tokens):
@@ -70,6 +71,7 @@ def test_greedy_equals_the_plain_loop_in_float64(models64, name, draft_tokens):
         assert 0 < stats.accepted < stats.drafted  # both the kept and the rejected paths ran
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=1.6), dict(no_repeat_ngram_size=2),
                                 dict(repetition_penalty=1.3, no_repeat_ngram_size=3, max_new_tokens=20)])
 @pytest.mark.parametrize("name", ["mostly-draft", "proxy-tuning"])
@@ -81,6 +83,7 @@ def test_greedy_with_repetition_penalty_and_ngram_ban_equals_the_plain_loop(mode
     assert stats.accepted > 0 or name == "proxy-tuning"
 
 
+@pytest.mark.exactness
 def test_each_row_stops_at_its_own_eos_as_the_plain_loop_does(models64):
     blend = BLENDS["mostly-draft"]
     free, _ = run(steered_generate, models64, PROMPTS, blend, eos_token_id=V + 100)
@@ -94,6 +97,7 @@ def test_each_row_stops_at_its_own_eos_as_the_plain_loop_does(models64):
         assert torch.equal(spec[0], plain[0])
 
 
+@pytest.mark.exactness
 def test_a_batch_whose_masked_slots_fill_the_cache_is_packed_and_decodes_the_same(models64, monkeypatch):
     """Rows keep different counts per round, so a batch's caches fill with masked slots; with no spare room
     (the capacity a batch of one needs) BatchCache.reserve must pack them, and every row still decodes as alone."""
@@ -117,10 +121,14 @@ def test_a_batch_whose_masked_slots_fill_the_cache_is_packed_and_decodes_the_sam
     assert any(packs)  # the packing path ran
 
 
+@pytest.mark.exactness
 def test_greedy_float32_equals_the_plain_loop_on_these_prompts():
+    """Equal tokens in float32 hold where every step leads clearly: the output layer is 30x, and so is the rounding
+    (float32 log-probs within 1.4e-5 of float64 ones here); leads of at least 1e-3 stand far above it."""
     models = tiny_models(torch.float32, sharpen=30.0)
     for blend in BLENDS.values():
-        plain = run(steered_generate, models, PROMPTS, blend, max_new_tokens=16)
+        plain = run(steered_generate, models, PROMPTS, blend, max_new_tokens=16, return_logprobs=True)
+        assert_clear_lead(plain[2], at_least=1e-3)
         spec = run(speculative_generate, models, PROMPTS, blend, max_new_tokens=16)
         assert torch.equal(spec[0], plain[0])
 
@@ -162,7 +170,8 @@ def exact_distribution(models, prompt: list[int], blend: Blend, use_draft: bool 
                  for r, m in models.items()}
         mixed = logps[SMALL_TUNED] if use_draft else blend_logprobs(
             logps[LARGE], logps[SMALL_TUNED], logps[SMALL_BASE], blend)
-        state = RowState(torch.tensor(prompt + prefix), SV, SAMPLE["repetition_penalty"], SAMPLE["no_repeat_ngram_size"])
+        state = RowState(torch.tensor(prompt + prefix), SV, SAMPLE["repetition_penalty"],
+                         SAMPLE["no_repeat_ngram_size"])
         warped = warp_scores(state.scores(mixed), SAMPLE["temperature"], SAMPLE["top_p"])
         return torch.softmax(warped, -1)[0]
 
@@ -223,6 +232,7 @@ def test_speculative_sampling_has_the_blends_distribution():
 # ---------------------------------------------------------------------------------------------
 # Wiring: steer.py and evaluation.py
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.exactness
 def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_dirs, monkeypatch):
     from test_steer import model_flags, run_main
 
@@ -236,21 +246,32 @@ def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_d
     calls = []
     real = speculative.speculative_generate
     monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    argv = [*model_flags(tiny_model_dirs), "--alpha", "1.0", "--prompt", "Good paper. Weak baselines.",
-            "--max_new_tokens", "10"]
+    argv = [*model_flags(tiny_model_dirs), "--alpha", "1.0", "--prompt", "Strong results. Accept.",
+            "--max_new_tokens", "10"]  # leads of 2e-2 and more ('Good paper. Weak baselines.': a step leads by 1e-4)
     fast = run_main(argv)
     assert len(calls) == 1 and calls[0]["draft_tokens"] == 2
+    plain_logps = []  # the plain loop's blended log-probs: the float32 models' leads (conftest's exactness note)
+    plain_loop = speculative.steered_generate
+
+    def plain_loop_keeping_logprobs(*args, **kwargs):
+        tokens, ended, logps = plain_loop(*args, **kwargs, return_logprobs=True)
+        plain_logps.append(logps)
+        return tokens, ended
+
+    monkeypatch.setattr(speculative, "steered_generate", plain_loop_keeping_logprobs)
     plain = run_main([*argv, "--speculative", "false"])
+    assert_clear_lead(plain_logps[0])
     assert len(calls) == 1 and fast[0]["generation"] == plain[0]["generation"]
     run_main([*argv, "--draft_tokens", "0"])
     assert calls[-1]["draft_tokens"] is None  # 0 = adaptive
 
 
 
+@pytest.mark.exactness
 def test_evaluation_steered_system_decodes_one_example_speculatively(tiny_tokenizer, monkeypatch):
     from proxytune.steering import speculative
 
-    models = tiny_models(torch.float32, vocab=len(tiny_tokenizer), padded=len(tiny_tokenizer) + 12, sharpen=30.0)
+    models = tiny_models(torch.float64, vocab=len(tiny_tokenizer), padded=len(tiny_tokenizer) + 12, sharpen=30.0)
     calls = []
     real = speculative.speculative_generate
     monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -258,5 +279,5 @@ def test_evaluation_steered_system_decodes_one_example_speculatively(tiny_tokeni
     settings = dict(max_new_tokens=8, do_sample=False, temperature=1.0, top_p=1.0, repetition_penalty=1.0,
                     no_repeat_ngram_size=0)
     out = {flag: generate_batch("steered", models, Blend.from_alpha(1.0), ids, mask, settings,
-                                           tiny_tokenizer, torch.Generator(), speculative=flag) for flag in (True, False)}
+                                tiny_tokenizer, torch.Generator(), speculative=flag) for flag in (True, False)}
     assert calls == [1] and torch.equal(out[True], out[False])

@@ -85,7 +85,7 @@ def test_smoke_lab_end_to_end_cached_redo_and_test_file(tmp_path):
     for h in analysis["headline"].values():
         assert math.isfinite(h["gap_closed_nll"]["mean"])
         assert math.isfinite(h["gap_closed_rougeL"]["mean"]) or rouge_tie  # 0 / 0 only when L and L_tuned tie
-    # The alpha curve (steer.score_targets on evaluation.py's prompts) reproduces evaluation.py's steered NLL.
+    # The alpha curve (score_targets on evaluation.py's prompts) reproduces evaluation.py's steered NLL.
     assert summary["alpha_curve_nll_at_1"] == pytest.approx(analysis["systems"]["steered L, alpha=1"]["nll"]["mean"],
                                                             abs=1e-4)
     assert summary["models"]["L"]["non_embedding"] >= 4 * summary["models"]["S"]["non_embedding"]

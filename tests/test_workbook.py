@@ -44,11 +44,12 @@ requires_libreoffice = pytest.mark.skipif(
 def make_run(n_examples: int = 5, systems=SYSTEMS, outputs_version: int = 0) -> tuple[list, list, dict, dict]:
     """(records, examples, summary, run_info) as write_outputs passes them. Outputs never name their
     system, so the Review sheet can be searched for system names; each (example, system) has its own text."""
-    examples = [{"example_id": f"{i:04x}beefcafe{i:04x}", "position": i, "input": f"{REVIEWS[i % 6]}\n{REVIEWS[(i + 1) % 6]}",
-                 "reference": META[i % 6], "prompt_truncated": i == 1} for i in range(n_examples)]
+    examples = [{"example_id": f"{i:04x}beefcafe{i:04x}", "position": i,
+                 "input": f"{REVIEWS[i % 6]}\n{REVIEWS[(i + 1) % 6]}", "reference": META[i % 6],
+                 "prompt_truncated": i == 1} for i in range(n_examples)]
     records = []
     for e in examples:
-        for j, system in enumerate(systems):
+        for system in systems:
             k = SYSTEMS.index(system)
             records.append({"example_id": e["example_id"], "system": system,
                             "prediction": f"Draft {e['position']}.{k}.{outputs_version}: the reviewers find the method "
@@ -68,9 +69,9 @@ def make_run(n_examples: int = 5, systems=SYSTEMS, outputs_version: int = 0) -> 
 
 
 def write(path: Path, *, seed: int = 1, systems=SYSTEMS, pairwise=("steered", "large"), n_examples: int = 5,
-          outputs_version: int = 0, cached_values: bool = True) -> WrittenBook:
+          outputs_version: int = 0) -> WrittenBook:
     records, examples, summary, run_info = make_run(n_examples, systems, outputs_version)
-    options = BookOptions(seed=seed, pairwise=pairwise, bootstrap_samples=50, cached_values=cached_values)
+    options = BookOptions(seed=seed, pairwise=pairwise, bootstrap_samples=50)
     return write_workbook(path, records, examples, summary, run_info, options)
 
 
@@ -78,7 +79,8 @@ def key_of(wb) -> dict[tuple[str, str, str], str]:
     """{(sheet, example_id, system): label} from the hidden Key sheet."""
     rows = list(wb["Key"].iter_rows(values_only=True))
     header = rows[0]
-    return {(r["sheet"], r["example_id"], r["system"]): r["label"] for r in (dict(zip(header, row)) for row in rows[1:])}
+    return {(r["sheet"], r["example_id"], r["system"]): r["label"]
+            for r in (dict(zip(header, row)) for row in rows[1:])}
 
 
 def header_of(ws) -> dict[str, int]:
@@ -155,8 +157,8 @@ def test_review_sheet_is_blind_one_row_per_example_with_dropdowns(tmp_path):
     assert wb["Key"].sheet_state == "hidden" and wb["Key"].protection.sheet
     ws = wb["Review"]
     header = [c.value for c in ws[1]]
-    assert header == ["#", "reviews", "reference", *[f"{L} {part}" for L in "ABCD" for part in ("output", "rating", "comment")],
-                      "example_id"]
+    assert header == ["#", "reviews", "reference",
+                      *[f"{L} {part}" for L in "ABCD" for part in ("output", "rating", "comment")], "example_id"]
     assert ws.max_row == 1 + 5  # one row per example: its reviews appear once
     texts = [str(c.value) for row in ws.iter_rows() for c in row if c.value is not None]
     for pw in wb["Pairwise"].iter_rows():
@@ -167,12 +169,14 @@ def test_review_sheet_is_blind_one_row_per_example_with_dropdowns(tmp_path):
     col = header_of(ws)
     for eid in EIDS:  # every letter shows the output of the system the Key says
         for system in SYSTEMS:
-            assert ws.cell(row_of(ws, eid), col[f"{key[('Review', eid, system)]} output"]).value == prediction(eid, system)
+            cell = ws.cell(row_of(ws, eid), col[f"{key[('Review', eid, system)]} output"])
+            assert cell.value == prediction(eid, system)
     pw = wb["Pairwise"]
     pcol = header_of(pw)
     for eid in EIDS:
         for system in ("steered", "large"):
-            assert pw.cell(row_of(pw, eid), pcol[f"{key[('Pairwise', eid, system)]} output"]).value == prediction(eid, system)
+            cell = pw.cell(row_of(pw, eid), pcol[f"{key[('Pairwise', eid, system)]} output"])
+            assert cell.value == prediction(eid, system)
     orders = {tuple(sorted(SYSTEMS, key=lambda s: key[("Review", eid, s)])) for eid in EIDS}
     assert len(orders) > 1  # shuffled per example, not one fixed order
 
@@ -183,7 +187,8 @@ def test_review_sheet_is_blind_one_row_per_example_with_dropdowns(tmp_path):
     assert {str(r) for r in rule.sqref.ranges} == {f"{c}2:{c}6" for c in rating_cols}
     (choice,) = pw.data_validations.dataValidation
     assert (choice.type, choice.formula1) == ("list", '"A,B,tie"')
-    assert str(choice.sqref) == f"{pw.cell(1, pcol['choice']).column_letter}2:{pw.cell(1, pcol['choice']).column_letter}6"
+    choice_column = pw.cell(1, pcol["choice"]).column_letter
+    assert str(choice.sqref) == f"{choice_column}2:{choice_column}6"
     assert ws.freeze_panes == "C2"
 
 
@@ -203,11 +208,13 @@ def test_print_setup_and_sizes_fit_the_content(tmp_path):
     write(path)
     wb = load_workbook(path)
     for ws in (wb[n] for n in wb.sheetnames if n != "Key"):
-        assert ws.sheet_properties.pageSetUpPr.fitToPage and ws.page_setup.fitToWidth == 1, ws.title
+        # pages wide and tall to fit to (0: as many as needed); a count of 1, the format's default, is left out
+        fit = [1 if n is None else n for n in (ws.page_setup.fitToWidth, ws.page_setup.fitToHeight)]
+        assert ws.sheet_properties.pageSetUpPr.fitToPage and fit[0] == 1, ws.title
         if ws.title == "Summary":  # table and chart on one page
-            assert ws.page_setup.fitToHeight == 1 and ws._charts[0].anchor._from.row >= ws.max_row
+            assert fit[1] == 1 and ws._charts[0].anchor._from.row >= ws.max_row
         else:
-            assert ws.page_setup.fitToHeight == 0 and ws.print_title_rows == "$1:$1", ws.title
+            assert fit[1] == 0 and ws.print_title_rows == "$1:$1", ws.title
         assert ws.page_setup.orientation == ("portrait" if ws.title == "Run" else "landscape"), ws.title
         for c in ws[1]:  # no header is clipped: every word fits its column
             assert max(len(w) for w in str(c.value).split()) <= ws.column_dimensions[c.column_letter].width, c.value
@@ -280,7 +287,8 @@ def test_changed_output_carries_the_rating_and_keeps_the_rated_output(tmp_path):
     kept = {j.sheet: j for j in found.kept}
     assert kept["Review"].outputs == {"steered": prediction(EIDS[0], "steered")}  # the output that was rated
     assert kept["Review"].reason.startswith("output changed since judged")
-    assert kept["Pairwise"].values["choice"] == "large" and kept["Pairwise"].outputs["large"] == prediction(EIDS[0], "large")
+    assert kept["Pairwise"].values["choice"] == "large"
+    assert kept["Pairwise"].outputs["large"] == prediction(EIDS[0], "large")
     ws = load_workbook(path)["Review"]
     note = ws.cell(row_of(ws, EIDS[0]), header_of(ws)["note"]).value
     assert "another rating of this output is in 'Kept ratings'" in note and "steered" not in note
@@ -333,15 +341,16 @@ def test_reviewer_columns_sheets_and_formulas_are_kept(tmp_path):
 
 
 def test_text_that_looks_like_a_formula_stays_text(tmp_path):
-    from openpyxl import Workbook, load_workbook
+    from openpyxl import load_workbook
+    from xlsxwriter import Workbook
 
-    wb = Workbook()
-    write_table(wb.active, ["output", "rating"], [{"output": "=1+1 \x07bell", "rating": "=2+2"}], {},
-                  keep_formulas={"rating"})
-    wb.save(tmp_path / "t.xlsx")
+    with Workbook(tmp_path / "t.xlsx") as wb:
+        write_table(wb, wb.add_worksheet(), ["output", "rating"], [{"output": "=1+1 \x07bell", "rating": "=2+2"}],
+                    keep_formulas={"rating"})
     ws = load_workbook(tmp_path / "t.xlsx").active
     assert (ws["A2"].value, ws["A2"].data_type) == ("=1+1 bell", "s")
-    assert ws["B2"].data_type == "f"
+    assert (ws["B2"].value, ws["B2"].data_type) == ("=2+2", "f")
+    assert load_workbook(tmp_path / "t.xlsx", data_only=True).active["B2"].value is None  # computed when opened
     assert cell_text("x" * 40_000).endswith("[... 7233 more characters]") and len(cell_text("x" * 40_000)) == 32_767
 
 
@@ -482,8 +491,24 @@ def test_a_book_without_its_key_or_with_an_unmapped_letter_is_refused(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_pairwise_flag(tmp_path):
+@pytest.mark.filterwarnings("ignore:Title is more than 31 characters")  # openpyxl's, writing and reading it
+def test_a_sheet_excel_cannot_hold_is_refused(tmp_path):
+    """A sheet added under a name Excel refuses (longer than 31 characters; openpyxl, like LibreOffice, lets it
+    through) cannot be written back: a clear error, and the book is left as it is."""
+    from openpyxl import load_workbook
 
+    path = tmp_path / "book.xlsx"
+    write(path)
+    wb = load_workbook(path)
+    wb.create_sheet("Notes on the second round of reviews")
+    wb.save(path)
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="sheet 'Notes on the second round of reviews' .* rename the sheet"):
+        write(path)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".book.xlsx.*"))
+
+
+def test_pairwise_flag(tmp_path):
     assert resolve_pairwise("auto", ["large", "steered"]) == ("steered", "large")
     assert resolve_pairwise("auto", ["small_base", "large"]) is None
     assert resolve_pairwise("none", ["large", "steered"]) is None

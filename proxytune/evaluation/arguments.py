@@ -26,7 +26,7 @@ SYSTEM_ROLES = {
 
 
 # What the pipeline's earlier steps make by default (steer.py --tune's output_dir, processing's), so that a bare
-# `python evaluation.py` evaluates them; the models are common.DEFAULT_MODELS.
+# `python evaluation.py` evaluates them; the models are proxytune.models.loading.DEFAULT_MODELS.
 DEFAULT_BLEND = "outputs/steer/blend.json"
 
 
@@ -57,12 +57,15 @@ class ModelArguments(QuantizationArguments):
     )
     systems: list[str] | None = field(
         default=None,
-        metadata={"help": f"Run only these systems (of {', '.join(SYSTEMS)}). Default: every system whose models are given."},
+        metadata={"help": f"Run only these systems (of {', '.join(SYSTEMS)}). "
+                          "Default: every system whose models are given."},
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer. Default: the large model's, else the first model given."}
     )
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto': float32 on CPU).", "choices": list(DTYPES)})
+    dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype ('auto': float32 on CPU).", "choices": list(DTYPES)}
+    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... Default: cuda if available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
 
@@ -93,7 +96,8 @@ class GenerationArguments:
     batch_size: int = field(default=8, metadata={"help": "Examples per generation batch."})
     speculative: bool = field(
         default=True, metadata={"help": "steered system: decode speculatively with S_tuned drafting (same greedy "
-                                "output, same sampling distribution; speculative.py); false = the plain loop."})
+                                "output, same sampling distribution; proxytune/steering/speculative.py); "
+                                "false = the plain loop."})
 
     def __post_init__(self):
         raise_problems(decoding_problems(dataclasses.asdict(self), "--")
@@ -103,14 +107,18 @@ class GenerationArguments:
 @dataclass
 class OutputArguments:
     output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where metrics, predictions and plots go."})
-    output_xlsx: str | None = field(default=None, metadata={"help": "The workbook. Default: OUTPUT_DIR/eval_examples.xlsx."})
+    output_xlsx: str | None = field(
+        default=None, metadata={"help": "The workbook. Default: OUTPUT_DIR/eval_examples.xlsx."}
+    )
     compute_perplexity: bool = field(
         default=True, metadata={"help": "Also score the references: perplexity of each system (steered: of the blend)."}
     )
     bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for confidence intervals."})
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
     repetition_ngram: int = field(default=3, metadata={"help": "n of the repeated-n-gram share (words)."})
-    review_chars: int = field(default=2000, metadata={"help": "Reviews are cut to this many characters in the workbook."})
+    review_chars: int = field(
+        default=2000, metadata={"help": "Reviews are cut to this many characters in the workbook."}
+    )
     pairwise: str = field(
         default="auto",
         metadata={"help": "Two systems for the workbook's blind Pairwise sheet (pick the better of A/B), e.g. "
@@ -123,12 +131,14 @@ class OutputArguments:
                                 "with the classifier's accuracy on the references (ceiling) and the majority class's "
                                 "rate (floor). Papers without a decision are left out of all three."})
     review_seed: int | None = field(
-        default=None, metadata={"help": "Seed of the blind labels' shuffle in the workbook (recorded in its Run sheet). "
-                                "Default: --seed."},
+        default=None, metadata={"help": "Seed of the blind labels' shuffle in the workbook (recorded in its Run "
+                                "sheet). Default: --seed."},
     )
     shard_index: int | None = field(default=None, metadata={"help": "This process's shard (default: $RANK, else 0)."})
     num_shards: int | None = field(default=None, metadata={"help": "Number of shards (default: $WORLD_SIZE, else 1)."})
-    merge_only: bool = field(default=False, metadata={"help": "Only merge OUTPUT_DIR/shards/*.json and write the outputs."})
+    merge_only: bool = field(
+        default=False, metadata={"help": "Only merge OUTPUT_DIR/shards/*.json and write the outputs."}
+    )
     shard_timeout: float = field(default=10800, metadata={"help": "Seconds rank 0 waits for the other ranks."})
 
     def __post_init__(self):

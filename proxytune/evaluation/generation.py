@@ -14,10 +14,10 @@ from proxytune.task.prompts import build_prompt, encode_target
 
 
 def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: int) -> None:
-    """Add the generation prompt (cut to `prompt_budget` by common.build_prompt) and the inputs for scoring.
+    """Add the generation prompt (cut to `prompt_budget` by build_prompt) and the inputs for scoring.
 
     The reference is " " + meta-review + EOS, exactly the training target, scored whole: its prompt gets its own
-    budget (reviews cut so that prompt + reference fit the context, processing_meta_review.tokenize_example's rule,
+    budget (reviews cut so that prompt + reference fit the context, tokenize_example's rule,
     as in training), not the generation prompt's, which leaves only max_new_tokens for the reference. Only a
     reference that alone (nearly) fills the context is cut, after the generation prompt; `reference_cut` says so.
     """
@@ -51,7 +51,6 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
 
     vocab = vocab_size_of(tokenizer)
     if system == "steered":
-
         new_tokens, _ = decode_steered(
             models["large"], models["small_base"], models["small_tuned"], input_ids, attention_mask, blend,
             speculative=speculative,
@@ -69,7 +68,7 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
     rows = model.get_output_embeddings().weight.shape[0]
     sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"]) if settings["do_sample"] else {}
     # On CPU the prompts' pass runs one row at a time into one batched cache; generate() then runs the last
-    # column and the decoding steps batched (steer.prefill_rows says why; bench/bench_evaluation.py).
+    # column and the decoding steps batched (prefill_rows says why; bench/bench_evaluation.py).
     cache = None
     if prefill_separately(model, input_ids):
         cache = prefill_rows(model, input_ids, attention_mask, input_ids.shape[1] + settings["max_new_tokens"])
@@ -125,7 +124,7 @@ def generate(system: str, examples: list[dict], models: dict[str, Any], blend, s
 def score_references(systems: list[str], examples: list[dict], models: dict[str, Any], blend, tokenizer,
                      batch_size: int) -> dict[str, list[tuple[float, int]]]:
     """{system: [(summed NLL, tokens) per example]} of the reference meta-reviews given the prompts, from
-    steer.score_targets: one forward pass per model; the steered system is scored as the blend of them."""
+    score_targets: one forward pass per model; the steered system is scored as the blend of them."""
 
     roles = sorted({r for s in systems for r in SYSTEM_ROLES[s]})
     scores = score_targets({r: models[r] for r in roles}, [ex["score_prompt_ids"] for ex in examples],

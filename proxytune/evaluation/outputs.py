@@ -67,7 +67,8 @@ def resolve_pairwise(spec: str, systems: list[str]) -> tuple[str, str] | None:
     pair = tuple(s.strip() for s in spec.split(","))
     missing = [s for s in pair if s not in systems]
     if missing:
-        logger.warning("--pairwise %s: %s not evaluated, so the workbook has no Pairwise sheet", spec, ", ".join(missing))
+        logger.warning("--pairwise %s: %s not evaluated, so the workbook has no Pairwise sheet", spec,
+                       ", ".join(missing))
         return None
     return pair
 

@@ -15,6 +15,8 @@ from proxytune.evaluation.scores import check_decisions
 from proxytune.evaluation.systems import describe_system, load_blend, load_models, resolve_decoding, resolve_systems
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import write_json
+from proxytune.foundation.progress import progress_bar
+from proxytune.models.quantization import loaded_bits, loaded_quantization
 from proxytune.steering.blend import is_steering
 from proxytune.steering.decoding import model_context
 from proxytune.task.papers import DataArguments, load_examples, select_examples
@@ -106,7 +108,6 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     positions = select_examples(len(rows), data_args.num_examples, data_args.seed)
     selected = [{**rows[i], "position": p} for p, i in enumerate(positions)]
     if out_args.decision_classifier:  # before an hour of generation
-
         check_decisions(selected, read_classifier_info(out_args.decision_classifier), out_args.decision_classifier,
                         f"{data_args.dataset_path} (split {data_args.split}, column '{data_args.decision_column}')")
     tokenizer, models = load_models(model_args, systems, device)
@@ -122,16 +123,18 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     mine = [ex for ex in selected if ex["position"] % num_shards == shard_index]
     build_inputs(mine, tokenizer, prompt_budget, context)
     paths = model_args.model_paths()
+    bits = loaded_bits(models)
     run_info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset_path": data_args.dataset_path, "split": data_args.split, "n_examples": len(selected),
         "rows_in_split": len(rows), "seed": data_args.seed,
-        "systems": {s: {"model": describe_system(s, paths, blend), "decoding": decoding[s]} for s in systems},
+        "systems": {s: {"model": describe_system(s, paths, blend, bits), "decoding": decoding[s]} for s in systems},
         "blend": blend.to_dict() if blend is not None else None,
         "tokenizer": model_args.tokenizer_name or paths.get("large") or next(iter(paths.values())),
         "context": context, "max_length": data_args.max_length, "prompt_token_budget": prompt_budget,
         "prompt_template": PROMPT_TEMPLATE, "dtype": model_args.dtype, "device": device,
-        "quantization": {role: f"{bits}-bit" for role in paths if (bits := model_args.quantization_of(role))},
+        # Each loaded model's quantisation (bits, quant type, double quant, compute dtype), as blend.json records it.
+        "quantization": {role: loaded_quantization(model) or "none" for role, model in models.items()},
         "compute_perplexity": out_args.compute_perplexity, "bootstrap_samples": out_args.bootstrap_samples,
         "confidence": out_args.confidence, "shards": num_shards, "versions": library_versions(),
     }
@@ -145,15 +148,13 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
                 "" if data_args.num_examples is None else "; --all_examples evaluates the whole split")
     if "steered" in systems and not is_steering(blend):
         logger.warning("the blend (%s) does not steer the large model with the small pair: 'steered' is %s",
-                       blend.describe(), describe_system("steered", paths, blend))
+                       blend.describe(), describe_system("steered", paths, blend, bits))
     n_cut = sum(ex["reference_cut"] for ex in mine)
     if n_cut and out_args.compute_perplexity:
         logger.warning("%d references alone fill the %d-token context; they are scored on their first tokens",
                        n_cut, context)
     records = []
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(mine) * len(systems), desc="generate", unit="example") as progress:
+    with progress_bar(total=len(mine) * len(systems), desc="generate", unit="example") as progress:
         for system in systems:
             progress.set_postfix_str(system)
             records += generate(system, mine, models, blend, decoding[system], tokenizer, gen_args.batch_size,

@@ -21,7 +21,7 @@ from proxytune.foundation.errors import UsageError
 from proxytune.foundation.validation import decoding_problems
 from proxytune.models.loading import DEFAULT_MODELS, check_same_vocab, load_causal_lm, load_tokenizer, vocab_size_of
 from proxytune.steering.blend import Blend, describe_blend
-from proxytune.steering.loading import check_model_path, fill_models
+from proxytune.steering.loading import check_model_path, fill_models, fill_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
 
     With no model, blend, alpha or systems flag at all, this is the pipeline's last step: the blend at
     DEFAULT_BLEND (if steer.py --tune wrote one) and its models, else DEFAULT_MODELS. A model flag given
-    explicitly wins over the blend's record; a difference is warned about (steer.fill_models).
+    explicitly wins over the blend's record; a difference is warned about (proxytune.steering.loading.fill_models).
+    The quantisation flags left out are filled from the record too (fill_quantization): a blend tuned on a 4-bit L
+    loads L in 4 bits.
     """
 
     given = model_args.model_paths()
@@ -43,9 +45,11 @@ def resolve_models(model_args: ModelArguments) -> ModelArguments:
                         "(run steer.py --tune first, or pass --blend/--alpha)", DEFAULT_BLEND)
         model_args = dataclasses.replace(model_args, blend=blend)
     blend_file = model_args.blend if model_args.blend is not None and Path(model_args.blend).is_file() else None
-    filled = fill_models({role: getattr(model_args, f"{role}_model") for role in SYSTEMS if role != "steered"},
+    roles = [role for role in SYSTEMS if role != "steered"]
+    filled = fill_models({role: getattr(model_args, f"{role}_model") for role in roles},
                          blend_file, DEFAULT_MODELS if bare else {})
-    return dataclasses.replace(model_args, **{f"{role}_model": model for role, model in filled.items()})
+    return dataclasses.replace(model_args, **{f"{role}_model": model for role, model in filled.items()},
+                               **fill_quantization(model_args, roles, blend_file))
 
 
 def resolve_systems(model_args: ModelArguments) -> list[str]:
@@ -94,7 +98,8 @@ def resolve_decoding(gen_args: GenerationArguments, systems: list[str]) -> dict[
         settings = dict(base)
         for key, value in overrides.get(system, {}).items():
             if key not in DECODING_FIELDS:
-                problems.append(f"--decoding_overrides: unknown setting '{key}' for {system}; use {list(DECODING_FIELDS)}")
+                problems.append(f"--decoding_overrides: unknown setting '{key}' for {system}; "
+                                f"use {list(DECODING_FIELDS)}")
                 continue
             if not is_setting_type(value, base[key]):
                 problems.append(f"--decoding_overrides: {system}.{key} = {value!r} is not a {type(base[key]).__name__}")
@@ -134,16 +139,20 @@ def parse_overrides(text: str | None) -> dict[str, dict[str, Any]]:
     return data
 
 
-def describe_system(system: str, paths: dict[str, str], blend) -> str:
+def describe_system(system: str, paths: dict[str, str], blend, bits: dict[str, int] | None = None) -> str:
     """What a system runs, for the workbook and metrics.json: its model, or for 'steered' the models the blend
-    really uses (steer.describe_blend says when a tuned blend leaves out L or the S term)."""
+    really uses (proxytune.steering.blend.describe_blend says when a tuned blend leaves out L or the S term);
+    `bits` ({role: 4 or 8}, loaded_bits) marks the quantised models: 'path (4-bit)'."""
+    def model(role: str) -> str:
+        return f"{paths[role]} ({bits[role]}-bit)" if (bits or {}).get(role) else paths[role]
+
     if system != "steered":
-        return paths[system]
-    models = " + ".join(f"{r}={paths[r]}" for r in SYSTEM_ROLES[system])
+        return model(system)
+    models = " + ".join(f"{r}={model(r)}" for r in SYSTEM_ROLES[system])
     if blend is None:
         return models
 
-    return f"{describe_blend(blend)} ({models})"
+    return f"{describe_blend(blend, bits)} ({models})"
 
 
 def load_blend(model_args: ModelArguments):

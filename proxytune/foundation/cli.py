@@ -10,6 +10,7 @@ from typing import Any
 
 from proxytune.foundation.config import parse_config
 from proxytune.foundation.errors import UsageError
+from proxytune.foundation.progress import configure_progress
 
 # Libraries that log routine INFO lines through the root logger ("Using default tokenizer", font caches, HTTP).
 QUIET_LOGGERS = ("absl", "matplotlib", "PIL", "urllib3", "httpx", "httpcore", "filelock", "fsspec")
@@ -23,6 +24,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     # datasets prints through a handler of its own and also passes records up to ours: every line twice.
     logging.getLogger("datasets").propagate = False
+    # Progress bars as plain lines when stderr is a log, not a terminal (proxytune.foundation.progress).
+    configure_progress()
 
 
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:

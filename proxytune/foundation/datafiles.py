@@ -75,7 +75,8 @@ def iter_data_lines(path: str | Path, flag: str = "data file"):
                 try:
                     yield i, line.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise UsageError(f"{flag} {path} is not UTF-8 (line {i}); re-encode it, e.g. iconv -t UTF-8") from None
+                    raise UsageError(f"{flag} {path} is not UTF-8 (line {i}); "
+                                     "re-encode it, e.g. iconv -t UTF-8") from None
         except UsageError:
             raise
         except Exception as err:

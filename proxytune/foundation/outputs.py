@@ -68,7 +68,8 @@ def is_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed"))
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                   "file write failed"))
 
 
 def free_bytes(path: str | Path) -> int | None:
@@ -91,7 +92,8 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def write_error(path: str | Path, err: BaseException, flag: str = "--output_dir", needed: int | None = None) -> UsageError:
+def write_error(path: str | Path, err: BaseException, flag: str = "--output_dir",
+                needed: int | None = None) -> UsageError:
     """The one-line error for a write into `path` that failed midway: a full disk names the free space (and what
     was needed, when known); anything else its reason."""
     if is_disk_full(err):

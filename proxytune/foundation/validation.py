@@ -30,7 +30,8 @@ def describe_range(spec: str) -> str:
     return f"in {spec}"
 
 
-def number_problem(flag: str, value: float | int | None, spec: str = "(-inf, inf)", hint: str | None = None) -> str | None:
+def number_problem(flag: str, value: float | int | None, spec: str = "(-inf, inf)",
+                   hint: str | None = None) -> str | None:
     """What is wrong with `value` for `flag`, or None. `spec` is an interval such as "(0, 1]" or "[1, inf)".
 
     NaN, infinities and floats beyond float32 (the widest type torch computes in here) are always refused; None
@@ -74,7 +75,8 @@ def number_problems(obj, ranges: dict[str, str | tuple[str, str]], prefix: str =
 
 
 # Decoding settings, the same for every system and script (steer.py's flags, evaluation.py's flags and overrides).
-DECODING_RANGES = {"max_new_tokens": ("[1, inf)", None), "temperature": ("(0, inf)", "greedy decoding is do_sample false"),
+DECODING_RANGES = {"max_new_tokens": ("[1, inf)", None),
+                   "temperature": ("(0, inf)", "greedy decoding is do_sample false"),
                    "top_p": ("(0, 1]", None), "repetition_penalty": ("(0, inf)", "1.0 = off"),
                    "no_repeat_ngram_size": ("[0, inf)", "0 = off")}
 

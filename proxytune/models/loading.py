@@ -98,7 +98,8 @@ def load_causal_lm(
     is then the compute dtype and that of the layers left unquantised (`quantize_options`: bnb_config's
     compute_dtype, a DTYPES name, double_quant, quant_type). An adapter on a quantised base stays unmerged
     (merging would round its update into the 4-/8-bit grid); errors name the flag `{quantize_prefix}load_in_4bit`.
-    `head` (config fields: num_labels, id2label, ...) loads a sequence classifier instead (classify.py).
+    `head` (config fields: num_labels, id2label, ...) loads a sequence classifier instead
+    (proxytune/training/classification.py).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -23,9 +23,13 @@ QUANTIZABLE_ROLES = ("large", "small_base", "small_tuned", "large_tuned")  # the
 
 
 def _role_flag(role: str, bits: int) -> dataclasses.Field:
+    # None = not given (`--flag` alone is true, `--flag false` false): fill_quantization then takes the role's
+    # quantisation from the --blend file's record, as the model paths are filled from it.
     what = {4: "4-bit NF4 with double quantisation, computing in the role's dtype", 8: "8-bit LLM.int8"}[bits]
-    return dataclasses.field(default=False, metadata={"help": f"Load the {role} model's linear layers in {what} "
-                                                      "(bitsandbytes; an adapter stays unmerged on the quantised base)."})
+    return dataclasses.field(default=None, metadata={
+        "help": f"Load the {role} model's linear layers in {what} "
+                "(bitsandbytes; an adapter stays unmerged on the quantised base). Not given: as the --blend file "
+                "records for this role, else unquantised.", "nargs": "?", "const": True})
 
 
 @dataclasses.dataclass
@@ -33,14 +37,14 @@ class QuantizationArguments:
     """--{role}_load_in_4bit / --{role}_load_in_8bit for every model role; steer.py's and evaluation.py's
     ModelArguments inherit them, so one definition serves both scripts."""
 
-    large_load_in_4bit: bool = _role_flag("large", 4)
-    large_load_in_8bit: bool = _role_flag("large", 8)
-    small_base_load_in_4bit: bool = _role_flag("small_base", 4)
-    small_base_load_in_8bit: bool = _role_flag("small_base", 8)
-    small_tuned_load_in_4bit: bool = _role_flag("small_tuned", 4)
-    small_tuned_load_in_8bit: bool = _role_flag("small_tuned", 8)
-    large_tuned_load_in_4bit: bool = _role_flag("large_tuned", 4)
-    large_tuned_load_in_8bit: bool = _role_flag("large_tuned", 8)
+    large_load_in_4bit: bool | None = _role_flag("large", 4)
+    large_load_in_8bit: bool | None = _role_flag("large", 8)
+    small_base_load_in_4bit: bool | None = _role_flag("small_base", 4)
+    small_base_load_in_8bit: bool | None = _role_flag("small_base", 8)
+    small_tuned_load_in_4bit: bool | None = _role_flag("small_tuned", 4)
+    small_tuned_load_in_8bit: bool | None = _role_flag("small_tuned", 8)
+    large_tuned_load_in_4bit: bool | None = _role_flag("large_tuned", 4)
+    large_tuned_load_in_8bit: bool | None = _role_flag("large_tuned", 8)
 
     def __post_init__(self):
         for role in QUANTIZABLE_ROLES:
@@ -87,7 +91,10 @@ def check_bitsandbytes(device: str, flag: str) -> None:
                          f"runs on CPU), or drop {flag}")
 
 
-def bnb_config(bits: int, compute_dtype, double_quant: bool = True, quant_type: str = "nf4"):
+QUANT_TYPE, DOUBLE_QUANT = "nf4", True  # the 4-bit format of steer.py's and evaluation.py's --{role}_load_in_4bit
+
+
+def bnb_config(bits: int, compute_dtype, double_quant: bool = DOUBLE_QUANT, quant_type: str = QUANT_TYPE):
     """transformers' BitsAndBytesConfig: 4-bit NF4 with double quantisation (the quantisation constants quantised
     too, ~0.4 bit per parameter saved) computing in `compute_dtype`, or 8-bit LLM.int8. The output layer
     (embed_out) and the embeddings stay unquantised (transformers skips them), so logits keep their precision."""
@@ -105,6 +112,39 @@ def quantization_record(bits: int, compute_dtype: str, double_quant: bool, quant
     """What QUANTIZATION_RECORD holds: how the base was quantised while the adapter beside it was trained."""
     return {"bits": bits, **({"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
                              if bits == 4 else {})}
+
+
+def loaded_quantization(model) -> dict[str, Any] | None:
+    """How `model`'s weights were loaded, read from its bitsandbytes config (an adapter unmerged on a quantised base
+    passes its base's config through): quantization_record(...), or None for unquantised weights. What blend.json's
+    `models` and evaluation.py's run info record: `{"bits": 4, "quant_type": "nf4", "double_quant": True,
+    "compute_dtype": "float32"}`."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    data = config if isinstance(config, dict) else config.to_dict()
+    bits = 4 if data.get("load_in_4bit") else 8 if data.get("load_in_8bit") else None
+    if bits is None:
+        return None
+    compute = str(data.get("bnb_4bit_compute_dtype")).removeprefix("torch.")
+    return quantization_record(bits, compute, bool(data.get("bnb_4bit_use_double_quant")),
+                               data.get("bnb_4bit_quant_type"))
+
+
+def loaded_bits(models: dict[str, Any]) -> dict[str, int]:
+    """{role: 4 or 8} for the quantised models of `models` ({role: model}); unquantised roles are left out."""
+    return {role: record["bits"] for role, model in models.items() if (record := loaded_quantization(model))}
+
+
+def describe_quantization(record: dict[str, Any] | None) -> str:
+    """One line for a quantization_record: `describe_quantization({"bits": 4, "quant_type": "nf4", "double_quant":
+    True, "compute_dtype": "float32"})` -> '4-bit NF4, double quant, computing in float32'; None -> 'unquantised'."""
+    if not record:
+        return "unquantised"
+    if record["bits"] != 4:
+        return f"{record['bits']}-bit"
+    double = ", double quant" if record.get("double_quant") else ""
+    return f"4-bit {str(record.get('quant_type')).upper()}{double}, computing in {record.get('compute_dtype')}"
 
 
 def linear_4bit_layers(model) -> list:

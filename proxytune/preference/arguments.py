@@ -97,9 +97,9 @@ class RLArguments:
     reward: str = field(
         default=DEFAULT_REWARD,
         metadata={"help": f"GRPO: built-in rewards name:weight, comma-separated, of {', '.join(BUILTIN_REWARDS)} "
-                  "(rouge = ROUGE-L F1 vs the reference in [0, 1]; eos = 1 if the completion ended with EOS; length = 1 "
-                  "inside --length_range words, falling off outside; repetition = minus the share of repeated "
-                  "--repetition_ngram-grams). '' = only --reward_model."})
+                  "(rouge = ROUGE-L F1 vs the reference in [0, 1]; eos = 1 if the completion ended with EOS; "
+                  "length = 1 inside --length_range words, falling off outside; repetition = minus the share of "
+                  "repeated --repetition_ngram-grams). '' = only --reward_model."})
     reward_model: str | None = field(
         default=None, metadata={"help": "GRPO: a sequence-classification directory with num_labels 1 (e.g. TRL's "
                                 "RewardTrainer's); its score of prompt + completion is one more reward."})
@@ -154,8 +154,9 @@ class GRPOArguments(GRPOConfig):
     save_steps: float = _retuned(GRPOConfig, "save_steps", 50)
     save_total_limit: int | None = _retuned(GRPOConfig, "save_total_limit", 2)
     max_length: int = field(
-        default=2048, metadata={"help": "Prompt + completion tokens: the reviews are cut (common.build_prompt) so the "
-                                "prompt leaves --max_completion_length free."})
+        default=2048, metadata={"help": "Prompt + completion tokens: the reviews are cut "
+                                "(proxytune.task.prompts.build_prompt) so the prompt leaves --max_completion_length "
+                                "free."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over: delete this script's checkpoints and result in --output_dir."})
 

@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def read_ratings(path: Path) -> list[dict]:
-    """The judgments of a workbook (.xlsx, through workbook.read_judgments) or of its ratings.jsonl, as the
-    records of ratings.jsonl (workbook.judgment_record)."""
+    """The judgments of a workbook (.xlsx, through read_judgments) or of its ratings.jsonl, as the
+    records of ratings.jsonl (judgment_record)."""
 
     if not path.is_file():
         raise UsageError(f"--workbook {path} does not exist; pass evaluation.py's eval_examples.xlsx or ratings.jsonl")
@@ -44,7 +44,8 @@ def read_eos_flags(directory: Path) -> dict[tuple[str, str], tuple[str, bool]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             rec = json.loads(line)
-            flags[(str(rec["example_id"]), rec["system"])] = (rec.get("prediction", ""), bool(rec.get("ended_with_eos")))
+            flags[(str(rec["example_id"]), rec["system"])] = (rec.get("prediction", ""),
+                                                              bool(rec.get("ended_with_eos")))
     return flags
 
 

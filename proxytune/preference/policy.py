@@ -20,7 +20,7 @@ def build_prompts(papers: list[dict], tokenizer, budget: int) -> list[dict]:
 
 
 def eval_samples(papers: list[dict], tokenizer, prompt_budget: int) -> list[dict]:
-    """fine_tune.generate_samples' inputs for `papers`."""
+    """generate_samples' (proxytune.training.final) inputs for `papers`."""
     out = []
     for paper in papers:
         prompt, _ = build_prompt(paper["reviews"], tokenizer, prompt_budget)
@@ -47,8 +47,9 @@ def evaluate_policy(model, tokenizer, papers: list[dict], max_length: int, max_n
     model.eval()
     with torch.no_grad():
         nll = score_targets({"policy": model}, [ex["input_ids"][:ex["prompt_length"]] for ex in scored],
-                            [ex["input_ids"][ex["prompt_length"]:] for ex in scored], vocab_size=vocab_size_of(tokenizer),
-                            batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, show_progress=False)
+                            [ex["input_ids"][ex["prompt_length"]:] for ex in scored],
+                            vocab_size=vocab_size_of(tokenizer), batch_size=batch_size,
+                            pad_token_id=tokenizer.pad_token_id, show_progress=False)
     model.train(was_training)
     n = len(generated)
     return {"examples": n,

@@ -18,7 +18,7 @@ from proxytune.task.papers import load_papers, select_examples
 from proxytune.training.data import PreparedData
 from proxytune.training.final import model_card, save_final
 from proxytune.training.model import count_parameters
-from proxytune.training.trainer import CheckpointReloadMixin
+from proxytune.training.trainer import CheckpointReloadMixin, show_progress_as_lines
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,12 @@ def build_trainer(args: RLArguments, model, tokenizer, training_args, train_rows
     if args.method == "dpo":
         columns = ("prompt_ids", "chosen_ids", "rejected_ids")
         train = datasets.Dataset.from_dict({k: [r[k] for r in train_rows] for k in columns})
-        return RLDPOTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
+        return show_progress_as_lines(RLDPOTrainer(model=model, args=training_args, train_dataset=train,
+                                                   processing_class=tokenizer))
     functions, processing = rewards
-    return RLGRPOTrainer(model=model, args=training_args, reward_funcs=functions,
-                         train_dataset=datasets.Dataset.from_list(train_rows), processing_class=tokenizer,
-                         reward_processing_classes=processing)
+    return show_progress_as_lines(RLGRPOTrainer(
+        model=model, args=training_args, reward_funcs=functions, train_dataset=datasets.Dataset.from_list(train_rows),
+        processing_class=tokenizer, reward_processing_classes=processing))
 
 
 def rl_card_section(args: RLArguments, training_args, metrics: dict) -> str:
@@ -142,7 +143,8 @@ def log_startup(args, model_args, training_args, model, train_rows, heldout, pla
         + (f" (LoRA r={model_args.lora_r})" if model_args.use_lora else ""),
         what,
         f"batch {training_args.per_device_train_batch_size} x {training_args.gradient_accumulation_steps}; lr "
-        f"{training_args.learning_rate:g}; max_steps {training_args.max_steps}, epochs {training_args.num_train_epochs}",
+        f"{training_args.learning_rate:g}; max_steps {training_args.max_steps}, "
+        f"epochs {training_args.num_train_epochs}",
         f"output: {training_args.output_dir} (" + (f"resuming from {plan.resume_from.name}" if plan.resume_from
                                                    else "fresh start") + ")"]))
 

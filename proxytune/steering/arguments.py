@@ -43,7 +43,8 @@ class ModelArguments(QuantizationArguments):
                                 f"adapter. None: the --blend file's record, else {DEFAULT_MODELS[SMALL_TUNED]}."})
     large_tuned_model: str | None = field(
         default=None, metadata={"help": "L_tuned, only scored by --tune as the reference the blend tries to reach."})
-    large_device: str | None = field(default=None, metadata={"help": "Device of L (default: cuda if available, else cpu)."})
+    large_device: str | None = field(
+        default=None, metadata={"help": "Device of L (default: cuda if available, else cpu)."})
     small_base_device: str | None = field(default=None, metadata={"help": "Device of S (default as L)."})
     small_tuned_device: str | None = field(default=None, metadata={"help": "Device of S_tuned (default as L)."})
     large_tuned_device: str | None = field(default=None, metadata={"help": "Device of L_tuned (default as L)."})
@@ -67,8 +68,10 @@ class SteerArguments:
         default=None, metadata={"help": "JSONL with a column of reviews (--input_column), or .txt with one per line."})
     input_column: str = field(default="Input", metadata={"help": "Reviews column of --prompts_file."})
     use_template: bool = field(
-        default=True, metadata={"help": "Wrap the text in the meta-review template; false = use the text as the prompt."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate at most (the prompt gets the rest)."})
+        default=True,
+        metadata={"help": "Wrap the text in the meta-review template; false = use the text as the prompt."})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Tokens to generate at most (the prompt gets the rest)."})
     do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the blended distribution."})
     top_p: float = field(default=1.0, metadata={"help": "Sampling nucleus of the blended distribution."})
@@ -76,8 +79,8 @@ class SteerArguments:
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size (0 = off)."})
     speculative: bool = field(
         default=True, metadata={"help": "Decode speculatively, S_tuned drafting and L and S checking its drafts "
-                                "(speculative.py: greedy output unchanged, sampling distribution unchanged, fewer L "
-                                "steps; batches too); false = the plain loop."})
+                                "(proxytune/steering/speculative.py: greedy output unchanged, sampling distribution "
+                                "unchanged, fewer L steps; batches too); false = the plain loop."})
     draft_tokens: int = field(
         default=2, metadata={"help": "Tokens S_tuned drafts per speculative round (0 = adaptive, as HF assisted "
                              "generation)."})

@@ -99,10 +99,11 @@ class Blend:
             text += f" min_ratio(L)={self.plausibility_min_ratio:.3g}"
         return text
 
-    def save(self, path: str | Path, report: dict | None = None, models: dict[str, dict] | None = None) -> None:
-        """Write the blend as JSON, with what it really is ('system', see describe_blend), the `models` it was tuned
-        with (role -> model_record) and `report` (tuning numbers): extra keys that load() skips."""
-        extras = {"system": describe_blend(self), **({"models": models} if models else {}),
+    def save(self, path: str | Path, report: dict | None = None, models: dict[str, dict] | None = None,
+             system: str | None = None) -> None:
+        """Write the blend as JSON, with what it really is ('system': `system`, else describe_blend), the `models` it
+        was tuned with (role -> model_record) and `report` (tuning numbers): extra keys that load() skips."""
+        extras = {"system": system or describe_blend(self), **({"models": models} if models else {}),
                   **({"report": report} if report else {})}
         write_json(path, {**self.to_dict(), **extras})
 
@@ -151,22 +152,25 @@ def blend_terms(blend: Blend) -> dict[str, float]:
     return {role: c for role, c in coefficients.items() if biggest > 0 and abs(c) >= NEGLIGIBLE_SHARE * biggest}
 
 
-def describe_blend(blend: Blend) -> str:
+def describe_blend(blend: Blend, bits: dict[str, int] | None = None) -> str:
     """What a blend is, by the models it really uses (blend_terms):
     "large + small_tuned - small_base" for a real steer, "small_tuned alone", "large alone",
-    "large x small_tuned (no S term)", and so on. `describe_blend(Blend(0.0, 2.24, 0.0))` -> 'small_tuned alone'."""
+    "large x small_tuned (no S term)", and so on. `describe_blend(Blend(0.0, 2.24, 0.0))` -> 'small_tuned alone'.
+    `bits` ({role: 4 or 8}, quantization.loaded_bits) marks the quantised models:
+    `describe_blend(Blend.from_alpha(1.0), {"large": 4})` -> 'large (4-bit) + small_tuned - small_base'."""
     terms = blend_terms(blend)
+    name = {role: f"{role} ({(bits or {})[role]}-bit)" if (bits or {}).get(role) else role for role in MODEL_ROLES}
     limit = " within large's plausible tokens" if blend.has_plausibility_limit and LARGE not in terms else ""
     if not terms:
         return "uniform (every weight 0)"
     if len(terms) == 1:
         (role, c), = terms.items()
-        return f"{role} alone{limit}" if c > 0 else f"{role} inverted{limit}"
+        return f"{name[role]} alone{limit}" if c > 0 else f"{name[role]} inverted{limit}"
     if terms.keys() == {LARGE, SMALL_TUNED} and terms[SMALL_TUNED] > 0:
-        return "large x small_tuned (no S term)"  # a product of experts: the name the tune report uses
+        return f"{name[LARGE]} x {name[SMALL_TUNED]} (no S term)"  # a product of experts: the tune report's name
     text = ""
     for role, c in terms.items():
-        text += (role if c > 0 else f"-{role}") if not text else (f" + {role}" if c > 0 else f" - {role}")
+        text += (("" if c > 0 else "-") if not text else (" + " if c > 0 else " - ")) + name[role]
     missing = [{LARGE: "L", SMALL_TUNED: "S_tuned", SMALL_BASE: "S"}[r] for r in (LARGE, SMALL_TUNED, SMALL_BASE)
                if r not in terms]
     added = " (S added, not subtracted)" if terms.get(SMALL_BASE, 0) > 0 else ""

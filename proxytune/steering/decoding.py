@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -208,7 +208,8 @@ def models_to_run(large, small_base, small_tuned, input_ids: torch.Tensor, atten
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          "must both be (batch, length)")
     if not bool(attention_mask[:, -1].all()):
-        raise ValueError("every row must end with a real token: pad prompts on the LEFT (tokenizer.padding_side='left')")
+        raise ValueError("every row must end with a real token: "
+                         "pad prompts on the LEFT (tokenizer.padding_side='left')")
     c_large, c_tuned, c_base = blend.coefficients
     roles = {LARGE: (large, c_large != 0 or blend.has_plausibility_limit),
              SMALL_TUNED: (small_tuned, c_tuned != 0 or with_small_tuned), SMALL_BASE: (small_base, c_base != 0)}
@@ -245,6 +246,7 @@ def steered_generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     return_logprobs: bool = False,
+    stop: Callable[[int, list[int]], bool] | None = None,
 ):
     """Decode from the blend of three models, each with its own KV cache.
 
@@ -253,6 +255,8 @@ def steered_generate(
     plus (B, N, V) blended log-probs (before repetition penalties / sampling warps) if `return_logprobs`.
     A model whose coefficient in the blend is 0 is not run at all. The arithmetic happens on large's device;
     `use_cache=False` recomputes every prefix (for tests: it must give the same result).
+    `stop(row, new_tokens_of_the_row)`, called after each step for the rows still decoding: True ends the row there
+    (as EOS does, but ended_with_eos stays False): stop sequences (the lm-eval backend, the server).
     """
     check_decoding_args(max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram_size)
     needed = models_to_run(large, small_base, small_tuned, input_ids, attention_mask, blend, max_new_tokens)
@@ -292,6 +296,9 @@ def steered_generate(
         just_ended = ~finished & (next_tokens == eos_token_id)
         ended_with_eos |= just_ended
         finished |= just_ended
+        if stop is not None:
+            for row in (~finished).nonzero().flatten().tolist():
+                finished[row] = stop(row, new_tokens[row, :n_steps].tolist())
         if seen is not None:
             seen[torch.arange(batch, device=device), next_tokens] = True
         if blocker is not None:

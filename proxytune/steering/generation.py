@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from proxytune.foundation.datafiles import read_data_text, split_compression
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import atomic_directory, write_json
+from proxytune.foundation.progress import progress_bar
 from proxytune.models.loading import vocab_size_of
 from proxytune.steering.arguments import SteerArguments
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, describe_blend
@@ -95,7 +95,7 @@ def generate_texts(models: dict[str, Any], tokenizer, prompts: list[str], blend:
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[dict] = [{} for _ in prompts]
-    for start in tqdm(range(0, len(order), args.batch_size), desc=desc, unit="batch"):
+    for start in progress_bar(range(0, len(order), args.batch_size), desc=desc, unit="batch"):
         idx = order[start:start + args.batch_size]
         ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         tokens, ended = decode_steered(
@@ -115,9 +115,12 @@ def generate_texts(models: dict[str, Any], tokenizer, prompts: list[str], blend:
     return results
 
 
-def write_generations(items, prompts, results, blend, config: dict, output_dir: str | None, overwrite: bool) -> None:
+def write_generations(items, prompts, results, blend, config: dict, output_dir: str | None, overwrite: bool,
+                      system: str | None = None) -> None:
+    """generations.jsonl and config.json (the flags, the blend and `system`, what it is: describe_blend) in
+    `output_dir`, else the generations printed."""
     rows = []
-    for (value, source), prompt, result in zip(items, prompts, results):
+    for (_value, source), prompt, result in zip(items, prompts, results):
         row = {"prompt": prompt, **result}
         if "Output" in source:
             row["reference"] = source["Output"]
@@ -130,5 +133,6 @@ def write_generations(items, prompts, results, blend, config: dict, output_dir: 
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        write_json(tmp / "config.json", {**config, "resolved_blend": blend.to_dict(), "system": describe_blend(blend)})
+        write_json(tmp / "config.json", {**config, "resolved_blend": blend.to_dict(),
+                                         "system": system or describe_blend(blend)})
     logger.info("wrote %d generations to %s", len(rows), Path(output_dir) / "generations.jsonl")

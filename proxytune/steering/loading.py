@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.hub import hub_revision, is_missing_local_path
 from proxytune.models.loading import DEFAULT_MODELS, check_same_vocab, load_causal_lm, load_tokenizer, vocab_size_of
+from proxytune.models.quantization import (
+    DOUBLE_QUANT,
+    QUANT_TYPE,
+    QuantizationArguments,
+    describe_quantization,
+    loaded_quantization,
+)
 from proxytune.steering.arguments import ModelArguments
 from proxytune.steering.blend import LARGE, LARGE_TUNED, MODEL_ROLES, SMALL_BASE, SMALL_TUNED
 from proxytune.steering.records import blend_models, model_record, recorded_model, same_model
@@ -24,9 +32,11 @@ def check_model_path(name_or_path: str, flag: str) -> None:
 
 
 def resolve_model_args(args: ModelArguments, blend_file: str | None = None) -> ModelArguments:
-    """Fill the model flags left out: from the models the --blend file records, else DEFAULT_MODELS (fill_models)."""
+    """Fill the model flags left out: from the models the --blend file records, else DEFAULT_MODELS (fill_models),
+    and each role's quantisation flags left out from the record, else unquantised (fill_quantization)."""
     filled = fill_models({role: getattr(args, f"{role}_model") for role in MODEL_ROLES}, blend_file, DEFAULT_MODELS)
-    return dataclasses.replace(args, **{f"{role}_model": model for role, model in filled.items()})
+    return dataclasses.replace(args, **{f"{role}_model": model for role, model in filled.items()},
+                               **fill_quantization(args, MODEL_ROLES, blend_file))
 
 
 def fill_models(given: dict[str, str | None], blend_file: str | None, defaults: dict[str, str]) -> dict[str, str]:
@@ -60,10 +70,48 @@ def fill_models(given: dict[str, str | None], blend_file: str | None, defaults: 
     return filled
 
 
-def model_records(args: ModelArguments) -> dict[str, dict]:
-    """blend.json's record of the models a blend was tuned with: role -> model_record."""
-    return {role: model_record(getattr(args, f"{role}_model")) for role in MODEL_ROLES
-            if getattr(args, f"{role}_model") is not None}
+def fill_quantization(args: QuantizationArguments, roles: Sequence[str], blend_file: str | None) -> dict[str, bool]:
+    """The --{role}_load_in_4bit / _8bit values of `roles`, for dataclasses.replace: a role with either flag given
+    keeps its flags (the other False); a role with neither is loaded as the blend file records it (model_record's
+    `quantization`), else unquantised, which is how a blend file without the record always loaded. Used by steer.py
+    and evaluation.py.
+
+    A flag given explicitly wins; when it loads a recorded role otherwise than the blend was tuned with, that is
+    logged as a warning. The compute dtype is the role's dtype flag's (auto: by device), the record's is logged.
+    """
+    record = blend_models(blend_file) if blend_file else {}
+    flags, sources = {}, []
+    for role in roles:
+        given = {bits: getattr(args, f"{role}_load_in_{bits}bit") for bits in (4, 8)}
+        entry = record.get(role)
+        recorded = (entry or {}).get("quantization")
+        if all(value is None for value in given.values()):
+            bits = recorded["bits"] if recorded else None
+            if recorded:
+                sources.append(f"{role} {describe_quantization(recorded)}")
+        else:
+            bits = args.quantization_of(role)
+            if entry and "quantization" in entry and bits != (recorded or {}).get("bits"):
+                logger.warning("%s loads %s %s; the blend %s was tuned with it %s", " ".join(
+                    f"--{role}_load_in_{b}bit {str(v).lower()}" for b, v in given.items() if v is not None), role,
+                    f"{bits}-bit" if bits else "unquantised", blend_file, describe_quantization(recorded))
+        if bits == 4 and recorded and recorded["bits"] == 4 and (
+                recorded.get("quant_type"), recorded.get("double_quant")) != (QUANT_TYPE, DOUBLE_QUANT):
+            logger.warning("%s: the blend %s was tuned with it %s; this run loads it 4-bit with quant_type %s, "
+                           "double_quant %s", role, blend_file, describe_quantization(recorded), QUANT_TYPE,
+                           DOUBLE_QUANT)
+        flags |= {f"{role}_load_in_4bit": bits == 4, f"{role}_load_in_8bit": bits == 8}
+    if sources:
+        logger.info("quantisation not given as flags, as the blend %s records: %s (this run computes in each role's "
+                    "dtype)", blend_file, "; ".join(sources))
+    return flags
+
+
+def model_records(args: ModelArguments, models: dict[str, Any]) -> dict[str, dict]:
+    """blend.json's record of the models a blend was tuned with: role -> model_record, with the quantisation each
+    of the loaded `models` ({role: model}) has (loaded_quantization)."""
+    return {role: model_record(getattr(args, f"{role}_model"), loaded_quantization(models.get(role)))
+            for role in MODEL_ROLES if getattr(args, f"{role}_model") is not None}
 
 
 def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[dict[str, Any], Any]:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.hub import hub_revision
 from proxytune.steering.blend import read_blend_file
 
 
-def model_record(name_or_path: str) -> dict[str, str | None]:
+def model_record(name_or_path: str, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
     """How blend.json records a model: the name as given, the absolute path of a local directory (so the record
-    works from another directory), and the Hub commit of a Hub model (None where unknown)."""
+    works from another directory), the Hub commit of a Hub model (None where unknown), and how its weights were
+    loaded (`quantization`: loaded_quantization's record, None = unquantised)."""
     local = Path(name_or_path).expanduser()
     if local.exists():
-        return {"name_or_path": name_or_path, "path": str(local.resolve()), "revision": None}
-    return {"name_or_path": name_or_path, "path": None, "revision": hub_revision(name_or_path)}
+        return {"name_or_path": name_or_path, "path": str(local.resolve()), "revision": None,
+                "quantization": quantization}
+    return {"name_or_path": name_or_path, "path": None, "revision": hub_revision(name_or_path),
+            "quantization": quantization}
 
 
 def blend_models(path: str | Path) -> dict[str, dict]:
@@ -23,6 +27,11 @@ def blend_models(path: str | Path) -> dict[str, dict]:
     models = read_blend_file(path).get("models") or {}
     if not isinstance(models, dict) or not all(isinstance(e, dict) and e.get("name_or_path") for e in models.values()):
         raise UsageError(f"blend file {path}: 'models' must map roles to records with a 'name_or_path'")
+    for role, entry in models.items():
+        quantization = entry.get("quantization")
+        if quantization is not None and not (isinstance(quantization, dict) and quantization.get("bits") in (4, 8)):
+            raise UsageError(f"blend file {path}: models.{role}.quantization is {quantization!r}; it must be null "
+                             "(unquantised) or a record with 'bits' 4 or 8, as steer.py --tune writes")
     return models
 
 

@@ -1,4 +1,5 @@
-"""Teacher-forced scoring of targets under a blend, and the blend's NLL from cached log-probs (what --tune minimises)."""
+"""Teacher-forced scoring of targets under a blend, and the blend's NLL from cached log-probs (what --tune
+minimises)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from proxytune.foundation.progress import progress_bar
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blend_logprobs, mix_logprobs, slice_vocab
 from proxytune.steering.decoding import left_pad, model_context, positions_from_mask
 
@@ -43,13 +44,15 @@ def score_targets(
     """
     n = len(prompt_ids)
     if len(target_ids) != n or n == 0:
-        raise ValueError(f"need as many targets as prompts, at least one: got {n} prompts and {len(target_ids)} targets")
+        raise ValueError(f"need as many targets as prompts, at least one: "
+                         f"got {n} prompts and {len(target_ids)} targets")
     context = model_context(models)
     for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
         if not p or not t:
             raise ValueError(f"example {i}: the prompt ({len(p)} tokens) and the target ({len(t)}) must not be empty")
         if len(p) + len(t) > context:
-            raise ValueError(f"example {i}: prompt + target = {len(p)} + {len(t)} tokens exceeds the context ({context})")
+            raise ValueError(f"example {i}: prompt + target = {len(p)} + {len(t)} tokens "
+                             f"exceeds the context ({context})")
     if blend is not None and not {LARGE, SMALL_TUNED, SMALL_BASE} <= set(models):
         raise ValueError(f"scoring a blend needs models {LARGE}, {SMALL_TUNED}, {SMALL_BASE}; got {sorted(models)}")
     cache_device = torch.device(cache_device or next(iter(models.values())).device)
@@ -61,7 +64,7 @@ def score_targets(
     # Longest first, so batches hold similar lengths and the first batch shows whether memory suffices.
     order = sorted(range(n), key=lambda i: -(len(prompt_ids[i]) + len(target_ids[i])))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    for idx in tqdm(batches, desc="scoring", unit="batch", disable=not show_progress):
+    for idx in progress_bar(batches, desc="scoring", unit="batch", disable=not show_progress):
         # Left padding puts every target at the right edge, so only the last (t_max + 1) positions need logits.
         ids, mask = left_pad([prompt_ids[i] + target_ids[i] for i in idx], pad_token_id)  # (B, L)
         positions = positions_from_mask(mask)
@@ -129,7 +132,8 @@ def blend_nll(cached: dict[str, torch.Tensor], blend: Blend, chunk_rows: int = 3
 
 
 def blend_nll_masked(cached: dict[str, torch.Tensor], blend: Blend, chunk_rows: int = 32) -> torch.Tensor:
-    """blend_nll through blend_logprobs itself: the normalised (r, V) blend per chunk of rows, then the target's entry."""
+    """blend_nll through blend_logprobs itself: the normalised (r, V) blend per chunk of rows, then the target's
+    entry."""
     targets, examples = cached["targets"], cached["example_index"]  # (R,)
     out = torch.zeros(cached["n_tokens"].shape[0], dtype=torch.float64, device=targets.device)
     needed = dict(zip((LARGE, SMALL_TUNED, SMALL_BASE), blend.coefficients))
@@ -150,7 +154,9 @@ def blend_nll_derivatives(cached: dict[str, torch.Tensor], coefficients: Sequenc
     cached rows, with its gradient (3,) and Hessian (3, 3) in c, all float64.
 
     With x_r(v) = (lp_L, lp_tuned, lp_base)[r, v] and p_r the blend's distribution at row r,
-        NLL(c) = mean_r [log Z_r(c) - c . x_r(y_r)],  gradient = mean_r [E_p[x_r] - x_r(y_r)],  Hessian = mean_r Cov_p[x_r].
+        NLL(c) = mean_r [log Z_r(c) - c . x_r(y_r)],
+        gradient = mean_r [E_p[x_r] - x_r(y_r)],
+        Hessian = mean_r Cov_p[x_r].
     A covariance is positive semi-definite: the NLL is convex in c, so Newton's method finds its minimum. Costs about
     2.5 blend_nll passes (one softmax, then the first and second moments of x under it as batched products).
     Log-softmax rows of finite logits are finite; a -inf in the cache would give NaN here (0 * -inf).

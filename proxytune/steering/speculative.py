@@ -5,13 +5,13 @@ The blend is L + alpha * (S_tuned - S), so S_tuned alone is a cheap draft close 
     1. S_tuned drafts k tokens, one forward of one token each, with its own KV cache. Its log-probs at those
        positions are the ones the blend needs anyway.
     2. L and S each run ONE forward over [last accepted token, k drafted tokens] (k + 1 positions).
-    3. The blend (steer.blend_logprobs) and the per-step processing (steer.process_scores: repetition penalty,
-       n-gram ban) are computed at every position, in order, exactly as the plain loop would see them.
+    3. The blend (blend.blend_logprobs) and the per-step processing (decoding.process_scores: repetition
+       penalty, n-gram ban) are computed at every position, in order, exactly as the plain loop would see them.
     4. The longest drafted prefix the blend agrees with is kept, plus one token from the blend at the first
        disagreement (or a bonus token when all k were accepted); every cache is cut back to the accepted length.
 
 Greedy: a draft token is kept when it is the argmax of the processed blend, and the token emitted at a
-disagreement is that argmax, so every emitted token is the one steer.steered_generate would have chosen.
+disagreement is that argmax, so every emitted token is the one decoding.steered_generate would have chosen.
 Sampling: the speculative-sampling rule (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023,
 arXiv:2302.01318) with the warped blend p* as target and S_tuned's identically processed and warped
 distribution q as draft: keep x with probability min(1, p*(x) / q(x)); on rejection sample from
@@ -29,6 +29,7 @@ the plain batched loop and against rows decoded one at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -146,8 +147,9 @@ class BatchCache:
         if self.cache is None:
             self.cache = StaticCache(config=model.config, max_cache_len=capacity)
             if ids.shape[1] > 1:
-                model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_from_mask(mask)[:, :-1],
-                      cache=self.cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                      position_ids=positions_from_mask(mask)[:, :-1], cache=self.cache, use_cache=True,
+                      logits_to_keep=1)
         self.mask = mask[:, :-1].clone()  # (B, length) 1 where a slot holds a kept token
         self.kept = self.mask.sum(-1)  # (B,) kept tokens per row: the next token's position id
 
@@ -247,12 +249,14 @@ def speculative_generate(
     draft_tokens: int | None = DEFAULT_DRAFT_TOKENS,
     max_draft_tokens: int = MAX_DRAFT_TOKENS,
     stats: SpeculativeStats | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """steer.steered_generate's contract (same arguments, (B, N) new tokens and (B,) ended_with_eos), decoded
+    """steered_generate's contract (same arguments, (B, N) new tokens and (B,) ended_with_eos), decoded
     speculatively with S_tuned as the draft, every row of the batch in each round (rows keep different counts:
     BatchCache). `draft_tokens`: a fixed k per round (default DEFAULT_DRAFT_TOKENS); None = adaptive, from
-    INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled in when given. return_logprobs and
-    use_cache=False are not offered (steered_generate has them).
+    INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled in when given. `stop`: as steered_generate's,
+    called after each round with the row's tokens so far (a round may have emitted tokens past the stop).
+    return_logprobs and use_cache=False are not offered (steered_generate has them).
 
     Exactness. Greedy: every emitted token is the argmax of the processed blend given the tokens before it, as
     in the plain loop; in float64 the outputs are identical (tests/test_speculative.py). In float32 a k-token
@@ -267,7 +271,7 @@ def speculative_generate(
     if draft_tokens is not None and draft_tokens < 1:
         raise UsageError(f"draft_tokens {draft_tokens} must be >= 1, or None for the adaptive length")
     if small_tuned is None:
-        raise ValueError("speculative decoding drafts with small_tuned, which is None; use steer.steered_generate")
+        raise ValueError("speculative decoding drafts with small_tuned, which is None; use steered_generate")
     # The models that check the drafts: those the blend needs, as in steered_generate; S_tuned drafts.
     verifiers = models_to_run(large, small_base, small_tuned, input_ids, attention_mask, blend, max_new_tokens,
                               with_small_tuned=True)
@@ -278,7 +282,7 @@ def speculative_generate(
                            do_sample=do_sample, temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                            generator=generator, max_draft_tokens=draft_tokens or max_draft_tokens,
-                           stats=stats if stats is not None else SpeculativeStats(), device=device)
+                           stats=stats if stats is not None else SpeculativeStats(), device=device, stop=stop)
     k = draft_tokens or min(INITIAL_DRAFT_TOKENS, max_draft_tokens)
     while not decoder.finished:
         all_kept = decoder.round(k)
@@ -307,8 +311,9 @@ class RoundDecoder:
                  blend: Blend, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int, vocab_size: int,
                  do_sample: bool, temperature: float, top_p: float, repetition_penalty: float,
                  no_repeat_ngram_size: int, generator: torch.Generator | None, max_draft_tokens: int,
-                 stats: SpeculativeStats, device: torch.device):
+                 stats: SpeculativeStats, device: torch.device, stop: Callable[[int, list[int]], bool] | None = None):
         self.blend, self.max_new_tokens, self.eos, self.pad = blend, max_new_tokens, eos_token_id, pad_token_id
+        self.stop = stop
         self.vocab_size, self.do_sample, self.generator, self.stats, self.device = (
             vocab_size, do_sample, generator, stats, device)
         batch, width = input_ids.shape
@@ -415,7 +420,8 @@ class RoundDecoder:
             self.stats.accepted += kept[r]
             self.stats.emitted += len(emitted)
             self.stats.accepted_per_round.append(kept[r])
-            if self.out[r][-1] == self.eos or len(self.out[r]) >= self.max_new_tokens:
+            if (self.out[r][-1] == self.eos or len(self.out[r]) >= self.max_new_tokens
+                    or (self.stop is not None and self.stop(r, self.out[r]))):
                 self.done[r] = True
             else:
                 keep[r] = 1 + kept[r]
@@ -465,7 +471,7 @@ def uses_speculation(small_tuned, blend: Blend, speculative: bool) -> bool:
 
 def decode_steered(large, small_base, small_tuned, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    blend: Blend, *, speculative: bool = True, draft_tokens: int | None = DEFAULT_DRAFT_TOKENS, **kw):
-    """steer.steered_generate, or speculative_generate where `uses_speculation` says so: the same contract."""
+    """steered_generate, or speculative_generate where `uses_speculation` says so: the same contract."""
     if uses_speculation(small_tuned, blend, speculative):
         return speculative_generate(large, small_base, small_tuned, input_ids, attention_mask, blend,
                                     draft_tokens=draft_tokens, **kw)

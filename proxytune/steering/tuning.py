@@ -15,6 +15,7 @@ from proxytune.foundation.datafiles import read_data_text
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import atomic_directory, write_json
 from proxytune.models.loading import vocab_size_of
+from proxytune.models.quantization import describe_quantization, loaded_bits, loaded_quantization
 from proxytune.steering.arguments import SteerArguments, TuneArguments
 from proxytune.steering.blend import (
     LARGE,
@@ -181,7 +182,8 @@ def generation_figures(scores: dict[str, list[float]], rows: list[dict], seed: i
 def choose_by_generation(entries: dict[str, dict]) -> str:
     """The reference (plain proxy-tuning) unless some candidate generates clearly better (generation_figures); then,
     of those, the best mean ROUGE-L, and on a tie the lower tuning perplexity.
-    `choose_by_generation({"proxy-tuning, alpha=1": {...}, "b": {"generation": {"clearly_better": True, ...}}})` -> 'b'."""
+    `choose_by_generation({"proxy-tuning, alpha=1": {...}, "b": {"generation": {"clearly_better": True, ...}}})`
+    -> 'b'."""
     better = [name for name, e in entries.items() if e["generation"]["clearly_better"]]
     if not better:
         return REFERENCE_CANDIDATE
@@ -223,7 +225,8 @@ def tune(models: dict[str, Any], tokenizer, args: TuneArguments, steer_args: Ste
                            "perplexity search tuned on")
         if any(ex["reviews"] is None or ex["reference"] is None for ex in generation_examples):
             raise UsageError(f"--validation_data {args.validation_data} has no reviews/Output columns to prompt with "
-                             "and score against; write it with processing_meta_review.py, or pass --select_by perplexity")
+                             "and score against; write it with processing_meta_review.py, "
+                             "or pass --select_by perplexity")
 
     seconds = {}
     started = time.perf_counter()
@@ -277,7 +280,8 @@ def tune(models: dict[str, Any], tokenizer, args: TuneArguments, steer_args: Ste
         "chosen": chosen,
         "selected_by": args.select_by,
         "blend": chosen_blend.to_dict(),
-        "system": describe_blend(chosen_blend),
+        "system": describe_blend(chosen_blend, loaded_bits(models)),
+        "quantization": {role: loaded_quantization(model) for role, model in models.items()},
         "steering": is_steering(chosen_blend),
         "warnings": warnings,
         "candidates": list(candidates),
@@ -312,7 +316,8 @@ def format_report(report: dict) -> str:
         line += f" {e['holdout_ppl']:>11.3f}" if has_holdout else ""
         if "generation" in e:
             g = e["generation"]
-            line += f" {g['rougeL']:>7.2f} {g['eos_rate']:>4.2f}  {g['gain']:+.2f} [{g['gain_low']:+.2f}, {g['gain_high']:+.2f}]"
+            line += (f" {g['rougeL']:>7.2f} {g['eos_rate']:>4.2f}  {g['gain']:+.2f} "
+                     f"[{g['gain_low']:+.2f}, {g['gain_high']:+.2f}]")
         lines.append(line.rstrip())
     generation = report.get("generation")
     papers = f"{generation['n_examples']} {generation['examples']} papers" if generation else ""
@@ -320,6 +325,10 @@ def format_report(report: dict) -> str:
            else f"no candidate's ROUGE-L gain over it is clear on {papers}" if report["chosen"] == REFERENCE_CANDIDATE
            else f"the best ROUGE-L of the candidates clearly better than alpha=1 on {papers}")
     lines.append(f"chosen: {report['chosen']} = {report.get('system', '?')} ({how})")
+    quantized = {role: q for role, q in (report.get("quantization") or {}).items() if q}
+    if quantized:
+        lines.append("tuned on quantised models: " + "; ".join(f"{role} {describe_quantization(q)}"
+                                                                 for role, q in quantized.items()))
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 
@@ -331,7 +340,8 @@ def write_tune_outputs(report: dict, rows: list[dict], config: dict, output_dir:
     summary = {k: v for k, v in chosen.items() if k not in ("blend", "system")} | {
         k: report[k] for k in ("chosen", "selected_by", "warnings", "n_examples", "validation_data")}
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
-        Blend(**report["blend"]).save(tmp / "blend.json", report=summary, models=report.get("models"))
+        Blend(**report["blend"]).save(tmp / "blend.json", report=summary, models=report.get("models"),
+                                      system=report.get("system"))
         write_json(tmp / "tune_report.json", {**report, "config": config})
         if rows:
             with open(tmp / "candidate_generations.jsonl", "w", encoding="utf-8") as f:

@@ -39,7 +39,8 @@ class ProcessingArguments:
                   "a fair share of the token budget). Default: the whole string is one review."},
     )
     tokenizer_name: str = field(
-        default="EleutherAI/pythia-70m", metadata={"help": "Tokenizer (Hub id or local dir) used to measure and tokenize."}
+        default="EleutherAI/pythia-70m",
+        metadata={"help": "Tokenizer (Hub id or local dir) used to measure and tokenize."},
     )
     max_length: int = field(
         default=2048, metadata={"help": "Tokens per example, prompt + target. Pythia's context is 2048."}
@@ -58,7 +59,9 @@ class ProcessingArguments:
     test_split_percentage: float = field(
         default=10.0, metadata={"help": "Share of rows for test when the source has no test split."}
     )
-    max_examples: int | None = field(default=None, metadata={"help": "Keep at most this many rows per split (debugging)."})
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many rows per split (debugging)."}
+    )
     label_columns: list[str] = field(
         default_factory=lambda: list(LABEL_COLUMNS),
         metadata={"help": "Label columns kept beside Input/Output when the source has them ('decision' is normalised "
@@ -75,7 +78,9 @@ class ProcessingArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "Push the processed dataset to the Hub."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset id for --push_to_hub."})
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub dataset as private."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a Hub dataset/tokenizer to run its own code."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a Hub dataset/tokenizer to run its own code."}
+    )
 
     def __post_init__(self):
         # --max_length's lower bound depends on the tokenizer: check_max_length, once it is loaded.

@@ -45,7 +45,7 @@ class DataArguments:
     )
     decision_column: str = field(
         default="decision", metadata={"help": "With --decision_classifier: the column with the paper's real decision "
-                                      "(normalised as processing_meta_review.normalise_decision does)."})
+                                      "(normalised as proxytune.task.reviews.normalise_decision does)."})
 
     def __post_init__(self):
         # --max_length's lower bound depends on the tokenizer: checked once it is loaded (check_max_length).
@@ -125,7 +125,7 @@ def select_examples(n_rows: int, num_examples: int | None, seed: int) -> list[in
 
 
 def load_papers(dataset_path: str, split: str) -> list[dict]:
-    """Rows of one split as evaluation.load_examples gives them: {example_id, reviews, Output, ...}."""
+    """Rows of one split as load_examples gives them: {example_id, reviews, Output, ...}."""
 
     return load_examples(DataArguments(dataset_path=dataset_path, split=split))
 

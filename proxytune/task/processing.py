@@ -1,4 +1,5 @@
-"""Building the processed dataset: clean, split, tokenize, summarise, save and push (processing_meta_review.py's job)."""
+"""Building the processed dataset: clean, split, tokenize, summarise, save and push (processing_meta_review.py's
+job)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from proxytune.foundation.config import to_jsonable
 from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.outputs import atomic_directory, write_error, write_json
+from proxytune.foundation.progress import progress_bar
 from proxytune.task.arguments import MIN_REVIEW_TOKENS, ProcessingArguments
 from proxytune.task.prompts import PROMPT_TEMPLATE, build_prompt, encode_target, render_prompt, render_target
 from proxytune.task.reviews import check_text_columns, clean_rows, count_labels, label_columns_of, resolve_columns
@@ -97,7 +99,6 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
     """Load, clean, split and tokenize. Returns (DatasetDict, stats). Writes nothing. Errors about the source name
     `flag`."""
     import datasets
-    from tqdm.auto import tqdm
 
     raw = normalise_splits(load_raw_dataset(args, flag))
     columns = next(iter(raw.values())).column_names
@@ -133,7 +134,7 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
     out, prompt_lens, target_lens, n_truncated = {}, [], [], 0
     for name in ("train", "validation", "test"):
         rows = []
-        for row in tqdm(cleaned[name], desc=f"tokenizing {name}", disable=len(cleaned[name]) < 200):
+        for row in progress_bar(cleaned[name], desc=f"tokenizing {name}", disable=len(cleaned[name]) < 200):
             example = tokenize_example(row, tokenizer, args.max_length)
             if example is None:
                 drops["meta_review_exceeds_max_length"] = drops.get("meta_review_exceeds_max_length", 0) + 1

@@ -104,8 +104,8 @@ def load_raw_dataset(args: ProcessingArguments, flag: str = "--dataset_name"):
         try:
             ds = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as err:
-            raise UsageError(f"{flag} {path} is not a readable save_to_disk dataset ({first_line(err)}); save it again, "
-                             "or pass a data file") from None
+            raise UsageError(f"{flag} {path} is not a readable save_to_disk dataset ({first_line(err)}); "
+                             "save it again, or pass a data file") from None
         return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
     if path.is_dir() or data_format(path) or split_compression(path)[1] or path.exists() \
             or name.startswith((".", "/", "~")):

@@ -95,14 +95,14 @@ class ModelArguments:
             problems.append("--use_lora adapts a pretrained model; drop it or drop --config_name")
         bits = quantization_bits(self.load_in_4bit, self.load_in_8bit)
         if bits and not self.use_lora:
-            problems.append(f"--load_in_{bits}bit trains a LoRA adapter on the frozen quantised base (quantised weights "
-                            "cannot be trained); add --use_lora")
+            problems.append(f"--load_in_{bits}bit trains a LoRA adapter on the frozen quantised base "
+                            "(quantised weights cannot be trained); add --use_lora")
         if bits and (Path(self.model_name_or_path).expanduser() / "adapter_config.json").is_file():
             problems.append(f"--load_in_{bits}bit quantises a base model, but --model_name_or_path "
                             f"{self.model_name_or_path} is a LoRA adapter; pass its base model")
         if bits and self.merge_lora:
-            problems.append(f"--merge_lora with --load_in_{bits}bit would round the update into the {bits}-bit weights; "
-                            f"drop --merge_lora and load the adapter with steer.py/evaluation.py "
+            problems.append(f"--merge_lora with --load_in_{bits}bit would round the update into the {bits}-bit "
+                            f"weights; drop --merge_lora and load the adapter with steer.py/evaluation.py "
                             f"(--large_load_in_{bits}bit, or unquantised: merged into the full-precision base)")
         if self.dtype == "float16" and not self.use_lora:
             problems.append("--dtype float16 weights cannot be trained directly (fp16 gradients overflow and cannot "
@@ -151,11 +151,12 @@ class DataArguments:
         default=4, metadata={"help": "Validation examples to generate from after training (samples.jsonl); 0 = none."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Length limit of the sample generations."})
-    # The task: language modelling (this script's own), or a classifier of a label column (classify.py).
+    # The task: language modelling (this script's own), or a classifier of a label column (training/classification.py).
     task: str = field(
         default="language_modeling",
         metadata={"help": "language_modeling (write the meta-review), or classification / regression of "
-                  "--label_column with a sequence-classification head (classify.py).", "choices": [
+                  "--label_column with a sequence-classification head (proxytune/training/classification.py).",
+                  "choices": [
                       "language_modeling", "classification", "regression"]},
     )
     label_column: str | None = field(
@@ -172,10 +173,12 @@ class DataArguments:
                                   "for imbalanced labels; 'none' = plain cross-entropy.",
                                   "choices": ["none", "balanced"]}
     )
-    # Hyperparameter search (hp_search.py): --output_dir then holds trial-<n>/ runs, the study's reports and best.yaml.
+    # Hyperparameter search (training/hp_search.py): --output_dir then holds trial-<n>/ runs, the study's reports and
+    # best.yaml.
     hp_search: str | None = field(
         default=None, metadata={"help": "Search hyperparameters over this space file (YAML/JSON: a list = values to "
-                                "try, {low, high, log} = a range, a scalar = fixed); see README 'Hyperparameter search'."}
+                                "try, {low, high, log} = a range, a scalar = fixed); "
+                                "see README 'Hyperparameter search'."}
     )
     hp_trials: int | None = field(
         default=None, metadata={"help": "Trials in the whole study, all workers together. Default: every point of a "
@@ -200,10 +203,16 @@ class DataArguments:
         default=2, metadata={"help": "Finished trials before the median pruner stops trials that fall behind; "
                              "-1 = no pruning."}
     )
+    hp_no_wait: bool = field(
+        default=False, metadata={"help": "When this worker has no trial left to run but other live workers still "
+                                 "run some, write the reports and leave instead of waiting for them (the reports "
+                                 "then say how many grid points are missing)."}
+    )
 
     def __post_init__(self):
-        # Meta-review mode: the lowest --max_length depends on the tokenizer (processing_meta_review.check_max_length,
-        # once it is loaded). Plain text needs two tokens: an input and the label it predicts.
+        # Meta-review mode: the lowest --max_length depends on the tokenizer
+        # (proxytune.task.processing.check_max_length, once it is loaded). Plain text needs two tokens: an input and
+        # the label it predicts.
         ranges = {"validation_split_percentage": "[0, 100)", "max_train_samples": "[1, inf)",
                   "max_eval_samples": "[1, inf)", "num_samples": "[0, inf)", "max_new_tokens": "[1, inf)"}
         if self.text_column:

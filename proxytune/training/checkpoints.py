@@ -113,7 +113,8 @@ def plan_run(training_args, run_config: str = RUN_CONFIG) -> RunPlan:
     check_output_dir(out)
     ours = [out / FINAL_DIR, out / run_config, *list_checkpoints(out)]
     if main_process and out.is_dir():
-        # Leftovers of a final/ write that was killed before its rename (common.atomic_directory's names).
+        # Leftovers of a final/ write that was killed before its rename
+        # (proxytune.foundation.outputs.atomic_directory's names).
         for leftover in [*out.glob(f".{FINAL_DIR}.tmp-*"), *out.glob(f".{FINAL_DIR}.old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
     if training_args.overwrite_output_dir:

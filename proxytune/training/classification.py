@@ -20,7 +20,7 @@ The model is GPTNeoXForSequenceClassification (AutoModelForSequenceClassificatio
 hidden state of the LAST REAL token. transformers 5.24 finds that token as the rightmost one whose id is not
 config.pad_token_id, whichever side the padding is on; so the pad id must never be a real last token. Pythia's
 tokenizer has `<|padding|>` (id 1), distinct from EOS (id 0), and the input always ends with the cue below (never EOS),
-so pad = eos (common.load_tokenizer's fallback) would be safe too.
+so pad = eos (proxytune.models.loading.load_tokenizer's fallback) would be safe too.
 
 Input: `{header}{text}{cue}`, the text cut token-wise (its head kept) so the whole fits --max_length; the cue is the
 last token the head reads. The template, labels and settings are saved in final/classifier.json.
@@ -159,8 +159,9 @@ def balanced_weights(counts: dict[str, int], names: list[str]) -> list[float]:
 
 
 def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed: int):
-    """fine_tune.PreparedData for --task classification/regression: the rows of the processed dataset (or a raw file,
-    processed on the fly) that have a label, encoded by encode_input, with the label map in `label_info`."""
+    """PreparedData (proxytune.training.data) for --task classification/regression: the rows of the processed dataset
+    (or a raw file, processed on the fly) that have a label, encoded by encode_input, with the label map in
+    `label_info`."""
     import datasets
 
     task, column, source = data_args.task, data_args.label_column, data_args.classification_input
@@ -289,8 +290,9 @@ def _classifier_trainer_class():
     from transformers import Trainer
 
     class ClassifierTrainer(LMTrainer):
-        """fine_tune.LMTrainer (checkpoint reloading, seeded length-grouped batches, resume at the end) with the loss of
-        a classifier: cross-entropy, class-weighted with --class_weights balanced, or MSE for regression.
+        """LMTrainer (proxytune.training.trainer: checkpoint reloading, seeded length-grouped batches, resume at the
+        end) with the loss of a classifier: cross-entropy, class-weighted with --class_weights balanced, or MSE for
+        regression.
 
         The loss is a sum over the batch divided by the examples of the whole accumulated batch (num_items_in_batch,
         which the Trainer counts from the labels), so it is already scaled for gradient accumulation."""
@@ -341,8 +343,8 @@ def build_classifier_trainer(model, tokenizer, data, training_args, callbacks):
 
 
 def evaluate_split(trainer, split, prefix: str, info: dict) -> dict:
-    """The split's metrics (loss, accuracy, macro-F1 or MSE in the label's units and Spearman; a regression's loss is the
-    MSE of the standardised targets) and, for classification, its confusion
+    """The split's metrics (loss, accuracy, macro-F1 or MSE in the label's units and Spearman; a regression's loss is
+    the MSE of the standardised targets) and, for classification, its confusion
     matrix (`{prefix}_confusion_matrix`, rows = true class); regression keeps the predictions for the plot in
     info["predictions"][prefix]."""
     output = trainer.predict(split, metric_key_prefix=prefix)
@@ -443,7 +445,8 @@ def read_classifier_info(path: str | Path, flag: str = "--decision_classifier") 
     try:
         info = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise UsageError(f"{flag} {path}: {CLASSIFIER_INFO} is unreadable ({err}); train the classifier again") from None
+        raise UsageError(f"{flag} {path}: {CLASSIFIER_INFO} is unreadable ({err}); "
+                         "train the classifier again") from None
     return info
 
 

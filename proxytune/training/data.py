@@ -122,14 +122,15 @@ def check_splits_not_emptied(dataset, dropped: dict[str, int], max_length: int, 
     for name in ("train", "validation"):
         if name in dataset and len(dataset[name]) == 0 and dropped.get(name):
             raise UsageError(f"--max_length {max_length} leaves no {name} examples from {source}: their meta-reviews "
-                             f"are too long to fit with a prompt ({dropped[name]} examples dropped); raise --max_length")
+                             f"are too long to fit with a prompt ({dropped[name]} examples dropped); "
+                             "raise --max_length")
 
 
 def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name: str, tokenize: bool = True):
     """The processed DatasetDict (train/validation[/test]) for `tokenizer` and --max_length.
 
     A directory from processing_meta_review.py is read as is, or re-tokenized when it was made for another
-    max_length or tokenizer; anything else goes through processing_meta_review.process(). `tokenize=False`
+    max_length or tokenizer; anything else goes through proxytune.task.processing.process(). `tokenize=False`
     (classification, which encodes its own inputs) keeps every row: nothing is re-cut or dropped for --max_length.
     """
     import datasets
@@ -159,7 +160,7 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
             dataset, dropped = retokenize(dataset, tokenizer, data_args.max_length)
             check_splits_not_emptied(dataset, dropped, data_args.max_length, str(path))
         return dataset
-    logger.info("processing %s on the fly with processing_meta_review.process()", data_args.dataset_path)
+    logger.info("processing %s on the fly with proxytune.task.processing.process()", data_args.dataset_path)
     pargs = ProcessingArguments(
         dataset_name=data_args.dataset_path,
         input_column=data_args.input_column,
@@ -271,7 +272,8 @@ class PreparedData:
     mode: str  # "meta_review" or "text"
     description: str
     test: Any = None  # meta-review mode: the test split, evaluated with --do_predict
-    label_info: dict | None = None  # classification/regression (classify.py): label map, template, head config
+    # classification/regression (training/classification.py): label map, template, head config
+    label_info: dict | None = None
 
 
 def check_dataset_path(name: str) -> None:

@@ -93,4 +93,5 @@ def disk_full_error(out: Path, err: BaseException, needs: DiskNeeds, main_proces
     resume = f"it resumes from {resume_from.name}" if resume_from else "it starts again"
     return UsageError(f"no space left on the device of --output_dir {out} ({where}a checkpoint needs about "
                       f"{format_bytes(needs.checkpoint)}, final/ {format_bytes(needs.final)}); the partial files were "
-                      f"removed: free some space or pass another --output_dir, then run the same command again ({resume})")
+                      f"removed: free some space or pass another --output_dir, "
+                      f"then run the same command again ({resume})")

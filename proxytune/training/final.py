@@ -97,7 +97,8 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     base = None if model_args.config_name else model_args.model_name_or_path
     library = "peft" if model_args.use_lora and not model_args.merge_lora else "transformers"
     classifier = data.label_info is not None
-    front = ["---", f"library_name: {library}", f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
+    front = ["---", f"library_name: {library}",
+             f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
              f"tags: [meta-review, proxy-tuning, {script}]"]
     if base:
         front.append(f"base_model: {base}")
@@ -125,7 +126,6 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
              "| --- | --- |", *[f"| {k} | {v:.4g} |" for k, v in results.items()], "",
              "![training curve](training_curve.png)", ""]
     if classifier:
-
         return "\n".join(lines + card_lines(data))
     if data.mode == "meta_review":
         lines += ["## Prompt", "", "The target is ` <meta-review><|endoftext|>`; the prompt is:", "", "```text",
@@ -169,7 +169,6 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
         if data.mode == "meta_review":
             (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
         if data.label_info is not None:
-
             write_classifier_files(tmp, data, metrics)
         # After save_pretrained: peft writes a README.md of its own that this card replaces.
         card = card if card is not None else model_card(model_args, data_args, training_args, data, metrics, samples)

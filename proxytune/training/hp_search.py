@@ -27,10 +27,13 @@ Layout of --output_dir:
     trial-<n>/               trial n's run (fine_tune.py's usual layout; re-running resumes it)
     trial-<n>.yaml           trial n's whole config: `python fine_tune.py trial-<n>.yaml` runs (or resumes) it
     hp_search.db             the study (when no --hp_storage is given); re-running the command continues it
-    hp_search.json           the search: space, sampler, objective, best trial, every trial
+    hp_search.json           the search: space, sampler, objective, best trial, every trial, points missing
     trials.csv               one row per trial: number, state, objective, parameters, start, seconds, run dir
     hp_search.png            objective by trial (and parameter importances where Optuna can compute them)
     best.yaml                the base config + the winning parameters: `python fine_tune.py best.yaml`
+
+The reports are written when this worker has nothing left to run and no other live worker runs a trial (it waits
+for them; --hp_no_wait leaves at once), over the finished trials; they say how many points have none yet.
 """
 
 from __future__ import annotations
@@ -38,16 +41,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import itertools
 import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from transformers import TrainerCallback
 
@@ -88,6 +94,16 @@ GRACE_S = 120
 
 
 MAX_RETRY = 2
+
+
+# A trial also records its worker (host, pid namespace, pid, process start time): a worker of this host that finds
+# a running trial whose process is gone fails and retries it at once instead of waiting GRACE_S for the heartbeat.
+# A trial of a live worker is waited for, polling every POLL_S seconds (or left running with --hp_no_wait).
+POLL_S = 10.0
+
+
+# Process start times read from /proc can differ by a clock tick between reads; a recycled pid starts seconds later.
+START_TOLERANCE_S = 1.0
 
 
 @dataclass
@@ -229,7 +245,8 @@ class OptunaPruningCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         import optuna
 
-        # fine_tune.evaluate_final evaluates the best model once more at the last step: one value per step.
+        # evaluate_final (proxytune.training.tasks) evaluates the best model once more at the last step: one value per
+        # step.
         if not metrics or self.objective not in metrics or state.global_step in self.reported:
             return
         self.reported.add(state.global_step)
@@ -246,7 +263,8 @@ def open_study(data_args, space: Space, out: Path, seed: int):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    # Heartbeats and their retry callback are "experimental" since Optuna 2.8; they are what marks a dead worker's trial.
+    # Heartbeats and their retry callback are "experimental" since Optuna 2.8; they are what marks a dead worker's
+    # trial.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = data_args.hp_storage or f"sqlite:///{(out / DEFAULT_DB).resolve()}"
     for attempt in range(3):
@@ -288,6 +306,8 @@ def make_objective(space: Space, base: dict[str, Any], out: Path, objective: str
 
 
     def run_trial(trial) -> float:
+        # First, so that a worker of this host finding the trial running can tell whether this process still lives.
+        trial.set_user_attr("worker", {**this_worker(), "trial": trial.number})
         # RetryHeartbeatStaleTrialCallback marks a retry with the number of the trial it retries: the retry resumes
         # in that trial's run directory, from the dead worker's last complete checkpoint.
         # So does a point re-queued after a failure (requeue_failed_points).
@@ -389,6 +409,112 @@ def requeue_failed_points(study, space: Space) -> list[int]:
     return requeued
 
 
+def this_worker() -> dict[str, Any]:
+    """This process, as a trial records its worker: host name, pid namespace, pid, and the process's start time
+    (so that a later process given the same pid is not taken for it)."""
+    proc = psutil.Process()
+    return {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": proc.pid,
+            "started": proc.create_time()}
+
+
+def pid_namespace() -> str | None:
+    """'pid:[4026531836]' on Linux: two containers of one machine may share a host name and pids, never this."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def worker_gone(worker: dict[str, Any] | None) -> bool:
+    """Whether a trial's recorded worker is provably gone: it ran here (same host name and pid namespace) and no
+    process with its pid and start time lives (no such pid, a zombie, or a recycled pid started at another time).
+    A worker of another host is never provably gone from here; its heartbeat tells (GRACE_S)."""
+    here = this_worker()
+    if not worker or any(worker.get(key) != here[key] for key in ("host", "pid_namespace")):
+        return False
+    try:
+        proc = psutil.Process(worker["pid"])
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not reaped yet by its parent
+            return True
+        return abs(proc.create_time() - worker["started"]) > START_TOLERANCE_S
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.AccessDenied, KeyError, TypeError, ValueError):  # cannot tell: a record of another form, hidden
+        return False
+
+
+def fail_orphaned_trials(study) -> list[int]:
+    """Running trials whose worker is provably gone (worker_gone) are failed and retried now, as Optuna's heartbeat
+    check would only after GRACE_S: the retry (RetryHeartbeatStaleTrialCallback) resumes in the trial's directory.
+    Returns their numbers."""
+    import optuna
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        # A retry starts with the attributes of the trial it retries, its worker too: only a trial's own record counts.
+        if not worker or worker.get("trial") != t.number or not worker_gone(worker):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first, or it has just ended
+            continue
+        failed.append(t.number)
+        skipped = t.user_attrs.get("skipped")
+        logger.warning("trial %d was left running by process %d of this host, which is gone: marked it failed%s",
+                       t.number, worker["pid"], "" if skipped else "; its point is retried now")
+        retry = study._storage.get_heartbeat_stale_trial_callback()
+        if retry is not None and not skipped:
+            retry(study, study._storage.get_trial(t._trial_id))
+    return failed
+
+
+def grid_keys(space: Space) -> dict[str, dict[str, Any]]:
+    """Every point of the grid, by its key in trials' params: {'{"learning_rate": 0.001}': {'learning_rate': 0.001}}."""
+    points = (dict(zip(space.grid, values)) for values in itertools.product(*space.grid.values()))
+    return {json.dumps(p, sort_keys=True): p for p in points}
+
+
+def open_work(study, space: Space, n_trials: int) -> bool:
+    """Whether this worker has a trial to run: a queued one (a retry), a grid point no trial has taken, or (ranges)
+    fewer trials finished and running than the study's count."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("skipped")]
+    if any(t.state == state.WAITING for t in trials):
+        return True
+    taken = [t for t in trials if t.state in (state.COMPLETE, state.PRUNED, state.RUNNING)]
+    if not space.is_grid:
+        return len(taken) < n_trials
+    keys = {json.dumps(t.params, sort_keys=True) for t in taken if t.params}
+    asking = sum(1 for t in taken if not t.params)  # running, its point not asked for yet
+    return len(set(grid_keys(space)) - keys) > asking
+
+
+def running_elsewhere(study) -> list:
+    """The study's running trials (while this worker runs none: other workers'), without skipped ones."""
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if not t.user_attrs.get("skipped")]
+
+
+def count_unskipped(study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("skipped"))
+
+
+def describe_workers(trials) -> str:
+    """'1 (pid 4242 on node-3), 4 (pid 17 on node-5)'."""
+    parts = []
+    for t in trials:
+        worker = t.user_attrs.get("worker") or {}
+        own = worker.get("trial") == t.number and "pid" in worker
+        parts.append(f"{t.number} (pid {worker['pid']} on {worker.get('host')})" if own else str(t.number))
+    return ", ".join(parts)
+
+
 def trial_rows(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -460,20 +586,33 @@ def plot_search(study, rows: list[dict], objective: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(study, space: Space, base: dict[str, Any], out: Path, data_args, url: str) -> dict[str, Any]:
-    """hp_search.json, trials.csv, hp_search.png and best.yaml, from every trial of the study (all workers')."""
+def write_outputs(study, space: Space, base: dict[str, Any], out: Path, data_args, url: str,
+                  n_trials: int) -> dict[str, Any]:
+    """hp_search.json, trials.csv, hp_search.png and best.yaml, from every trial of the study (all workers'): the best
+    among the finished ones, with how many of the grid's points (ranges: of the n_trials trials) are not finished."""
     rows = trial_rows(study)
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = None
     if complete:
         pick = min if data_args.hp_direction == "minimize" else max
         best = pick(complete, key=lambda r: r["objective"])
+    finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+    if space.is_grid:  # a point is done once a trial of it finished (pruned: the pruner decided it)
+        points = grid_keys(space)
+        done = {json.dumps(r["params"], sort_keys=True) for r in finished}
+        missing = [p for key, p in points.items() if key not in done]
+        total = len(points)
+    else:
+        total = n_trials
+        missing = None
+    n_missing = len(missing) if missing is not None else max(0, total - len(finished))
     summary = {
         "study_name": study.study_name, "storage": redact_url(url), "space_file": space.path,
         "sampler": "grid" if space.is_grid else "tpe", "grid_points": space.grid_size if space.is_grid else None,
         "space": {"grid": space.grid, "ranges": space.ranges, "fixed": space.fixed},
         "objective": data_args.hp_objective, "direction": data_args.hp_direction,
         "counts": {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
+        "finished_points": total - n_missing, "missing_points": n_missing, "missing": missing,
         "best": best, "best_config": str(out / BEST_CONFIG) if best else None, "trials": rows,
     }
     write_json(out / "hp_search.json", summary)
@@ -481,9 +620,11 @@ def write_outputs(study, space: Space, base: dict[str, Any], out: Path, data_arg
     plot_search(study, rows, data_args.hp_objective, out / "hp_search.png")
     if best:
         settings = {**base, **space.fixed, **best["params"], "output_dir": str(out / "best")}
+        over = f"{total - n_missing} of {total} {'grid points' if space.is_grid else 'trials'}" + (
+            f", {n_missing} MISSING (see hp_search.json)" if n_missing else "")
         write_config(out / BEST_CONFIG, settings, f"hp_search best trial {best['number']} of study "
-                     f"'{study.study_name}' ({data_args.hp_objective} {best['objective']:.6g}): python fine_tune.py "
-                     f"{out / BEST_CONFIG}")
+                     f"'{study.study_name}' ({data_args.hp_objective} {best['objective']:.6g}) over {over}: python "
+                     f"fine_tune.py {out / BEST_CONFIG}")
     return summary
 
 
@@ -550,7 +691,8 @@ def run_search(model_args, data_args, training_args, train: Callable[..., dict])
     space = parse_space(data_args.hp_search, [ModelArguments, DataArguments, FineTuneTrainingArguments],
                         value_checker(base))
     n_trials = check_search_args(data_args, training_args, space)
-    objective = data_args.hp_objective if data_args.hp_objective.startswith("eval_") else f"eval_{data_args.hp_objective}"
+    objective = (data_args.hp_objective if data_args.hp_objective.startswith("eval_")
+                 else f"eval_{data_args.hp_objective}")
     data_args.hp_objective = objective
     out.mkdir(parents=True, exist_ok=True)
     study, url = open_study(data_args, space, out, training_args.seed)
@@ -559,21 +701,48 @@ def run_search(model_args, data_args, training_args, train: Callable[..., dict])
                 f"grid of {space.grid_size} points over {', '.join(space.grid)}" if space.is_grid
                 else f"TPE over {', '.join([*space.grid, *space.ranges])}", objective, data_args.hp_direction,
                 n_trials, space.fixed or "nothing")
-    if space.is_grid:
-        requeued = requeue_failed_points(study, space)
-        if requeued:
-            logger.info("re-queued the grid points of failed trials %s", requeued)
-    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = sum(1 for t in study.get_trials(deepcopy=False, states=counted) if not t.user_attrs.get("skipped"))
-    if done < n_trials and not (space.is_grid and done >= space.grid_size):
-        # No per-worker count: a worker stops when the study has n_trials finished (skipped ones not counted), or every
-        # grid point is taken. A failing trial stops its worker (study.optimize re-raises), so this cannot spin.
-        callbacks = [stop_at_finished(n_trials)]
+    waited_for, idle = None, False
+    while True:
+        # A trial left running by a dead worker of this host is retried now, not after the heartbeat's GRACE_S.
+        fail_orphaned_trials(study)
         if space.is_grid:
-            callbacks.append(stop_when_grid_taken(space.grid_size))
-        study.optimize(make_objective(space, base, out, objective, train), callbacks=callbacks)
-    summary = write_outputs(study, space, base, out, data_args, url)
+            requeued = requeue_failed_points(study, space)
+            if requeued:
+                logger.info("re-queued the grid points of failed trials %s", requeued)
+        if open_work(study, space, n_trials) and not idle:
+            # No per-worker count: a worker stops when the study has n_trials finished (skipped ones not counted), or
+            # every grid point is taken. A failing trial stops its worker (study.optimize re-raises); a round that
+            # trains nothing (every point it asked for taken meanwhile) is followed by a wait, so this cannot spin.
+            callbacks = [stop_at_finished(n_trials)]
+            if space.is_grid:
+                callbacks.append(stop_when_grid_taken(space.grid_size))
+            before = count_unskipped(study)
+            study.optimize(make_objective(space, base, out, objective, train), callbacks=callbacks)
+            idle = count_unskipped(study) == before
+            continue
+        running = running_elsewhere(study)
+        if not running:
+            break
+        numbers = [t.number for t in running]
+        if data_args.hp_no_wait:
+            logger.warning("leaving trial(s) %s of other workers running (--hp_no_wait): the reports cover the "
+                           "finished trials only", describe_workers(running))
+            break
+        if numbers != waited_for:
+            logger.info("waiting for trial(s) %s of other workers to finish before writing the reports (every %g s; "
+                        "--hp_no_wait leaves instead)", describe_workers(running), POLL_S)
+            waited_for = numbers
+        time.sleep(POLL_S)
+        idle = False
+        optuna.storages.fail_stale_trials(study)  # a worker of another host, silent for GRACE_S: failed and retried
+    summary = write_outputs(study, space, base, out, data_args, url, n_trials)
     if summary["best"]:
         logger.info("best trial %d, %s %.6g with %s; wrote %s", summary["best"]["number"], objective,
                     summary["best"]["objective"], summary["best"]["params"], out / BEST_CONFIG)
+    if summary["missing_points"]:
+        unit = "grid points" if space.is_grid else "trials"
+        total = summary["finished_points"] + summary["missing_points"]
+        logger.warning("the reports (hp_search.json, best.yaml) cover %d of the %d %s: %d MISSING%s; run the same "
+                       "command again to finish them", summary["finished_points"], total, unit,
+                       summary["missing_points"], f" ({summary['missing']})" if summary["missing"] else "")
     return {"status": "searched", "best": summary["best"], "summary": summary}

@@ -76,7 +76,8 @@ def build_config(model_args: ModelArguments, tokenizer):
 
 def load_model(model_args: ModelArguments, tokenizer, max_length: int, seed: int, head: dict | None = None):
     """A pretrained model (float32 by default) or a fresh one from --config_name, with special ids aligned.
-    `head` (classify.py's num_labels, id2label, ...): a sequence-classification head instead of the LM head."""
+    `head` (training/classification.py's num_labels, id2label, ...): a sequence-classification head instead of the LM
+    head."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 

@@ -1,4 +1,5 @@
-"""The three training tasks (language modelling, classification, regression): their data, trainer and final evaluation."""
+"""The three training tasks (language modelling, classification, regression): their data, trainer and final
+evaluation."""
 
 from __future__ import annotations
 
@@ -22,18 +23,16 @@ from proxytune.training.data import (
     to_training_features,
     tokenize_texts,
 )
-from proxytune.training.trainer import LMTrainer
+from proxytune.training.trainer import LMTrainer, show_progress_as_lines
 
 
 def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed: int) -> PreparedData:
     """Load, tokenize and label the train/validation examples, and pick the prompts of the sample generations."""
     check_dataset_path(data_args.dataset_path)
     if data_args.task != "language_modeling":
-
         return prepare_classification_data(data_args, tokenizer, tokenizer_name, seed)
     mode = "text" if data_args.text_column else "meta_review"
     if mode == "meta_review":
-
         check_max_length(tokenizer, data_args.max_length)
         dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name)
         train = limit(dataset["train"], data_args.max_train_samples, seed)
@@ -77,11 +76,10 @@ def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneT
     if evaluating and training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     if data.label_info is not None:
-
-        return build_classifier_trainer(model, tokenizer, data, training_args, callbacks)
+        return show_progress_as_lines(build_classifier_trainer(model, tokenizer, data, training_args, callbacks))
     # Tensor cores want sequence lengths in multiples of 8; on CPU that would only add padding.
     pad_multiple = 8 if (training_args.bf16 or training_args.fp16) else None
-    return LMTrainer(
+    return show_progress_as_lines(LMTrainer(
         model=model,
         args=training_args,
         data_collator=CausalLMCollator(tokenizer.pad_token_id, pad_multiple),
@@ -89,7 +87,7 @@ def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneT
         eval_dataset=data.validation if evaluating else None,
         processing_class=tokenizer,
         callbacks=callbacks,
-    )
+    ))
 
 
 def evaluate_final(trainer, data: PreparedData, train_metrics: dict, training_args) -> dict:
@@ -97,8 +95,7 @@ def evaluate_final(trainer, data: PreparedData, train_metrics: dict, training_ar
     load_best_model_at_end) and, with --do_predict, the test split's."""
     metrics = {**train_metrics, "train_examples": len(data.train), "validation_examples": len(data.validation),
                "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint}
-    if data.label_info is not None:  # the same metrics, with the confusion matrix (classify.evaluate_split)
-
+    if data.label_info is not None:  # the same metrics, with the confusion matrix (evaluate_split)
         evaluate = lambda split, metric_key_prefix="eval": evaluate_split(  # noqa: E731
             trainer, split, metric_key_prefix, data.label_info)
     else:

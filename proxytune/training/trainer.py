@@ -8,10 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
+from transformers import ProgressCallback, Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import has_length
 
 from proxytune.foundation.outputs import format_bytes, free_bytes
+from proxytune.foundation.progress import LineBar, progress_as_lines
 from proxytune.training.checkpoints import RunPlan, reload_weights
 from proxytune.training.data import IGNORE_INDEX, PreparedData
 from proxytune.training.disk import DiskNeeds
@@ -96,7 +98,8 @@ class CheckpointReloadMixin:
         run that stopped at N (N = max_steps not at an epoch boundary, or an early stop), it skips N batches and
         trains step N + 1 anyway, and on_train_begin has cleared the stop saved in the checkpoint.
         """
-        if resume_from_checkpoint is not None and epoch == epochs_trained and self._run_ended_at(resume_from_checkpoint):
+        if (resume_from_checkpoint is not None and epoch == epochs_trained
+                and self._run_ended_at(resume_from_checkpoint)):
             logger.info("%s is the end of the run; nothing left to train", Path(resume_from_checkpoint).name)
             self.control.should_training_stop = True
             return None
@@ -113,6 +116,31 @@ class CheckpointReloadMixin:
         saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
         control = saved.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
         return bool(control.get("should_training_stop")) and saved["global_step"] < saved.get("max_steps", 0)
+
+
+class LogProgressCallback(ProgressCallback):
+    """The Trainer's progress bar when stderr is a log (foundation.progress): a line every few seconds with the
+    step, the elapsed time and the ETA instead of a redraw per step, and no evaluation bar under the training bar
+    (LineBar). The `logging_steps` lines are printed as ProgressCallback prints them."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = LineBar(total=state.max_steps, desc="train", unit="step")
+        self.current_step = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
+                self.prediction_bar = LineBar(total=len(eval_dataloader), desc="evaluate", unit="batch")
+            self.prediction_bar.update(1)
+
+
+def show_progress_as_lines(trainer: Trainer) -> Trainer:
+    """When progress shows as lines (stderr is not a terminal), the Trainer's bar becomes LogProgressCallback's.
+    On a terminal, or with --disable_tqdm (the Trainer then prints its logs bare), nothing changes."""
+    if progress_as_lines() and trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LogProgressCallback())
+    return trainer
 
 
 class LMTrainer(CheckpointReloadMixin, Trainer):
@@ -172,9 +200,9 @@ def log_startup(model_args, data_args, training_args, data: PreparedData, model,
     ]
     if needs is not None:
         free = free_bytes(training_args.output_dir)
-        lines.append(f"disk: a checkpoint ~{format_bytes(needs.checkpoint)}, final/ ~{format_bytes(needs.final)}, up to "
-                     f"{format_bytes(needs.peak)} at once; " + (f"{format_bytes(free)} free" if free is not None else
-                                                                 "free space unknown"))
+        lines.append(f"disk: a checkpoint ~{format_bytes(needs.checkpoint)}, final/ ~{format_bytes(needs.final)}, "
+                     f"up to {format_bytes(needs.peak)} at once; "
+                     + (f"{format_bytes(free)} free" if free is not None else "free space unknown"))
     logger.info("fine_tune.py\n  %s", "\n  ".join(lines))
 
 

@@ -318,7 +318,8 @@ def judgment_record(j: Judgment) -> dict[str, Any]:
         loser = next((s for s in j.systems if s != winner), None) if winner else None
         extra = {k: v for k, v in j.values.items() if k not in ("choice", "comment")}
         return {"type": "pairwise", "example_id": j.example_id, "systems": list(j.systems), "choice": choice,
-                "winner": winner, "loser": loser, "comment": j.values.get("comment"), "outputs": dict(sorted(j.outputs.items())),
+                "winner": winner, "loser": loser, "comment": j.values.get("comment"),
+                "outputs": dict(sorted(j.outputs.items())),
                 **({"values": extra} if extra else {}), "kept": j.reason}
     return {"type": "note", "sheet": j.sheet, "example_id": j.example_id, "system": j.systems[0] if j.systems else None,
             "values": j.values, "kept": j.reason}

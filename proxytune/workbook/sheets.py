@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-from openpyxl.styles import Border, Font, PatternFill, Side
-
 REVIEW, PAIRWISE, SUMMARY, SCORES, INTERVALS, RUN, KEPT, KEY = (
     "Review", "Pairwise", "Summary", "Scores", "Intervals", "Run", "Kept ratings", "Key")
 
@@ -59,13 +57,16 @@ OLD_EXAMPLE_COLUMNS = ("example_no", "example_id", "system", "reviews", "referen
 EXCEL_CELL_LIMIT = 32_767
 
 
-MAX_ROW_HEIGHT = 409  # points: Excel's largest row; a longer text scrolls inside its cell
+# Points: Excel's largest row (409 pt) in whole pixels of 0.75 pt, as row heights are stored; a longer text scrolls
+# inside its cell.
+MAX_ROW_HEIGHT = 408.75
 
 
+# Cell styles as XlsxWriter format properties; a cell's format is the union of its styles.
 # Arial (Liberation Sans in LibreOffice: the same metrics) prints alike everywhere; Calibri is not installed with
 # LibreOffice on Linux and its substitute is wider, which would make the fitted row heights wrong.
-FONT, HEADER_FONT, ID_FONT = Font(name="Arial", size=10), Font(name="Arial", size=10, bold=True), \
-    Font(name="Arial", size=8, color="666666")
+FONT = {"font_name": "Arial", "font_size": 10}
+HEADER_FONT, ID_FONT = {**FONT, "bold": True}, {"font_name": "Arial", "font_size": 8, "font_color": "#666666"}
 
 
 # One line of Arial 10, and prose characters per column-width unit (wrapping included): LibreOffice fits 1.4-1.45 per
@@ -73,13 +74,10 @@ FONT, HEADER_FONT, ID_FONT = Font(name="Arial", size=10), Font(name="Arial", siz
 LINE_PT, CHARS_PER_UNIT = 12.75, 1.35
 
 
-HEADER_FILL, INPUT_FILL = PatternFill("solid", fgColor="DDEBF7"), PatternFill("solid", fgColor="FFF2CC")
+HEADER_FILL, INPUT_FILL = {"bg_color": "#DDEBF7"}, {"bg_color": "#FFF2CC"}  # solid fills
 
 
-EDGE = Side(style="thin", color="BFBFBF")
-
-
-BORDER = Border(left=EDGE, right=EDGE, top=EDGE, bottom=EDGE)
+BORDER = {"border": 1, "border_color": "#BFBFBF"}  # thin, light grey, on all four sides
 
 
 # (least, most) width of a column kind, in characters; a column fits its longest line within these.

@@ -8,21 +8,17 @@ import logging
 import math
 import os
 import random
-import re
 import tempfile
-import xml.etree.ElementTree as ET
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-from openpyxl.chart import BarChart, Reference
-from openpyxl.styles import Alignment
-from openpyxl.utils import get_column_letter, quote_sheetname
-from openpyxl.worksheet.datavalidation import DataValidation
-from openpyxl.worksheet.page import PageMargins
+from xlsxwriter import Workbook
+from xlsxwriter.exceptions import XlsxWriterException
+from xlsxwriter.format import Format
+from xlsxwriter.utility import quote_sheetname, xl_col_to_name, xl_range
+from xlsxwriter.worksheet import Worksheet
 
 from proxytune.foundation.errors import UsageError, first_line
 from proxytune.workbook.judgments import Judgment, Judgments, file_signature, is_empty, lock_files, read_judgments
@@ -69,7 +65,6 @@ class BookOptions:
     pairwise: tuple[str, str] | None = None  # the two systems of the Pairwise sheet
     bootstrap_samples: int = 1000
     confidence: float = 0.95
-    cached_values: bool = True  # False leaves formulas without values (tests let LibreOffice compute them)
 
 
 @dataclass
@@ -130,7 +125,8 @@ def carry(slots: dict[tuple, dict[str, Any]], found: Judgments, run_date: str) -
 
 @dataclass
 class Formula:
-    """A formula and the value it has now; both are written (see add_cached_values)."""
+    """A formula and the value it has now: both are written, so that tools without a formula engine (pandas,
+    openpyxl's data_only) read the value; "" is a blank."""
 
     text: str
     value: Any
@@ -154,44 +150,56 @@ def kind_of(column: str) -> str:
     return column if column in WIDTHS or column in TEXT_KINDS else "other"
 
 
-def write_table(ws, header: list[str], rows: list[dict], cached: dict, *, text_limits: dict[str, int] | None = None,
-                keep_formulas: set[str] = frozenset(), inputs: set[str] = frozenset()) -> None:
+def write_cell(ws: Worksheet, row: int, col: int, value: Any, fmt: Format | None = None,
+               formulas: bool = False) -> None:
+    """One value as Excel holds it: a Formula with its value; text as text, unless `formulas` lets text that starts
+    with '=' (typed by a reviewer) stay a formula, computed when the book is opened; numbers, booleans and dates as
+    such; an empty cell still gets `fmt` (its border and tint)."""
+    if isinstance(value, Formula):
+        ws.write_formula(row, col, value.text, fmt, value.value)
+    elif isinstance(value, str) and formulas and value.startswith("=") and len(value) > 1:
+        ws.write_formula(row, col, value, fmt, "")
+    elif isinstance(value, str):
+        ws.write_string(row, col, value, fmt)
+    else:
+        ws.write(row, col, value, fmt)
+
+
+def write_table(wb: Workbook, ws: Worksheet, header: list[str], rows: list[dict], *,
+                text_limits: dict[str, int] | None = None, keep_formulas: set[str] = frozenset(),
+                inputs: set[str] = frozenset()) -> None:
     """Header + rows: bold tinted header, borders, wrapped text, widths and row heights that fit the content
     (up to a cap), an autofilter, and print setup (landscape, fit to width, header repeated on every page).
 
     Generated text that starts with '=' stays text; values in `keep_formulas` columns (typed by a reviewer) stay
-    formulas. A Formula value is written with its current value (into `cached`). `inputs` columns are tinted.
+    formulas. A Formula value is written with its current value. `inputs` columns are tinted.
     """
-    ws.append(header)
-    for cell in ws[1]:
-        cell.font, cell.fill, cell.border = HEADER_FONT, HEADER_FILL, BORDER
-        cell.alignment = Alignment(wrap_text=True, vertical="top")
-    shown = []  # what each cell shows: the text as cut, a formula's value
-    for row in rows:
-        shown.append({h: v if isinstance(v, Formula) else cell_text(v, (text_limits or {}).get(h, EXCEL_CELL_LIMIT))
-                      for h in header for v in [row.get(h)]})
-        ws.append([v.text if isinstance(v, Formula) else v for v in shown[-1].values()])
-        for cell, h in zip(ws[ws.max_row], header):
-            v = shown[-1][h]
-            if isinstance(v, Formula):
-                cached[(ws.title, cell.coordinate)] = v.value
-            elif isinstance(cell.value, str) and cell.value.startswith("=") and h not in keep_formulas:
-                cell.data_type = "s"
-            kind = kind_of(h)
-            cell.font = ID_FONT if h == "example_id" else FONT
-            cell.border = BORDER
-            cell.alignment = Alignment(wrap_text=kind in TEXT_KINDS or kind == "other", vertical="top")
-            if h in inputs:
-                cell.fill = INPUT_FILL
+    head = wb.add_format({**HEADER_FONT, **HEADER_FILL, **BORDER, "text_wrap": True, "valign": "top"})
+    for j, h in enumerate(header):
+        ws.write_string(0, j, h, head)
+    shown = [{h: v if isinstance(v, Formula) else cell_text(v, (text_limits or {}).get(h, EXCEL_CELL_LIMIT))
+              for h in header for v in [row.get(h)]} for row in rows]  # what each cell shows: the text as cut
     widths = {}
-    for j, h in enumerate(header, 1):
-        low, high = WIDTHS.get(kind_of(h), (8, 24))
+    for j, h in enumerate(header):
+        kind = kind_of(h)
+        font, fill = ID_FONT if h == "example_id" else FONT, INPUT_FILL if h in inputs else {}
+        fmt = wb.add_format({**font, **BORDER, **fill, "text_wrap": kind in TEXT_KINDS or kind == "other",
+                             "valign": "top"})
+        for r, row in enumerate(shown, 1):
+            write_cell(ws, r, j, row[h], fmt, formulas=h in keep_formulas)
+        low, high = WIDTHS.get(kind, (8, 24))
         longest = max([len(part) for r in shown for part in display(r[h]).split("\n")] + [len(w) for w in h.split()])
         widths[h] = max(low, min(high, longest + 2))
-        ws.column_dimensions[get_column_letter(j)].width = widths[h]
+        set_width(ws, j, widths[h])
     fit_row_heights(ws, header, shown, widths, MAX_ROW_HEIGHT)
-    ws.auto_filter.ref = f"A1:{get_column_letter(len(header))}{max(ws.max_row, 2)}"
-    set_print(ws)
+    ws.autofilter(0, 0, max(len(rows), 1), len(header) - 1)
+    set_print(ws, len(rows))
+
+
+def set_width(ws: Worksheet, col: int, width: float) -> None:
+    """Column `col` `width` characters wide as the file stores it (7 pixels a character), the width the row heights
+    are fitted to; XlsxWriter's set_column(width) would add Excel's 5 pixels of cell padding."""
+    ws.set_column_pixels(col, col, round(width * 7))
 
 
 def display(value: Any) -> str:
@@ -208,41 +216,42 @@ def text_lines(text: str, width: float) -> int:
     return sum(max(1, math.ceil(len(part) / per_line)) for part in text.split("\n"))
 
 
-def fit_row_heights(ws, header: list[str], rows: list[dict], widths: dict[str, float], cap: float) -> None:
+def fit_row_heights(ws: Worksheet, header: list[str], rows: list[dict], widths: dict[str, float], cap: float) -> None:
     """Rows as tall as their longest wrapped cell, up to `cap` points (a longer text scrolls inside its cell).
     A formula's height is its value's, not its text's."""
     grid = [{h: h for h in header}, *rows]
-    for r, row in enumerate(grid, 1):
+    for r, row in enumerate(grid):
         lines = max([text_lines(display(row.get(h)), widths[h]) for h in header] or [1])
-        ws.row_dimensions[r].height = min(cap, lines * LINE_PT + 4)
+        ws.set_row(r, min(cap, lines * LINE_PT + 4))
 
 
-def set_print(ws, *, one_page: bool = False, landscape: bool = True) -> None:
-    """Landscape, fit to the page width (and to one page with `one_page`), header row on every page."""
-    ws.page_setup.orientation = "landscape" if landscape else "portrait"
-    ws.sheet_properties.pageSetUpPr.fitToPage = True
-    ws.page_setup.fitToWidth = 1
-    ws.page_setup.fitToHeight = 1 if one_page else 0  # 0: as many pages tall as needed
-    if not one_page and ws.max_row > 1:
-        ws.print_title_rows = "1:1"
-    ws.page_margins = PageMargins(left=0.4, right=0.4, top=0.6, bottom=0.6, header=0.3, footer=0.3)
-    ws.oddHeader.left.text = "&F"
-    ws.oddHeader.right.text = "&A"
-    ws.oddFooter.center.text = "page &P of &N"
+def set_print(ws: Worksheet, rows: int, *, one_page: bool = False, landscape: bool = True) -> None:
+    """Landscape, fit to the page width (and to one page with `one_page`), header row on every page of a sheet of
+    `rows` rows below it; the file and sheet names (&F, &A) at the top of each page, its number at the bottom."""
+    if landscape:
+        ws.set_landscape()
+    else:
+        ws.set_portrait()
+    ws.fit_to_pages(1, 1 if one_page else 0)  # 0: as many pages tall as needed
+    if not one_page and rows:
+        ws.repeat_rows(0)
+    ws.set_margins(left=0.4, right=0.4, top=0.6, bottom=0.6)
+    ws.set_header("&L&F&R&A", {"margin": 0.3})
+    ws.set_footer("&Cpage &P of &N", {"margin": 0.3})
 
 
-def add_list_rule(ws, header: list[str], columns: list[str], choices: tuple, title: str, help_text: str) -> None:
-    """A dropdown of `choices` in every row of `columns`; anything else is refused."""
-    cols = [get_column_letter(header.index(c) + 1) for c in columns if c in header]
+def add_list_rule(ws: Worksheet, header: list[str], rows: int, columns: list[str], choices: tuple, title: str,
+                  help_text: str) -> None:
+    """A dropdown of `choices` in each of the `rows` rows of `columns` (one rule over them all); anything else is
+    refused."""
+    cols = [header.index(c) for c in columns if c in header]
     if not cols:
         return
-    last = max(ws.max_row, 2)
-    rule = DataValidation(type="list", formula1='"' + ",".join(map(str, choices)) + '"', allow_blank=True,
-                          showErrorMessage=True, errorTitle=title, error=f"Pick one of {', '.join(map(str, choices))}.",
-                          showInputMessage=True, promptTitle=title, prompt=help_text)
-    for col in cols:
-        rule.add(f"{col}2:{col}{last}")
-    ws.add_data_validation(rule)
+    last = max(rows, 1)
+    ws.data_validation(1, cols[0], last, cols[0], {
+        "validate": "list", "source": list(choices), "multi_range": " ".join(xl_range(1, c, last, c) for c in cols),
+        "error_title": title, "error_message": f"Pick one of {', '.join(map(str, choices))}.",
+        "input_title": title, "input_message": help_text})
 
 
 @dataclass
@@ -292,8 +301,10 @@ def added_columns(sheet: str, found: Judgments, placed: dict, fixed: tuple) -> l
     return out
 
 
-def write_review(ws, plan: Plan, placed: dict, kept_keys: set, added: list[str], cached: dict,
-                 options: BookOptions) -> None:
+def write_review(wb: Workbook, ws: Worksheet, plan: Plan, placed: dict, kept_keys: set, added: list[str],
+                 options: BookOptions) -> list[str]:
+    """One row per example: its reviews, reference and each system's output under its blind label; returns the
+    header."""
     n_labels = max([len(v) for v in plan.labels.values()] or [0])
     labels = [label_name(i) for i in range(n_labels)]
     per_label = [f"{L} {part}" for L in labels for part in ("output", "rating", "comment")]
@@ -320,15 +331,18 @@ def write_review(ws, plan: Plan, placed: dict, kept_keys: set, added: list[str],
         rows.append(row)
     header = [*REVIEW_FIXED, *per_label, *(["note"] if notes else []), "example_id", *added]
     inputs = {h for h in per_label if not h.endswith("output")} | set(added)
-    write_table(ws, header, rows, cached, text_limits={"reviews": options.review_chars}, keep_formulas=inputs,
+    write_table(wb, ws, header, rows, text_limits={"reviews": options.review_chars}, keep_formulas=inputs,
                 inputs=inputs)
-    add_list_rule(ws, header, [f"{L} rating" for L in labels], RATINGS, "Rating",
+    add_list_rule(ws, header, len(rows), [f"{L} rating" for L in labels], RATINGS, "Rating",
                   "1 (poor) to 5 (excellent): how well the output summarizes the reviews")
-    ws.freeze_panes = "C2"  # the header row, '#' and the reviews stay in view while scrolling through outputs
+    ws.freeze_panes("C2")  # the header row, '#' and the reviews stay in view while scrolling through outputs
+    return header
 
 
-def write_pairwise(ws, plan: Plan, placed: dict, kept_keys: set, added: list[str], cached: dict,
-                   options: BookOptions) -> None:
+def write_pairwise(wb: Workbook, ws: Worksheet, plan: Plan, placed: dict, kept_keys: set, added: list[str],
+                   options: BookOptions) -> list[str]:
+    """One row per example with both systems of the pair: their outputs as A and B (a coin flip each); returns the
+    header."""
     key_systems = tuple(sorted(plan.pair))
     rows = []
     for e in plan.examples:
@@ -349,25 +363,26 @@ def write_pairwise(ws, plan: Plan, placed: dict, kept_keys: set, added: list[str
         rows.append(row)
     header = [c for c in PAIRWISE_COLUMNS if c != "note" or any("note" in r for r in rows)] + added
     inputs = {"choice", "comment", *added}
-    write_table(ws, header, rows, cached, text_limits={"reviews": options.review_chars}, keep_formulas=inputs,
+    write_table(wb, ws, header, rows, text_limits={"reviews": options.review_chars}, keep_formulas=inputs,
                 inputs=inputs)
-    add_list_rule(ws, header, ["choice"], ("A", "B", TIE), "Better output",
+    add_list_rule(ws, header, len(rows), ["choice"], ("A", "B", TIE), "Better output",
                   "A or B: the better meta-review of these reviews; tie if neither is")
-    ws.freeze_panes = "C2"
+    ws.freeze_panes("C2")
+    return header
 
 
-def write_key(ws, plan: Plan, placed: dict, run_info: dict, review_header: list[str], pairwise_header: list[str],
-              cached: dict) -> None:
+def write_key(wb: Workbook, ws: Worksheet, plan: Plan, placed: dict, run_info: dict, review_header: list[str],
+              pairwise_header: list[str]) -> None:
     """(sheet, example, label) -> system, and a `score` formula that reads the judgment through the label: the
     rating, or 1 / 0.5 / 0 for a pairwise win / tie / loss. Summary and Scores count these, so they stay live."""
     n_review = len(plan.examples)
     n_pair = len(plan.pair_labels)
 
     def col(header, name, sheet, n):
-        c = get_column_letter(header.index(name) + 1)
+        c = xl_col_to_name(header.index(name))
         return f"{quote_sheetname(sheet)}!${c}$2:${c}${n + 1}"
 
-    eid_ref, label_ref = (f"${get_column_letter(KEY_COLUMNS.index(c) + 1)}{{r}}" for c in ("example_id", "label"))
+    eid_ref, label_ref = (f"${xl_col_to_name(KEY_COLUMNS.index(c))}{{r}}" for c in ("example_id", "label"))
 
     models = {s: run_info["systems"][s].get("model") for s in plan.systems}
     rows = []
@@ -396,15 +411,16 @@ def write_key(ws, plan: Plan, placed: dict, run_info: dict, review_header: list[
                  f"MATCH({eid_ref},{col(pairwise_header, 'example_id', PAIRWISE, n_pair)},0))")
             text = f'=IFERROR(IF({c}={label_ref},1,IF({c}="{TIE}",0.5,IF(OR({c}="A",{c}="B"),0,""))),"")'
             rows.append({"sheet": PAIRWISE, "example_no": e["position"] + 1, "example_id": eid, "label": label,
-                         "system": system, "score": (text, pair_score(j, system) if j else ""), "model": models[system]})
+                         "system": system, "score": (text, pair_score(j, system) if j else ""),
+                         "model": models[system]})
     for r, row in enumerate(rows, 2):
         text, value = row["score"]
         row["score"] = Formula(text.replace("{r}", str(r)), value)
     plan.key_rows = rows
-    write_table(ws, list(KEY_COLUMNS), rows, cached)
-    ws.freeze_panes = "A2"
-    ws.sheet_state = "hidden"
-    ws.protection.sheet = True  # against slips, not a secret: Format > Sheet > Unhide / Unprotect shows it
+    write_table(wb, ws, list(KEY_COLUMNS), rows)
+    ws.freeze_panes("A2")
+    ws.hide()
+    ws.protect()  # against slips, not a secret: Format > Sheet > Unhide / Unprotect shows it
 
 
 def is_number(value: Any) -> bool:
@@ -423,11 +439,11 @@ def pair_score(j: Judgment, system: str) -> float | str:
 
 
 def key_range(plan: Plan, column: str) -> str:
-    c = get_column_letter(KEY_COLUMNS.index(column) + 1)
+    c = xl_col_to_name(KEY_COLUMNS.index(column))
     return f"{quote_sheetname(KEY)}!${c}$2:${c}${len(plan.key_rows) + 1}"
 
 
-def write_summary(ws, plan: Plan, summary: dict, run_info: dict, human: dict, cached: dict) -> None:
+def write_summary(wb: Workbook, ws: Worksheet, plan: Plan, summary: dict, run_info: dict, human: dict) -> None:
     """One row per system (scores, live mean rating and win rate), then the ROUGE chart on the same page."""
     metrics = metrics_of(summary)
     sheet, system_col, score = key_range(plan, "sheet"), key_range(plan, "system"), key_range(plan, "score")
@@ -442,45 +458,43 @@ def write_summary(ws, plan: Plan, summary: dict, run_info: dict, human: dict, ca
             if kind == PAIRWISE and system not in (plan.pair or ()):
                 continue
             stats = human[system]["rating" if kind == REVIEW else "win_rate"]
-            n_ref = f"${get_column_letter(header.index(n_col) + 1)}{r}"
+            n_ref = f"${xl_col_to_name(header.index(n_col))}{r}"
             row[n_col] = Formula(f'=SUMPRODUCT(({sheet}="{kind}")*({system_col}=$A{r})*ISNUMBER({score}))',
                                  stats["n"] if stats else 0)
             row[mean_col] = Formula(f'=IF({n_ref}=0,"",SUMIFS({score},{sheet},"{kind}",{system_col},$A{r})/{n_ref})',
                                     stats["mean"] if stats else "")
         rows.append(row)
-    write_table(ws, header, rows, cached)
-    set_print(ws, one_page=True)
-    ws.freeze_panes = "B2"
-    below = len(rows) + 3
+    write_table(wb, ws, header, rows)
+    set_print(ws, len(rows), one_page=True)
+    ws.freeze_panes("B2")
+    below = len(rows) + 2  # (0-based) a blank row under the table
     decision = run_info.get("decision_consistency")
     if decision:  # evaluation.py --decision_classifier: the column's bounds, under the table
-        column = header.index("decision_consistency") + 1 if "decision_consistency" in header else 4
+        column = header.index("decision_consistency") if "decision_consistency" in header else 3
         for k, (name, d) in enumerate((("ceiling (classifier on the reference meta-reviews)", decision["ceiling"]),
                                        (f"floor (majority class '{decision['floor']['class']}')", decision["floor"])),
                                       below):
-            ws.cell(k, 1, f"decision_consistency {name}")
-            ws.cell(k, header.index("n") + 1, decision["n_labelled"])
-            ws.cell(k, column, round(d["mean"], 4))  # under the systems' column; the interval beside it
-            ws.cell(k, column + 1, f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
-        ws.cell(below + 2, 1, f"papers with a decision: {decision['n_labelled']}; without (left out): "
-                              f"{decision['n_unlabelled']}; classifier {decision['classifier']}")
+            write_cell(ws, k, 0, f"decision_consistency {name}")
+            write_cell(ws, k, header.index("n"), decision["n_labelled"])
+            write_cell(ws, k, column, round(d["mean"], 4))  # under the systems' column; the interval beside it
+            write_cell(ws, k, column + 1, f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]")
+        write_cell(ws, below + 2, 0, f"papers with a decision: {decision['n_labelled']}; without (left out): "
+                                     f"{decision['n_unlabelled']}; classifier {decision['classifier']}")
         below += 4
 
-    chart = BarChart()
-    chart.type = "col"
-    chart.title = "ROUGE F1 (x100) per system"
-    chart.y_axis.title = "F1 x 100"
-    chart.x_axis.title = "system"
-    rouge = [header.index(m) + 1 for m in metrics if m.startswith("rouge")]  # adjacent columns
-    chart.add_data(Reference(ws, min_col=rouge[0], max_col=rouge[-1], min_row=1, max_row=1 + len(rows)),
-                   titles_from_data=True)
-    chart.set_categories(Reference(ws, min_col=1, min_row=2, max_row=1 + len(rows)))
-    chart.width, chart.height = 18, 9  # cm: with the table, one landscape page
-    ws.add_chart(chart, f"A{below}")
+    chart = wb.add_chart({"type": "column"})
+    for c in (header.index(m) for m in metrics if m.startswith("rouge")):
+        chart.add_series({"name": [ws.name, 0, c], "categories": [ws.name, 1, 0, len(rows), 0],
+                          "values": [ws.name, 1, c, len(rows), c]})
+    chart.set_title({"name": "ROUGE F1 (x100) per system"})
+    chart.set_y_axis({"name": "F1 x 100"})
+    chart.set_x_axis({"name": "system"})
+    chart.set_size({"width": 680, "height": 340})  # 18 x 9 cm: with the table, one landscape page
+    ws.insert_chart(below, 0, chart)
 
 
 def metrics_of(summary: dict) -> list[str]:
-    """The metrics (entries with a mean) of evaluation.summarize's result, in its order:
+    """The metrics (entries with a mean) of proxytune.evaluation.scores.summarize's result, in its order:
     {"large": {"n": 3, "rouge1": {"mean": 9.5, ...}}} -> ["rouge1"]."""
     out: list[str] = []
     for s in summary.values():
@@ -488,8 +502,8 @@ def metrics_of(summary: dict) -> list[str]:
     return out
 
 
-def write_scores(ws, plan: Plan, records: list[dict], placed: dict, added: list[str], compute_perplexity: bool,
-                 cached: dict) -> None:
+def write_scores(wb: Workbook, ws: Worksheet, plan: Plan, records: list[dict], placed: dict, added: list[str],
+                 compute_perplexity: bool) -> None:
     """The analysis table: one row per (example, system), every score, the live rating; no output text (that
     would let a reviewer find which label is which system: outputs are in predictions.jsonl)."""
     sheet, ex, system_col, score = (key_range(plan, c) for c in ("sheet", "example_id", "system", "score"))
@@ -514,11 +528,11 @@ def write_scores(ws, plan: Plan, records: list[dict], placed: dict, added: list[
         if j:
             row.update(j.values)
         rows.append(row)
-    write_table(ws, header, rows, cached, keep_formulas=set(added), inputs=set(added))
-    ws.freeze_panes = "D2"
+    write_table(wb, ws, header, rows, keep_formulas=set(added), inputs=set(added))
+    ws.freeze_panes("D2")
 
 
-def write_intervals(ws, summary: dict, human: dict, run_info: dict, cached: dict) -> None:
+def write_intervals(wb: Workbook, ws: Worksheet, summary: dict, human: dict, run_info: dict) -> None:
     """A long table: percentile bootstrap intervals (at the run's confidence) of every score, and of the ratings and
     win rates as typed when the book was written (re-run evaluation.py to update them)."""
     rows = []
@@ -527,31 +541,34 @@ def write_intervals(ws, summary: dict, human: dict, run_info: dict, cached: dict
     for system, s in summary.items():
         for m in metrics_of(summary):
             if m in s:
-                rows.append({"system": system, "metric": m, **{k: round(s[m][k], 4) for k in ("mean", "ci_low", "ci_high")},
+                rows.append({"system": system, "metric": m,
+                             **{k: round(s[m][k], 4) for k in ("mean", "ci_low", "ci_high")},
                              "n": s["n"], "method": methods["scores"]})
         for m in ("rating", "win_rate"):
             stats = human.get(system, {}).get(m)
             if stats:
-                rows.append({"system": system, "metric": m, **{k: round(stats[k], 4) for k in ("mean", "ci_low", "ci_high")},
+                rows.append({"system": system, "metric": m,
+                             **{k: round(stats[k], 4) for k in ("mean", "ci_low", "ci_high")},
                              "n": stats["n"], "method": methods["human"]})
-    write_table(ws, ["system", "metric", "mean", "ci_low", "ci_high", "n", "method"], rows, cached)
-    ws.freeze_panes = "A2"
+    write_table(wb, ws, ["system", "metric", "mean", "ci_low", "ci_high", "n", "method"], rows)
+    ws.freeze_panes("A2")
 
 
-def write_run(ws, run_info: dict, options: BookOptions, cached: dict) -> None:
+def write_run(wb: Workbook, ws: Worksheet, run_info: dict, options: BookOptions) -> None:
     """Key/value rows: what was evaluated, how, and when; the blind labels' seed and the pairwise systems."""
     review = {"seed": options.seed, "labels": "per example, random.Random(f'{seed}:{example_id}').shuffle(systems)",
               "pairwise": " vs ".join(options.pairwise) if options.pairwise else None}
     rows = [{"key": k, "value": v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)}
             for k, v in flatten({**run_info, "review": review})]
-    write_table(ws, ["key", "value"], rows, cached)
-    ws.column_dimensions["A"].width, ws.column_dimensions["B"].width = 40, 90
+    write_table(wb, ws, ["key", "value"], rows)
+    set_width(ws, 0, 40)
+    set_width(ws, 1, 90)
     fit_row_heights(ws, ["key", "value"], rows, {"key": 40, "value": 90}, MAX_ROW_HEIGHT)
-    set_print(ws, landscape=False)
-    ws.freeze_panes = "A2"
+    set_print(ws, len(rows), landscape=False)
+    ws.freeze_panes("A2")
 
 
-def write_kept(ws, kept: list[Judgment], cached: dict) -> None:
+def write_kept(wb: Workbook, ws: Worksheet, kept: list[Judgment]) -> None:
     added = []
     for j in kept:
         added += [c for c in j.values if c not in KEPT_FIXED and c not in added]
@@ -563,9 +580,9 @@ def write_kept(ws, kept: list[Judgment], cached: dict) -> None:
                      "other_output": j.outputs.get(systems[1])})
     header = [*KEPT_FIXED, *added, *KEPT_TAIL]
     inputs = {"rating", "choice", "comment", *added}
-    write_table(ws, header, rows, cached, keep_formulas=inputs, inputs=inputs)
-    add_list_rule(ws, header, ["rating"], RATINGS, "Rating", "1 (poor) to 5 (excellent)")
-    ws.freeze_panes = "D2"
+    write_table(wb, ws, header, rows, keep_formulas=inputs, inputs=inputs)
+    add_list_rule(ws, header, len(rows), ["rating"], RATINGS, "Rating", "1 (poor) to 5 (excellent)")
+    ws.freeze_panes("D2")
 
 
 def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -589,8 +606,8 @@ def bootstrap_mean(values: list[float], samples: int, confidence: float, seed: i
     idx = np.random.default_rng(seed).integers(0, len(x), size=(samples, len(x)))  # (S, N)
     boot = x[idx].mean(-1)
     lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
-    return {"mean": float(x.mean()), "ci_low": float(np.percentile(boot, lo)), "ci_high": float(np.percentile(boot, hi)),
-            "n": len(x)}
+    return {"mean": float(x.mean()), "ci_low": float(np.percentile(boot, lo)),
+            "ci_high": float(np.percentile(boot, hi)), "n": len(x)}
 
 
 def summarize_judgments(placed: dict, systems: list[str], pair: tuple[str, str] | None,
@@ -613,101 +630,57 @@ def summarize_judgments(placed: dict, systems: list[str], pair: tuple[str, str] 
 
 
 def build_workbook(records: list[dict], examples: list[dict], summary: dict, run_info: dict, found: Judgments,
-                   options: BookOptions) -> tuple[Workbook, dict, Judgments, dict]:
-    """The whole book in memory; returns (workbook, cached formula values, judgments it holds, human summary)."""
+                   options: BookOptions) -> tuple[Workbook, Judgments, dict]:
+    """The whole book in memory, written out by write_xlsx; returns (workbook, judgments it holds, human summary)."""
     systems = [s for s in run_info["systems"] if any(r["system"] == s for r in records)] or list(run_info["systems"])
     plan = plan_book(records, examples, systems, options)
     placed, kept = carry(slots_of(plan), found, run_info["date"])
     kept_keys = {j.key for j in kept}
     human = summarize_judgments(placed, systems, plan.pair, options)
-    cached: dict[tuple[str, str], Any] = {}
 
-    wb = Workbook()
-    review = wb.active
-    review.title = REVIEW
-    review_added = added_columns(REVIEW, found, placed, ())
-    write_review(review, plan, placed, kept_keys, review_added, cached, options)
-    review_header = [c.value for c in review[1]]
+    # NaN/inf scores become #NUM!/#DIV/0! cells; dates in sheets a reviewer added keep a date format.
+    wb = Workbook(io.BytesIO(), {"in_memory": True, "nan_inf_to_errors": True,
+                                 "default_date_format": "yyyy-mm-dd hh:mm:ss"})
+    review_header = write_review(wb, wb.add_worksheet(REVIEW), plan, placed, kept_keys,
+                                 added_columns(REVIEW, found, placed, ()), options)
     pairwise_header = list(PAIRWISE_COLUMNS)
     if plan.pair:
-        ws = wb.create_sheet(PAIRWISE)
-        write_pairwise(ws, plan, placed, kept_keys, added_columns(PAIRWISE, found, placed, PAIRWISE_COLUMNS), cached,
-                       options)
-        pairwise_header = [c.value for c in ws[1]]
-    summary_ws, scores_ws = wb.create_sheet(SUMMARY), wb.create_sheet(SCORES)
-    write_intervals(wb.create_sheet(INTERVALS), summary, human, run_info, cached)
-    write_run(wb.create_sheet(RUN), run_info, options, cached)
+        pairwise_header = write_pairwise(wb, wb.add_worksheet(PAIRWISE), plan, placed, kept_keys,
+                                         added_columns(PAIRWISE, found, placed, PAIRWISE_COLUMNS), options)
+    summary_ws, scores_ws = wb.add_worksheet(SUMMARY), wb.add_worksheet(SCORES)  # filled once the Key is written
+    write_intervals(wb, wb.add_worksheet(INTERVALS), summary, human, run_info)
+    write_run(wb, wb.add_worksheet(RUN), run_info, options)
     if kept:
-        write_kept(wb.create_sheet(KEPT), kept, cached)
+        write_kept(wb, wb.add_worksheet(KEPT), kept)
     for name, grid in found.added_sheets.items():
-        extra = wb.create_sheet(name)
-        for r in grid:
-            extra.append([cell_text(v) for v in r])
-    write_key(wb.create_sheet(KEY), plan, placed, run_info, review_header, pairwise_header, cached)
-    write_summary(summary_ws, plan, summary, run_info, human, cached)
-    write_scores(scores_ws, plan, records, placed, added_columns(SCORES, found, placed, SCORES_FIXED),
-                 run_info.get("compute_perplexity", True), cached)
-    wb.active = 0
-    judgments = Judgments(current=placed, kept=kept)
-    return wb, (cached if options.cached_values else {}), judgments, human
+        copy_sheet(wb, name, grid)
+    write_key(wb, wb.add_worksheet(KEY), plan, placed, run_info, review_header, pairwise_header)
+    write_summary(wb, summary_ws, plan, summary, run_info, human)
+    write_scores(wb, scores_ws, plan, records, placed, added_columns(SCORES, found, placed, SCORES_FIXED),
+                 run_info.get("compute_perplexity", True))
+    return wb, Judgments(current=placed, kept=kept), human
 
 
-def add_cached_values(data: bytes, cached: dict[tuple[str, str], Any]) -> bytes:
-    """Store each formula's current value beside it: openpyxl writes formulas with an empty <v/>, which tools
-    without a formula engine (pandas, openpyxl data_only) read as empty.
-
-    `cached` maps (sheet title, "B2") to a number, text, bool or "" (blank).
-    """
-    by_sheet: dict[str, dict[str, Any]] = {}
-    for (sheet, coord), value in cached.items():
-        by_sheet.setdefault(sheet, {})[coord] = value
-    src = zipfile.ZipFile(io.BytesIO(data))
-    ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
-          "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
-          "p": "http://schemas.openxmlformats.org/package/2006/relationships"}
-    targets = {rel.get("Id"): rel.get("Target").lstrip("/")
-               for rel in ET.fromstring(src.read("xl/_rels/workbook.xml.rels")).findall("p:Relationship", ns)}
-    parts = {}
-    for sheet in ET.fromstring(src.read("xl/workbook.xml")).find("m:sheets", ns):
-        target = targets[sheet.get(f"{{{ns['r']}}}id")]
-        parts[target if target.startswith("xl/") else f"xl/{target}"] = by_sheet.get(sheet.get("name"), {})
-    cell = re.compile(rb'<c r="([A-Z]+[0-9]+)"([^>]*)><f>(.*?)</f><v\s*/></c>', re.S)
-
-    def with_value(values: dict[str, Any]):
-        def sub(m: re.Match) -> bytes:
-            coord = m.group(1).decode()
-            if coord not in values:
-                return m.group(0)
-            v = values[coord]
-            if isinstance(v, bool):
-                t, text = ' t="b"', str(int(v))
-            elif is_number(v):
-                t, text = "", repr(float(v)) if isinstance(v, float) else str(v)
-            else:
-                t, text = ' t="str"', "" if v is None else str(v)
-            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            return b'<c r="%s"%s%s><f>%s</f><v>%s</v></c>' % (m.group(1), m.group(2), t.encode(), m.group(3),
-                                                               text.encode())
-        return sub
-
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
-        for info in src.infolist():
-            member = src.read(info.filename)
-            if parts.get(info.filename):
-                member = cell.sub(with_value(parts[info.filename]), member)
-            dst.writestr(info, member)
-    return out.getvalue()
+def copy_sheet(wb: Workbook, name: str, grid: list[list[Any]]) -> None:
+    """A sheet a reviewer added, value by value (their formulas stay formulas)."""
+    try:
+        ws = wb.add_worksheet(name)
+    except XlsxWriterException as err:  # a name Excel refuses, which another program let through
+        raise UsageError(f"the sheet '{name}' added to the workbook cannot be written back ({first_line(err)}); the "
+                         "workbook was left untouched: rename the sheet and re-run") from None
+    for r, values in enumerate(grid):
+        for c, value in enumerate(values):
+            write_cell(ws, r, c, cell_text(value), formulas=True)
 
 
-def write_xlsx(wb: Workbook, f, cached: dict) -> None:
-    """Serialize `wb` with its formulas' values into the open binary file `f`."""
-    buffer = io.BytesIO()
-    wb.save(buffer)
-    f.write(add_cached_values(buffer.getvalue(), cached) if cached else buffer.getvalue())
+def write_xlsx(wb: Workbook, f) -> None:
+    """Serialize `wb` into the open binary file `f`: XlsxWriter writes the file, formulas with their values, when
+    the book is closed (into the buffer build_workbook gave it)."""
+    wb.close()
+    f.write(wb.filename.getvalue())
 
 
-def save_atomically(wb: Workbook, cached: dict, path: Path, expected: tuple[int, int] | None) -> bool:
+def save_atomically(wb: Workbook, path: Path, expected: tuple[int, int] | None) -> bool:
     """Write to a temporary file beside `path`, fsync, then os.replace: a crash leaves the old file whole.
 
     Returns False (replacing nothing) if `path` changed since it was read (`expected` signature), so the caller
@@ -722,7 +695,7 @@ def save_atomically(wb: Workbook, cached: dict, path: Path, expected: tuple[int,
         os.umask(umask)
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            write_xlsx(wb, f, cached)
+            write_xlsx(wb, f)
             f.flush()
             os.fsync(f.fileno())
         locks = lock_files(path)
@@ -753,7 +726,7 @@ def write_workbook(path: Path, records: list[dict], examples: list[dict], summar
 
     records: one per (example, system) with example_id, system, prediction and the scores (SCORE_COLUMNS);
     examples: example_id, position (0-based), input (the reviews), reference, prompt_truncated;
-    summary: evaluation.summarize's {system: {metric: {mean, ci_low, ci_high}, "n": n}};
+    summary: proxytune.evaluation.scores.summarize's {system: {metric: {mean, ci_low, ci_high}, "n": n}};
     run_info: the Run sheet's content; needs date, systems ({system: {"model": description}}), confidence,
     bootstrap_samples, n_examples. If the file changes while the book is rebuilt, it is read again.
     """
@@ -763,9 +736,9 @@ def write_workbook(path: Path, records: list[dict], examples: list[dict], summar
         stale.unlink(missing_ok=True)
     for _ in range(5):
         found = read_judgments(path)
-        wb, cached, judgments, human = build_workbook(records, examples, summary, run_info, found, options)
+        wb, judgments, human = build_workbook(records, examples, summary, run_info, found, options)
         try:
-            if save_atomically(wb, cached, path, found.signature):
+            if save_atomically(wb, path, found.signature):
                 return WrittenBook(judgments, human)
         except OSError as err:
             raise UsageError(f"cannot write workbook {path}: {err.strerror or first_line(err)}; "
