@@ -8,6 +8,11 @@ LoRA, merged into the weights at the end (leave out --merge_lora to save an adap
         --use_lora --merge_lora --learning_rate 5e-4 --output_dir outputs/pythia-70m-lora
 (QLoRA: --use_lora --load_in_4bit, without --merge_lora; README "Quantised models".)
 
+Bottleneck adapters instead (down-projection, ReLU or swish, up-projection after every attention block and MLP;
+not mergeable: final/ holds bottleneck_adapter.safetensors + bottleneck_config.json, loaded on their base):
+    python fine_tune.py --adapter bottleneck --reduction_factor 16 --adapter_non_linearity relu \
+        --learning_rate 1e-3 --output_dir outputs/pythia-70m-bottleneck
+
 Classify instead (a GPTNeoXForSequenceClassification head; proxytune/training/classification.py has the details and
 more commands): the paper's decision from its meta-review, or `--task regression --label_column avg_rating` from the
 reviews:
@@ -33,8 +38,8 @@ Layout of --output_dir:
                              adapter + tokenizer (safetensors), README.md (model card), fine_tune_config.json,
                              metrics.json, trainer_state.json, training_curve.png, samples.jsonl and (meta-review
                              mode) prompt_template.txt
-Pass `--output_dir .../final` to steer.py and evaluation.py (proxytune.models.loading.load_causal_lm loads models and
-adapters).
+Pass `--output_dir .../final` to steer.py and evaluation.py (proxytune.models.loading.load_causal_lm loads models,
+LoRA and bottleneck adapters).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from proxytune.training.checkpoints import FINAL_DIR, RUN_CONFIG, list_checkpoin
 from proxytune.training.disk import check_disk_space, estimate_disk_needs, output_failure
 from proxytune.training.final import generate_samples, push_final, save_final
 from proxytune.training.hp_search import run_search
-from proxytune.training.model import apply_lora, load_model
+from proxytune.training.model import apply_bottleneck, apply_lora, load_model
 from proxytune.training.tasks import build_trainer, evaluate_final, prepare_data
 from proxytune.training.trainer import finish_distributed, log_startup
 
@@ -99,8 +104,10 @@ def main(model_args: ModelArguments, data_args: DataArguments, training_args: Fi
         if quantization_bits(model_args.load_in_4bit, model_args.load_in_8bit):
             model = prepare_quantized_for_lora(model, training_args.activation_checkpointing)
         model = apply_lora(model, model_args, "SEQ_CLS" if head else "CAUSAL_LM")
-        if training_args.activation_checkpointing:
-            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with frozen embeddings
+    elif model_args.adapter == "bottleneck":
+        model = apply_bottleneck(model, model_args, "SEQ_CLS" if head else "CAUSAL_LM")
+    if (model_args.use_lora or model_args.adapter == "bottleneck") and training_args.activation_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input with frozen embeddings
     run_config = to_jsonable(model_args, data_args, training_args)
     # The Trainer's own pushes would copy checkpoint files into output_dir and write its own card; final/ is
     # pushed once at the end instead (push_final).

@@ -1,4 +1,5 @@
-"""Tune the small tuned model on what reviewers and rewards say: DPO from the workbook's ratings, GRPO from rewards.
+"""Tune the small tuned model on what reviewers and rewards say: DPO from the workbook's ratings; GRPO, RLOO or PPO
+from rewards (built-in ones, or a classifier's score of a named class).
 
 DPO: preference pairs from the ratings typed into evaluation.py's workbook (same paper: the higher-rated output is
 chosen, the lower rejected, ties skipped; pairwise choices as given), the small tuned model as policy and reference:
@@ -13,15 +14,26 @@ range, repeated n-grams), weighted by flag, plus a learned reward model if you h
 
 Then steer with it: `python evaluation.py --small_tuned_model outputs/rl-grpo/final ...` (or steer.py).
 
-Every TrainingArguments flag works, and the method's TRL config flags (DPOConfig: --beta, --loss_type, ...;
-GRPOConfig: --num_generations, --max_completion_length, --temperature, --beta, ...): `--method dpo --help` lists
-DPO's. PPO (the tutorial's) is not in TRL 1.16 (neither trl nor trl.experimental ship a PPOTrainer); GRPO takes
-its place: the same policy-gradient update with a clipped ratio and a KL term, with the value network replaced by
-the mean reward of a group of completions of the same prompt, which suits a 1.8M-parameter CPU run.
+RL from a classifier, the Mini-ChatGPT recipe: prompts are the first 2-8 tokens of IMDB reviews, the policy writes
+4-16 tokens, and a sentiment classifier's POSITIVE logit is the reward (RLOO on TRL; PPO written here, with a value
+head, GAE and the adaptive KL penalty: proxytune/preference/ppo.py):
+    python rl_tune.py --method rloo --text_dataset stanfordnlp/imdb --reward_model lvwerra/distilbert-imdb \
+        --reward_label POSITIVE --model_name_or_path EleutherAI/pythia-70m --output_dir outputs/rl-rloo-imdb
+    python rl_tune.py --method ppo --text_dataset ../shared/data/imdb/imdb_partial.jsonl.gz \
+        --reward_model path/to/sentiment-classifier --reward_label positive ... --output_dir outputs/rl-ppo-imdb
+
+Every TrainingArguments flag works (PPO: those its own loop implements; it refuses the others, e.g.
+--gradient_accumulation_steps), and the method's config flags (DPOConfig: --beta, --loss_type, ...; GRPOConfig and
+RLOOConfig: --num_generations, --max_completion_length, --temperature, --beta, ...; PPO: --num_ppo_epochs, --cliprange,
+--init_kl_coef, --target_kl, ...): `--method ppo --help` lists PPO's. TRL 1.16 has no PPO trainer (neither trl nor
+trl.experimental); --method ppo is this project's, small and tested (docs/rl-from-a-reward.md says when to pick PPO,
+RLOO or GRPO).
 
 Layout of --output_dir: as fine_tune.py's (checkpoint-*/ resumed from the newest complete one, rl_tune_config.json,
 final/ written atomically with model or adapter, tokenizer, README.md, metrics.json (before/after: greedy
-ROUGE-L, EOS rate, repetition and reference NLL on validation papers; DPO: held-out chosen-over-rejected margins),
+ROUGE-L, EOS rate, repetition and reference NLL on validation papers; with --text_dataset, held-out prompts' mean
+reward, positive rate, distinct-1/2 and length, and the prompt/completion lengths drawn; DPO: held-out
+chosen-over-rejected margins),
 trainer_state.json, training_curve.png, samples.jsonl, prompt_template.txt).
 """
 
@@ -37,10 +49,18 @@ from proxytune.foundation.config import to_jsonable
 from proxytune.foundation.outputs import write_error, write_json
 from proxytune.models.loading import load_tokenizer
 from proxytune.preference.arguments import RUN_CONFIG, RLArguments, RLModelArguments, parse_args
-from proxytune.preference.policy import eval_samples, evaluate_policy, margin_summary, pair_margins
-from proxytune.preference.trainers import build_trainer, check_inputs, load_rewards, log_startup, prepare, save
+from proxytune.preference.trainers import (
+    build_trainer,
+    check_inputs,
+    load_rewards,
+    log_startup,
+    measure,
+    prepare,
+    prompt_lengths,
+    samples_of,
+    save,
+)
 from proxytune.training.checkpoints import FINAL_DIR, plan_run, warn_config_changes
-from proxytune.training.final import generate_samples
 from proxytune.training.model import apply_lora, load_model
 
 logger = logging.getLogger("rl_tune")
@@ -67,16 +87,14 @@ def main(args: RLArguments, model_args: RLModelArguments, training_args) -> dict
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=model_args.trust_remote_code, padding_side="left",
                                flag="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
-    train_rows, heldout, eval_papers, rewards = prepare(args, model_args, training_args, tokenizer)
+    train_rows, heldout, eval_items, rewards = prepare(args, model_args, training_args, tokenizer)
     model = load_model(model_args, tokenizer, training_args.max_length, training_args.seed)
-    reward_setup = load_rewards(args, rewards, tokenizer, model, training_args) if rewards is not None else None
+    reward_setup = load_rewards(args, rewards, tokenizer, training_args) if rewards is not None else None
 
-    metrics: dict[str, Any] = {"method": args.method, "train_rows": len(train_rows), "heldout_pairs": len(heldout)}
-    scored = eval_papers[:args.num_eval_examples]
-    metrics["before"] = evaluate_policy(model, tokenizer, scored, training_args.max_length, args.max_new_tokens)
-    if args.method == "dpo":
-        metrics["heldout_margin"] = {"before": margin_summary(pair_margins(model, tokenizer, heldout))}
-        metrics["train_margin"] = {"before": margin_summary(pair_margins(model, tokenizer, train_rows))}
+    metrics: dict[str, Any] = {"method": args.method, "train_rows": len(train_rows), "heldout_pairs": len(heldout),
+                               **({"prompt_lengths": prompt_lengths(args, tokenizer, train_rows)}
+                                  if args.text_dataset else {})}
+    before = measure(args, model, tokenizer, training_args, eval_items, reward_setup, heldout, train_rows)
     if model_args.use_lora:
         model = apply_lora(model, model_args)
     log_startup(args, model_args, training_args, model, train_rows, heldout, plan)
@@ -95,14 +113,12 @@ def main(args: RLArguments, model_args: RLModelArguments, training_args) -> dict
     metrics.update(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
     policy = trainer.model
-    metrics["after"] = evaluate_policy(policy, tokenizer, scored, training_args.max_length, args.max_new_tokens)
-    if args.method == "dpo":
-        metrics["heldout_margin"]["after"] = margin_summary(pair_margins(policy, tokenizer, heldout))
-        metrics["train_margin"]["after"] = margin_summary(pair_margins(policy, tokenizer, train_rows))
-    samples = generate_samples(policy, tokenizer,
-                               eval_samples(eval_papers[:args.num_samples], tokenizer,
-                                            training_args.max_length - args.max_new_tokens),
-                               args.max_new_tokens) if args.num_samples else []
+    after = measure(args, policy, tokenizer, training_args, eval_items, reward_setup, heldout, train_rows)
+    for name in ("heldout_margin", "train_margin"):  # DPO: {"before": ..., "after": ...}
+        if name in before:
+            metrics[name] = {"before": before.pop(name), "after": after.pop(name)}
+    metrics["before"], metrics["after"] = before, after
+    samples = samples_of(args, policy, tokenizer, training_args, eval_items, reward_setup)
     logger.info("before -> after: %s", {k: (metrics["before"].get(k), v) for k, v in metrics["after"].items()})
     final = save(trainer, tokenizer, args, model_args, training_args, metrics, samples, train_rows, heldout)
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))

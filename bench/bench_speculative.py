@@ -18,13 +18,31 @@ run (issue 14).
 
 Targets (issue 14): speculative steered / L alone <= 0.8 at batch 1 and <= 1.0 at batch 8, 410m/70m shapes (and
 1.4b/70m), with the lab's acceptance.
+
+4. `--fallback` (issue 29; runs only this part): the default (adaptive draft length, plain steps where drafts do
+   not pay: speculative.DraftSchedule) next to a fixed k = 2 (the former default), the plain steered loop
+   (--speculative false) and L alone (`generate`), side by side, the systems interleaved and repeated (median),
+   at three acceptances: 0 (random weights: S_tuned disagrees with the blend), the lab's (about 0.7 per token,
+   replayed) and about 1 (a blend S_tuned dominates: every draft agrees). Target: the default <= 1.05x the
+   plain loop at acceptance 0.
+
+    python bench/bench_speculative.py --fallback --threads 1    # 410m/70m shapes, batch 1: about 5 minutes
+
+5. `--pair` (issue 29; runs only this part): S_tuned a LoRA adapter on S, so one forward of 2B rows serves both
+   (steering/shared_base.py), against two forwards (the adapter merged, as before), in the plain loop and the
+   default speculative decoding (the lab's acceptance replayed), next to L alone. Targets at 410m/70m batch 1:
+   plain <= 1.10x L alone, speculative <= 0.85x.
+
+    python bench/bench_speculative.py --pair --threads 1        # 410m/70m shapes, batch 1: about 4 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +56,8 @@ from proxytune.models.loading import load_causal_lm, load_tokenizer
 from proxytune.steering import speculative
 from proxytune.steering.blend import Blend
 from proxytune.steering.decoding import left_pad, steered_generate
-from proxytune.steering.speculative import DEFAULT_DRAFT_TOKENS, BatchCache, SpeculativeStats, speculative_generate
+from proxytune.steering.shared_base import paired_adapter, share_or_merge
+from proxytune.steering.speculative import BatchCache, SpeculativeStats, speculative_generate
 from proxytune.task.sources import load_saved_split
 
 LAB = ROOT / "outputs" / "lab"
@@ -96,7 +115,8 @@ def bench_acceptance(models, tokenizer, prompts, blend, new_tokens: int) -> tupl
         rows.append((f"lab greedy, speculative {label}", f"{stats.acceptance:.3f}", f"{stats.tokens_per_round:.2f}",
                      f"{same}/{len(prompts)}", f"{1e3 * t_spec / n_tokens:.2f} ms", f"**{t_spec / t_plain:.2f}**", ""))
     stats = SpeculativeStats()
-    (tokens, _), t_spec = decode(speculative_generate, models, prompts, blend, new_tokens, eos, pad, vocab, stats=stats)
+    (tokens, _), t_spec = decode(speculative_generate, models, prompts, blend, new_tokens, eos, pad, vocab, stats=stats,
+                              draft_tokens=2)
     same = sum(int(torch.equal(a[:len(b)], b) and not a[len(b):].ne(pad).any()) for a, b in zip(tokens, plain_greedy))
     rows.append((f"lab greedy, speculative K = 2, batch {len(prompts)} (rounds over the whole batch)",
                  f"{stats.acceptance:.3f}", f"{stats.tokens_per_round:.2f}", f"{same}/{len(prompts)}",
@@ -129,7 +149,9 @@ def forward_costs(model, prompt_len: int, ks, repeats: int, batch: int = 1) -> d
     tokens = torch.arange(2, 2 + max(ks))[None].expand(batch, -1)
     out = {}
     with torch.inference_mode():
-        cache = BatchCache(model, ids, torch.ones_like(ids), prompt_len + max(ks) + 1)
+        cache = BatchCache(model, ids, torch.ones_like(ids), prompt_len + max(ks) + 1, TOKENIZER_VOCAB,
+                           torch.device("cpu"))
+        cache.pending = None  # the prompt pass's last log-probs (batch 1) are not what is timed here
         none_kept = torch.zeros(batch, dtype=torch.long)
 
         def step(k):
@@ -143,11 +165,13 @@ def forward_costs(model, prompt_len: int, ks, repeats: int, batch: int = 1) -> d
 
 
 def prompt_cost(model, prompt_len: int, repeats: int) -> float:
-    """Seconds of one row's prompt pass (all but the last token into a fresh cache), as every decoder here starts
-    (on CPU a batch's prompts are passed one row at a time: proxytune.steering.decoding.prefill_rows)."""
+    """Seconds of one row's prompt pass into a fresh cache (the whole prompt, its last position's log-probs kept), as
+    every decoder here starts at batch 1 (on CPU a batch's prompts are passed one row at a time, all but the last
+    token: proxytune.steering.decoding.prefill_rows)."""
     ids = torch.randint(2, TOKENIZER_VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        return timeit(lambda: BatchCache(model, ids, torch.ones_like(ids), prompt_len + 1), repeats=repeats)
+        return timeit(lambda: BatchCache(model, ids, torch.ones_like(ids), prompt_len + 1, TOKENIZER_VOCAB,
+                                         torch.device("cpu")), repeats=repeats)
 
 
 def round_cost(k: int, bonus: bool, t_large: dict, t_small: dict) -> float:
@@ -281,6 +305,204 @@ def lab_rows_priced(traces: dict, costs: dict, shape: str) -> list[tuple]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. The adaptive default and its fallback (issue 29)
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def replaying_rate(rate: float, seed: int = 0):
+    """A context in which every position's agreement of the draft with the blend is drawn, independently, with
+    probability `rate` (seeded), and a checked draft is kept exactly when it agreed: the acceptance a trained
+    S_tuned would have, on random weights. RoundDecoder.agreement runs before RoundDecoder.accepts."""
+    g = torch.Generator().manual_seed(seed)
+    drawn = []
+    real = speculative.RoundDecoder.agreement, speculative.RoundDecoder.accepts
+
+    def agreement(decoder, p, q):
+        drawn.append(float(torch.rand(1, generator=g)) < rate)
+        return float(drawn[-1])
+
+    speculative.RoundDecoder.agreement = agreement
+    speculative.RoundDecoder.accepts = lambda decoder, row, j, p, q, token: drawn[-1]
+    try:
+        yield
+    finally:
+        speculative.RoundDecoder.agreement, speculative.RoundDecoder.accepts = real
+
+
+def bench_fallback(shape: str, small: str, prompt_len: int, new_tokens: int, batch: int, repeats: int,
+                   lab_rate: float) -> list[tuple]:
+    """Seconds per token of L alone, the plain loop, the default and k = 2 at three acceptances, one batch size;
+    every system runs once per repetition, in turn (so a busy machine's slow minute hits them alike); medians."""
+    large, small_base, small_tuned = (random_model(shape, seed=0), random_model(small, seed=1),
+                                      random_model(small, seed=2))
+    models = (large, small_base, small_tuned)
+    g = torch.Generator().manual_seed(1)
+    ids, mask = left_pad(torch.randint(2, TOKENIZER_VOCAB, (batch, prompt_len), generator=g).tolist(), 1)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=NEVER_EOS, pad_token_id=1, vocab_size=TOKENIZER_VOCAB)
+    proxy = Blend.from_alpha(1.0)
+    scenarios = {"acceptance 0 (random weights, alpha = 1)": (proxy, None),
+                 f"lab acceptance ({lab_rate:.2f} per token, replayed)": (proxy, lab_rate),
+                 "acceptance ~1 (a blend S_tuned dominates)": (DRAFT_HEAVY, None)}
+    systems = {"L alone `generate`": lambda: decode_large_alone(large, ids, mask, new_tokens),
+               "plain steered loop (--speculative false)": lambda: steered_generate(*models, ids, mask, proxy, **kw)}
+    stats = {}
+    for name, (blend, rate) in scenarios.items():
+        for label, draft_tokens in (("default (adaptive)", None), ("k = 2 fixed (the former default)", 2)):
+            def run(blend=blend, rate=rate, draft_tokens=draft_tokens, key=(name, label)):
+                stats[key] = SpeculativeStats()
+                with contextlib.ExitStack() as stack:
+                    if rate is not None:
+                        stack.enter_context(replaying_rate(rate))
+                    speculative_generate(*models, ids, mask, blend, draft_tokens=draft_tokens, stats=stats[key],
+                                         **kw)
+            systems[(name, label)] = run
+    times = {key: [] for key in systems}
+    with torch.inference_mode():
+        for fn in systems.values():  # warm-up: every shape each system runs
+            fn()
+        for _ in range(repeats):
+            for key, fn in systems.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    per_token = {key: statistics.median(t) / (batch * new_tokens) for key, t in times.items()}
+    alone, plain = per_token["L alone `generate`"], per_token["plain steered loop (--speculative false)"]
+    head = f"{shape}/{small}, batch {batch}"
+    rows = [(f"{head}: L alone `generate`", "", "", f"{1e3 * alone:.0f} ms", f"{alone / plain:.2f}", "1.00", ""),
+            (f"{head}: plain steered loop (--speculative false)", "", "", f"{1e3 * plain:.0f} ms", "1.00",
+             f"**{plain / alone:.2f}**", "")]
+    for key, t in per_token.items():
+        if isinstance(key, str):
+            continue
+        name, label = key
+        st = stats[key]
+        target = "<= 1.05 of plain" if name.startswith("acceptance 0") and label.startswith("default") else ""
+        rows.append((f"{head}, {name}: {label}", f"{st.acceptance:.2f}",
+                     f"{st.plain_steps} / {len(st.batch_rounds)}", f"{1e3 * t:.0f} ms", f"**{t / plain:.2f}**",
+                     f"{t / alone:.2f}", target))
+    return rows
+
+
+def main_fallback(args) -> None:
+    t0 = time.perf_counter()
+    rows = []
+    for batch in args.batches:
+        rows += bench_fallback(args.large[0], args.small, args.prompt_len, args.new_tokens if batch == 1
+                               else args.batch_new_tokens, batch, args.repeats, args.lab_rate)
+    header = ("what", "kept / drafted", "plain steps / rounds", "time / token", "vs plain loop", "vs L alone",
+              "target")
+    load = os.getloadavg()
+    notes = (f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
+             f"{time.perf_counter() - t0:.0f} s in all. L = {args.large[0]}, S = S_tuned = {args.small} shapes, "
+             f"random weights, {args.prompt_len}-token prompts, {args.new_tokens} new tokens at batch 1, "
+             f"{args.batch_new_tokens} at bigger batches, greedy, no EOS; every system run once per repetition in "
+             f"turn, {args.repeats} repetitions after a warm-up, medians; prompt passes included. `kept / drafted` "
+             "and `plain steps / rounds` are of the last repetition. The lab's acceptance is replayed as independent "
+             "per-token agreements at its rate (the models, caches, blend and processing all run; only the "
+             "agreement is drawn).")
+    if args.ci or args.no_record:
+        for r in rows:
+            print(" | ".join(str(c) for c in r))
+        print(notes)
+    else:
+        print(record(f"Speculative steering falls back: the adaptive default vs k = 2, the plain loop and L alone, "
+                     f"{args.large[0]}/{args.small} shapes (part 4)", rows, header, notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A LoRA S_tuned: one forward for S and S_tuned (issue 29, steering/shared_base.py)
+# ---------------------------------------------------------------------------------------------
+def lora_on(base, seed: int = 3, rank: int = 16):
+    """S_tuned as fine_tune.py --use_lora makes it (rank 16 on every linear layer of the blocks), random adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                        target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+    return get_peft_model(copy.deepcopy(base), config).eval()
+
+
+def bench_pair(shape: str, small: str, prompt_len: int, new_tokens: int, batch: int, repeats: int,
+               lab_rate: float) -> list[tuple]:
+    """Seconds per token with a LoRA S_tuned on S: paired (one forward of 2B rows) vs two forwards (the adapter
+    merged, as loading did before), in the plain loop and the default speculative decoding at the lab's acceptance
+    (replayed), next to L alone; interleaved, medians."""
+    large, small_base = random_model(shape, seed=0), random_model(small, seed=1)
+    tuned = share_or_merge(small_base, lora_on(small_base))
+    assert paired_adapter(small_base, tuned), "the LoRA S_tuned was not paired with S"
+    merged = copy.deepcopy(tuned).merge_and_unload().eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = left_pad(torch.randint(2, TOKENIZER_VOCAB, (batch, prompt_len), generator=g).tolist(), 1)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=NEVER_EOS, pad_token_id=1, vocab_size=TOKENIZER_VOCAB)
+    blend = Blend.from_alpha(1.0)
+    stats = {}
+
+    def speculate(small_tuned, key):
+        def run():
+            stats[key] = SpeculativeStats()
+            with replaying_rate(lab_rate):
+                speculative_generate(large, small_base, small_tuned, ids, mask, blend, stats=stats[key], **kw)
+        return run
+
+    systems = {
+        "L alone `generate`": lambda: decode_large_alone(large, ids, mask, new_tokens),
+        "plain steered loop, S and S_tuned two forwards (merged adapter)":
+            lambda: steered_generate(large, small_base, merged, ids, mask, blend, **kw),
+        "plain steered loop, S and S_tuned one paired forward":
+            lambda: steered_generate(large, small_base, tuned, ids, mask, blend, **kw),
+        "default speculative, lab acceptance replayed, two forwards (merged adapter)": speculate(merged, "two"),
+        "default speculative, lab acceptance replayed, one paired forward": speculate(tuned, "one"),
+    }
+    times = {key: [] for key in systems}
+    with torch.inference_mode():
+        for fn in systems.values():
+            fn()
+        for _ in range(repeats):
+            for key, fn in systems.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    per_token = {key: statistics.median(t) / (batch * new_tokens) for key, t in times.items()}
+    alone = per_token["L alone `generate`"]
+    targets = {"plain steered loop, S and S_tuned one paired forward": "<= 1.10" if batch == 1 else "",
+               "default speculative, lab acceptance replayed, one paired forward": "<= 0.85" if batch == 1 else ""}
+    rows = []
+    for key, t in per_token.items():
+        st = stats.get("one" if key.endswith("paired forward") and "speculative" in key else
+                       "two" if "speculative" in key else "")
+        rounds = f"{st.plain_steps} / {len(st.batch_rounds)}" if st else ""
+        kept = f"{st.acceptance:.2f}" if st else ""
+        rows.append((f"{shape}/{small} + LoRA r16, batch {batch}: {key}", kept, rounds, f"{1e3 * t:.0f} ms",
+                     f"**{t / alone:.2f}**", targets.get(key, "")))
+    return rows
+
+
+def main_pair(args) -> None:
+    t0 = time.perf_counter()
+    rows = []
+    for batch in args.batches:
+        rows += bench_pair(args.large[0], args.small, args.prompt_len, args.new_tokens if batch == 1
+                           else args.batch_new_tokens, batch, args.repeats, args.lab_rate)
+    header = ("what", "kept / drafted", "plain steps / rounds", "time / token", "vs L alone", "target")
+    load = os.getloadavg()
+    notes = (f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
+             f"{time.perf_counter() - t0:.0f} s in all. L = {args.large[0]}, S = {args.small} shapes, random "
+             f"weights; S_tuned = a rank-16 LoRA on S (every linear layer of the blocks, random adapters); "
+             f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens at batch 1, {args.batch_new_tokens} at "
+             f"bigger batches, greedy, no EOS, alpha = 1; speculative rows replay the lab's acceptance "
+             f"({args.lab_rate:.2f} per token) as independent per-token agreements. Two forwards: the adapter merged "
+             "into a copy of S (how a LoRA S_tuned loaded before); paired: one forward of 2B rows with PEFT's "
+             "adapter_names (steering/shared_base.py). Every system once per repetition in turn, "
+             f"{args.repeats} repetitions after a warm-up, medians; prompt passes included.")
+    if args.ci or args.no_record:
+        for r in rows:
+            print(" | ".join(str(c) for c in r))
+        print(notes)
+    else:
+        print(record(f"A LoRA S_tuned: one paired forward for S and S_tuned vs two, {args.large[0]}/{args.small} "
+                     "shapes (part 5)", rows, header, notes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ci", action="store_true", help="tiny shapes, a few tokens, no record")
@@ -295,10 +517,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="end-to-end batch sizes")
     parser.add_argument("--batch_shapes", nargs="+", default=["pythia-410m"],
                         help="L shapes run end to end at batches over 1 (the others: batch 1 only)")
-    parser.add_argument("--draft_tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="k of the end-to-end runs")
+    parser.add_argument("--draft_tokens", type=int, default=2, help="the fixed k of the end-to-end runs of parts 2-3 "
+                        "(the lab's rounds of that k are replayed; the adaptive default is part 4's)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--fallback", action="store_true", help="part 4 only (issue 29): the adaptive default vs "
+                        "k = 2, the plain loop and L alone at acceptance 0, the lab's and ~1; --large's first shape, "
+                        "--batches (default here: 1), --new_tokens 32, --prompt_len 128, --repeats 3 unless given")
+    parser.add_argument("--pair", action="store_true", help="part 5 only (issue 29): a LoRA S_tuned on S, one "
+                        "paired forward vs two, plain loop and default speculative decoding; defaults as --fallback")
+    parser.add_argument("--lab_rate", type=float, default=0.69, help="part 4: the per-token acceptance replayed as "
+                        "the lab's (0.69: bench/RESULTS.md, part 1, greedy K = 2)")
     args = parser.parse_args()
     if args.threads or args.ci:  # tiny shapes gain nothing from threads
         torch.set_num_threads(args.threads or 1)
@@ -306,6 +536,19 @@ def main() -> None:
         args.large, args.batch_shapes, args.small = ["tiny-large"], ["tiny-large"], "tiny"
         args.prompt_len, args.new_tokens, args.batch_new_tokens, args.repeats = 16, 6, 6, 1
         args.lab_prompts, args.lab_new_tokens = 2, 8
+    if args.fallback or args.pair:
+        given = set(sys.argv[1:]) | ({"--new_tokens", "--prompt_len"} if args.ci else set())
+        if "--batches" not in given:
+            args.batches = [1]
+        if "--new_tokens" not in given:
+            args.new_tokens = 32
+        if "--prompt_len" not in given:
+            args.prompt_len = 128
+        if "--repeats" not in given:
+            args.repeats = 3
+        if args.ci:
+            args.repeats = 1
+        return main_pair(args) if args.pair else main_fallback(args)
     t0 = time.perf_counter()
     lab_rows, traces = [], {}
     if (LAB / "small_tuned" / "final").is_dir():

@@ -46,6 +46,18 @@ def test_bench_speculative_ci(tmp_path):
     assert "t(k) ms" in out and "speculative K = 2" in out
 
 
+@pytest.mark.parametrize("part", ["--fallback", "--pair"])
+def test_bench_speculative_fallback_and_pair_ci(tmp_path, part):
+    """Parts 4 and 5 (issue 29): the adaptive default next to k = 2, the plain loop and L alone; a LoRA S_tuned
+    paired with S next to two forwards."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_speculative.py"), part, "--ci", "--no_record"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert RATIO.search(res.stdout), res.stdout
+    expected = "default (adaptive)" if part == "--fallback" else "one paired forward"
+    assert expected in res.stdout and "plain steered loop" in res.stdout
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_bench_quantized_ci(tmp_path):
     out = run_bench_ci("bench_quantized.py", tmp_path)
@@ -184,3 +196,9 @@ def test_results_md_has_one_section_per_script_in_the_fixed_order():
     recs = util._split_section(lab)[1]
     again = util.place_record(content, "steering_lab", "".join(recs[-1]))
     assert again == content
+
+
+@requires_shared
+def test_bench_server_ci(tmp_path):
+    out = run_bench_ci("bench_server.py", tmp_path)
+    assert "8 clients: total throughput" in out and "rows per decoded batch" in out

@@ -14,7 +14,14 @@ from scipy.stats import chi2
 from proxytune.evaluation.generation import generate_batch
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blend_logprobs, slice_vocab
 from proxytune.steering.decoding import NgramBlocker, left_pad, process_scores, steered_generate, warp_scores
-from proxytune.steering.speculative import RowState, SpeculativeStats, speculative_generate, uses_speculation
+from proxytune.steering.speculative import (
+    DraftSchedule,
+    RowState,
+    SpeculativeStats,
+    expected_tokens,
+    speculative_generate,
+    uses_speculation,
+)
 
 V = 300
 PAD, EOS = 1, 0
@@ -133,6 +140,72 @@ def test_greedy_float32_equals_the_plain_loop_on_these_prompts():
         assert torch.equal(spec[0], plain[0])
 
 
+# ---------------------------------------------------------------------------------------------
+# The adaptive draft length (DraftSchedule): follows the acceptance, falls back to plain steps
+# ---------------------------------------------------------------------------------------------
+def test_expected_tokens_is_the_mean_of_the_kept_prefix_plus_one():
+    a, k = 0.6, 3
+    # P(exactly i drafts kept) = a^i (1 - a) for i < k, a^k for i = k; the round emits i + 1 tokens.
+    mean = sum((i + 1) * a ** i * (1 - a) for i in range(k)) + (k + 1) * a ** k
+    assert expected_tokens(a, k) == pytest.approx(mean)
+    assert expected_tokens(0.0, 5) == 1 and expected_tokens(1.0, 4) == 5
+
+
+def drive(schedule: DraftSchedule, cost, agree: float, rounds: int) -> list[int]:
+    """Run `rounds` of the schedule where a round of k costs cost(k) seconds and every position agrees with
+    probability `agree` (as expected values: one observation per emitted token) -> the k chosen."""
+    chosen = []
+    for _ in range(rounds):
+        k = schedule.next_k()
+        chosen.append(k)
+        emitted = expected_tokens(agree, k)
+        schedule.observe(k, cost(k), [agree] * max(1, round(emitted)))
+    return chosen
+
+
+def test_schedule_falls_back_to_plain_steps_when_drafts_do_not_pay_and_returns_when_they_do():
+    cpu_like = lambda k: 1.0 + 1.0 * k  # noqa: E731  a forward of k + 1 tokens costs k + 1 times one
+    gpu_like = lambda k: 1.0 + 0.05 * k  # noqa: E731  about the same as one
+    never = drive(DraftSchedule(8), gpu_like, 0.0, 60)
+    assert never[0] == 0 and set(never[10:]) == {0}  # acceptance 0: plain steps, and no probe (it cannot pay)
+    costly = drive(DraftSchedule(8), cpu_like, 0.6, 200)
+    assert costly[20:].count(0) > 0.97 * 180  # drafts that cost more than they bring: plain, probing rarely
+    assert 0 < sum(k > 0 for k in costly[20:])  # ... but probing
+    eager = drive(DraftSchedule(8), gpu_like, 0.95, 40)
+    assert eager[-1] >= 7 and 0 not in eager[10:]  # cheap drafts, high acceptance: long ones (7 and 8 near-tie)
+    # Drafts whose cost grows slower than their count (a CPU's k + 1-token forward): lengths tried one above the
+    # measured ones at an optimistic price, so the best (k = 4 here) is found.
+    sublinear = [1, 2.1, 2.55, 3.3, 4.1, 5, 6, 7, 8]
+    assert drive(DraftSchedule(8), lambda k: sublinear[k], 1.0, 30)[-1] == 4
+    moderate = drive(DraftSchedule(8), gpu_like, 0.5, 40)
+    assert set(moderate[15:]) <= {1, 2, 3}  # E/c peaks at k = 2 here (1.75 / 1.1 vs 1.5 / 1.05, 1.875 / 1.15)
+    # The agreement changes mid-way: from plain steps back to drafting, from the free observations of plain steps.
+    schedule = DraftSchedule(8)
+    first = drive(schedule, gpu_like, 0.0, 20)
+    later = drive(schedule, gpu_like, 0.9, 20)
+    assert first[-1] == 0 and later[-1] > 1
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("name", ["proxy-tuning", "mostly-draft", "draft-only"])
+@pytest.mark.parametrize("drafts_cost", [0.05, 1.0])
+def test_adaptive_greedy_equals_the_plain_loop_whichever_way_it_goes(models64, name, drafts_cost):
+    """The schedule's clock is the price of the rounds run so far (a round of k: 1 + drafts_cost * k), so its
+    choices are fixed; whatever they are, the tokens are the plain loop's."""
+    stats = SpeculativeStats()
+    schedule = DraftSchedule(8, clock=lambda: sum(1 + drafts_cost * k for _, k, _ in stats.batch_rounds))
+    plain = run(steered_generate, models64, PROMPTS, BLENDS[name], max_new_tokens=24)
+    spec = run(speculative_generate, models64, PROMPTS, BLENDS[name], max_new_tokens=24, schedule=schedule,
+               stats=stats)
+    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    drafting = [k for _, k, _ in stats.batch_rounds[1:]]
+    if name == "draft-only" and drafts_cost < 1:
+        assert 0 not in drafting and max(drafting) > 2  # every draft kept: longer and longer drafts
+    if name == "proxy-tuning" or (drafts_cost == 1.0 and name != "draft-only"):
+        # disagreeing drafts, or drafts that cost what their tokens would (at acceptance 1 that is a tie)
+        assert stats.plain_steps > len(stats.batch_rounds) / 2
+
+
 def test_row_state_takes_back_pushed_tokens():
     prompt = torch.tensor([5, 6, 7, 5])
     state = RowState(prompt, 20, repetition_penalty=2.0, no_repeat_ngram_size=2)
@@ -203,7 +276,10 @@ def chi_square_p(counts: dict[tuple, int], dist: dict[tuple, float], n: int) -> 
     return float(chi2.sf(stat, len(expected) - 1))
 
 
-def test_speculative_sampling_has_the_blends_distribution():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_speculative_sampling_has_the_blends_distribution(adaptive):
+    """Fixed k = 2, and the adaptive schedule (a plain step, then drafting rounds: its choices depend on what was
+    decoded before, so each token is still distributed as the blend's)."""
     models = tiny_models(torch.float64, vocab=SV, padded=SV + 3, sharpen=3.0)
     blend = Blend(1.0, 1.0, 0.6, plausibility_top_p=0.95)
     prompt = [2, 3, 4]
@@ -216,10 +292,14 @@ def test_speculative_sampling_has_the_blends_distribution():
     n = 1500
     ids, mask = left_pad([prompt] * n, PAD)
     stats = SpeculativeStats()
+    schedule = DraftSchedule(8, clock=lambda: sum(1 + 0.05 * k for _, k, _ in stats.batch_rounds)) if adaptive \
+        else None
     tokens, ended = speculative_generate(
         models[LARGE], models[SMALL_BASE], models[SMALL_TUNED], ids, mask, blend, max_new_tokens=N_NEW,
         eos_token_id=EOS, pad_token_id=-1, vocab_size=SV, generator=torch.Generator().manual_seed(0),
-        draft_tokens=2, stats=stats, **SAMPLE)
+        draft_tokens=2, stats=stats, schedule=schedule, **SAMPLE)
+    if adaptive:
+        assert stats.plain_steps >= 1 and stats.drafted > 0  # both kinds of round ran
     counts: dict[tuple, int] = {}
     for row in tokens.tolist():
         key = tuple(itertools.takewhile(lambda t: t != -1, row))
@@ -249,7 +329,7 @@ def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_d
     argv = [*model_flags(tiny_model_dirs), "--alpha", "1.0", "--prompt", "Strong results. Accept.",
             "--max_new_tokens", "10"]  # leads of 2e-2 and more ('Good paper. Weak baselines.': a step leads by 1e-4)
     fast = run_main(argv)
-    assert len(calls) == 1 and calls[0]["draft_tokens"] == 2
+    assert len(calls) == 1 and calls[0]["draft_tokens"] is None  # the default: adaptive (DraftSchedule)
     plain_logps = []  # the plain loop's blended log-probs: the float32 models' leads (conftest's exactness note)
     plain_loop = speculative.steered_generate
 
@@ -264,6 +344,8 @@ def test_one_prompt_decodes_speculatively_and_the_flag_turns_it_off(tiny_model_d
     assert len(calls) == 1 and fast[0]["generation"] == plain[0]["generation"]
     run_main([*argv, "--draft_tokens", "0"])
     assert calls[-1]["draft_tokens"] is None  # 0 = adaptive
+    assert run_main([*argv, "--draft_tokens", "2"])[0]["generation"] == plain[0]["generation"]
+    assert calls[-1]["draft_tokens"] == 2
 
 
 

@@ -42,28 +42,117 @@ def test_unknown_stage_is_refused():
         lab_args("--redo", "pretrain")
 
 
-def test_headline_matches_hand_computation():
-    """Two papers of 10 tokens each. NLL per token: L 3.0, L_tuned 2.0, steered 2.5 -> half the gap closed;
-    ROUGE-L: L 10, L_tuned 30, steered 25 -> 75%."""
-    def system(nll_per_token: float, rouge: float) -> dict:
-        return {"nll": np.array([nll_per_token * 10] * 2), "tokens": np.array([10.0, 10.0]),
-                "rouge1": np.full(2, rouge), "rouge2": np.full(2, rouge), "rougeL": np.full(2, rouge),
-                "new_tokens": np.array([5.0, 7.0]), "words": np.array([4.0, 6.0]), "eos": np.array([1.0, 0.0]),
-                "repetition": np.array([0.0, 0.5])}
+def hand_system(nll_per_token: float, rouge: float) -> dict:
+    """Two papers of 10 tokens each, the same scores on both (so every bootstrap resample gives the same value)."""
+    return {"nll": np.array([nll_per_token * 10] * 2), "tokens": np.array([10.0, 10.0]),
+            "rouge1": np.full(2, rouge), "rouge2": np.full(2, rouge), "rougeL": np.full(2, rouge),
+            "new_tokens": np.array([5.0, 7.0]), "words": np.array([4.0, 6.0]), "eos": np.array([1.0, 0.0]),
+            "repetition": np.array([0.0, 0.5])}
 
-    per_system = {"S": system(3.5, 5), "S_tuned": system(2.8, 20), "L": system(3.0, 10), "L_tuned": system(2.0, 30),
-                  "steered L, alpha=1": system(2.5, 25), "steered L, tuned blend": system(3.2, 15)}
+
+def test_headline_matches_hand_computation():
+    """NLL per token: L 3.0, L_tuned 2.0, steered 2.5 -> half the L gap closed; S_tuned 2.8 -> gain over the expert
+    (2.8 - 2.5) / (2.8 - 2.0) = 0.375. ROUGE-L: L 10, L_tuned 30, steered 25 -> 75% closed; S_tuned 20 -> gain
+    (20 - 25) / (20 - 30) = 0.5. The tuned blend (3.2, 15) is worse than S_tuned: gains -0.5 and -0.5."""
+    per_system = {"S": hand_system(3.5, 5), "S_tuned": hand_system(2.8, 20), "L": hand_system(3.0, 10),
+                  "L_tuned": hand_system(2.0, 30), "steered L, alpha=1": hand_system(2.5, 25),
+                  "steered L, tuned blend": hand_system(3.2, 15)}
     out = steering_lab.analyse(per_system, samples=50, seed=0)
     h = out["headline"]["steered L, alpha=1"]
     assert h["gap_closed_nll"]["mean"] == pytest.approx(0.5)
     assert h["gap_closed_rougeL"]["mean"] == pytest.approx(0.75)
+    assert h["gain_over_expert_nll"]["mean"] == pytest.approx(0.375)
+    assert h["gain_over_expert_rougeL"]["mean"] == pytest.approx(0.5)
+    assert h["expert_gap_nll"]["mean"] == pytest.approx(0.8) and h["expert_gap_rougeL"]["mean"] == pytest.approx(10)
     assert h["nll_gain_vs_S_tuned"]["mean"] == pytest.approx(0.3)
-    assert h["beats_all_nll"] and h["beats_all_rougeL"]
+    assert h["beats_all_nll"] and h["beats_all_rougeL"] and h["beats_expert_nll"] and h["beats_expert_rougeL"]
     worse = out["headline"]["steered L, tuned blend"]
     assert worse["gap_closed_nll"]["mean"] == pytest.approx(-0.2)
+    assert worse["gain_over_expert_nll"]["mean"] == pytest.approx(-0.5)
+    assert worse["gain_over_expert_rougeL"]["mean"] == pytest.approx(-0.5)
     assert not worse["beats_all_nll"] and not worse["beats_all_rougeL"]
+    assert not worse["beats_expert_nll"] and not worse["beats_expert_rougeL"]
     assert out["systems"]["L"]["perplexity"]["mean"] == pytest.approx(math.exp(3.0))
     assert out["systems"]["S"]["eos"]["mean"] == pytest.approx(0.5)
+
+    lines = "\n".join(steering_lab.headline_lines({d: out for d in steering_lab.DECODINGS}))
+    assert lines.count("**does not beat S_tuned on NLL** (it is worse)") == len(steering_lab.DECODINGS)
+    assert "gain over expert (NLL) 37% [37, 37] (target >= 50%: missed by 1" in lines  # 37.5%, shown rounded
+    assert "gain over expert (ROUGE-L) 50% [50, 50] (target >= 50%: met)" in lines
+    assert "gap closed (NLL) 50% [50, 50] (target >= 90%: missed by 40 points)" in lines
+
+
+def test_gain_over_expert_is_undefined_when_l_tuned_does_not_beat_s_tuned():
+    """A share of a gap that is 0 or reversed means nothing: L_tuned worse than S_tuned on NLL (2.9 vs 2.8) and tied
+    on ROUGE-L leaves the gain over the expert undefined (NaN), said so in words, while the plain differences from
+    S_tuned still decide whether steering beats it."""
+    per_system = {"S": hand_system(3.5, 5), "S_tuned": hand_system(2.8, 20), "L": hand_system(3.0, 10),
+                  "L_tuned": hand_system(2.9, 20), "steered L, alpha=1": hand_system(2.7, 22),
+                  "steered L, tuned blend": hand_system(2.8, 19)}
+    out = steering_lab.analyse(per_system, samples=50, seed=0)
+    h = out["headline"]["steered L, alpha=1"]
+    assert math.isnan(h["gain_over_expert_nll"]["mean"]) and math.isnan(h["gain_over_expert_rougeL"]["mean"])
+    assert h["expert_gap_nll"]["mean"] == pytest.approx(-0.1)
+    assert h["beats_expert_nll"] and h["beats_expert_rougeL"]  # better than S_tuned all the same
+    assert h["gap_closed_nll"]["mean"] == pytest.approx(3.0)  # (3.0 - 2.7) / (3.0 - 2.9): defined, L_tuned beats L
+    tied = out["headline"]["steered L, tuned blend"]
+    assert not tied["beats_expert_nll"] and not tied["beats_expert_rougeL"]  # a tie is not a win
+    line = steering_lab.verdict_lines(out)[0]
+    assert line.count("undefined: L_tuned is no better than S_tuned") == 2  # on NLL and on ROUGE-L
+    tied_line = steering_lab.verdict_lines(out)[1]
+    assert "**does not beat S_tuned on NLL** (0.000" in tied_line  # a tie: not beaten, and not 'it is worse'
+    assert "**does not beat S_tuned on ROUGE-L** (it is worse) (-1.0" in tied_line
+
+
+def test_gain_over_expert_interval_is_a_paired_bootstrap():
+    """Against a reference computed by hand from the same resamples: per resample, the corpus NLL per token of each
+    system on the same papers, then the share; the interval is its 2.5th and 97.5th percentiles."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 40, size=30).astype(float)
+    per_system = {}
+    for name, level in (("S", 3.6), ("S_tuned", 2.9), ("L", 3.2), ("L_tuned", 2.3), ("steered L, alpha=1", 2.6),
+                        ("steered L, tuned blend", 2.7)):
+        s = hand_system(level, 10.0)
+        per_paper = level + rng.normal(0, 0.3, size=30)
+        s.update(nll=per_paper * tokens, tokens=tokens, rougeL=rng.uniform(5, 30, size=30))
+        for key in ("rouge1", "rouge2", "new_tokens", "words", "eos", "repetition"):
+            s[key] = np.zeros(30)
+        per_system[name] = s
+    out = steering_lab.analyse(per_system, samples=400, seed=3)
+    idx = np.random.default_rng(3).integers(0, 30, size=(400, 30))
+    corpus = {n: s["nll"][idx].sum(1) / s["tokens"][idx].sum(1) for n, s in per_system.items()}
+    ratio = (corpus["S_tuned"] - corpus["steered L, alpha=1"]) / (corpus["S_tuned"] - corpus["L_tuned"])
+    ratio = np.where(corpus["S_tuned"] - corpus["L_tuned"] > 0, ratio, np.nan)
+    got = out["headline"]["steered L, alpha=1"]["gain_over_expert_nll"]
+    assert got["ci_low"] == pytest.approx(np.nanpercentile(ratio, 2.5))
+    assert got["ci_high"] == pytest.approx(np.nanpercentile(ratio, 97.5))
+    point = {n: s["nll"].sum() / s["tokens"].sum() for n, s in per_system.items()}
+    assert got["mean"] == pytest.approx((point["S_tuned"] - point["steered L, alpha=1"])
+                                        / (point["S_tuned"] - point["L_tuned"]))
+
+
+def test_default_checks_compare_decodings_and_the_tuned_blend_paired():
+    """Steered alpha = 1 scores 25 with the 3-gram ban and 20 greedy: +5, the ban better; the tuned blend ties alpha = 1
+    under the ban on one paper and trails by 4 on the other: -2, an interval that spans 0 (no clear difference)."""
+    fair = {name: hand_system(3.0, 10) for name in ("S", "S_tuned", "L", "L_tuned")}
+    greedy = {name: hand_system(3.0, 10) for name in fair}
+    fair["steered L, alpha=1"], greedy["steered L, alpha=1"] = hand_system(2.5, 25), hand_system(2.5, 20)
+    fair["steered L, tuned blend"] = {**hand_system(2.5, 0), "rougeL": np.array([25.0, 21.0])}
+    greedy["steered L, tuned blend"] = hand_system(2.5, 20)
+    checks = steering_lab.default_checks({"no_repeat_3": fair, "greedy": greedy}, samples=200, seed=0)
+    ban = checks["steered L, alpha=1: greedy, no_repeat_ngram_size 3 - greedy"]
+    assert (ban["mean"], ban["ci_low"], ban["ci_high"]) == (5.0, 5.0, 5.0)
+    tuned = checks["steered L, tuned blend - steered L, alpha=1, greedy, no_repeat_ngram_size 3"]
+    assert tuned["mean"] == pytest.approx(-2.0) and tuned["ci_low"] == pytest.approx(-4.0) and tuned["ci_high"] == 0
+    lines = steering_lab.check_lines(checks)
+    assert lines[2] == ("- steered L, alpha=1: greedy, no_repeat_ngram_size 3 - greedy: +5.0 [+5.0, +5.0]: the first "
+                        "is better.")
+    assert lines[-1].endswith("[-4.0, +0.0]: no clear difference.")
+
+
+def test_share_is_nan_where_the_gap_is_not_positive():
+    got = steering_lab.share(np.array([1.0, 1.0, 1.0, -1.0]), np.array([2.0, 0.0, -1.0, 4.0]))
+    assert got[0] == 0.5 and got[3] == -0.25 and np.isnan(got[1]) and np.isnan(got[2])
 
 
 @requires_lab_data
@@ -75,16 +164,34 @@ def test_smoke_lab_end_to_end_cached_redo_and_test_file(tmp_path):
     results = work / "RESULTS.md"
     assert results.read_text().count("## Steering lab (smoke, MReD test split)") == 1
     assert (work / "eval" / "test" / "steering_lab.png").stat().st_size > 0
-    analysis = summary["analysis"]
-    assert list(analysis["systems"]) == [label for label, _, _ in steering_lab.SYSTEMS]
-    assert analysis["n_papers"] == steering_lab.PROFILES["smoke"].test_examples
-    for name, s in analysis["systems"].items():
-        for metric in ("nll", "perplexity", "rouge1", "rouge2", "rougeL", "new_tokens", "eos", "repetition"):
-            assert math.isfinite(s[metric]["mean"]), (name, metric)
-    rouge_tie = analysis["systems"]["L"]["rougeL"]["mean"] == analysis["systems"]["L_tuned"]["rougeL"]["mean"]
-    for h in analysis["headline"].values():
-        assert math.isfinite(h["gap_closed_nll"]["mean"])
-        assert math.isfinite(h["gap_closed_rougeL"]["mean"]) or rouge_tie  # 0 / 0 only when L and L_tuned tie
+    # Every system under both decodings, the fair one (no_repeat_ngram_size 3) the headline.
+    analyses = summary["analyses"]
+    assert list(analyses) == list(steering_lab.DECODINGS) and summary["headline_decoding"] == "no_repeat_3"
+    for decoding, analysis in analyses.items():
+        assert list(analysis["systems"]) == [label for label, _, _ in steering_lab.SYSTEMS]
+        assert analysis["n_papers"] == steering_lab.PROFILES["smoke"].test_examples
+        for name, s in analysis["systems"].items():
+            for metric in ("nll", "perplexity", "rouge1", "rouge2", "rougeL", "new_tokens", "eos", "repetition"):
+                assert math.isfinite(s[metric]["mean"]), (decoding, name, metric)
+        systems = analysis["systems"]
+        for h in analysis["headline"].values():
+            for m in ("nll", "rougeL"):  # a share is defined exactly when its gap is positive
+                sign = -1 if m == "nll" else 1
+                l_gap = sign * (systems["L_tuned"][m]["mean"] - systems["L"][m]["mean"])
+                expert_gap = sign * (systems["L_tuned"][m]["mean"] - systems["S_tuned"][m]["mean"])
+                assert math.isfinite(h[f"gap_closed_{m}"]["mean"]) == (l_gap > 0), (decoding, m)
+                assert math.isfinite(h[f"gain_over_expert_{m}"]["mean"]) == (expert_gap > 0), (decoding, m)
+    analysis = analyses["no_repeat_3"]
+    # NLL is teacher-forced: the same whatever the decoding; the generations differ.
+    assert analysis["systems"]["S_tuned"]["nll"] == analyses["greedy"]["systems"]["S_tuned"]["nll"]
+    for run in steering_lab.EVAL_RUNS:
+        rows = [(work / "eval" / "test" / d / run / "predictions.jsonl").read_text() for d in steering_lab.DECODINGS]
+        assert all(rows)
+    text = results.read_text()
+    assert "ROUGE-L [95% CI], greedy, no_repeat_ngram_size 3" in text and "ROUGE-L [95% CI], greedy |" in text
+    assert "**Headline: what steering adds**" in text and "Gain over the expert" in text
+    assert "**L against S on general text**" in text and "pythia-410m 10.83 (loss 2.38" in text
+    assert "**The tuner and the default decoding, checked on the test papers**" in text and len(summary["checks"]) == 3
     # The alpha curve (score_targets on evaluation.py's prompts) reproduces evaluation.py's steered NLL.
     assert summary["alpha_curve_nll_at_1"] == pytest.approx(analysis["systems"]["steered L, alpha=1"]["nll"]["mean"],
                                                             abs=1e-4)
@@ -92,11 +199,16 @@ def test_smoke_lab_end_to_end_cached_redo_and_test_file(tmp_path):
     commands = (work / "commands.sh").read_text()
     for script in ("processing_meta_review.py", "fine_tune.py", "steer.py", "evaluation.py"):
         assert f"python {script} " in commands
+    tune = next(line for line in commands.splitlines() if line.startswith("python steer.py"))
+    assert "--tune" in tune and "--no_repeat_ngram_size 3" in tune  # the tuner chooses under the fair decoding
+    evaluations = [line for line in commands.splitlines() if line.startswith("python evaluation.py")]
+    assert len(evaluations) == 2 * len(steering_lab.EVAL_RUNS)
+    assert sum("--no_repeat_ngram_size 3" in line for line in evaluations) == len(steering_lab.EVAL_RUNS)
 
     # Everything cached: only the report is rebuilt, with the same numbers.
     again = steering_lab.main(args)
     assert all(t["cached"] for t in again["stages"].values())
-    assert json.dumps(again["analysis"], sort_keys=True) == json.dumps(analysis, sort_keys=True)  # NaN-safe
+    assert json.dumps(again["analyses"], sort_keys=True) == json.dumps(analyses, sort_keys=True)  # NaN-safe
     assert results.read_text().count("## Steering lab (smoke, MReD test split)") == 1  # a re-run replaces its record
 
     # --redo reruns that stage and the later ones only.
@@ -110,7 +222,7 @@ def test_smoke_lab_end_to_end_cached_redo_and_test_file(tmp_path):
     checked = steering_lab.main(lab_args("--smoke", "--work_dir", str(work), "--test_file", str(other),
                                          "--num_test_examples", "4"))
     assert [n for n, t in checked["stages"].items() if not t["cached"]] == ["evaluate", "alpha_curve"]
-    assert checked["analysis"]["n_papers"] == 4
+    assert all(a["n_papers"] == 4 for a in checked["analyses"].values())
     assert "--test_file" in results.read_text()
 
     # A cached stage made with other settings is refused rather than silently reused.
@@ -159,11 +271,11 @@ def test_preset_arguments_for_a_large_l(tmp_path):
 
 @requires_lab_data
 def test_default_lab_keeps_its_stage_keys():
-    """With ../shared present and no new flag, the stages' settings (their cache keys) are what they were before
-    --corpus/--task_data/--preset existed, so a cached lab is reused, not retrained."""
+    """With ../shared present and no new flag, the stages' settings (their cache keys) are the shared sources' and
+    the full profile's, with no key for --corpus/--task_data/--preset, so a cached lab is reused, not retrained."""
     lab = steering_lab.resolve_lab(lab_args("--threads", "1", "--redo", "tune"))
     assert (lab.corpus, lab.task_data, lab.device) == (str(steering_lab.IMDB), str(steering_lab.MRED), "cpu")
-    assert steering_lab.corpus_settings(lab) == {"rows": 4500, "seed": 42}
+    assert steering_lab.corpus_settings(lab) == {"rows": steering_lab.PROFILES["full"].corpus_rows, "seed": 42}
     assert not lab.uses_hub
     assert steering_lab.processing_arguments(lab)[:2] == ["--dataset_name", str(steering_lab.MRED)]
     for size in ("small", "large"):
@@ -249,10 +361,26 @@ def test_pythia_preset_smoke_on_the_simulated_hub(lab_hub, tmp_path):
     assert report["models"]["L"]["pretrained"] == "EleutherAI/pythia-410m"
     assert report["models"]["L"]["non_embedding"] > report["models"]["S"]["non_embedding"]
     assert report["models"]["S_tuned"]["steps"] > 0 and report["models"]["L_tuned"]["steps"] > 0
-    analysis = report["analysis"]
+    analysis = report["analyses"][report["headline_decoding"]]
     assert list(analysis["systems"]) == [label for label, _, _ in steering_lab.SYSTEMS] and analysis["n_papers"] == 6
     assert report["alpha_curve_nll_at_1"] == pytest.approx(analysis["systems"]["steered L, alpha=1"]["nll"]["mean"],
                                                            abs=1e-4)
     results = (work / "RESULTS.md").read_text()
     assert "## Steering lab (pythia-70m + pythia-410m, smoke, zqz979/meta-review test split)" in results
     assert "pretrained (Pythia, 300B Pile tokens)" in results
+
+
+def test_lab_sizing_counts_parameters_as_the_formula_and_runs():
+    """bench/lab_sizing.py: a GPT-NeoX layer has 12 d^2 + 13 d non-embedding parameters (QKV 3d^2 + 3d, output d^2 + d,
+    MLP 8d^2 + 5d, two LayerNorms 4d) plus the final LayerNorm's 2d; the embedding and the output layer are d x vocab
+    each. Its --ci run measures two tiny shapes end to end."""
+    import lab_sizing
+
+    for hidden, layers, heads in ((64, 2, 4), (256, 4, 4)):
+        non_embedding, total = lab_sizing.parameters(lab_sizing.build(hidden, layers, heads, context=64))
+        assert non_embedding == layers * (12 * hidden**2 + 13 * hidden) + 2 * hidden
+        assert total == non_embedding + 2 * hidden * lab_sizing.VOCAB
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "lab_sizing.py"), "--ci", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [line.split(":")[0] for line in res.stdout.splitlines()] == list(lab_sizing.CI_SHAPES)

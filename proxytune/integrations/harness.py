@@ -67,7 +67,7 @@ class SteeredLM(TemplateLM):
 
     def __init__(self, steered: SteeredModel | None = None, *, blend: str | None = None, alpha: float | None = None,
                  batch_size: int | str | None = DEFAULT_BATCH_SIZE, max_batch_size: int | None = None,
-                 device: str | None = None, speculative: bool = True, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                 device: str | None = None, speculative: bool = True, draft_tokens: int | None = DEFAULT_DRAFT_TOKENS,
                  seed: int = 1234, **flags: Any):
         super().__init__()
         unknown = [k for k in flags if k not in MODEL_FLAGS and k not in BLEND_FIELDS]

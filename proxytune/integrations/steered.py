@@ -71,13 +71,34 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[int, list[int]], bool] | None:
-    """The decoders' `stop` hook for stop sequences: a row ends once its decoded text holds one. The whole row is
-    decoded each step (a multi-byte character split over tokens decodes right only whole); None without stops."""
-    stop = [s for s in stop if s]
-    if not stop:
+def stop_checker(tokenizer, stops: Sequence[Sequence[str]], limits: Sequence[int] | None = None
+                 ) -> Callable[[int, list[int]], bool] | None:
+    """The decoders' `stop` hook: row r ends once its decoded text holds one of `stops[r]` or once it has
+    `limits[r]` tokens (rows of one batch may ask for different lengths). The whole row is decoded each step (a
+    multi-byte character split over tokens decodes right only whole); None when no row needs the hook."""
+    stops = [[s for s in row if s] for row in stops]
+    ragged = limits is not None and len(set(limits)) > 1
+    if not any(stops) and not ragged:
         return None
-    return lambda row, tokens: cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)[1]
+
+    def stop(row: int, tokens: list[int]) -> bool:
+        if ragged and len(tokens) >= limits[row]:
+            return True
+        return bool(stops[row]) and cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops[row])[1]
+
+    return stop
+
+
+@dataclass
+class TokenLogprobs:
+    """The blend's log-prob of each target token given everything before it, and the `top` most likely tokens at
+    each position as (token id, log-prob), most likely first."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+ROWS_PER_SCORING_PASS = 2**27  # log-prob values (V per target token) one token_logprobs pass keeps: 512 MB in float32
 
 
 @dataclass
@@ -111,27 +132,34 @@ class SteeredModel:
     def describe(self) -> str:
         return f"{self.blend.describe()} ({describe_blend(self.blend)})"
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop: Sequence[str] = (),
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                 stop: Sequence[str] = (), row_stops: Sequence[Sequence[str]] | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None) -> list[Completion]:
         """Decode one batch of token-id prompts (each non-empty) under the blend, speculatively where
-        `decode_steered` says so; a row ends at EOS, at a stop sequence or after max_new_tokens."""
+        `decode_steered` says so; a row ends at EOS, at a stop sequence or after max_new_tokens. `max_new_tokens`
+        is one length for every row or one per row (each >= 1); `row_stops`, one list of stop sequences per row,
+        replaces `stop` (the same for every row)."""
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        stops = [list(stop)] * len(prompts) if row_stops is None else [list(s) for s in row_stops]
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)  # (B, T)
         tokens, ended = decode_steered(
             self.models[LARGE], self.models[SMALL_BASE], self.models[SMALL_TUNED], ids.to(self.device),
-            mask.to(self.device), self.blend, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            mask.to(self.device), self.blend, max_new_tokens=max(limits), eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, vocab_size=self.vocab_size, do_sample=do_sample,
             temperature=temperature, top_p=top_p, generator=generator, speculative=self.speculative,
-            draft_tokens=self.draft_tokens, stop=stop_checker(self.tokenizer, stop))
+            draft_tokens=self.draft_tokens, stop=stop_checker(self.tokenizer, stops, limits))
         out = []
-        for row, eos in zip(tokens.tolist(), ended.tolist()):
-            # A row that ended early is padded; one that stopped may hold tokens past the stop (a speculative round
-            # emits several): keep the tokens up to EOS, else up to the first one that completes a stop sequence.
-            row = row[:row.index(self.tokenizer.eos_token_id)] if eos else row
-            text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stop)
+        for row, eos, limit, row_stop in zip(tokens.tolist(), ended.tolist(), limits, stops):
+            # A row that ended early is padded; one that stopped may hold tokens past the stop or its own limit (a
+            # speculative round emits several): keep the tokens up to EOS (if within the limit), else up to the
+            # limit, then up to the first token that completes a stop sequence.
+            eos = eos and row.index(self.tokenizer.eos_token_id) < limit
+            row = row[:row.index(self.tokenizer.eos_token_id)] if eos else row[:limit]
+            text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), row_stop)
             if stopped:
                 row = row[:next(k for k in range(1, len(row) + 1) if cut_at_stop(
-                    self.tokenizer.decode(row[:k], skip_special_tokens=True), stop)[1])]
+                    self.tokenizer.decode(row[:k], skip_special_tokens=True), row_stop)[1])]
             out.append(Completion(row, text, "stop" if eos or stopped else "length"))
         return out
 
@@ -150,6 +178,37 @@ class SteeredModel:
         misses = torch.zeros(len(prompts), dtype=torch.long).index_add_(0, result["example_index"].cpu(),
                                                                          missed.long().cpu())
         return logprobs, (misses == 0).tolist()
+
+
+    def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                       top: int = 0) -> list[TokenLogprobs]:
+        """Teacher-forced, per token: the blend's log-prob of each target token given its prompt and the target
+        before it (the rows score() sums), and the `top` most likely tokens there. Prompts and targets non-empty;
+        the rows are scored in passes that keep at most ROWS_PER_SCORING_PASS values."""
+        out: list[TokenLogprobs] = []
+        per_pass = max(1, ROWS_PER_SCORING_PASS // self.vocab_size)  # target tokens scored per pass
+        start = 0
+        while start < len(prompts):
+            end, rows = start + 1, len(targets[start])
+            while end < len(prompts) and rows + len(targets[end]) <= per_pass:
+                rows += len(targets[end])
+                end += 1
+            result = score_targets(self.models, [list(p) for p in prompts[start:end]],
+                                   [list(t) for t in targets[start:end]], vocab_size=self.vocab_size,
+                                   batch_size=end - start, blend=self.blend, keep_logprobs=("blend",),
+                                   pad_token_id=self.tokenizer.pad_token_id, show_progress=False)
+            logps, chosen = result["logprobs/blend"], result["targets"]  # (R, V), (R,)
+            chosen_logp = logps.gather(-1, chosen[:, None])[:, 0].tolist()  # (R,)
+            best = logps.topk(min(top, self.vocab_size), dim=-1) if top else None  # (R, top)
+            rows_of: dict[int, list[int]] = {}  # example -> its rows, in target order (as score_targets keeps them)
+            for r, example in enumerate(result["example_index"].tolist()):
+                rows_of.setdefault(example, []).append(r)
+            top_ids, top_logps = (best.indices.tolist(), best.values.tolist()) if best is not None else ([], [])
+            for i in range(end - start):
+                out.append(TokenLogprobs([chosen_logp[r] for r in rows_of[i]],
+                                         [list(zip(top_ids[r], top_logps[r])) if top else [] for r in rows_of[i]]))
+            start = end
+        return out
 
 
 def load_steered(model_args: ModelArguments, blend: Blend, blend_file: str | None = None, speculative: bool = True,

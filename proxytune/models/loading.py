@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.hub import hub_model_of, hub_offline_reason, is_missing_local_path, not_cached_error
+from proxytune.models.adapters import attach_saved_adapters, is_bottleneck_dir, read_bottleneck_config
+from proxytune.models.nanogpt import convert_nanogpt, is_nanogpt_checkpoint
 from proxytune.models.quantization import (
     bnb_config,
     check_bitsandbytes,
@@ -34,6 +37,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     """
     from transformers import AutoTokenizer
 
+    if is_nanogpt_checkpoint(name_or_path):
+        raise UsageError(f"{flag} {name_or_path} is a nanoGPT checkpoint, which holds no tokenizer; pass "
+                         "--tokenizer_name (GPT-2's BPE, `gpt2`, for nanoGPT's default data), or convert it once with "
+                         "its tokenizer and pass the directory: python convert_nanogpt.py --checkpoint CKPT.pt "
+                         "--tokenizer_name TOKENIZER --output_dir DIR")
     if is_missing_local_path(name_or_path):
         raise UsageError(f"cannot load tokenizer '{name_or_path}': no such directory; pass a Hub id "
                          "(e.g. EleutherAI/pythia-70m) or a local directory with tokenizer.json")
@@ -100,11 +108,24 @@ def load_causal_lm(
     (merging would round its update into the 4-/8-bit grid); errors name the flag `{quantize_prefix}load_in_4bit`.
     `head` (config fields: num_labels, id2label, ...) loads a sequence classifier instead
     (proxytune/training/classification.py).
+    A nanoGPT `ckpt.pt` is converted to GPT-2 on the fly (proxytune/models/nanogpt.py; torch.load with
+    weights_only=True only). A bottleneck adapter directory (bottleneck_config.json, proxytune/models/adapters.py) is
+    loaded on its base model with the same arguments and stays separate (`merge_adapter` does not apply: it is
+    non-linear).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    if is_nanogpt_checkpoint(name_or_path):  # converted on the fly; convert_nanogpt.py writes it once, with a tokenizer
+        with tempfile.TemporaryDirectory() as tmp:
+            converted = convert_nanogpt(name_or_path, Path(tmp) / "gpt2")
+            return load_causal_lm(str(converted), dtype, device, trust_remote_code, merge_adapter, flag, quantize,
+                                  quantize_prefix, quantize_options, head)
+    if is_bottleneck_dir(name_or_path):
+        base = load_causal_lm(read_bottleneck_config(name_or_path).base_model_name_or_path, dtype, device,
+                              trust_remote_code, merge_adapter, flag, quantize, quantize_prefix, quantize_options, head)
+        return attach_saved_adapters(base, name_or_path, dtype=torch_dtype).eval()
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **(head or {}))
     if quantize:
         check_bitsandbytes(device, f"{quantize_prefix}load_in_{quantize}bit")

@@ -61,6 +61,68 @@ def evaluate_policy(model, tokenizer, papers: list[dict], max_length: int, max_n
             "reference_nll": float(nll["policy"].sum() / nll["n_tokens"].sum()) if scored else float("nan")}
 
 
+def sample_continuations(model, tokenizer, rows: list[dict], seed: int, batch_size: int = 16) -> list[dict]:
+    """One sampled continuation (temperature 1, no top-k/top-p: the policy's own distribution, as the rollouts) of
+    each row's prompt, `completion_length` new tokens at most, stopping at EOS. Seeded; the global RNG is left as it
+    was. -> [{id, prompt, completion, completion_ids, stopped_with_eos}]."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab_rows = model.get_output_embeddings().weight.shape[0]
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            enc = tokenizer([r["prompt"] for r in chunk], add_special_tokens=False, padding=True,
+                            padding_side="left", return_tensors="pt").to(device)
+            generated = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0,
+                                       max_new_tokens=max(r["completion_length"] for r in chunk),
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       suppress_tokens=list(range(len(tokenizer), vocab_rows)) or None)
+            for r, ids in zip(chunk, generated[:, enc["input_ids"].shape[1]:].tolist()):
+                ids = ids[:r["completion_length"]]
+                stopped = tokenizer.eos_token_id in ids
+                ids = ids[:ids.index(tokenizer.eos_token_id) + 1] if stopped else ids
+                out.append({"id": r["example_id"], "prompt": r["prompt"], "completion_ids": ids,
+                            "completion": tokenizer.decode(ids, skip_special_tokens=True), "stopped_with_eos": stopped})
+    model.train(was_training)
+    return out
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of `texts` (words): `distinct_n(["a a", "a b"], 1)` -> 0.5."""
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate_rewards(model, tokenizer, rows: list[dict], rewards: list, weights: list[float], classifier, seed: int,
+                     ) -> tuple[dict[str, float], list[dict]]:
+    """Held-out text prompts continued by sampling and scored: the weighted reward's mean, each reward's mean, the
+    share the classifier puts in --reward_label's class (positive_rate), distinct-1/2 and length (reward hacking shows
+    there first). -> (summary, the samples with their reward)."""
+    if not rows:
+        return {}, []
+    samples = sample_continuations(model, tokenizer, rows, seed)
+    prompts, texts = [s["prompt"] for s in samples], [s["completion"] for s in samples]
+    ids = [s["completion_ids"] for s in samples]
+    per_function = [function(prompts=prompts, completions=texts, completion_ids=ids) for function in rewards]
+    total = [sum(w * r[i] for w, r in zip(weights, per_function)) for i in range(len(samples))]
+    n = len(samples)
+    summary = {"examples": n, "reward": sum(total) / n,
+               **{f"reward_{getattr(f, '__name__', 'fn')}": sum(r) / n for f, r in zip(rewards, per_function)},
+               "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+               "new_tokens": sum(len(x) for x in ids) / n, "eos_rate": sum(s["stopped_with_eos"] for s in samples) / n}
+    if classifier is not None and classifier.label is not None:
+        summary["positive_rate"] = sum(classifier.is_label(classifier.texts(prompts, texts))) / n
+    for sample, reward in zip(samples, total):
+        sample["reward"] = reward
+        del sample["completion_ids"]
+    return summary, samples
+
+
 def pair_margins(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> list[float]:
     """log p(chosen | prompt) - log p(rejected | prompt) under `model`, per pair (summed over tokens)."""
     import torch

@@ -82,8 +82,11 @@ class SteerArguments:
                                 "(proxytune/steering/speculative.py: greedy output unchanged, sampling distribution "
                                 "unchanged, fewer L steps; batches too); false = the plain loop."})
     draft_tokens: int = field(
-        default=2, metadata={"help": "Tokens S_tuned drafts per speculative round (0 = adaptive, as HF assisted "
-                             "generation)."})
+        default=0, metadata={"help": "Tokens S_tuned drafts per speculative round. 0 = adaptive: each round's "
+                             "length follows S_tuned's measured agreement with the blend and the measured time "
+                             "of rounds, down to plain steered steps where drafts do not pay (so never much "
+                             "slower than --speculative false; seeded sampling then varies between runs, as the "
+                             "times do). K > 0: K every round (seeded sampling repeats)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts decoded together (also the --tune scoring batch)."})
     seed: int = field(default=42, metadata={"help": "Seed of sampling and of the --tune example draw and search."})
     output_dir: str | None = field(

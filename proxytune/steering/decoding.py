@@ -10,6 +10,7 @@ import torch
 from proxytune.foundation.errors import UsageError, raise_problems
 from proxytune.foundation.validation import decoding_problems
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blend_logprobs, nucleus_mask, slice_vocab
+from proxytune.steering.shared_base import forward_kwargs, pair_names, paired, paired_adapter, split_pair
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_cache_len: int):
+def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_cache_len: int,
+                 adapter_names: list[str] | None = None):
     """A StaticCache holding a LEFT-padded batch's prompts minus each row's last token, computed one row at a time.
 
     On CPU a batched prompt pass is slower than the same rows one at a time: padding is computed too, attention
@@ -42,6 +44,7 @@ def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
     what the cache has not seen (cache.get_seq_length() == T - 1), and so does ModelStream.
     Writes transformers 5's StaticLayer fields directly (keys, values, cumulative_length); tests/test_steer.py
     checks the result against a batched pass, so a library change shows there.
+    `adapter_names` (one per row): a paired S/S_tuned batch (steering/shared_base.py), each row run as its adapter.
     -> the cache, or None when there is nothing to prefill (T == 1).
     """
     from transformers import DynamicCache, StaticCache
@@ -56,7 +59,8 @@ def prefill_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
             continue
         # logits_to_keep=1: the output matrix sees one position (the logits are not used; the LM head is kept
         # in the call so that any wrapper, e.g. a PEFT model, runs as it would in generate()).
-        out = model(input_ids=prompt, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prompt, cache=DynamicCache(), use_cache=True, logits_to_keep=1,
+                    **forward_kwargs(None if adapter_names is None else adapter_names[row:row + 1]))
         end, t = width - 1, prompt.shape[1]
         for layer, computed in zip(cache.layers, out.cache.layers):
             keys, values = computed.keys, computed.values  # (1, heads, t, head_dim) each
@@ -86,8 +90,9 @@ class ModelStream:
     """One model's view of a batch being decoded: its KV cache, attention mask and positions, on its own device."""
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = True,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, adapter_names: list[str] | None = None):
         self.model, self.use_cache = model, use_cache
+        self.extra = forward_kwargs(adapter_names)  # a paired S/S_tuned batch: each row's adapter
         self.mask = attention_mask.to(model.device)  # (B, T) grows by one column per step
         self.positions = positions_from_mask(self.mask)  # (B, T)
         self.ids = input_ids.to(model.device)  # (B, T) the whole sequence without a cache, else the tokens not yet seen
@@ -100,7 +105,7 @@ class ModelStream:
             # model (bench/bench_evaluation.py: up to 3x a batched CPU step with long prompts). Same outputs.
             max_cache_len = input_ids.shape[1] + max_new_tokens
             if prefill_separately(model, self.ids):
-                self.cache = prefill_rows(model, self.ids, self.mask, max_cache_len)
+                self.cache = prefill_rows(model, self.ids, self.mask, max_cache_len, adapter_names)
                 if self.cache is not None:
                     self.ids = self.ids[:, -1:]  # (B, 1) the only column the cache has not seen
             if self.cache is None:
@@ -116,6 +121,7 @@ class ModelStream:
             cache=self.cache,
             use_cache=self.use_cache,
             logits_to_keep=1,  # only the last position: skips the (T, V) output matrix of the prompt
+            **self.extra,
         )
         if self.use_cache:
             self.cache = out.cache
@@ -261,7 +267,14 @@ def steered_generate(
     check_decoding_args(max_new_tokens, temperature, top_p, repetition_penalty, no_repeat_ngram_size)
     needed = models_to_run(large, small_base, small_tuned, input_ids, attention_mask, blend, max_new_tokens)
     device = large.device
-    streams = {role: ModelStream(model, input_ids, attention_mask, use_cache, max_new_tokens)
+    adapter = paired_adapter(small_base, small_tuned) if {SMALL_BASE, SMALL_TUNED} <= set(needed) else None
+    if adapter:  # S_tuned is a LoRA adapter on S's weights: one stream of 2B rows, S's then S_tuned's
+        del needed[SMALL_BASE]
+        needed[SMALL_TUNED] = small_tuned
+    streams = {role: ModelStream(model, *((paired(input_ids), paired(attention_mask)) if adapter and
+                                          role == SMALL_TUNED else (input_ids, attention_mask)),
+                                 use_cache, max_new_tokens,
+                                 pair_names(adapter, input_ids.shape[0]) if adapter and role == SMALL_TUNED else None)
                for role, model in needed.items()}
 
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -280,6 +293,8 @@ def steered_generate(
     n_steps = 0
     for step in range(max_new_tokens):
         logps = {role: stream.next_logprobs(vocab_size, device) for role, stream in streams.items()}  # each (B, V)
+        if adapter:
+            logps[SMALL_BASE], logps[SMALL_TUNED] = split_pair(logps[SMALL_TUNED])  # (2B, V) -> (B, V) each
         logp = blend_logprobs(logps.get(LARGE), logps.get(SMALL_TUNED), logps.get(SMALL_BASE), blend)  # (B, V)
         if return_logprobs:
             history.append(logp)
@@ -306,8 +321,8 @@ def steered_generate(
         if bool(finished.all()):
             break
         if step + 1 < max_new_tokens:
-            for stream in streams.values():
-                stream.append(next_tokens)
+            for role, stream in streams.items():
+                stream.append(paired(next_tokens) if adapter and role == SMALL_TUNED else next_tokens)
     new_tokens = new_tokens[:, :n_steps]
     if return_logprobs:
         return new_tokens, ended_with_eos, torch.stack(history, dim=1)  # (B, N, V)

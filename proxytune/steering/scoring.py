@@ -12,6 +12,7 @@ import torch
 from proxytune.foundation.progress import progress_bar
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blend_logprobs, mix_logprobs, slice_vocab
 from proxytune.steering.decoding import left_pad, model_context, positions_from_mask
+from proxytune.steering.shared_base import forward_kwargs, pair_names, paired, paired_adapter, split_pair
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +57,8 @@ def score_targets(
     if blend is not None and not {LARGE, SMALL_TUNED, SMALL_BASE} <= set(models):
         raise ValueError(f"scoring a blend needs models {LARGE}, {SMALL_TUNED}, {SMALL_BASE}; got {sorted(models)}")
     cache_device = torch.device(cache_device or next(iter(models.values())).device)
+    # S_tuned a LoRA adapter on S's weights: one forward of 2B rows serves both (steering/shared_base.py).
+    adapter = paired_adapter(models.get(SMALL_BASE), models.get(SMALL_TUNED))
 
     result = {name: torch.zeros(n, dtype=torch.float64) for name in [*models, *(["blend"] if blend else [])]}
     result["n_tokens"] = torch.tensor([len(t) for t in target_ids], dtype=torch.long)
@@ -74,12 +77,22 @@ def score_targets(
         valid = (torch.arange(t_max) >= t_max - t_len[:, None]).to(cache_device)  # (B, t_max) False left of a target
         logps = {}
         for name, model in models.items():
+            if name == SMALL_BASE and adapter:
+                continue  # computed with S_tuned's rows
             dev = model.device
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                           use_cache=False, logits_to_keep=t_max + 1).logits  # (B, t_max + 1, V_model)
+            pair = adapter is not None and name == SMALL_TUNED
+            twice = paired if pair else (lambda t: t)  # S_tuned on S's weights: S's rows, then S_tuned's
+            logits = model(input_ids=twice(ids).to(dev), attention_mask=twice(mask).to(dev),
+                           position_ids=twice(positions).to(dev), use_cache=False, logits_to_keep=t_max + 1,
+                           **forward_kwargs(pair_names(adapter, len(idx)) if pair else None)
+                           ).logits  # (B, t_max + 1, V_model), or (2B, ...) paired
             # position j predicts token j + 1: drop the last position, which predicts past the target
             logp = torch.log_softmax(slice_vocab(logits[:, :-1], vocab_size).float(), dim=-1).to(cache_device)
-            logps[name] = logp  # (B, t_max, V)
+            if pair:
+                logps[SMALL_BASE], logps[SMALL_TUNED] = split_pair(logp)  # (B, t_max, V) each
+            else:
+                logps[name] = logp  # (B, t_max, V)
+        logps = {name: logps[name] for name in models}  # the models' order
         if blend is not None:
             logps["blend"] = blend_logprobs(logps[LARGE], logps[SMALL_TUNED], logps[SMALL_BASE], blend)
         for name, logp in logps.items():

@@ -23,12 +23,19 @@ row's cache to its own length, the slots a row did not keep are masked out like 
 so one forward per model and round serves the whole batch. bench/bench_speculative.py measures this against
 the plain batched loop and against rows decoded one at a time.
 
+The draft length (issue 29): by default DraftSchedule picks each round's k from the measured acceptance and the
+measured time of rounds, k = 0 being a plain steered step (one token per model, the plain loop's cost), so where
+drafts do not pay (an S_tuned that disagrees with the blend, sampling at a high temperature, a CPU on which a
+forward of k + 1 tokens costs k + 1 times one) decoding goes on with plain steps, and comes back to drafting
+when S_tuned agrees again (a plain step measures the agreement for free).
+
     python bench/bench_speculative.py             # acceptance on the lab's models, t_L(k), t_S(k), end-to-end
     python steer.py --blend outputs/steer/blend.json --prompt "..." --speculative false   # the plain loop
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,22 +54,13 @@ from proxytune.steering.decoding import (
     steered_generate,
     warp_scores,
 )
+from proxytune.steering.shared_base import forward_kwargs, pair_names, paired, paired_adapter, split_pair
 
-# Draft length, adaptive mode (draft_tokens=None): as transformers' assisted generation
-# (`num_assistant_tokens_schedule="heuristic"`):
-# +2 after a round whose every draft was kept, -1 (down to 1) otherwise, between 1 and MAX_DRAFT_TOKENS.
-INITIAL_DRAFT_TOKENS = 2
-
-
-DRAFT_GROWTH = 2
+# The default draft length: adaptive (DraftSchedule); a number fixes k per round.
+DEFAULT_DRAFT_TOKENS: int | None = None
 
 
 MAX_DRAFT_TOKENS = 8
-
-
-# The default is a fixed k = 2: at the Pythia-410m/70m shapes on CPU a forward of 4+ tokens costs far more than
-# one of 3 (bench/RESULTS.md, t_L(k)), and the adaptive schedule's long drafts lost to k = 2 on the lab's rounds.
-DEFAULT_DRAFT_TOKENS = 2
 
 
 class UndoableNgramBlocker(NgramBlocker):
@@ -137,28 +135,44 @@ class BatchCache:
     builds it). A batch of one never has masked slots: its cache is a plain prefix cache.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int):
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int,
+                 vocab_size: int, device: torch.device, adapter_names: list[str] | None = None):
         from transformers import StaticCache
 
         self.model, self.capacity = model, capacity
+        self.extra = forward_kwargs(adapter_names)  # a paired S/S_tuned batch (shared_base.py): each row's adapter
         ids, mask = input_ids.to(model.device), attention_mask.to(model.device)  # (B, T) each
-        # Everything but the last column, which the first round feeds (as ModelStream does).
-        self.cache = prefill_rows(model, ids, mask, capacity) if prefill_separately(model, ids) else None
-        if self.cache is None:
+        self.pending = None  # (B, 1, V) log-probs after the last column when the prompt pass computed them
+        if prefill_separately(model, ids):
+            # Every row's prompt but its last token, row by row; the first round feeds the last column (as
+            # ModelStream does).
+            self.cache = prefill_rows(model, ids, mask, capacity, adapter_names)
+            self.mask = mask[:, :-1].clone()  # (B, length) 1 where a slot holds a kept token
+        else:
+            # The whole prompt in one pass, its last position's log-probs kept for the first round (as the plain
+            # loop's first step): no forward of the last token alone.
             self.cache = StaticCache(config=model.config, max_cache_len=capacity)
-            if ids.shape[1] > 1:
-                model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                      position_ids=positions_from_mask(mask)[:, :-1], cache=self.cache, use_cache=True,
-                      logits_to_keep=1)
-        self.mask = mask[:, :-1].clone()  # (B, length) 1 where a slot holds a kept token
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), cache=self.cache,
+                        use_cache=True, logits_to_keep=1, **self.extra)
+            self.cache = out.cache
+            self.pending = torch.log_softmax(slice_vocab(out.logits, vocab_size).float(), dim=-1).to(device)
+            self.mask = mask.clone()
         self.kept = self.mask.sum(-1)  # (B,) kept tokens per row: the next token's position id
 
     @property
     def length(self) -> int:
-        return self.mask.shape[1]
+        """Slots before the next round's: the last prompt token's slot counts as the first round's."""
+        return self.mask.shape[1] - (self.pending is not None)
 
     def feed(self, tokens: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-        """Feed (B, n) tokens, one per row and slot -> (B, n, V) log-softmax at their positions, on `device`."""
+        """Feed (B, n) tokens, one per row and slot -> (B, n, V) log-softmax at their positions, on `device`. The
+        first round's first column is the prompt's last token: its log-probs come from the prompt pass when it
+        computed them (`pending`)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            tokens = tokens[:, 1:]  # (B, n - 1): the first column is in the cache already
+            if tokens.shape[1] == 0:
+                return pending
         batch, n = tokens.shape
         if self.length + n > self.capacity:
             raise RuntimeError(f"BatchCache: {self.length} + {n} slots exceed its {self.capacity}; call reserve first")
@@ -167,9 +181,10 @@ class BatchCache:
         # No mask when nothing is masked (a batch of one): attention then takes the plain causal path.
         mask = None if bool(self.mask.all()) else self.mask
         out = self.model(input_ids=tokens.to(self.model.device), attention_mask=mask, position_ids=positions,
-                         cache=self.cache, use_cache=True, logits_to_keep=n)
+                         cache=self.cache, use_cache=True, logits_to_keep=n, **self.extra)
         self.cache, self.kept = out.cache, self.kept + n
-        return torch.log_softmax(slice_vocab(out.logits, vocab_size).float(), dim=-1).to(device)  # (B, n, V)
+        logp = torch.log_softmax(slice_vocab(out.logits, vocab_size).float(), dim=-1).to(device)  # (B, n, V)
+        return logp if pending is None else torch.cat([pending, logp], dim=1)
 
     def keep(self, start: int, kept: torch.Tensor) -> None:
         """Of the slots fed since length `start`, row r keeps the first kept[r] (B,); the rest are masked or cut."""
@@ -222,9 +237,127 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
+    def plain_steps(self) -> int:
+        """Batch rounds that drafted nothing: plain steered steps (DraftSchedule's fallback)."""
+        return sum(1 for _, k, _ in self.batch_rounds if k == 0)
+
+    @property
     def tokens_per_round(self) -> float:
         """Tokens a row gains per round."""
         return self.emitted / self.rounds if self.rounds else float("nan")
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a row gains in a round of k drafts when each draft is kept with probability `acceptance` given the
+    ones before it: the kept prefix plus the blend's own token, E = 1 + a + a^2 + ... + a^k (k = 0: a plain step,
+    1). `expected_tokens(0.5, 2)` -> 1.75."""
+    return sum(acceptance ** i for i in range(k + 1))
+
+
+class FixedSchedule:
+    """k drafts every round (--draft_tokens K)."""
+
+    def __init__(self, k: int):
+        self.k, self.max_k, self.clock = k, k, time.perf_counter
+
+    def next_k(self) -> int:
+        return self.k
+
+    def observe(self, k: int, seconds: float, agreements: list[float]) -> None:
+        pass
+
+
+class DraftSchedule:
+    """The adaptive draft length (the default): each round's k (0 = a plain steered step) maximises the expected
+    tokens per second,
+
+        k* = argmax_k  E(a, k) / c(k),    E(a, k) = 1 + a + ... + a^k   (expected_tokens)
+
+    with `a` the measured per-token acceptance and c(k) the measured cost of a round of k drafts, in plain steps
+    (c(0) = 1). Like transformers' assisted generation (`num_assistant_tokens_schedule="heuristic"`) the length
+    follows the acceptance, but it is priced with what a round costs on this machine: a forward of k + 1 tokens
+    costs about one token's on a GPU and up to k + 1 times as much on a busy CPU (bench/RESULTS.md#bench_speculative),
+    so where drafts do not pay, decoding continues with plain steps (k = 0).
+
+    - Plain steps first, until FIRST_OBSERVATIONS positions are observed (one per row and step): the time of a
+      step, and a first acceptance, so that an S_tuned that disagrees from the start costs no draft at all.
+    - a: an exponential moving average (weight ACCEPTANCE_STEP per observed position, from ACCEPTANCE_PRIOR) of the
+      draft's agreement with the blend at every position the blend picked or checked, plain steps included:
+      S_tuned runs there anyway, so a plain step measures the acceptance a draft would have had for free (greedy:
+      1 if S_tuned's processed argmax is the blend's, sampling: sum_x min(p*(x), q(x)), the chance a draft is kept).
+      That is the "probe" of a plain step: it costs nothing.
+    - c(k): the seconds of a round of k drafts over the seconds of a plain step as last measured (both moving
+      averages, weight COST_STEP), so that a machine that gets busier or quieter changes both alike. A length is
+      tried one above the longest measured when it would pay at an optimistic price (the longest measured
+      length's plus COST_PRIOR_SLOPE per draft): on a machine where drafts cost, only at a high acceptance.
+    - After `probe_every` plain steps in a row, one round with the best k >= 1 is run again when it would pay at
+      its optimistic price 1 + COST_PRIOR_SLOPE * k (its measured price may be stale or a busy minute's); each
+      probe that does not bring speculation back doubles the wait (up to MAX_PROBE_EVERY).
+
+    Every choice depends on what was decoded before only, so the emitted tokens keep the plain loop's greedy output
+    and sampling distribution; the times make the choices (not the tokens) vary between runs, so seeded sampling
+    repeats exactly with a fixed --draft_tokens only. `clock` is read before and after each round.
+    """
+
+    ACCEPTANCE_PRIOR = 0.5
+    ACCEPTANCE_STEP = 0.3
+    FIRST_OBSERVATIONS = 4
+    COST_STEP = 0.5
+    COST_PRIOR_SLOPE = 0.15
+    PROBE_EVERY = 16
+    MAX_PROBE_EVERY = 256
+
+    def __init__(self, max_k: int = MAX_DRAFT_TOKENS, clock: Callable[[], float] = time.perf_counter):
+        self.max_k, self.clock = max_k, clock
+        self.acceptance, self.observed = self.ACCEPTANCE_PRIOR, 0
+        self.step_seconds: float | None = None  # a plain step's time, moving average
+        self.cost: dict[int, float] = {}  # k >= 1 -> a round's time in plain steps, moving average
+        self.plain_run, self.probe_every = 0, self.PROBE_EVERY
+
+    def price(self, k: int) -> float:
+        """c(k) in plain steps: 1 for k = 0, measured, or (not measured yet) optimistically the longest measured
+        length's plus COST_PRIOR_SLOPE per draft more: tried once where it would pay at that price, then known."""
+        if k == 0:
+            return 1.0
+        if k in self.cost:
+            return self.cost[k]
+        top = max((m for m in self.cost if m < k), default=0)
+        return self.price(top) + (k - top) * self.COST_PRIOR_SLOPE
+
+    def best(self, candidates: list[int], longer_on_ties: bool = False) -> int:
+        """The candidate with the most expected tokens per plain step's time; ties: the shorter (a probe: the
+        longer, which tries the length one above the measured ones)."""
+        return max(candidates, key=lambda k: (round(expected_tokens(self.acceptance, k) / self.price(k), 9),
+                                              k if longer_on_ties else -k))
+
+    def next_k(self) -> int:
+        if self.step_seconds is None or self.observed < self.FIRST_OBSERVATIONS:
+            return 0  # plain steps first: the time of a step, and a first acceptance
+        top = max(self.cost, default=0)
+        candidates = [k for k in range(min(top + 1, self.max_k) + 1) if k == 0 or k in self.cost or k == top + 1]
+        best = self.best(candidates)
+        if best > 0:
+            self.plain_run, self.probe_every = 0, self.PROBE_EVERY
+            return best
+        self.plain_run += 1
+        if self.plain_run >= self.probe_every:
+            probe = self.best([k for k in candidates if k > 0] or [0], longer_on_ties=True)
+            if probe and expected_tokens(self.acceptance, probe) / (1 + self.COST_PRIOR_SLOPE * probe) > 1:
+                self.plain_run, self.probe_every = 0, min(2 * self.probe_every, self.MAX_PROBE_EVERY)
+                return probe
+        return 0
+
+    def observe(self, k: int, seconds: float, agreements: list[float]) -> None:
+        """A round of k drafts took `seconds`; `agreements`: one value in [0, 1] per position observed."""
+        if k == 0:
+            old = self.step_seconds
+            self.step_seconds = seconds if old is None else old + self.COST_STEP * (seconds - old)
+        elif self.step_seconds:
+            ratio, old = seconds / self.step_seconds, self.cost.get(k)
+            self.cost[k] = ratio if old is None else old + self.COST_STEP * (ratio - old)
+        for x in agreements:
+            self.acceptance += self.ACCEPTANCE_STEP * (x - self.acceptance)
+        self.observed += len(agreements)
 
 
 @torch.inference_mode()
@@ -250,12 +383,15 @@ def speculative_generate(
     max_draft_tokens: int = MAX_DRAFT_TOKENS,
     stats: SpeculativeStats | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
+    schedule: DraftSchedule | FixedSchedule | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """steered_generate's contract (same arguments, (B, N) new tokens and (B,) ended_with_eos), decoded
     speculatively with S_tuned as the draft, every row of the batch in each round (rows keep different counts:
-    BatchCache). `draft_tokens`: a fixed k per round (default DEFAULT_DRAFT_TOKENS); None = adaptive, from
-    INITIAL_DRAFT_TOKENS up to `max_draft_tokens`. `stats` is filled in when given. `stop`: as steered_generate's,
-    called after each round with the row's tokens so far (a round may have emitted tokens past the stop).
+    BatchCache). `draft_tokens`: a fixed k per round; None (the default) = adaptive (DraftSchedule: from 0, a plain
+    step, up to `max_draft_tokens`, following the measured acceptance and round times). `schedule`: one given
+    replaces both (next_k() <= max_draft_tokens, observe(k, seconds, agreements), clock()). `stats` is filled in
+    when given. `stop`: as steered_generate's, called after each round with the row's tokens so far (a round may
+    have emitted tokens past the stop).
     return_logprobs and use_cache=False are not offered (steered_generate has them).
 
     Exactness. Greedy: every emitted token is the argmax of the processed blend given the tokens before it, as
@@ -277,17 +413,20 @@ def speculative_generate(
                               with_small_tuned=True)
     del verifiers[SMALL_TUNED]
     device = (large if large is not None else small_tuned).device
+    if schedule is None:
+        schedule = FixedSchedule(draft_tokens) if draft_tokens is not None else DraftSchedule(max_draft_tokens)
     decoder = RoundDecoder(verifiers, small_tuned, input_ids, attention_mask, blend, max_new_tokens=max_new_tokens,
                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size,
                            do_sample=do_sample, temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                            generator=generator, max_draft_tokens=draft_tokens or max_draft_tokens,
                            stats=stats if stats is not None else SpeculativeStats(), device=device, stop=stop)
-    k = draft_tokens or min(INITIAL_DRAFT_TOKENS, max_draft_tokens)
     while not decoder.finished:
-        all_kept = decoder.round(k)
-        if draft_tokens is None:
-            k = min(k + DRAFT_GROWTH, max_draft_tokens) if all_kept else max(1, k - 1)
+        k = schedule.next_k()
+        start = schedule.clock()
+        agreements = decoder.round(k)
+        ran = decoder.stats.batch_rounds[-1][1]  # fewer drafts than k when the rows' budgets end sooner
+        schedule.observe(ran, schedule.clock() - start, agreements)
     return decoder.result()
 
 
@@ -318,8 +457,15 @@ class RoundDecoder:
             vocab_size, do_sample, generator, stats, device)
         batch, width = input_ids.shape
         capacity = cache_capacity(batch, width, max_new_tokens, max_draft_tokens)
-        self.caches = {role: BatchCache(m, input_ids, attention_mask, capacity) for role, m in verifiers.items()}
-        self.draft = BatchCache(draft_model, input_ids, attention_mask, capacity)
+        # S_tuned a LoRA adapter on S's weights (shared_base.py): S rides along in the drafting forwards (2B rows,
+        # S's first), so S's log-probs at every round position come from them and S runs no verifying forward.
+        self.adapter = paired_adapter(verifiers.get(SMALL_BASE), draft_model)
+        verifiers = {role: m for role, m in verifiers.items() if not (self.adapter and role == SMALL_BASE)}
+        self.caches = {role: BatchCache(m, input_ids, attention_mask, capacity, vocab_size, device)
+                       for role, m in verifiers.items()}
+        self.draft = BatchCache(draft_model, paired(input_ids), paired(attention_mask), capacity, vocab_size, device,
+                                pair_names(self.adapter, batch)) if self.adapter else \
+            BatchCache(draft_model, input_ids, attention_mask, capacity, vocab_size, device)
         self.states = [RowState(input_ids[r, attention_mask[r].bool()].to(device), vocab_size, repetition_penalty,
                                 no_repeat_ngram_size) for r in range(batch)]
         # Sampling compares p*(x) / q(x): both renormalised after the nucleus cut.
@@ -341,8 +487,10 @@ class RoundDecoder:
         ended = [tokens[-1] == self.eos for tokens in self.out]  # every row emits at least one token
         return new_tokens, torch.tensor(ended, dtype=torch.bool, device=self.device)
 
-    def round(self, k_next: int) -> bool:
-        """One round for every row still decoding -> whether every row kept every draft it checked."""
+    def round(self, k_next: int) -> list[float]:
+        """One round for every row still decoding, k_next drafts (0: a plain steered step) -> the draft's agreement
+        with the blend at every position observed (DraftSchedule): each checked draft, and where the blend picked
+        a token itself, what S_tuned's draft there would have been (`agreement`)."""
         active = [r for r, done in enumerate(self.done) if not done]
         # A row emits at most its budget: it checks at most `remaining - 1` drafts, then picks one token.
         limits = {r: self.max_new_tokens - len(self.out[r]) - 1 for r in active}
@@ -355,9 +503,10 @@ class RoundDecoder:
         # (B, k); a finished row feeds its last token again: any real id serves, its slots are never kept.
         drafts = self.last[:, None].repeat(1, k)
         tuned, q_logps = [], {r: [] for r in active}  # tuned[j]: (B, V) S_tuned at position j
+        based = [] if self.adapter else None  # paired: based[j] (B, V) S at position j
         feed = self.last
         for i in range(k):
-            tuned.append(self.draft.feed(feed[:, None], self.vocab_size, self.device)[:, 0])
+            tuned.append(self.feed_draft(feed[:, None], based))
             for r in active:
                 q = self.target(self.states[r].scores(tuned[i][r:r + 1]))  # (1, V) processed like the blend
                 q_logps[r].append(q)
@@ -381,13 +530,14 @@ class RoundDecoder:
             self.stats.forwards[role] += 1
 
         # 3. Each row keeps the longest prefix the blend agrees with, then one token from the blend.
-        kept, new, stopped = {}, {}, []
+        kept, new, stopped, agreements = {}, {}, [], []
         for r in active:
             limit = min(k, limits[r])
             j = 0
             while j < limit:
-                p = self.processed(r, j, logps, tuned)
+                p = self.processed(r, j, logps, tuned, based)
                 d = int(drafts[r, j])
+                agreements.append(self.agreement(p, q_logps[r][j]))
                 if not self.accepts(r, j, p, q_logps[r][j], d):
                     new[r] = pick(p, False, None) if not self.do_sample else pick_residual(p, q_logps[r][j],
                                                                                            self.generator)
@@ -402,10 +552,13 @@ class RoundDecoder:
                 stopped.append(r)  # no draft rejected up to the limit: the token at `limit` comes from the blend
         bonus = any(kept[r] == k for r in stopped)
         if bonus:  # S_tuned's log-probs after the last draft (or after `last` when k == 0)
-            tuned.append(self.draft.feed(tokens[:, -1:], self.vocab_size, self.device)[:, 0])
+            tuned.append(self.feed_draft(tokens[:, -1:], based))
             self.stats.forwards[SMALL_TUNED] += 1
         for r in stopped:
-            new[r] = pick(self.processed(r, kept[r], logps, tuned), self.do_sample, self.generator)
+            p = self.processed(r, kept[r], logps, tuned, based)
+            # What a draft here would have been: S_tuned ran at this position anyway (a plain step's free probe).
+            agreements.append(self.agreement(p, self.target(self.states[r].scores(tuned[kept[r]][r:r + 1]))))
+            new[r] = pick(p, self.do_sample, self.generator)
 
         # 4. Emit, and keep in every cache each row's `last` and its kept drafts.
         keep = torch.zeros(len(self.out), dtype=torch.long)
@@ -428,17 +581,35 @@ class RoundDecoder:
                 self.last[r] = new[r]
         self.stats.batch_rounds.append((len(active), k, bonus))
         for cache in (*self.caches.values(), self.draft):
-            cache.keep(starts[id(cache)], keep)
-        return all(kept[r] == min(k, limits[r]) for r in active)
+            cache.keep(starts[id(cache)], paired(keep) if self.adapter and cache is self.draft else keep)
+        return agreements
+
+    def feed_draft(self, tokens: torch.Tensor, based: list | None) -> torch.Tensor:
+        """S_tuned's forward of (B, 1) tokens -> (B, V) its log-probs; paired, S's (B, V) are appended to `based`."""
+        if not self.adapter:
+            return self.draft.feed(tokens, self.vocab_size, self.device)[:, 0]
+        base, tuned = split_pair(self.draft.feed(paired(tokens), self.vocab_size, self.device)[:, 0])
+        based.append(base)
+        return tuned
+
+    def agreement(self, p: torch.Tensor, q: torch.Tensor) -> float:
+        """How far S_tuned's draft agrees with the blend at one position (p, q: (1, V) target and draft, as
+        `accepts` takes them): greedy, 1.0 when their argmaxes are one token, else 0.0; sampling, the chance that a
+        draft is kept, sum_x min(p*(x), q(x)) = 1 - total variation distance (Leviathan et al. 2023, section 3.5)."""
+        if not self.do_sample:
+            return float(int(p.argmax(dim=-1)[0]) == int(q.argmax(dim=-1)[0]))
+        return float(torch.minimum(p.exp(), q.exp()).sum())
 
     def accepts(self, row: int, j: int, p: torch.Tensor, q: torch.Tensor, token: int) -> bool:
         """Whether row `row` keeps its j-th draft `token` (p, q: (1, V) target and draft). One place, so that
         bench/bench_speculative.py can replay measured acceptance at shapes with no trained weights."""
         return keep_draft(p, q, token, self.do_sample, self.generator)
 
-    def processed(self, r: int, j: int, logps: dict, tuned: list) -> torch.Tensor:
+    def processed(self, r: int, j: int, logps: dict, tuned: list, based: list | None = None) -> torch.Tensor:
         """Row r's processed (and, sampling, warped) blend at the round's position j -> (1, V)."""
         at = {role: lp[r, j][None] for role, lp in logps.items()}  # (1, V) each
+        if based is not None:
+            at[SMALL_BASE] = based[j][r:r + 1]
         mixed = blend_logprobs(at.get(LARGE), tuned[j][r:r + 1], at.get(SMALL_BASE), self.blend)  # (1, V)
         return self.target(self.states[r].scores(mixed))
 

@@ -14,10 +14,14 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from proxytune.foundation.config import parse_config
 from proxytune.foundation.errors import UsageError, raise_problems
 from proxytune.foundation.validation import SEED_MAX, number_problems
+from proxytune.models.adapters import NON_LINEARITIES, is_bottleneck_dir
 from proxytune.models.loading import DTYPES
 from proxytune.models.quantization import quantization_bits
 
 DEFAULT_MODEL = "EleutherAI/pythia-70m"
+
+
+ADAPTERS = ("lora", "bottleneck")
 
 
 # Pythia shapes (the EleutherAI/pythia-* configs) as GPTNeoXConfig fields; "tiny" is for tests and smoke runs.
@@ -40,7 +44,8 @@ GPT_NEOX_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_
 class ModelArguments:
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
-        metadata={"help": "Model to fine-tune: Hub id, save_pretrained directory, or a LoRA adapter directory."},
+        metadata={"help": "Model to fine-tune: Hub id, save_pretrained directory, a LoRA or bottleneck adapter "
+                  "directory, or a nanoGPT ckpt.pt (with --tokenizer_name)."},
     )
     config_name: str | None = field(
         default=None,
@@ -75,6 +80,17 @@ class ModelArguments:
     merge_lora: bool = field(
         default=False, metadata={"help": "Merge the adapter into the weights and save a plain model (else an adapter)."}
     )
+    # Bottleneck adapters (proxytune/models/adapters.py): the peer of LoRA; --adapter lora is --use_lora.
+    adapter: str | None = field(
+        default=None, metadata={"help": "Train an adapter instead of all weights: lora (= --use_lora), or bottleneck "
+                                "(down-projection, non-linearity, up-projection after each attention block and MLP; "
+                                "cannot be merged).", "choices": list(ADAPTERS)})
+    reduction_factor: int = field(
+        default=16, metadata={"help": "--adapter bottleneck: hidden size / bottleneck size (16 on pythia-70m: 32 "
+                              "units, about the trained parameters of LoRA r=8 on all four linear layers)."})
+    adapter_non_linearity: str = field(
+        default="relu", metadata={"help": "--adapter bottleneck: the non-linearity between the projections.",
+                                  "choices": list(NON_LINEARITIES)})
     # QLoRA (Dettmers et al. 2023): the frozen base in 4 (or 8) bits, the LoRA adapter trained in full precision.
     load_in_4bit: bool = field(default=False, metadata={
         "help": "QLoRA: load the base model's linear layers in 4 bits (bitsandbytes NF4; with --use_lora)."})
@@ -89,12 +105,31 @@ class ModelArguments:
 
     def __post_init__(self):
         problems = number_problems(self, {"lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)"})
-        if self.merge_lora and not self.use_lora:
+        adapter = getattr(self, "adapter", None)  # rl_tune.py's model flags share these checks without the field
+        if adapter == "lora":
+            self.use_lora = True
+        if adapter == "bottleneck":
+            problems += number_problems(self, {"reduction_factor": "[1, inf)"})
+            if self.merge_lora:
+                problems.append("--merge_lora: a bottleneck adapter cannot be merged into the weights (its "
+                                "non-linearity is not a weight update); drop --merge_lora: steer.py, evaluation.py and "
+                                "rl_tune.py load the adapter directory")
+            if self.use_lora:
+                problems.append("--use_lora and --adapter bottleneck are two adapters; choose one")
+            if self.config_name:
+                problems.append("--adapter bottleneck adapts a pretrained model; drop it or drop --config_name")
+        if is_bottleneck_dir(self.model_name_or_path) and (self.use_lora or adapter == "bottleneck"):
+            problems.append(f"--model_name_or_path {self.model_name_or_path} is a bottleneck adapter, which trains "
+                            "its own adapters; drop --use_lora/--adapter, or pass its base model")
+        if self.merge_lora and not self.use_lora and adapter != "bottleneck":
             problems.append("--merge_lora needs --use_lora")
         if self.use_lora and self.config_name:
             problems.append("--use_lora adapts a pretrained model; drop it or drop --config_name")
         bits = quantization_bits(self.load_in_4bit, self.load_in_8bit)
-        if bits and not self.use_lora:
+        if bits and adapter == "bottleneck":
+            problems.append(f"--load_in_{bits}bit with --adapter bottleneck is not supported yet (bottleneck adapters "
+                            "train on a full-precision base); drop it, or use --use_lora for QLoRA")
+        elif bits and not self.use_lora:
             problems.append(f"--load_in_{bits}bit trains a LoRA adapter on the frozen quantised base "
                             "(quantised weights cannot be trained); add --use_lora")
         if bits and (Path(self.model_name_or_path).expanduser() / "adapter_config.json").is_file():
@@ -104,7 +139,7 @@ class ModelArguments:
             problems.append(f"--merge_lora with --load_in_{bits}bit would round the update into the {bits}-bit "
                             f"weights; drop --merge_lora and load the adapter with steer.py/evaluation.py "
                             f"(--large_load_in_{bits}bit, or unquantised: merged into the full-precision base)")
-        if self.dtype == "float16" and not self.use_lora:
+        if self.dtype == "float16" and not self.use_lora and adapter != "bottleneck":
             problems.append("--dtype float16 weights cannot be trained directly (fp16 gradients overflow and cannot "
                             "be unscaled); keep --dtype float32 and pass --fp16 for mixed precision")
         raise_problems(problems)

@@ -14,6 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import check_output_dir
+from proxytune.models.adapters import is_bottleneck_dir, load_bottleneck_weights
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,10 @@ def reload_weights(model, checkpoint_dir: str | Path) -> None:
     checkpoints (resume, load_best_model_at_end) with a raw `load_state_dict(strict=False)` that skips it
     with only a warning: a resumed or "best" model would keep a stale output layer
     (huggingface/transformers#48805). from_pretrained applies the renaming; strict loading proves it.
+    A bottleneck-adapter checkpoint holds the adapters only (CheckpointReloadMixin._save); they are loaded strictly.
     """
+    if is_bottleneck_dir(checkpoint_dir):
+        load_bottleneck_weights(model, checkpoint_dir)
+        return
     fresh = type(model).from_pretrained(str(checkpoint_dir), dtype=model.dtype, use_safetensors=True)
     model.load_state_dict(fresh.state_dict(), strict=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import format_bytes, free_bytes, is_disk_full, write_error
+from proxytune.models.adapters import has_bottleneck_adapters
 from proxytune.training.arguments import FineTuneTrainingArguments, ModelArguments
 from proxytune.training.checkpoints import find_resume_checkpoint
 
@@ -29,11 +30,12 @@ def estimate_disk_needs(model, model_args: ModelArguments, training_args: FineTu
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    adapter_only = model_args.use_lora  # the Trainer saves a LoRA model's adapter, not the frozen base
+    # The Trainer saves a LoRA or bottleneck model's adapter, not the frozen base.
+    adapter_only = model_args.use_lora or has_bottleneck_adapters(model)
     saved = trained if adapter_only else weights
     optimizer = 0 if training_args.save_only_model else 2 * 4 * sum(p.numel() for p in params if p.requires_grad)
     checkpoint = saved + optimizer
-    final = weights if (not model_args.use_lora or model_args.merge_lora) else trained
+    final = trained if adapter_only and not model_args.merge_lora else weights
     if training_args.save_total_limit:  # rotation keeps this many, and writes the next one before deleting
         kept = training_args.save_total_limit
     elif training_args.max_steps > 0:  # 0 or None: every checkpoint stays

@@ -10,6 +10,7 @@ from pathlib import Path
 from proxytune.foundation.config import to_jsonable
 from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.outputs import atomic_directory, write_json
+from proxytune.models.adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from proxytune.models.quantization import QUANTIZATION_RECORD, quantization_bits, quantization_record
 from proxytune.task.prompts import PROMPT_TEMPLATE
 from proxytune.training.arguments import FineTuneTrainingArguments
@@ -96,6 +97,8 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     """README.md for final/: base model, data, hyperparameters, results, prompt, one sample."""
     base = None if model_args.config_name else model_args.model_name_or_path
     library = "peft" if model_args.use_lora and not model_args.merge_lora else "transformers"
+    if getattr(model_args, "adapter", None) == "bottleneck":  # bottleneck_config.json: proxytune/models/adapters.py
+        library = "proxytune"
     classifier = data.label_info is not None
     front = ["---", f"library_name: {library}",
              f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
@@ -106,6 +109,9 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     origin = (f"fine-tuned from `{base}`" + (f" with LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}, "
               f"{'merged' if model_args.merge_lora else 'adapter'})" if model_args.use_lora else "")
               if base else f"trained from scratch (config `{model_args.config_name}`)")
+    if getattr(model_args, "adapter", None) == "bottleneck":
+        origin += (f" with bottleneck adapters (reduction factor {model_args.reduction_factor}, "
+                   f"{model_args.adapter_non_linearity}; not mergeable)")
     hyper = {
         "learning_rate": training_args.learning_rate, "lr_scheduler": training_args.lr_scheduler_type.value,
         "warmup_steps": training_args.warmup_steps, "epochs": training_args.num_train_epochs,
@@ -151,7 +157,10 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
         model = model.merge_and_unload()
     with atomic_directory(final, overwrite=True) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is meant to be shared
-        model.save_pretrained(tmp)  # safetensors; a peft model writes adapter_config.json + adapter_model.safetensors
+        if has_bottleneck_adapters(model):  # the adapters and their config only; the base is loaded from its own path
+            save_bottleneck_adapters(model, tmp)
+        else:  # safetensors; a peft model writes adapter_config.json + adapter_model.safetensors
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / run_config, to_jsonable(model_args, data_args, training_args))
         write_json(tmp / "metrics.json", metrics)

@@ -1,4 +1,4 @@
-"""Building the model to train: config overrides, from scratch or pretrained, LoRA."""
+"""Building the model to train: config overrides, from scratch or pretrained, LoRA or bottleneck adapters."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from proxytune.foundation.errors import UsageError, first_line
+from proxytune.models.adapters import BottleneckConfig, add_bottleneck_adapters
 from proxytune.models.loading import default_device, load_causal_lm, resolve_dtype
 from proxytune.models.quantization import quantization_bits
 from proxytune.training.arguments import PRESETS, ModelArguments
@@ -138,6 +139,19 @@ def apply_lora(model, model_args: ModelArguments, task_type: str = "CAUSAL_LM"):
         return get_peft_model(model, config)
     except ValueError as err:
         raise UsageError(f"LoRA: {first_line(err)}; check --lora_target_modules") from None
+
+
+def apply_bottleneck(model, model_args: ModelArguments, task_type: str = "CAUSAL_LM"):
+    """Add bottleneck adapters (proxytune/models/adapters.py) after every attention block and MLP, the rest frozen."""
+    if task_type != "CAUSAL_LM":
+        raise UsageError("--adapter bottleneck trains a causal LM's adapters only, and a classifier's new head would "
+                         "stay untrained; use --use_lora (or no adapter) with --task classification/regression")
+    # The adapter records its base; an absolute path keeps it loadable from any working directory.
+    base = Path(model_args.model_name_or_path).expanduser()
+    config = BottleneckConfig(str(base.resolve()) if base.is_dir() else model_args.model_name_or_path,
+                              reduction_factor=model_args.reduction_factor,
+                              non_linearity=model_args.adapter_non_linearity)
+    return add_bottleneck_adapters(model, config)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from transformers.trainer_utils import has_length
 
 from proxytune.foundation.outputs import format_bytes, free_bytes
 from proxytune.foundation.progress import LineBar, progress_as_lines
+from proxytune.models.adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from proxytune.training.checkpoints import RunPlan, reload_weights
 from proxytune.training.data import IGNORE_INDEX, PreparedData
 from proxytune.training.disk import DiskNeeds
@@ -90,6 +91,24 @@ class CheckpointReloadMixin:
         logger.info("loading the best model, %s (%s %.4f)", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
         reload_weights(self.model, self.state.best_model_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """A model with bottleneck adapters is checkpointed as its adapters (as the Trainer does for PEFT): the
+        frozen base never changes, and save_pretrained would write a full model whose adapter weights no loader
+        reads."""
+        import torch
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        if not has_bottleneck_adapters(self.model):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_bottleneck_adapters(self.model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
+        return None
 
     def _run_epoch(self, *, epoch, epochs_trained, resume_from_checkpoint, **kwargs):
         """The Trainer's epoch, except that a resume from a checkpoint whose run had already ended trains nothing.
@@ -184,7 +203,9 @@ def log_startup(model_args, data_args, training_args, data: PreparedData, model,
         f"{sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in data.train['labels']):,} label tokens"
     lines = [
         f"model: {source} ({type(model).__name__}); parameters {total:,}, trainable {trainable:,} "
-        f"({100 * trainable / max(total, 1):.2f}%)" + (f"; LoRA r={model_args.lora_r}" if model_args.use_lora else ""),
+        f"({100 * trainable / max(total, 1):.2f}%)" + (f"; LoRA r={model_args.lora_r}" if model_args.use_lora else "")
+        + (f"; bottleneck adapters, reduction factor {model.bottleneck_config.reduction_factor}, "
+           f"{model.bottleneck_config.non_linearity}" if has_bottleneck_adapters(model) else ""),
         f"device: {training_args.device} x {world} process(es); weights {next(model.parameters()).dtype}; "
         f"mixed precision: {precision}",
         f"data: {data_args.dataset_path}: {data.description}",

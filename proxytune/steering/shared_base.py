@@ -1,0 +1,97 @@
+"""One forward for S and S_tuned when S_tuned is a LoRA adapter on S's very weights (issue 29).
+
+Most users tune S with LoRA (fine_tune.py --use_lora). Then S and S_tuned are the same base weights, and PEFT runs
+different adapters for different rows of one batch: `model(..., adapter_names=[...])`, one name per row, with
+"__base__" for a row that runs the base model alone (peft 0.21: LoraModel._enable_peft_forward_hooks and
+LoraLayer._mixed_batch_forward add each adapter's update to its rows only). So a batch of 2B rows, S's B rows
+first, then S_tuned's, serves both models in one forward and streams the base weights once:
+
+    logits[:B] = S(x),  logits[B:] = S_tuned(x)        for  model(input_ids=cat([x, x]), adapter_names=pair_names)
+
+PEFT's constraints: the adapter is not merged (a merged one is in the weights of every row), no DoRA, eval mode.
+steering/loading.py (and evaluation's loader) load a LoRA S_tuned unmerged and call `share_or_merge`: when its base
+weights equal S's, bit for bit, it is marked as S's twin; otherwise it is merged as before (a fully fine-tuned
+S_tuned, or an adapter on another base, keeps two forwards). tests/test_shared_base.py compares the paired forward
+with two separate ones in float64, left-padded batches and single rows, in every decoder and in scoring.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+BASE_ROWS = "__base__"  # PEFT's adapter name for rows that run without any adapter
+
+
+def lora_adapter_name(model) -> str | None:
+    """The active adapter of an unmerged PEFT LoRA model without DoRA (what mixed batches support), else None."""
+    config = getattr(model, "peft_config", None)
+    if not config or getattr(model, "active_adapter", None) not in config:
+        return None
+    adapter = model.active_adapter
+    lora = config[adapter]
+    if str(getattr(lora.peft_type, "value", lora.peft_type)) != "LORA" or getattr(lora, "use_dora", False):
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or any(m.merged for m in layers):
+        return None
+    return adapter
+
+
+def base_weights_of(peft_model) -> dict[str, torch.Tensor]:
+    """The state dict of the model under a PEFT LoRA model, named as the bare model names it (`x.base_layer.weight`
+    -> `x.weight`; the LoRA matrices left out)."""
+    state = peft_model.get_base_model().state_dict()
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
+def share_or_merge(small_base, small_tuned, merge: bool = True):
+    """After loading S_tuned unmerged: mark it as S's twin when it is a LoRA model whose base weights equal S's
+    (same names, shapes, dtypes, devices, values) and return it; otherwise return it merged (merge_and_unload) when
+    it is a PEFT model and `merge` (False: an adapter on a quantised base, which stays unmerged), or as it is."""
+    if small_base is None or small_tuned is None or small_base is small_tuned:
+        return small_tuned
+    if lora_adapter_name(small_tuned) is not None:
+        base, tuned = small_base.state_dict(), base_weights_of(small_tuned)
+        if base.keys() == tuned.keys() and all(
+                base[k].shape == tuned[k].shape and base[k].dtype == tuned[k].dtype
+                and base[k].device == tuned[k].device and torch.equal(base[k], tuned[k]) for k in base):
+            small_tuned._proxytune_twin_of = weakref.ref(small_base)
+            return small_tuned
+    if merge and hasattr(small_tuned, "merge_and_unload") and getattr(small_tuned, "peft_config", None):
+        return small_tuned.merge_and_unload().eval()
+    return small_tuned
+
+
+def paired_adapter(small_base, small_tuned) -> str | None:
+    """S_tuned's adapter name when one forward of S_tuned's model serves both (share_or_merge marked it as S's twin
+    and it is still an unmerged LoRA model), else None."""
+    twin = getattr(small_tuned, "_proxytune_twin_of", None)
+    if small_base is None or twin is None or twin() is not small_base:
+        return None
+    return lora_adapter_name(small_tuned)
+
+
+def pair_names(adapter: str, batch: int) -> list[str]:
+    """adapter_names of a paired batch: S's `batch` rows, then S_tuned's."""
+    return [BASE_ROWS] * batch + [adapter] * batch
+
+
+def paired(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (2B, ...): the rows twice, S's copy first."""
+    return torch.cat([tensor, tensor], dim=0)
+
+
+def split_pair(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, ...) -> S's (B, ...), S_tuned's (B, ...)."""
+    half = tensor.shape[0] // 2
+    return tensor[:half], tensor[half:]
+
+
+def forward_kwargs(adapter_names: list[str] | None) -> dict[str, Any]:
+    """The extra forward argument of a paired batch ({} for a plain model)."""
+    return {} if adapter_names is None else {"adapter_names": adapter_names}
