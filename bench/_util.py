@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import stat
 import statistics
@@ -143,6 +144,15 @@ def _record_title(lines: list[str]) -> str:
     return lines[0][4:].strip().rsplit(" — ", 1)[0]
 
 
+def _record_threads(lines: list[str]) -> str | None:
+    """The torch thread count of a record's `Machine:` line (a run at 1 thread and one at 2 are two records)."""
+    for line in lines[:6]:
+        if line.startswith("Machine:"):
+            found = re.search(r"(\d+) threads", line)
+            return found.group(1) if found else None
+    return None
+
+
 def _row_labels(lines: list[str]) -> set[str]:
     """The first cells of the rows of a record's first Markdown table (its main table)."""
     labels, started = set(), False
@@ -179,9 +189,10 @@ def _caller_bench() -> str:
 
 def place_record(text: str, bench: str, record_text: str) -> str:
     """The RESULTS.md `text` with `record_text` (a `### ` record) in section `## bench`. The new record replaces
-    the section's records it supersedes (same title, every row label of their main table among its own) at the
-    place of the first of them; with none, it goes at the end of the section. A missing section is made at its
-    place in BENCH_ORDER. Everything else (preamble, other sections, other records) is kept as it is."""
+    the section's records it supersedes (same title, same torch thread count, every row label of their main table
+    among its own) at the place of the first of them; with none, it goes at the end of the section. A missing
+    section is made at its place in BENCH_ORDER. Everything else (preamble, other sections, other records) is kept
+    as it is."""
     preamble, sections = _split_results(text)
     if not preamble.strip():
         preamble = PREAMBLE
@@ -196,7 +207,9 @@ def place_record(text: str, bench: str, record_text: str) -> str:
         names.insert(at, bench)
     index = names.index(bench)
     head, records = _split_section(sections[index])
-    superseded = [i for i, r in enumerate(records) if _record_title(r) == title and _row_labels(r) <= labels]
+    threads = _record_threads(new)
+    superseded = [i for i, r in enumerate(records)
+                  if _record_title(r) == title and _record_threads(r) == threads and _row_labels(r) <= labels]
     if superseded:
         records[superseded[0]] = new
         records = [r for i, r in enumerate(records) if i not in superseded[1:]]

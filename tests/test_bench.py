@@ -202,3 +202,12 @@ def test_results_md_has_one_section_per_script_in_the_fixed_order():
 def test_bench_server_ci(tmp_path):
     out = run_bench_ci("bench_server.py", tmp_path)
     assert "8 clients: total throughput" in out and "rows per decoded batch" in out
+
+
+def test_a_run_at_another_thread_count_is_another_record(util, monkeypatch):
+    for threads, value in ((1, "a"), (2, "b"), (1, "c")):
+        monkeypatch.setattr(util, "machine", lambda threads=threads: f"2 CPU cores, {threads} threads")
+        util.record("Cost", [("batch 1", value)], HEADER, bench="bench_steering")
+    content = util.RESULTS.read_text()
+    assert len(records(content)) == 2  # the 1-thread record replaced, the 2-thread one kept
+    assert "| batch 1 | c |" in content and "| batch 1 | b |" in content and "| batch 1 | a |" not in content
