@@ -8,6 +8,7 @@ Pythia shapes and the real Pythia tokenizer (../shared/tokenizers/pythia); promp
     python bench/bench_server.py --ci              # tiny shapes, seconds, no record
 
 Targets (issue 31): server time per token at one client <= 1.10 x steer.py's; 8 clients' throughput >= 3 x one's.
+Beside them, the machine's ceiling: steer.py's own throughput at batch 8 over batch 1 on the same prompts.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def steer_once(models, tokenizer, prompt: str, blend: Blend, new_tokens: int, sp
     start = time.perf_counter()
     (result,) = generate_texts(models, tokenizer, [prompt], blend, args, desc="steer.py")
     return time.perf_counter() - start, result["n_new_tokens"]
+
+
+def steer_batch(models, tokenizer, prompts: list[str], blend: Blend, new_tokens: int, speculative: bool,
+                batch_size: int) -> tuple[float, int]:
+    """steer.py's decoding of `prompts`, `batch_size` rows at a time -> (seconds, tokens generated)."""
+    args = SteerArguments(use_template=False, max_new_tokens=new_tokens, batch_size=batch_size,
+                          speculative=speculative, draft_tokens=DRAFT_TOKENS)
+    start = time.perf_counter()
+    results = generate_texts(models, tokenizer, prompts, blend, args, desc="steer.py")
+    return time.perf_counter() - start, sum(r["n_new_tokens"] for r in results)
 
 
 def serve_once(client, prompt: str, new_tokens: int) -> tuple[float, int]:
@@ -125,6 +136,14 @@ def main() -> None:
         many_s = time.perf_counter() - start
         rows_per_batch = app.state.queue.batch_rows[before:]
 
+    # The machine's ceiling for batching: steer.py decoding the clients' first prompts together against one at a
+    # time, no server. Where a batch of 8 costs nearly 8 single steps (a CPU's compute-bound matmuls), no queue
+    # can reach the target.
+    firsts = prompts[:args.clients]
+    single_s, single_n = steer_batch(models, tokenizer, firsts, blend, args.new_tokens, args.speculative, 1)
+    batch_s, batch_n = steer_batch(models, tokenizer, firsts, blend, args.new_tokens, args.speculative, args.clients)
+    ceiling = (batch_n / batch_s) / (single_n / single_s)
+
     steer_per_token, serve_per_token = steer_s / steer_n, serve_s / serve_n
     overhead = serve_per_token / steer_per_token
     one_rate, many_rate = serve_n / serve_s, sum(tokens) / many_s
@@ -135,6 +154,9 @@ def main() -> None:
          f"{serve_per_token * 1000:.1f} ms", f"**{overhead:.3f}**", "<= 1.10", met[overhead <= 1.10]),
         (f"{args.clients} clients: total throughput", f"{one_rate:.1f} tokens/s (one client)",
          f"{many_rate:.1f} tokens/s", f"**{speedup:.2f}**", ">= 3", met[speedup >= 3]),
+        (f"(this machine's ceiling: steer.py, the {args.clients} first prompts in one batch)",
+         f"{single_n / single_s:.1f} tokens/s (one at a time)", f"{batch_n / batch_s:.1f} tokens/s (steer.py)",
+         f"{ceiling:.2f}", "", ""),
     ]
     header = ("what", "baseline", "server", "ratio", "target", "")
     title = (f"Server: L={args.large} shape, S={args.small} shape, {args.prompt_len}-token prompts, "
@@ -148,7 +170,9 @@ def main() -> None:
              f"{args.requests_per_client} requests each one after another, {sum(tokens)} tokens in "
              f"{many_s:.1f} s; rows per decoded batch: {rows_per_batch} (the first client's first request starts "
              "alone: the queue does not know that seven more are coming). Throughput = generated tokens / wall "
-             "time.")
+             f"time. Ceiling: steer.py's generate_texts on the {args.clients} clients' first prompts with --batch_size "
+             f"{args.clients} against --batch_size 1 ({batch_n} and {single_n} tokens), no server: the most a queue "
+             "that batches perfectly could give on this machine.")
     if args.ci or args.no_record:
         print("\n".join(" | ".join(str(c) for c in r) for r in table))
         print(notes)
