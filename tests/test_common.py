@@ -93,6 +93,21 @@ def test_to_jsonable_redacts_tokens():
     assert out["hub_token"] == "<redacted>" and out["max_new_tokens"] == 5
 
 
+def test_only_credentials_are_redacted_not_settings_that_mention_tokens():
+    @dataclass
+    class Settings:
+        token: str = "hf_a"
+        push_to_hub_token: str = "hf_b"
+        api_key: str = "sk-c"
+        stop_tokens: str = "\n\n"
+        tokenizer_name: str = "EleutherAI/pythia-70m"
+        eos_token: str = "<|endoftext|>"
+
+    out = to_jsonable(Settings())
+    assert [k for k, v in out.items() if v == "<redacted>"] == ["token", "push_to_hub_token", "api_key"]
+    assert out["stop_tokens"] == "\n\n" and out["eos_token"] == "<|endoftext|>"
+
+
 def test_template_and_target():
     prompt = render_prompt(["A.", "B."])
     assert prompt == PROMPT_TEMPLATE.format(reviews="A.\n\nB.")

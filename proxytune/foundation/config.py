@@ -123,6 +123,19 @@ def _refuse_flags(message: str) -> None:
     raise UsageError(f"{message}; see --help")
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def is_secret(name: str) -> bool:
+    """Settings whose values are credentials: token, hub_token, api_key, ..._password, ..._secret. A name that
+    merely mentions tokens (tokenizer_name, max_new_tokens, a string `stop_tokens`) or a special token is a setting.
+    `is_secret("hub_token")` -> True, `is_secret("eos_token")` -> False."""
+    if name.endswith(SPECIAL_TOKENS):
+        return False
+    return name in ("token", "api_key", "password", "secret") or name.endswith(
+        ("_token", "_api_key", "_password", "_secret"))
+
+
 def to_jsonable(*objs) -> dict[str, Any]:
     """Merge dataclasses into one JSON-able dict (for `config.json`), tokens and secrets removed."""
     out: dict[str, Any] = {}
@@ -131,9 +144,7 @@ def to_jsonable(*objs) -> dict[str, Any]:
             continue
         items = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
         for k, v in items.items():
-            # Secrets (hub_token, token, ...) go; tokenizer names and token counts are settings, not secrets.
-            secret = "token" in k and not k.startswith("tokenizer") and k not in ("max_new_tokens", "max_prompt_tokens")
-            if secret and isinstance(v, str):
+            if is_secret(k) and isinstance(v, str):
                 v = "<redacted>"
             out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
     return out
