@@ -31,6 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import ROOT, record  # noqa: E402
 from steering_lab import SYSTEMS, LabArguments, evaluation_data, resolve_lab  # noqa: E402
 
+try:
+    import lm_eval  # noqa: F401  (an optional extra)
+except ImportError as missing:
+    sys.exit(f"bench/harness_lab.py needs lm-eval ({missing}): pip install lm-eval==0.4.13")
+
+import proxytune.integrations.harness  # noqa: F401  (registers the proxytune-steered model type)
 from proxytune.evaluation.arguments import ARGUMENT_TYPES
 from proxytune.evaluation.generation import build_inputs
 from proxytune.foundation.cli import run_cli, setup_logging
@@ -141,12 +147,6 @@ def lab_nll(lab, label: str) -> dict[str, tuple[float, int]]:
 
 def main(args: HarnessLabArguments) -> dict:
     setup_logging()
-    try:
-        import lm_eval  # noqa: F401
-
-        import proxytune.integrations.harness  # noqa: F401  (registers proxytune-steered)
-    except ImportError as error:
-        raise UsageError(f"bench/harness_lab.py needs lm-eval ({error}): pip install lm-eval==0.4.13") from None
     lab = resolve_lab(LabArguments(work_dir=args.work_dir, smoke=args.smoke))
     if not (lab.eval_dir / "greedy" / "main" / "predictions.jsonl").is_file():
         raise UsageError(f"{lab.work} has no finished steering lab (no eval/test/greedy/main/predictions.jsonl): run "
