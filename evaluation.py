@@ -18,7 +18,8 @@ Sharded over processes (each generates its share; rank 0 merges and writes every
     # or by hand: --shard_index K --num_shards N for each K, then the same command with --merge_only
 
 Systems: small_base, small_tuned, large, large_tuned, steered (a system runs when its models are given;
---systems picks a subset). Every system gets the same prompts (the template of proxytune/task/prompts.py, re-cut to fit
+--systems picks a subset). Every system gets the same prompts (--prompt_template, else the template the small tuned
+model's final/, the blend or the processed data records, else meta_review; re-cut to fit
 min(model context, --max_length) - max_new_tokens) and the same decoding settings unless
 --decoding_overrides changes them for one system.
 
@@ -32,6 +33,14 @@ Decision consistency (does the generated meta-review reach the paper's real deci
 (proxytune/training/classification.py):
     python evaluation.py --decision_classifier outputs/decision-classifier/final
 
+Continuations of text prompts, without references (docs/rl-from-a-reward.md): the first 2-8 tokens of held-out texts
+continued by every system, scored by a reward classifier (positive rate, mean score), an independent judge
+classifier (positive rate), a fluency model (perplexity given the prompt), distinct-1/2/3, EOS share and length:
+    python evaluation.py --text_dataset ../shared/data/imdb/imdb_partial.jsonl.gz --completion_length 4,16 \
+        --small_base_model EleutherAI/pythia-70m --small_tuned_model outputs/rl-ppo-imdb/final \
+        --large_model EleutherAI/pythia-410m --alpha 1.0 --reward_model path/to/sentiment-classifier \
+        --reward_label positive --judge_classifier path/to/another-classifier --fluency_model EleutherAI/pythia-1.4b
+
 ROUGE-Lsum needs one sentence per line; nltk's punkt data cannot be downloaded here, so sentences are
 split with a regular expression (`split_sentences`) instead. Scores are F1 x 100, with percentile
 bootstrap confidence intervals over examples (the same resamples for every system, so they are paired).
@@ -44,7 +53,14 @@ import os
 import time
 from pathlib import Path
 
-from proxytune.evaluation.arguments import ARGUMENT_TYPES, GenerationArguments, ModelArguments, OutputArguments
+from proxytune.evaluation.arguments import (
+    ARGUMENT_TYPES,
+    ContinuationArguments,
+    GenerationArguments,
+    ModelArguments,
+    OutputArguments,
+)
+from proxytune.evaluation.continuations import CONTINUATION_METRICS, evaluate_continuations
 from proxytune.evaluation.outputs import format_table, write_outputs
 from proxytune.evaluation.shards import (
     evaluate_shard,
@@ -66,7 +82,7 @@ logger = logging.getLogger("evaluation")
 
 
 def main(model_args: ModelArguments, data_args: DataArguments, gen_args: GenerationArguments,
-         out_args: OutputArguments) -> dict | None:
+         out_args: OutputArguments, cont_args: ContinuationArguments | None = None) -> dict | None:
     """Evaluate; returns metrics.json's content (None on ranks other than 0 and on hand-run shards)."""
     setup_logging()
     shard_index, num_shards, launched = resolve_sharding(out_args)
@@ -78,6 +94,12 @@ def main(model_args: ModelArguments, data_args: DataArguments, gen_args: Generat
     if writes_outputs:
         check_output_dir(out_args.workbook_path.parent, f"--output_xlsx {out_args.workbook_path}: directory")
         read_judgments(out_args.workbook_path)  # fail now, not after an hour of generation
+    if cont_args is not None and cont_args.text_dataset:  # continuations of text prompts, no references
+        metrics = evaluate_continuations(model_args, data_args, gen_args, out_args, cont_args,
+                                         model_args.device or default_device(), num_shards)
+        print(format_table(metrics["systems"], CONTINUATION_METRICS))
+        logger.info("wrote %s and metrics/predictions/plot to %s", out_args.workbook_path, out_dir)
+        return metrics
     if out_args.merge_only:
         merged = merge_shards(out_dir, out_args.num_shards)
     else:

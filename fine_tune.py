@@ -37,7 +37,8 @@ Layout of --output_dir:
     final/                   the result, written atomically (temporary directory, then rename): model or LoRA
                              adapter + tokenizer (safetensors), README.md (model card), fine_tune_config.json,
                              metrics.json, trainer_state.json, training_curve.png, samples.jsonl and (meta-review
-                             mode) prompt_template.txt
+                             mode) prompt_template.txt/.json (the template the processed data records, or
+                             --prompt_template; steer.py, evaluation.py and rl_tune.py read it back)
 Pass `--output_dir .../final` to steer.py and evaluation.py (proxytune.models.loading.load_causal_lm loads models,
 LoRA and bottleneck adapters).
 """

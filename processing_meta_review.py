@@ -11,10 +11,12 @@ or ORSUM's raw nested records):
 With a config file (later files and flags override it):
     python processing_meta_review.py my_config.yaml --max_length 1024
 
-Every example becomes `prompt` (the reviews in the shared template of proxytune/task/prompts.py, cut token-wise so
+Every example becomes `prompt` (the reviews in the --prompt_template of proxytune/task/prompts.py, cut token-wise so
 prompt + target fit --max_length, each review keeping a fair share) and `target` (" " + meta-review +
 EOS, never cut). Output: a DatasetDict (train/validation/test) saved with save_to_disk, `stats.json`
-(rows in/kept, drops by reason, token-length percentiles, truncations, counts per label) and `prompt_template.txt`.
+(rows in/kept, drops by reason, token-length percentiles, truncations, counts per label), `prompt_template.txt` and
+`prompt_template.json` (read back by fine_tune.py). Alpaca-style instruction data (instruction, input, output) takes
+`--prompt_template alpaca --min_target_words 1` (docs/data.md).
 
 Label columns (--label_columns, default `decision` and `avg_rating`, kept when the source has them) ride along for
 `fine_tune.py --task classification/regression` and evaluation.py's decision consistency. Decisions are normalised by
@@ -37,6 +39,7 @@ from proxytune.foundation.outputs import check_output_dir
 from proxytune.models.loading import load_tokenizer
 from proxytune.task.arguments import ProcessingArguments
 from proxytune.task.processing import check_max_length, process, push, save, summarize
+from proxytune.task.prompts import load_template
 
 logger = logging.getLogger("processing_meta_review")
 
@@ -49,18 +52,19 @@ def main(args: ProcessingArguments) -> dict:
     check_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise UsageError(f"output directory {out} already exists and is not empty; use --overwrite_output_dir")
-    logger.info("processing %s with tokenizer %s, max_length=%d, clean=%s",
-                args.dataset_name, args.tokenizer_name, args.max_length, args.clean)
+    template = load_template(args.prompt_template)
+    logger.info("processing %s with tokenizer %s, max_length=%d, clean=%s, prompt template %s",
+                args.dataset_name, args.tokenizer_name, args.max_length, args.clean, template.name)
     if args.push_to_hub:
         check_hub_for_push()
     tokenizer = load_tokenizer(args.tokenizer_name, trust_remote_code=args.trust_remote_code)
-    check_max_length(tokenizer, args.max_length)
+    check_max_length(tokenizer, args.max_length, template=template)
     # Long reviews are measured whole before they are cut; silence the "longer than the model" warning.
     tokenizer.model_max_length = int(1e30)
-    dataset, stats = process(args, tokenizer)
+    dataset, stats = process(args, tokenizer, template=template)
     if stats["rows_kept"]["train"] == 0:
         raise UsageError(f"no training rows left after cleaning ({stats['dropped']}); check the data and the filters")
-    save(dataset, stats, args)
+    save(dataset, stats, args, template)
     print(summarize(stats))
     logger.info("saved to %s", out)
     if args.push_to_hub:

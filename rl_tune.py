@@ -55,6 +55,7 @@ from proxytune.preference.trainers import (
     load_rewards,
     log_startup,
     measure,
+    paper_template,
     prepare,
     prompt_lengths,
     samples_of,
@@ -87,14 +88,15 @@ def main(args: RLArguments, model_args: RLModelArguments, training_args) -> dict
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=model_args.trust_remote_code, padding_side="left",
                                flag="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
-    train_rows, heldout, eval_items, rewards = prepare(args, model_args, training_args, tokenizer)
+    template = paper_template(args, model_args)
+    train_rows, heldout, eval_items, rewards = prepare(args, model_args, training_args, tokenizer, template)
     model = load_model(model_args, tokenizer, training_args.max_length, training_args.seed)
     reward_setup = load_rewards(args, rewards, tokenizer, training_args) if rewards is not None else None
 
     metrics: dict[str, Any] = {"method": args.method, "train_rows": len(train_rows), "heldout_pairs": len(heldout),
                                **({"prompt_lengths": prompt_lengths(args, tokenizer, train_rows)}
                                   if args.text_dataset else {})}
-    before = measure(args, model, tokenizer, training_args, eval_items, reward_setup, heldout, train_rows)
+    before = measure(args, model, tokenizer, training_args, eval_items, reward_setup, heldout, train_rows, template)
     if model_args.use_lora:
         model = apply_lora(model, model_args)
     log_startup(args, model_args, training_args, model, train_rows, heldout, plan)
@@ -113,14 +115,14 @@ def main(args: RLArguments, model_args: RLModelArguments, training_args) -> dict
     metrics.update(train_result.metrics)
     metrics["global_step"] = trainer.state.global_step
     policy = trainer.model
-    after = measure(args, policy, tokenizer, training_args, eval_items, reward_setup, heldout, train_rows)
+    after = measure(args, policy, tokenizer, training_args, eval_items, reward_setup, heldout, train_rows, template)
     for name in ("heldout_margin", "train_margin"):  # DPO: {"before": ..., "after": ...}
         if name in before:
             metrics[name] = {"before": before.pop(name), "after": after.pop(name)}
     metrics["before"], metrics["after"] = before, after
-    samples = samples_of(args, policy, tokenizer, training_args, eval_items, reward_setup)
+    samples = samples_of(args, policy, tokenizer, training_args, eval_items, reward_setup, template)
     logger.info("before -> after: %s", {k: (metrics["before"].get(k), v) for k, v in metrics["after"].items()})
-    final = save(trainer, tokenizer, args, model_args, training_args, metrics, samples, train_rows, heldout)
+    final = save(trainer, tokenizer, args, model_args, training_args, metrics, samples, train_rows, heldout, template)
     logger.info("wrote %s: %s", final, ", ".join(sorted(p.name for p in final.iterdir())))
     return {"status": "trained", "final_dir": final, "metrics": metrics, "resumed_from": plan.resume_from}
 

@@ -15,6 +15,9 @@ with a warning if it differs):
     python steer.py --blend outputs/steer/blend.json \
         --prompts_file ../shared/data/meta_review/mred_val_longest.jsonl --output_dir outputs/steer_generations
 
+The prompt template is the one the small tuned model's final/ (else the --blend file) records; --prompt_template
+chooses another, with a warning (docs/data.md).
+
 Each model may sit on its own device and dtype (--large_device cuda:0 --small_base_device cuda:1 --large_dtype
 bfloat16 ...) and be loaded in 4 or 8 bits (--large_load_in_4bit, bitsandbytes; README "Quantised models"); the
 arithmetic runs on L's device, on float32 log-probs.
@@ -54,6 +57,7 @@ from proxytune.steering.generation import (
     write_generations,
 )
 from proxytune.steering.loading import load_models, model_records, resolve_model_args
+from proxytune.steering.records import run_template
 from proxytune.steering.tuning import format_report, tune, warn_if_not_steering, write_tune_outputs
 
 logger = logging.getLogger("steer")
@@ -75,13 +79,15 @@ def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: Tune
         blend = resolve_blend(steer_args)  # a bad blend file fails before the models load
         items = read_prompt_texts(steer_args)
     model_args = resolve_model_args(model_args, steer_args.blend)
+    template = run_template(steer_args.prompt_template, model_args.small_tuned_model, steer_args.blend,
+                            tune_args.validation_data if tune_args.tune else None)
     config = to_jsonable(model_args, steer_args, tune_args)
     logger.info("config: %s", json.dumps(config))
     torch.manual_seed(steer_args.seed)
     models, tokenizer = load_models(model_args, with_large_tuned=tune_args.tune)
 
     if tune_args.tune:
-        report, rows = tune(models, tokenizer, tune_args, steer_args)
+        report, rows = tune(models, tokenizer, tune_args, steer_args, template)
         report["models"] = model_records(model_args, models)
         print(format_report(report))
         write_tune_outputs(report, rows, config, steer_args.output_dir, steer_args.overwrite_output_dir)
@@ -92,7 +98,7 @@ def main(model_args: ModelArguments, steer_args: SteerArguments, tune_args: Tune
     if budget < 1:
         raise UsageError(f"--max_new_tokens {steer_args.max_new_tokens} leaves no room for the prompt in the "
                          f"{context}-token context; lower it")
-    prompts = build_prompts(items, tokenizer, budget, steer_args.use_template)
+    prompts = build_prompts(items, tokenizer, budget, steer_args.use_template, template)
     system = describe_blend(blend, loaded_bits(models))
     logger.info("%d prompts, blend %s (%s), %s decoding, max_new_tokens=%d", len(prompts), blend.describe(),
                 system, "sampled" if steer_args.do_sample else "greedy", steer_args.max_new_tokens)

@@ -215,6 +215,88 @@ def test_lora_classifier_saves_its_head_and_loads_back(base_model_dir, labelled_
     assert classify.predict(model, tokenizer, info, ["Reject."])[0] in ("accept", "reject")
 
 
+# ---------------------------------------------------------------------------------------------
+# Plain labelled text (--classification_input text): a sentiment classifier for rl_tune.py's reward
+# ---------------------------------------------------------------------------------------------
+def sentiment_rows(n: int = 32, labels: tuple = ("neg", "pos")) -> list[dict]:
+    """IMDB-like rows (split, label, id, rating, text): a positive or negative word in an otherwise shared review."""
+    words = {0: ["awful", "boring", "dreadful", "dull"], 1: ["great", "wonderful", "superb", "lovely"]}
+    return [{"split": "train", "label": labels[i % 2], "id": i, "rating": 8 if i % 2 else 2,
+             "text": f"Film {i} was {words[i % 2][i % 4]}.<br />I saw it twice."} for i in range(n)]
+
+
+def test_text_classifier_names_its_classes_and_reads_them_back(tiny_tokenizer_dir, tmp_path):
+    """IMDB's neg/pos become negative/positive in --label_map's order; the plain template is recorded and is what
+    rl_tune.py's reward (load_reward_model) encodes with; --reward_label positive reads class 1."""
+    from proxytune.training.classifier_scores import load_reward_model
+
+    data = write_jsonl(tmp_path / "imdb.jsonl", sentiment_rows())
+    result = train(tiny_tokenizer_dir, data, tmp_path / "out", "--task", "classification", "--classification_input",
+                   "text", "--label_map", "neg=negative,pos=positive", "--max_steps", "20",
+                   "--validation_split_percentage", "25")
+    final = tmp_path / "out" / "final"
+    losses = [h["loss"] for h in json.loads((final / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert result["status"] == "trained" and sum(losses[-5:]) < sum(losses[:5])
+    info = json.loads((final / "classifier.json").read_text())
+    assert info["labels"] == ["negative", "positive"] and info["label_column"] == "label"
+    assert info["template"] == ["", "\n\nLabel:"] and info["classification_input"] == "text"
+    assert info["label_map"] == {"neg": "negative", "pos": "positive"} and info["text_column"] == "text"
+    assert sum(info["train_label_counts"].values()) == 24
+    assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    reward = load_reward_model(str(final), "positive", "logit", "auto")
+    assert reward.label == 1 and reward.reads == "full"  # a text classifier reads prompt + completion
+    tok = reward.tokenizer
+    assert reward.encode("Film 1 was great.") == tok("Film 1 was great.\n\nLabel:", add_special_tokens=False)[
+        "input_ids"] == classify.encode_input("Film 1 was great.", tok, 96, "text")
+    model, tokenizer, loaded = classify.load_classifier(final, device="cpu")
+    assert set(classify.predict(model, tokenizer, loaded, ["It was great.", "It was awful."])) <= {"negative",
+                                                                                                  "positive"}
+
+
+def test_text_labels_as_numbers_and_a_recorded_template_wins(tiny_tokenizer_dir, tmp_path):
+    """The Hub's IMDB labels are 0/1 (read back from JSON as ints, or floats from a CSV): --label_map 0=...,1=...
+    names them; a classifier is encoded with the template its classifier.json records, not today's default."""
+    rows = sentiment_rows(labels=(0, 1))
+    out = tmp_path / "out"
+    train(tiny_tokenizer_dir, write_jsonl(tmp_path / "imdb.jsonl", rows), out, "--task", "classification",
+          "--classification_input", "text", "--label_map", "0=negative,1=positive", "--max_steps", "1",
+          "--eval_strategy", "no", "--save_strategy", "no")
+    info = json.loads((out / "final" / "classifier.json").read_text())
+    counts = info["train_label_counts"]
+    assert info["labels"] == ["negative", "positive"] == list(counts) and sum(counts.values()) == 29  # 10% held out
+    assert classify.label_key(1.0) == classify.label_key(1) == "1" and classify.label_key(" pos ") == "pos"
+    assert classify.template_of({"classification_input": "text", "template": ["Review: ", " Mood:"]}) == (
+        "Review: ", " Mood:")
+    assert classify.template_of({"classification_input": "meta_review"}) == classify.INPUT_TEMPLATES["meta_review"]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--label_map", "neg=negative"], ("fewer than two class names",)),
+    (["--label_map", "neg=negative,pos"], ("'pos' is not value=name",)),
+    (["--label_map", "neg=negative,meh=neutral"], ("does not name", "'pos'")),
+    (["--label_map", "neg=negative,pos=positive,meh=neutral"], ("no training row", "neutral")),
+    (["--label_column", "stars"], ("--label_column stars is not a column", "rating")),
+    (["--text_column", "body"], ("column 'body' not found",)),
+])
+def test_bad_text_classification_flags_are_one_clear_error(flags, needles, tiny_tokenizer_dir, tmp_path):
+    data = write_jsonl(tmp_path / "imdb.jsonl", sentiment_rows(12))
+    with pytest.raises(UsageError) as err:
+        train(tiny_tokenizer_dir, data, tmp_path / "out", "--task", "classification", "--classification_input",
+              "text", *flags, "--max_steps", "1")
+    for needle in needles:
+        assert needle in str(err.value)
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_text_column_without_text_input_and_label_map_for_regression_are_refused():
+    with pytest.raises(UsageError, match="--classification_input text"):
+        parse_args(["--report_to", "none", "--task", "classification", "--text_column", "text"])
+    with pytest.raises(UsageError, match="--label_map names classes"):
+        parse_args(["--report_to", "none", "--task", "regression", "--label_map", "0=a,1=b"])
+    _, data_args, _ = parse_args(["--report_to", "none", "--task", "classification", "--classification_input", "text"])
+    assert (data_args.text_column, data_args.label_column) == ("text", "label")
+
+
 @pytest.fixture(scope="module")
 def base_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     from conftest import make_tiny_model

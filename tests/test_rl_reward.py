@@ -22,12 +22,12 @@ from proxytune.models.loading import load_causal_lm
 from proxytune.preference.arguments import parse_args
 from proxytune.preference.ppo import AdaptiveKLController, gae_advantages, policy_loss, token_rewards, value_loss
 from proxytune.preference.ppo_trainer import PPOTrainer
-from proxytune.preference.rewards import load_reward_model, resolve_label
-from proxytune.preference.text_prompts import parse_token_range, text_prompt_rows
 from proxytune.preference.trainers import build_trainer, load_rewards, prepare
 from proxytune.steering.arguments import ModelArguments, SteerArguments, TuneArguments
 from proxytune.steering.blend import Blend, blend_logprobs
 from proxytune.training.classification import encode_input
+from proxytune.training.classifier_scores import load_reward_model, resolve_label
+from proxytune.training.text_prompts import parse_token_range, text_prompt_rows
 from steer import main as steer_main
 
 

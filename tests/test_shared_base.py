@@ -1,6 +1,7 @@
-"""proxytune/steering/shared_base.py: when S_tuned is a LoRA adapter on S's weights, one forward of 2B rows (PEFT
-mixed batches) serves both, and every decoder gives what two separate forwards give (float64: equal tokens, log-probs
-within rounding); a fully fine-tuned S_tuned, or an adapter on other weights, is not paired."""
+"""proxytune/steering/shared_base.py: when S_tuned is a LoRA adapter (PEFT mixed batches) or a bottleneck adapter on
+S's weights, one forward of 2B rows serves both, and every decoder gives what two separate forwards give (float64:
+equal tokens, log-probs within rounding) while S runs no forward of its own; a fully fine-tuned S_tuned, or an adapter
+on other weights, is not paired. The bottleneck's own cases: tests/test_shared_base_bottleneck.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from proxytune.models.adapters import BottleneckConfig, add_bottleneck_adapters
 from proxytune.steering.arguments import ModelArguments
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend
 from proxytune.steering.decoding import left_pad, steered_generate
@@ -33,16 +35,33 @@ def lora_of(base, seed: int = 3):
     return get_peft_model(copy.deepcopy(base), config).eval()
 
 
-@pytest.fixture(scope="module")
-def models():
+def bottleneck_of(base, seed: int = 3):
+    """A bottleneck S_tuned on (a copy of) `base`'s weights, in its dtype, its up-projections random (not the zero
+    init), so it differs; at unit scale with seed 3 the speculation tests' drafts are partly kept, partly rejected."""
+    model = add_bottleneck_adapters(copy.deepcopy(base), BottleneckConfig("base", reduction_factor=4),
+                                    dtype=next(base.parameters()).dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "_adapter.up." in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model.eval()
+
+
+TUNED = {"lora": (lora_of, "default"), "bottleneck": (bottleneck_of, "bottleneck")}  # kind -> (make, adapter name)
+
+
+@pytest.fixture(scope="module", params=list(TUNED))
+def models(request):
     large = make_tiny_model(V, seed=2, hidden_size=64, num_layers=3, padded_vocab=V + 12, output_scale=30.0)
     base = make_tiny_model(V, seed=0, padded_vocab=V + 12, output_scale=30.0)
     large, base = large.double(), base.double()
-    tuned = lora_of(base).double()
+    make, adapter = TUNED[request.param]
+    tuned = make(base).double()
     # Two forwards: the same adapter on its own copy, never paired (no twin mark).
     separate = copy.deepcopy(tuned)
     paired = share_or_merge(base, tuned)
-    assert paired is tuned and paired_adapter(base, paired) == "default"
+    assert paired is tuned and paired_adapter(base, paired) == adapter
     assert paired_adapter(base, separate) is None
     return {"large": large, "base": base, "paired": paired, "separate": separate}
 
@@ -87,9 +106,9 @@ def count_forwards(model, monkeypatch) -> list[int]:
 def test_plain_loop_paired_equals_two_forwards(models, prompts, monkeypatch):
     blend = Blend.from_alpha(1.0)
     two = run(steered_generate, models, "separate", prompts, blend, return_logprobs=True)
-    sizes = count_forwards(models["paired"], monkeypatch)
+    sizes, base_sizes = count_forwards(models["paired"], monkeypatch), count_forwards(models["base"], monkeypatch)
     one = run(steered_generate, models, "paired", prompts, blend, return_logprobs=True)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and base_sizes == []
     torch.testing.assert_close(one[2], two[2], rtol=0, atol=1e-10)
     assert sizes and all(n in (1, 2 * len(prompts)) for n in sizes)  # paired steps (and a CPU's row prefills)
     assert 2 * len(prompts) in sizes
@@ -103,10 +122,10 @@ def test_scoring_and_tunes_cached_logprobs_paired_equal_two_forwards(models, mon
               cache_dtype=torch.float64, pad_token_id=PAD, show_progress=False)
     two = score_targets({LARGE: models["large"], SMALL_TUNED: models["separate"], SMALL_BASE: models["base"]},
                         prompts, targets, **kw)
-    sizes = count_forwards(models["paired"], monkeypatch)
+    sizes, base_sizes = count_forwards(models["paired"], monkeypatch), count_forwards(models["base"], monkeypatch)
     one = score_targets({LARGE: models["large"], SMALL_TUNED: models["paired"], SMALL_BASE: models["base"]},
                         prompts, targets, **kw)
-    assert sizes == [4, 2]  # batches of 2 and 1 rows, each paired
+    assert sizes == [4, 2] and base_sizes == []  # batches of 2 and 1 rows, each paired; S runs none of its own
     assert one.keys() == two.keys()
     for key in two:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-10)
@@ -125,10 +144,10 @@ def test_speculation_paired_equals_two_forwards(models, prompts, draft_tokens, m
     # Adaptive (None): priced by a clock of the rounds run (a draft costs 0.05 of a step), so it drafts and steps.
     schedule = DraftSchedule(8, clock=lambda: sum(1 + 0.05 * k for _, k, _ in stats.batch_rounds)) \
         if draft_tokens is None else None
-    sizes = count_forwards(models["paired"], monkeypatch)
+    sizes, base_sizes = count_forwards(models["paired"], monkeypatch), count_forwards(models["base"], monkeypatch)
     spec = run(speculative_generate, models, "paired", prompts, blend, max_new_tokens=16, draft_tokens=draft_tokens,
                stats=stats, schedule=schedule)
-    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1]) and base_sizes == []
     assert stats.forwards[SMALL_BASE] == 0 and 0 < stats.accepted < stats.drafted
     assert 2 * len(prompts) in sizes and all(n in (1, 2 * len(prompts)) for n in sizes)
 

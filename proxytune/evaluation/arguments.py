@@ -1,4 +1,4 @@
-"""The flags of evaluation.py: models and systems, decoding, outputs."""
+"""The flags of evaluation.py: models and systems, decoding, outputs, and continuations of text prompts."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxytune.foundation.errors import raise_problems
+from proxytune.foundation.errors import UsageError, raise_problems
 from proxytune.foundation.validation import SEED_MAX, decoding_problems, number_problems
 from proxytune.models.loading import DEFAULT_MODELS, DTYPES
 from proxytune.models.quantization import QuantizationArguments, quantization_flags_last
 from proxytune.task.papers import DataArguments
+from proxytune.training.classifier_scores import REWARD_INPUTS, REWARD_SCORES
+from proxytune.training.text_prompts import parse_token_range
 
 SYSTEMS = ("small_base", "small_tuned", "large", "large_tuned", "steered")
 
@@ -160,4 +162,82 @@ class OutputArguments:
         return Path(self.output_xlsx) if self.output_xlsx else Path(self.output_dir) / "eval_examples.xlsx"
 
 
-ARGUMENT_TYPES = (ModelArguments, DataArguments, GenerationArguments, OutputArguments)
+@dataclass
+class ContinuationArguments:
+    """--text_dataset: continuations of plain-text prompts, scored without references
+    (proxytune/evaluation/continuations.py)."""
+
+    text_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Evaluate continuations of text prompts instead of meta-reviews: a Hub dataset (e.g. "
+                  "stanfordnlp/imdb) or a local .jsonl[.gz]/.csv/.parquet/.txt file. The prompts are the first "
+                  "--prompt_length tokens of --num_examples of its held-out texts (a seeded sample of its validation "
+                  "split, else of the --validation_split_percentage that rl_tune.py holds out with the same --seed). "
+                  "There is no reference, so no ROUGE and no reference perplexity; one process only (no shards)."})
+    text_column: str = field(default="text", metadata={"help": "--text_dataset's column of text."})
+    prompt_length: str = field(
+        default="2,8",
+        metadata={"help": "--text_dataset: a prompt is the first N tokens of a text (the systems' tokenizer), N drawn "
+                  "per text from 'low,high' or fixed 'N'; texts shorter than the low end are skipped."})
+    completion_length: str | None = field(
+        default=None,
+        metadata={"help": "--text_dataset: new tokens per prompt, drawn per prompt from 'low,high' or fixed 'N' "
+                  "(rl_tune.py's default is 4,16); each system generates up to the high end and each continuation is "
+                  "cut at its draw. Default: --max_new_tokens (per system, as --decoding_overrides sets it)."})
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={"help": "--text_dataset without a validation split: the share of it held out, whose texts give the "
+                  "prompts (rl_tune.py's flag: the same --seed holds out the same texts)."})
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "--text_dataset: a sequence classifier (fine_tune.py --task classification's final/, or any "
+                  "AutoModelForSequenceClassification directory or Hub id) read at --reward_label as rl_tune.py reads "
+                  "its reward: per system, reward_positive_rate (the share of continuations whose top class is that "
+                  "label) and reward_score (the mean --reward_score)."})
+    reward_label: str | None = field(
+        default=None,
+        metadata={"help": "The class --reward_model is read at, by its id2label name (any case) or index, e.g. "
+                  "positive; needed when it has two or more classes."})
+    reward_score: str = field(
+        default="logit",
+        metadata={"help": "How --reward_label's output becomes reward_score: logit (its raw logit), log_odds "
+                  "(log p / (1 - p)) or probability.", "choices": list(REWARD_SCORES)})
+    reward_input: str = field(
+        default="auto",
+        metadata={"help": "What --reward_model and --judge_classifier read: full (prompt + continuation), completion "
+                  "(the continuation alone), auto (the continuation for a fine_tune.py classifier of meta-reviews, "
+                  "else full).", "choices": list(REWARD_INPUTS)})
+    judge_classifier: str | None = field(
+        default=None,
+        metadata={"help": "--text_dataset: a second classifier, independent of the reward (e.g. trained on other "
+                  "texts), so that a gain only the reward model sees shows: per system, judge_positive_rate, the share "
+                  "of continuations whose top class is --judge_label."})
+    judge_label: str | None = field(
+        default=None, metadata={"help": "--judge_classifier's class, by name or index. Default: --reward_label."})
+    fluency_model: str | None = field(
+        default=None,
+        metadata={"help": "--text_dataset: a causal LM (Hub id or directory) that scores fluency: fluency_perplexity, "
+                  "exp of the mean NLL of the continuation's tokens given the prompt, both in this model's own "
+                  "tokenization (EOS not scored); per system it is corpus-level (total NLL / total tokens)."})
+
+    def __post_init__(self):
+        problems = number_problems(self, {"validation_split_percentage": "[0, 100)"})
+        for name in ("prompt_length", "completion_length"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_token_range(value, f"--{name}")
+                except UsageError as err:
+                    problems.append(str(err))
+        given = [f"--{name}" for name in ("completion_length", "reward_model", "judge_classifier", "fluency_model")
+                 if getattr(self, name) is not None]
+        if given and not self.text_dataset:
+            problems.append(f"{', '.join(given)} score continuations of text prompts; pass --text_dataset (or drop "
+                            "them)")
+        for label, model in (("reward_label", "reward_model"), ("judge_label", "judge_classifier")):
+            if getattr(self, label) is not None and getattr(self, model) is None:
+                problems.append(f"--{label} {getattr(self, label)} names a class of --{model}; pass --{model}")
+        raise_problems(problems)
+
+
+ARGUMENT_TYPES = (ModelArguments, DataArguments, GenerationArguments, OutputArguments, ContinuationArguments)

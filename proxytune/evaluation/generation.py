@@ -10,10 +10,11 @@ from proxytune.steering.decoding import left_pad, prefill_rows, prefill_separate
 from proxytune.steering.scoring import score_targets
 from proxytune.steering.speculative import decode_steered
 from proxytune.task.processing import tokenize_example
-from proxytune.task.prompts import build_prompt, encode_target
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_prompt, encode_target
 
 
-def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: int) -> None:
+def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: int,
+                 template: PromptTemplate = DEFAULT_TEMPLATE) -> None:
     """Add the generation prompt (cut to `prompt_budget` by build_prompt) and the inputs for scoring.
 
     The reference is " " + meta-review + EOS, exactly the training target, scored whole: its prompt gets its own
@@ -23,10 +24,10 @@ def build_inputs(examples: list[dict], tokenizer, prompt_budget: int, context: i
     """
 
     for ex in examples:
-        prompt, truncated = build_prompt(ex["reviews"], tokenizer, prompt_budget)
+        prompt, truncated = build_prompt(ex["reviews"], tokenizer, prompt_budget, template)
         ex["prompt_ids"] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ex["prompt_truncated"] = truncated
-        scored = tokenize_example({"reviews": ex["reviews"], "Output": ex["Output"]}, tokenizer, context)
+        scored = tokenize_example({"reviews": ex["reviews"], "Output": ex["Output"]}, tokenizer, context, template)
         if scored is not None:
             n_prompt = scored["prompt_length"]
             ex["score_prompt_ids"], ex["target_ids"] = scored["input_ids"][:n_prompt], scored["input_ids"][n_prompt:]
@@ -66,7 +67,10 @@ def generate_batch(system: str, models: dict[str, Any], blend, input_ids, attent
 
     model = models[system]
     rows = model.get_output_embeddings().weight.shape[0]
-    sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"]) if settings["do_sample"] else {}
+    # top_k=0: GenerationConfig would otherwise sample from the 50 likeliest tokens only, unlike the steered system
+    # (decode_steered), rl_tune.py and PPO, which sample from the whole distribution (after --top_p).
+    sampling = dict(temperature=settings["temperature"], top_p=settings["top_p"], top_k=0) \
+        if settings["do_sample"] else {}
     # On CPU the prompts' pass runs one row at a time into one batched cache; generate() then runs the last
     # column and the decoding steps batched (prefill_rows says why; bench/bench_evaluation.py).
     cache = None

@@ -11,7 +11,6 @@ from pathlib import Path
 from proxytune.evaluation.arguments import OutputArguments
 from proxytune.evaluation.scores import SUMMARY_METRICS, score_decisions, score_records, summarize
 from proxytune.foundation.outputs import write_json
-from proxytune.task.prompts import PROMPT_TEMPLATE
 from proxytune.task.text_metrics import ROUGE_TYPES
 from proxytune.workbook.judgments import export_judgments
 from proxytune.workbook.writer import BookOptions, write_workbook
@@ -27,8 +26,9 @@ def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_systems(path: Path, summary: dict) -> None:
-    """Grouped bars of ROUGE per system with the bootstrap intervals as error bars."""
+def plot_systems(path: Path, summary: dict, metrics: tuple[str, ...] = ROUGE_TYPES, ylabel: str = "F1 x 100",
+                 title: str = "ROUGE") -> None:
+    """Grouped bars of `metrics` (default ROUGE) per system with the bootstrap intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,16 +37,16 @@ def plot_systems(path: Path, summary: dict) -> None:
 
     systems = list(summary)
     x = np.arange(len(systems))
-    width = 0.8 / len(ROUGE_TYPES)
+    width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(systems), 4))
-    for k, metric in enumerate(ROUGE_TYPES):
+    for k, metric in enumerate(metrics):
         means = np.array([summary[s][metric]["mean"] for s in systems])
         err = np.array([[means[i] - summary[s][metric]["ci_low"], summary[s][metric]["ci_high"] - means[i]]
                         for i, s in enumerate(systems)]).T  # (2, n_systems)
-        ax.bar(x + (k - (len(ROUGE_TYPES) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=metric)
+        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, means, width, yerr=err, capsize=3, label=metric)
     ax.set_xticks(x, systems)
-    ax.set_ylabel("F1 x 100")
-    ax.set_title(f"ROUGE per system (n = {summary[systems[0]]['n']}, bootstrap CI)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} per system (n = {summary[systems[0]]['n']}, bootstrap CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -119,15 +119,17 @@ def write_outputs(merged: dict, out_args: OutputArguments) -> dict:
     write_json(out_dir / "metrics.json", metrics)
     write_jsonl_atomically(out_dir / "predictions.jsonl",
                            [{**r, "reference": examples[r["example_id"]]["reference"]} for r in records])
-    (out_dir / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+    (out_dir / "prompt_template.txt").write_text(run_info["prompt_template"] + "\n", encoding="utf-8")
     plot_systems(out_dir / "rouge_by_system.png", summary)
     return metrics
 
 
-def format_table(summary: dict) -> str:
-    """The summary as aligned text for the log."""
-    metrics = [m for m in SUMMARY_METRICS if any(m in s for s in summary.values())]
-    lines = [f"{'system':<12} " + " ".join(f"{m:>10}" for m in metrics)]
+def format_table(summary: dict, order: tuple[str, ...] = SUMMARY_METRICS) -> str:
+    """The summary's metrics (those of `order` it has) as aligned text for the log."""
+    metrics = [m for m in order if any(m in s for s in summary.values())]
+    width = {m: max(10, len(m)) for m in metrics}
+    lines = [f"{'system':<12} " + " ".join(f"{m:>{width[m]}}" for m in metrics)]
     for system, s in summary.items():
-        lines.append(f"{system:<12} " + " ".join(f"{s[m]['mean']:>10.3f}" if m in s else f"{'':>10}" for m in metrics))
+        lines.append(f"{system:<12} " + " ".join(f"{s[m]['mean']:>{width[m]}.3f}" if m in s else " " * width[m]
+                                                 for m in metrics))
     return "\n".join(lines)

@@ -19,9 +19,9 @@ from proxytune.foundation.progress import progress_bar
 from proxytune.models.quantization import loaded_bits, loaded_quantization
 from proxytune.steering.blend import is_steering
 from proxytune.steering.decoding import model_context
+from proxytune.steering.records import run_template
 from proxytune.task.papers import DataArguments, load_examples, select_examples
 from proxytune.task.processing import check_max_length
-from proxytune.task.prompts import PROMPT_TEMPLATE
 from proxytune.training.classification import read_classifier_info
 
 logger = logging.getLogger(__name__)
@@ -110,9 +110,11 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
     if out_args.decision_classifier:  # before an hour of generation
         check_decisions(selected, read_classifier_info(out_args.decision_classifier), out_args.decision_classifier,
                         f"{data_args.dataset_path} (split {data_args.split}, column '{data_args.decision_column}')")
+    template = run_template(data_args.prompt_template, model_args.small_tuned_model, model_args.blend,
+                            data_args.dataset_path)
     tokenizer, models = load_models(model_args, systems, device)
 
-    check_max_length(tokenizer, data_args.max_length)
+    check_max_length(tokenizer, data_args.max_length, template=template)
     max_new = max(s["max_new_tokens"] for s in decoding.values())
 
     context = min(model_context(models), data_args.max_length)
@@ -121,7 +123,7 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
         raise UsageError(f"only {prompt_budget} prompt tokens are left (context {context} - max_new_tokens "
                          f"{max_new}); raise --max_length or lower --max_new_tokens")
     mine = [ex for ex in selected if ex["position"] % num_shards == shard_index]
-    build_inputs(mine, tokenizer, prompt_budget, context)
+    build_inputs(mine, tokenizer, prompt_budget, context, template)
     paths = model_args.model_paths()
     bits = loaded_bits(models)
     run_info = {
@@ -132,7 +134,7 @@ def evaluate_shard(model_args: ModelArguments, data_args: DataArguments, gen_arg
         "blend": blend.to_dict() if blend is not None else None,
         "tokenizer": model_args.tokenizer_name or paths.get("large") or next(iter(paths.values())),
         "context": context, "max_length": data_args.max_length, "prompt_token_budget": prompt_budget,
-        "prompt_template": PROMPT_TEMPLATE, "dtype": model_args.dtype, "device": device,
+        "prompt_template": template.describe(), "dtype": model_args.dtype, "device": device,
         # Each loaded model's quantisation (bits, quant type, double quant, compute dtype), as blend.json records it.
         "quantization": {role: loaded_quantization(model) or "none" for role, model in models.items()},
         "compute_perplexity": out_args.compute_perplexity, "bootstrap_samples": out_args.bootstrap_samples,

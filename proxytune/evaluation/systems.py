@@ -194,7 +194,7 @@ def load_models(model_args: ModelArguments, systems: list[str], device: str) -> 
         if key not in by_path:
             logger.info("loading %s from %s%s", role, path, f" ({key[1]}-bit)" if key[1] else "")
             # A LoRA S_tuned loads unmerged: paired with S (one forward for both, steering/shared_base.py) when
-            # its base weights are S's, merged otherwise.
+            # its base weights are S's, merged otherwise; a bottleneck S_tuned alike, never merged.
             alone = role == "small_tuned" and list(paths.values()).count(path) == 1
             by_path[key] = load_causal_lm(path, dtype=model_args.dtype, device=device,
                                           trust_remote_code=model_args.trust_remote_code, flag=f"--{role}_model",

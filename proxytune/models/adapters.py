@@ -13,6 +13,12 @@ small file (bottleneck_adapter.safetensors + bottleneck_config.json) loaded on i
 
 The adapters are submodules of the sub-layers they follow (`...attention.mh_adapter`, `...mlp.output_adapter`),
 applied by forward hooks, so the base model's own parameter names, and its forward code, are unchanged.
+
+Mixed rows, as PEFT's LoRA takes them: `model(..., adapter_names=[...])`, one name per row, runs the adapters on the
+rows named "bottleneck" and leaves those named "__base__" as the base model computes them (a(h) = h exactly). A
+forward pre-hook on the model pops the argument (so transformers, whose forward passes unknown keyword arguments
+down to the attention functions, never sees it) and hands each adapter the rows to adapt; a forward hook clears
+them, after an exception too. steering/shared_base.py runs S and S_tuned in one forward this way.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ BOTTLENECK_CONFIG = "bottleneck_config.json"
 BOTTLENECK_WEIGHTS = "bottleneck_adapter.safetensors"
 
 NON_LINEARITIES = ("relu", "swish")
+
+BASE_ROWS = "__base__"  # a row that runs without the adapters (PEFT's name for it)
+BOTTLENECK_ADAPTER = "bottleneck"  # a row that runs them
 
 # model_type -> (the decoder's list of blocks, the attention sub-layer, the MLP sub-layer); names as in transformers.
 LAYOUTS = {"gpt_neox": ("layers", "attention", "mlp"), "gpt2": ("h", "attn", "mlp")}
@@ -52,7 +61,8 @@ class BottleneckConfig:
 
 class BottleneckAdapter(nn.Module):
     """a(h) = h + W_up · f(W_down · h + b_down) + b_up, computed in the adapter's dtype (float32 when training on a
-    bfloat16 base), returned in h's."""
+    bfloat16 base), returned in h's. `rows` (B,) bool, set for one forward by the model's pre-hook: only those rows
+    are adapted, the others are h exactly; None (the default): every row."""
 
     def __init__(self, hidden_size: int, bottleneck_size: int, non_linearity: str, dtype=torch.float32):
         super().__init__()
@@ -61,10 +71,43 @@ class BottleneckAdapter(nn.Module):
         self.up = nn.Linear(bottleneck_size, hidden_size, dtype=dtype)
         nn.init.zeros_(self.up.weight)  # a(h) = h at the start
         nn.init.zeros_(self.up.bias)
+        self.rows: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
         delta = self.up(self.act(self.down(h.to(self.down.weight.dtype))))
-        return h + delta.to(h.dtype)
+        if self.rows is None:
+            return h + delta.to(h.dtype)
+        if self.rows.shape[0] != h.shape[0]:
+            raise ValueError(f"adapter_names has {self.rows.shape[0]} names for a batch of {h.shape[0]} rows")
+        # where, not h + rows * delta: a "__base__" row is h itself, even where delta is not finite.
+        rows = self.rows.to(h.device).view(-1, *[1] * (h.dim() - 1))  # (B, 1, 1)
+        return torch.where(rows, h + delta.to(h.dtype), h)
+
+
+def _adapters(model) -> list[BottleneckAdapter]:
+    return [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+
+
+def _take_adapter_names(model, args, kwargs):
+    """Forward pre-hook on the adapted model: pop `adapter_names` (one per row: BOTTLENECK_ADAPTER or BASE_ROWS) and
+    give each adapter the rows it adapts (all of them when the argument is absent)."""
+    names = kwargs.pop("adapter_names", None)
+    rows = None
+    if names is not None:
+        unknown = sorted(set(names) - {BOTTLENECK_ADAPTER, BASE_ROWS})
+        if unknown:
+            raise ValueError(f"adapter_names {unknown}: a bottleneck model's rows are '{BOTTLENECK_ADAPTER}' or "
+                             f"'{BASE_ROWS}'")
+        rows = torch.tensor([name == BOTTLENECK_ADAPTER for name in names], device=next(model.parameters()).device)
+    for adapter in _adapters(model):
+        adapter.rows = rows
+    return args, kwargs
+
+
+def _clear_adapter_names(model, args, output):
+    """Forward hook (always called, after an exception too): the next forward adapts every row unless told."""
+    for adapter in _adapters(model):
+        adapter.rows = None
 
 
 def _adapt_attention(module, args, output):
@@ -122,6 +165,8 @@ def add_bottleneck_adapters(model, config: BottleneckConfig, dtype=None):
             sub = getattr(block, mlp)
             sub.output_adapter = make()
             sub.register_forward_hook(_adapt_mlp)
+    model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True)
+    model.register_forward_hook(_clear_adapter_names, always_call=True)
     model.bottleneck_config = config
     return model
 
@@ -139,6 +184,12 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     the same file fits the causal LM and a classifier on the same base."""
     return {name: param.detach() for name, param in model.base_model.named_parameters()
             if ".mh_adapter." in name or ".output_adapter." in name}
+
+
+def base_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict without the adapters: its base model's, as the base model names it."""
+    return {name: tensor for name, tensor in model.state_dict().items()
+            if ".mh_adapter." not in name and ".output_adapter." not in name}
 
 
 def save_bottleneck_adapters(model, directory: str | Path) -> None:

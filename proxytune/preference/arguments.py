@@ -15,7 +15,9 @@ from proxytune.foundation.config import CONFIG_SUFFIXES, parse_config, read_conf
 from proxytune.foundation.errors import UsageError, raise_problems
 from proxytune.foundation.validation import number_problems
 from proxytune.models.loading import DEFAULT_MODELS
+from proxytune.task.arguments import TEMPLATE_HELP
 from proxytune.training.arguments import ModelArguments, training_number_problems
+from proxytune.training.classifier_scores import REWARD_INPUTS, REWARD_SCORES
 
 METHODS = ("dpo", "grpo", "rloo", "ppo")
 
@@ -31,17 +33,6 @@ BUILTIN_REWARDS = ("rouge", "eos", "length", "repetition")
 
 
 DEFAULT_REWARD = "rouge:1,eos:0.5,repetition:1"
-
-
-# How a classifier's output becomes a reward (proxytune.preference.rewards.ClassifierReward).
-REWARD_SCORES = ("logit", "log_odds", "probability")
-
-
-# What the classifier reads: auto = the completion for a fine_tune.py classifier of meta-reviews (the prompt, the
-# reviews' template, is not one), else prompt + completion (a whole review continued; TRL's reward-model convention).
-REWARD_INPUTS = ("auto", "full", "completion")
-
-
 
 
 def _from_fine_tune(name: str, **override):
@@ -93,6 +84,9 @@ class RLArguments:
         metadata={"help": "The papers: processing_meta_review.py's output directory or a raw Input/Output file. GRPO "
                   "samples its prompts from --split; DPO looks the workbook's papers up in every split."})
     split: str = field(default="train", metadata={"help": "GRPO/RLOO/PPO: the split whose papers are the prompts."})
+    prompt_template: str | None = field(
+        default=None, metadata={"help": TEMPLATE_HELP + " Default: the template --model_name_or_path (fine_tune.py's "
+                                "final/) records, else meta_review. Not used with --text_dataset."})
     eval_split: str = field(default="validation",
                             metadata={"help": "Split of the papers scored before and after training (metrics.json)."})
     max_train_samples: int | None = field(

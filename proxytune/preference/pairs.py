@@ -10,7 +10,7 @@ from pathlib import Path
 from proxytune.foundation.errors import UsageError
 from proxytune.preference.arguments import RLArguments
 from proxytune.task.papers import load_all_papers
-from proxytune.task.prompts import build_prompt, encode_target
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_prompt, encode_target
 from proxytune.workbook.judgments import judgment_record, read_judgments
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def completion_ids(text: str, ended_with_eos: bool, tokenizer, cap: int) -> list
     return ids[:cap]
 
 
-def build_workbook_pairs(args: RLArguments, tokenizer, max_length: int) -> list[dict]:
+def build_workbook_pairs(args: RLArguments, tokenizer, max_length: int,
+                         template: PromptTemplate = DEFAULT_TEMPLATE) -> list[dict]:
     """Tokenized pairs {example_id, prompt_ids, chosen_ids, rejected_ids} from --workbook, prompts from the papers."""
     path = Path(args.workbook)
     records = read_ratings(path)
@@ -127,7 +128,7 @@ def build_workbook_pairs(args: RLArguments, tokenizer, max_length: int) -> list[
     for pair in pairs:
         chosen, rejected = ids_of(pair, "chosen"), ids_of(pair, "rejected")
         prompt, _ = build_prompt(papers[pair["example_id"]]["reviews"], tokenizer,
-                                 max_length - max(len(chosen), len(rejected)))
+                                 max_length - max(len(chosen), len(rejected)), template)
         out.append({"example_id": pair["example_id"], "prompt_ids": tokenizer(prompt, add_special_tokens=False)[
             "input_ids"], "chosen_ids": chosen, "rejected_ids": rejected})
     logger.info("%s: %d ratings and %d pairwise choices -> %d preference pairs over %d papers (%d ties skipped)", path,

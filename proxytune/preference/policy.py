@@ -5,32 +5,34 @@ from __future__ import annotations
 from proxytune.models.loading import vocab_size_of
 from proxytune.steering.scoring import score_targets
 from proxytune.task.processing import tokenize_example
-from proxytune.task.prompts import build_prompt
-from proxytune.task.text_metrics import make_rouge_scorer, repetition_rate, score_rouge
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_prompt
+from proxytune.task.text_metrics import distinct_n, make_rouge_scorer, repetition_rate, score_rouge
 from proxytune.training.final import generate_samples
 
 
-def build_prompts(papers: list[dict], tokenizer, budget: int) -> list[dict]:
+def build_prompts(papers: list[dict], tokenizer, budget: int,
+                  template: PromptTemplate = DEFAULT_TEMPLATE) -> list[dict]:
     """GRPO's rows: {prompt (the template, reviews cut to `budget` tokens), reference, example_id}."""
     rows = []
     for paper in papers:
-        prompt, _ = build_prompt(paper["reviews"], tokenizer, budget)
+        prompt, _ = build_prompt(paper["reviews"], tokenizer, budget, template)
         rows.append({"prompt": prompt, "reference": paper["Output"], "example_id": paper["example_id"]})
     return rows
 
 
-def eval_samples(papers: list[dict], tokenizer, prompt_budget: int) -> list[dict]:
+def eval_samples(papers: list[dict], tokenizer, prompt_budget: int,
+                 template: PromptTemplate = DEFAULT_TEMPLATE) -> list[dict]:
     """generate_samples' (proxytune.training.final) inputs for `papers`."""
     out = []
     for paper in papers:
-        prompt, _ = build_prompt(paper["reviews"], tokenizer, prompt_budget)
+        prompt, _ = build_prompt(paper["reviews"], tokenizer, prompt_budget, template)
         out.append({"id": paper["example_id"], "prompt": prompt, "reference": paper["Output"],
                     "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]})
     return out
 
 
 def evaluate_policy(model, tokenizer, papers: list[dict], max_length: int, max_new_tokens: int,
-                    batch_size: int = 8) -> dict[str, float]:
+                    batch_size: int = 8, template: PromptTemplate = DEFAULT_TEMPLATE) -> dict[str, float]:
     """Greedy outputs of `papers` (ROUGE-L F1 x 100, share ending with EOS, share of repeated 3-grams: evaluation.py's
     measures) and the reference's NLL per token (the training target, scored as evaluation.py does)."""
     import torch
@@ -38,11 +40,12 @@ def evaluate_policy(model, tokenizer, papers: list[dict], max_length: int, max_n
 
     if not papers:
         return {}
-    generated = generate_samples(model, tokenizer, eval_samples(papers, tokenizer, max_length - max_new_tokens),
-                                           max_new_tokens, batch_size)
+    generated = generate_samples(model, tokenizer,
+                                 eval_samples(papers, tokenizer, max_length - max_new_tokens, template),
+                                 max_new_tokens, batch_size)
     scorer = make_rouge_scorer()
     scored = [ex for p in papers if (ex := tokenize_example({"reviews": p["reviews"], "Output": p["Output"]},
-                                                           tokenizer, max_length))]
+                                                           tokenizer, max_length, template))]
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -90,12 +93,6 @@ def sample_continuations(model, tokenizer, rows: list[dict], seed: int, batch_si
                             "completion": tokenizer.decode(ids, skip_special_tokens=True), "stopped_with_eos": stopped})
     model.train(was_training)
     return out
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams over all n-grams of `texts` (words): `distinct_n(["a a", "a b"], 1)` -> 0.5."""
-    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def evaluate_rewards(model, tokenizer, rows: list[dict], rewards: list, weights: list[float], classifier, seed: int,

@@ -23,12 +23,14 @@ from proxytune.preference.policy import (
     pair_margins,
 )
 from proxytune.preference.ppo_trainer import PPOTrainer
-from proxytune.preference.rewards import load_reward_model, make_reward_functions, parse_length_range, parse_reward_spec
-from proxytune.preference.text_prompts import length_summary, load_prompt_texts, parse_token_range, text_prompt_rows
+from proxytune.preference.rewards import make_reward_functions, parse_length_range, parse_reward_spec
 from proxytune.task.papers import load_papers, select_examples
+from proxytune.task.prompts import PromptTemplate, choose_template, read_template
+from proxytune.training.classifier_scores import load_reward_model
 from proxytune.training.data import PreparedData
 from proxytune.training.final import generate_samples, model_card, save_final
 from proxytune.training.model import count_parameters
+from proxytune.training.text_prompts import length_summary, load_prompt_texts, parse_token_range, text_prompt_rows
 from proxytune.training.trainer import CheckpointReloadMixin, show_progress_as_lines
 
 logger = logging.getLogger(__name__)
@@ -151,9 +153,19 @@ def check_inputs(args: RLArguments) -> None:
                                  "drop it (e.g. --reward '' with --reward_model)")
 
 
-def prepare(args: RLArguments, model_args: RLModelArguments, training_args, tokenizer):
+def paper_template(args: RLArguments, model_args: RLModelArguments) -> PromptTemplate | None:
+    """The papers' prompt template: --prompt_template, else the one the policy's directory records (fine_tune.py's
+    final/), else meta_review; a record that differs from the flag is warned about. None with --text_dataset."""
+    if args.text_dataset:
+        return None
+    path = model_args.model_name_or_path
+    return choose_template(args.prompt_template, [(f"--model_name_or_path {path}", read_template(path))])
+
+
+def prepare(args: RLArguments, model_args: RLModelArguments, training_args, tokenizer,
+            template: PromptTemplate | None = None):
     """Everything from the data before a model is loaded: (train rows, held-out pairs, eval items, reward spec).
-    Eval items are papers, or with --text_dataset held-out text prompts."""
+    Eval items are papers (prompted with `template`), or with --text_dataset held-out text prompts."""
     rewards = None
     if args.method in REWARD_METHODS:
         rewards = parse_reward_spec(args.reward, args.reward_model)
@@ -175,10 +187,10 @@ def prepare(args: RLArguments, model_args: RLModelArguments, training_args, toke
         budget = training_args.max_length - training_args.max_completion_length
         papers = load_papers(args.dataset_path, args.split)
         papers = [papers[i] for i in select_examples(len(papers), args.max_train_samples, training_args.seed)]
-        train_rows, heldout = build_prompts(papers, tokenizer, budget), []
+        train_rows, heldout = build_prompts(papers, tokenizer, budget, template), []
     else:
         if args.workbook:
-            pairs = build_workbook_pairs(args, tokenizer, training_args.max_length)
+            pairs = build_workbook_pairs(args, tokenizer, training_args.max_length, template)
             source = f"--workbook {args.workbook}"
         else:
             pairs = build_file_pairs(Path(args.pairs_file), tokenizer, training_args.max_length)
@@ -192,8 +204,8 @@ def prepare(args: RLArguments, model_args: RLModelArguments, training_args, toke
 
 def load_rewards(args: RLArguments, rewards: list[tuple[str, float]], tokenizer, training_args):
     """(reward functions, the classifier's ClassifierReward or None) and, in training_args.reward_weights, their
-    weights. The classifier is wrapped as a function (rewards.ClassifierReward) for every method: it reads the named
-    class, which TRL's own loading of a reward path does not."""
+    weights. The classifier is wrapped as a function (proxytune.training.classifier_scores.ClassifierReward) for every
+    method: it reads the named class, which TRL's own loading of a reward path does not."""
     eos_ids = [tokenizer.eos_token_id]
     functions = make_reward_functions(rewards, eos_ids, parse_length_range(args.length_range), args.repetition_ngram)
     weights = [w for _, w in rewards]
@@ -208,7 +220,7 @@ def load_rewards(args: RLArguments, rewards: list[tuple[str, float]], tokenizer,
 
 
 def measure(args: RLArguments, model, tokenizer, training_args, eval_items: list[dict], reward_setup,
-            heldout: list[dict], train_rows: list[dict]) -> dict:
+            heldout: list[dict], train_rows: list[dict], template: PromptTemplate | None = None) -> dict:
     """The before/after measures: papers decoded greedily and scored as evaluation.py does (with --text_dataset:
     held-out prompts continued by sampling and scored by the rewards), and DPO's pair margins."""
     out: dict = {}
@@ -218,14 +230,15 @@ def measure(args: RLArguments, model, tokenizer, training_args, eval_items: list
                                     training_args.reward_weights, classifier, training_args.seed)[0])
     else:
         out.update(evaluate_policy(model, tokenizer, eval_items[:args.num_eval_examples], training_args.max_length,
-                                   args.max_new_tokens))
+                                   args.max_new_tokens, template=template))
     if args.method == "dpo":
         out["heldout_margin"] = margin_summary(pair_margins(model, tokenizer, heldout))
         out["train_margin"] = margin_summary(pair_margins(model, tokenizer, train_rows))
     return out
 
 
-def samples_of(args: RLArguments, model, tokenizer, training_args, eval_items: list[dict], reward_setup) -> list[dict]:
+def samples_of(args: RLArguments, model, tokenizer, training_args, eval_items: list[dict], reward_setup,
+               template: PromptTemplate | None = None) -> list[dict]:
     """samples.jsonl: greedy meta-reviews of the first --num_samples papers, or sampled continuations of as many
     held-out text prompts with their reward."""
     if not args.num_samples:
@@ -235,7 +248,7 @@ def samples_of(args: RLArguments, model, tokenizer, training_args, eval_items: l
         return evaluate_rewards(model, tokenizer, eval_items[:args.num_samples], functions,
                                 training_args.reward_weights, classifier, training_args.seed)[1]
     return generate_samples(model, tokenizer, eval_samples(eval_items[:args.num_samples], tokenizer,
-                                                           training_args.max_length - args.max_new_tokens),
+                                                           training_args.max_length - args.max_new_tokens, template),
                             args.max_new_tokens)
 
 
@@ -270,8 +283,9 @@ def log_startup(args, model_args, training_args, model, train_rows, heldout, pla
                                                    else "fresh start") + ")"]))
 
 
-def save(trainer, tokenizer, args, model_args, training_args, metrics, samples, train_rows, heldout) -> Path:
-    """final/ through save_final, with this script's card and config name."""
+def save(trainer, tokenizer, args, model_args, training_args, metrics, samples, train_rows, heldout,
+         template: PromptTemplate | None = None) -> Path:
+    """final/ through save_final, with this script's card and config name (and the papers' prompt template)."""
     if args.method == "dpo":
         description = f"{len(train_rows)} preference pairs ({len(heldout)} held out)"
     elif args.text_dataset:
@@ -279,7 +293,8 @@ def save(trainer, tokenizer, args, model_args, training_args, metrics, samples, 
     else:
         description = f"{len(train_rows)} prompts of split '{args.split}' ({args.method.upper()})"
     data = PreparedData(train=train_rows, validation=heldout, samples=[],
-                        mode="text" if args.text_dataset else "meta_review", description=description)
+                        mode="text" if args.text_dataset else "meta_review", description=description,
+                        template=template)
     data_args = SimpleNamespace(dataset_path=args.workbook or args.pairs_file or args.text_dataset or args.dataset_path,
                                 max_length=training_args.max_length)
     # the generic card shows a greedy meta-review sample; text prompts' sampled continuations go in the RL section

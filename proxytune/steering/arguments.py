@@ -10,6 +10,7 @@ from proxytune.models.loading import DEFAULT_MODELS, DTYPES
 from proxytune.models.quantization import QuantizationArguments, quantization_flags_last
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED
 from proxytune.steering.scoring import CACHE_DTYPES
+from proxytune.task.arguments import TEMPLATE_HELP
 
 # Search ranges for --tune. A weight is an inverse temperature (see Blend), so [1/3, 3] for the temperature
 # searches maps onto the weight range and every baseline's optimum is a point of the free search.
@@ -69,7 +70,12 @@ class SteerArguments:
     input_column: str = field(default="Input", metadata={"help": "Reviews column of --prompts_file."})
     use_template: bool = field(
         default=True,
-        metadata={"help": "Wrap the text in the meta-review template; false = use the text as the prompt."})
+        metadata={"help": "Wrap the text in the prompt template; false = use the text as the prompt."})
+    prompt_template: str | None = field(
+        default=None, metadata={"help": TEMPLATE_HELP + " Default: the template the --small_tuned_model directory "
+                                "(fine_tune.py's final/) or the --blend file records, else meta_review. --prompt (or "
+                                "a --prompts_file row) is the reviews, or the instruction; a --prompts_file of Alpaca "
+                                "rows gives instruction and input."})
     max_new_tokens: int = field(
         default=128, metadata={"help": "Tokens to generate at most (the prompt gets the rest)."})
     do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})

@@ -32,7 +32,7 @@ NEGLIGIBLE_SHARE = 0.05
 
 
 # Keys of blend.json that are not Blend fields: written by --tune for people and for evaluation.py.
-BLEND_FILE_EXTRAS = ("report", "models", "system")
+BLEND_FILE_EXTRAS = ("report", "models", "system", "prompt_template")
 
 
 @dataclass
@@ -100,10 +100,12 @@ class Blend:
         return text
 
     def save(self, path: str | Path, report: dict | None = None, models: dict[str, dict] | None = None,
-             system: str | None = None) -> None:
+             system: str | None = None, prompt_template: dict | None = None) -> None:
         """Write the blend as JSON, with what it really is ('system': `system`, else describe_blend), the `models` it
-        was tuned with (role -> model_record) and `report` (tuning numbers): extra keys that load() skips."""
+        was tuned with (role -> model_record), the `prompt_template` it was tuned with (PromptTemplate.record) and
+        `report` (tuning numbers): extra keys that load() skips."""
         extras = {"system": system or describe_blend(self), **({"models": models} if models else {}),
+                  **({"prompt_template": prompt_template} if prompt_template else {}),
                   **({"report": report} if report else {})}
         write_json(path, {**self.to_dict(), **extras})
 

@@ -19,14 +19,14 @@ from proxytune.steering.arguments import SteerArguments
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, describe_blend
 from proxytune.steering.decoding import left_pad
 from proxytune.steering.speculative import decode_steered
-from proxytune.task.prompts import build_prompt
-from proxytune.task.reviews import reviews_of
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_prompt
+from proxytune.task.reviews import from_alpaca, is_alpaca, reviews_of
 
 logger = logging.getLogger(__name__)
 
 
 def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
-    """-> [(reviews value, source row)] from --prompt or --prompts_file."""
+    """-> [(reviews value, source row)] from --prompt or --prompts_file (Alpaca rows: [instruction, input])."""
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UsageError("--prompt is empty; pass the reviews text to steer on")
@@ -46,24 +46,29 @@ def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
                                                              if line.strip()]
         except json.JSONDecodeError as err:
             raise UsageError(f"--prompts_file {path} is not valid {kind[1:].upper()}: {err}") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and args.input_column in r for r in rows):
-            raise UsageError(f"--prompts_file {path}: every record needs an '{args.input_column}' column; "
-                             "set --input_column")
-        items = [(row[args.input_column], row) for row in rows]
+        if isinstance(rows, list) and all(isinstance(r, dict) and is_alpaca(r, args.input_column) for r in rows):
+            rows = [from_alpaca(row) for row in rows]  # instruction (+ input) in Input, output as the reference
+            items = [(row["Input"] or "", row) for row in rows]
+        elif not isinstance(rows, list) or not all(isinstance(r, dict) and args.input_column in r for r in rows):
+            raise UsageError(f"--prompts_file {path}: every record needs an '{args.input_column}' column (or "
+                             "Alpaca's instruction and output); set --input_column")
+        else:
+            items = [(row[args.input_column], row) for row in rows]
     if not items:
         raise UsageError(f"--prompts_file {path} holds no prompts")
     return items
 
 
-def build_prompts(items: list[tuple[Any, dict]], tokenizer, budget: int, use_template: bool) -> list[str]:
-    """Reviews -> prompt texts of at most `budget` tokens (reviews cut fairly, as in training)."""
+def build_prompts(items: list[tuple[Any, dict]], tokenizer, budget: int, use_template: bool,
+                  template: PromptTemplate = DEFAULT_TEMPLATE) -> list[str]:
+    """Reviews (or an instruction and its input) -> prompt texts of at most `budget` tokens, cut as in training."""
     prompts, n_truncated = [], 0
     for i, (value, _) in enumerate(items):
         if use_template:
             reviews = reviews_of(value)
             if not reviews:
                 raise UsageError(f"prompt {i} has no review text; every prompt needs the reviews to summarise")
-            prompt, truncated = build_prompt(reviews, tokenizer, budget)
+            prompt, truncated = build_prompt(reviews, tokenizer, budget, template)
             n_truncated += truncated
         else:
             prompt = value if isinstance(value, str) else "\n\n".join(map(str, value))

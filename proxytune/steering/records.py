@@ -1,4 +1,5 @@
-"""Which models a blend was tuned with: the `models` record of blend.json, and comparing it with the models given."""
+"""Which models a blend was tuned with: the `models` record of blend.json, and comparing it with the models given; the
+prompt template a run uses, from the flag or as the small tuned model, the blend file or the data record it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.hub import hub_revision
 from proxytune.steering.blend import read_blend_file
+from proxytune.task.prompts import PromptTemplate, choose_template, read_template, template_from_record
 
 
 def model_record(name_or_path: str, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -50,3 +52,20 @@ def same_model(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def blend_template(path: str | Path) -> PromptTemplate | None:
+    """The prompt template a blend file records (`prompt_template`, written by --tune), None for a file without one."""
+    record = read_blend_file(path).get("prompt_template")
+    return None if record is None else template_from_record(record, f"in blend file {path}")
+
+
+def run_template(given: str | None, small_tuned_model: str | None, blend_file: str | None,
+                 data_path: str | None = None) -> PromptTemplate:
+    """The prompt template of a steer.py or evaluation.py run: --prompt_template when given, else the one recorded by
+    the small tuned model's directory (fine_tune.py's final/), the blend file or the processed data, in that order,
+    else meta_review; a recorded template that differs from the one used is warned about (choose_template)."""
+    return choose_template(given, [
+        (f"the small tuned model {small_tuned_model}", read_template(small_tuned_model)),
+        (f"the blend {blend_file}", blend_template(blend_file) if blend_file else None),
+        (f"the data {data_path}", read_template(data_path) if data_path and Path(data_path).is_dir() else None)])

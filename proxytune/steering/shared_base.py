@@ -1,18 +1,21 @@
-"""One forward for S and S_tuned when S_tuned is a LoRA adapter on S's very weights (issue 29).
+"""One forward for S and S_tuned when S_tuned is a LoRA or bottleneck adapter on S's very weights (issue 29).
 
-Most users tune S with LoRA (fine_tune.py --use_lora). Then S and S_tuned are the same base weights, and PEFT runs
-different adapters for different rows of one batch: `model(..., adapter_names=[...])`, one name per row, with
-"__base__" for a row that runs the base model alone (peft 0.21: LoraModel._enable_peft_forward_hooks and
-LoraLayer._mixed_batch_forward add each adapter's update to its rows only). So a batch of 2B rows, S's B rows
-first, then S_tuned's, serves both models in one forward and streams the base weights once:
+Most users tune S with an adapter (fine_tune.py --use_lora, or --adapter bottleneck). Then S and S_tuned are the
+same base weights, and the adapted model runs its adapter on some rows of one batch and not on the others:
+`model(..., adapter_names=[...])`, one name per row, with "__base__" for a row that runs the base model alone.
+LoRA: PEFT's mixed batches (peft 0.21: LoraModel._enable_peft_forward_hooks and LoraLayer._mixed_batch_forward add
+each adapter's update to its rows only). Bottleneck: the same argument, taken by our adapters
+(models/adapters.py: a "__base__" row skips them, a(h) = h exactly). So a batch of 2B rows, S's B rows first, then
+S_tuned's, serves both models in one forward and streams the base weights once:
 
     logits[:B] = S(x),  logits[B:] = S_tuned(x)        for  model(input_ids=cat([x, x]), adapter_names=pair_names)
 
 PEFT's constraints: the adapter is not merged (a merged one is in the weights of every row), no DoRA, eval mode.
 steering/loading.py (and evaluation's loader) load a LoRA S_tuned unmerged and call `share_or_merge`: when its base
 weights equal S's, bit for bit, it is marked as S's twin; otherwise it is merged as before (a fully fine-tuned
-S_tuned, or an adapter on another base, keeps two forwards). tests/test_shared_base.py compares the paired forward
-with two separate ones in float64, left-padded batches and single rows, in every decoder and in scoring.
+S_tuned, or an adapter on another base, keeps two forwards). A bottleneck S_tuned is never merged (it cannot be):
+a twin, or as it is. tests/test_shared_base.py (LoRA) and tests/test_shared_base_bottleneck.py compare the paired
+forward with two separate ones in float64, left-padded batches and single rows, in every decoder and in scoring.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-BASE_ROWS = "__base__"  # PEFT's adapter name for rows that run without any adapter
+from proxytune.models.adapters import BASE_ROWS, BOTTLENECK_ADAPTER, base_state_dict, has_bottleneck_adapters
 
 
 def lora_adapter_name(model) -> str | None:
@@ -42,20 +45,29 @@ def lora_adapter_name(model) -> str | None:
     return adapter
 
 
-def base_weights_of(peft_model) -> dict[str, torch.Tensor]:
-    """The state dict of the model under a PEFT LoRA model, named as the bare model names it (`x.base_layer.weight`
-    -> `x.weight`; the LoRA matrices left out)."""
-    state = peft_model.get_base_model().state_dict()
+def mixed_rows_adapter(model) -> str | None:
+    """The adapter name under which `model` runs its adapter on the rows so named and the base model alone on the
+    "__base__" rows of one batch: an unmerged LoRA model's (lora_adapter_name) or a bottleneck model's; else None."""
+    return BOTTLENECK_ADAPTER if has_bottleneck_adapters(model) else lora_adapter_name(model)
+
+
+def base_weights_of(model) -> dict[str, torch.Tensor]:
+    """The state dict of the base model under a bottleneck model (the adapters left out) or a PEFT LoRA model, named
+    as the bare model names it (`x.base_layer.weight` -> `x.weight`; the LoRA matrices left out)."""
+    if has_bottleneck_adapters(model):
+        return base_state_dict(model)
+    state = model.get_base_model().state_dict()
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
 
 
 def share_or_merge(small_base, small_tuned, merge: bool = True):
-    """After loading S_tuned unmerged: mark it as S's twin when it is a LoRA model whose base weights equal S's
-    (same names, shapes, dtypes, devices, values) and return it; otherwise return it merged (merge_and_unload) when
-    it is a PEFT model and `merge` (False: an adapter on a quantised base, which stays unmerged), or as it is."""
+    """After loading S_tuned unmerged: mark it as S's twin when it is a LoRA or bottleneck model whose base weights
+    equal S's (same names, shapes, dtypes, devices, values) and return it; otherwise return it merged
+    (merge_and_unload) when it is a PEFT model and `merge` (False: an adapter on a quantised base, which stays
+    unmerged), or as it is (a full model; a bottleneck model, which cannot be merged)."""
     if small_base is None or small_tuned is None or small_base is small_tuned:
         return small_tuned
-    if lora_adapter_name(small_tuned) is not None:
+    if mixed_rows_adapter(small_tuned) is not None:
         base, tuned = small_base.state_dict(), base_weights_of(small_tuned)
         if base.keys() == tuned.keys() and all(
                 base[k].shape == tuned[k].shape and base[k].dtype == tuned[k].dtype
@@ -69,11 +81,11 @@ def share_or_merge(small_base, small_tuned, merge: bool = True):
 
 def paired_adapter(small_base, small_tuned) -> str | None:
     """S_tuned's adapter name when one forward of S_tuned's model serves both (share_or_merge marked it as S's twin
-    and it is still an unmerged LoRA model), else None."""
+    and it is still a bottleneck or unmerged LoRA model), else None."""
     twin = getattr(small_tuned, "_proxytune_twin_of", None)
     if small_base is None or twin is None or twin() is not small_base:
         return None
-    return lora_adapter_name(small_tuned)
+    return mixed_rows_adapter(small_tuned)
 
 
 def pair_names(adapter: str, batch: int) -> list[str]:

@@ -31,7 +31,8 @@ from proxytune.steering.generation import build_prompts, generate_texts
 from proxytune.steering.scoring import CACHE_DTYPES, score_targets
 from proxytune.steering.search import score_entry, search_blends
 from proxytune.task.processing import tokenize_example
-from proxytune.task.reviews import clean_text, reviews_of
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, read_template
+from proxytune.task.reviews import clean_text, from_alpaca, reviews_of
 from proxytune.task.sources import load_saved_split
 from proxytune.task.text_metrics import make_rouge_scorer, score_rouge
 
@@ -52,13 +53,15 @@ SELECTION_CONFIDENCE = 0.95
 BOOTSTRAP_SAMPLES = 2000
 
 
-def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed: int) -> list[dict]:
+def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed: int,
+                             template: PromptTemplate = DEFAULT_TEMPLATE) -> list[dict]:
     """Validation examples drawn with `seed`, each {prompt_ids, target_ids, reviews, reference}.
 
     The ids (for scoring) come from processing_meta_review.py's saved dataset (its input_ids / prompt_length, so the
     tokens are exactly those fine-tuning saw) or from a raw Input/Output JSONL, prompted with the same code; targets
     are cut to --max_target_tokens, prompts to fit the context. `reviews` and `reference` (the meta-review text) are
-    what the generation stage prompts with and scores against; None where a saved dataset lacks those columns.
+    what the generation stage prompts with and scores against; None where a saved dataset lacks those columns. A saved
+    dataset made with another prompt template than `template` is prompted again from its reviews.
     """
     path = Path(args.validation_data)
     if not path.exists():
@@ -71,6 +74,12 @@ def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed:
             raise UsageError(f"--validation_data {path} lacks columns {sorted(missing)}; run processing_meta_review.py")
         text_columns = [c for c in ("reviews", "Output") if c in data.column_names]
         rows = list(data.select_columns(["input_ids", "prompt_length", *text_columns]))
+        if not template.same_as(read_template(path) or DEFAULT_TEMPLATE):
+            if len(text_columns) < 2:
+                raise UsageError(f"--validation_data {path} was made with another prompt template and lacks the "
+                                 "reviews/Output columns to prompt again; process it with --prompt_template "
+                                 f"{template.name}")
+            rows = [{"Input": row["reviews"], "Output": row["Output"]} for row in rows]
     else:
         rows = []
         for number, line in enumerate(read_data_text(path, "--validation_data").splitlines(), start=1):
@@ -80,8 +89,11 @@ def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UsageError(f"--validation_data {path} line {number} is not JSON: {err}") from None
+            if isinstance(row, dict) and "Input" not in row and "Output" not in row and "instruction" in row:
+                row = from_alpaca(row)
             if not isinstance(row, dict) or "Input" not in row or "Output" not in row:
-                raise UsageError(f"--validation_data {path} line {number} needs Input and Output columns")
+                raise UsageError(f"--validation_data {path} line {number} needs Input and Output columns (or "
+                                 "Alpaca's instruction and output)")
             rows.append(row)
     if not rows:
         raise UsageError(f"--validation_data {path} holds no examples")
@@ -96,7 +108,7 @@ def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed:
             reviews = reviews_of(row["Input"])
             if not meta or not reviews:
                 continue
-            tokenized = tokenize_example({"reviews": reviews, "Output": meta}, tokenizer, context)
+            tokenized = tokenize_example({"reviews": reviews, "Output": meta}, tokenizer, context, template)
             if tokenized is None:  # the meta-review alone fills the context
                 continue
             row = {**tokenized, "reviews": reviews, "Output": meta}
@@ -132,7 +144,8 @@ def candidate_blends(best: dict[str, Blend], alphas: Sequence[float]) -> dict[st
 
 
 def decode_candidates(models: dict[str, Any], tokenizer, candidates: dict[str, Blend], examples: list[dict],
-                      steer_args: SteerArguments) -> tuple[dict[str, list[float]], list[dict]]:
+                      steer_args: SteerArguments, template: PromptTemplate = DEFAULT_TEMPLATE
+                      ) -> tuple[dict[str, list[float]], list[dict]]:
     """Stage 2: decode every candidate on `examples` (steer_args' decoding: greedy by default) and score each output
     by ROUGE-L F1 (x 100, stemmed: evaluation.py's scorer) against the meta-review.
     -> ({candidate: ROUGE-L per example}, one row per candidate and example: prompt, output, ROUGE-L, ...)."""
@@ -141,7 +154,7 @@ def decode_candidates(models: dict[str, Any], tokenizer, candidates: dict[str, B
     if budget < 1:
         raise UsageError(f"--max_new_tokens {steer_args.max_new_tokens} leaves no room for the prompt in the "
                          f"{model_context(models)}-token context; lower it")
-    prompts = build_prompts([(ex["reviews"], {}) for ex in examples], tokenizer, budget, use_template=True)
+    prompts = build_prompts([(ex["reviews"], {}) for ex in examples], tokenizer, budget, True, template)
     scorer = make_rouge_scorer()
     scores, rows = {}, []
     for i, (name, blend) in enumerate(candidates.items(), start=1):
@@ -200,12 +213,13 @@ def warn_if_not_steering(name: str, blend: Blend) -> str | None:
     return message
 
 
-def tune(models: dict[str, Any], tokenizer, args: TuneArguments, steer_args: SteerArguments) -> tuple[dict, list]:
-    """Choose the blend. Stage 1: score every validation example once per model, then search blends on the cached
-    rows by perplexity. Stage 2 (--select_by generation): decode the candidates on held-out papers, keep the best
-    ROUGE-L. -> (report dict, the candidates' generations)."""
+def tune(models: dict[str, Any], tokenizer, args: TuneArguments, steer_args: SteerArguments,
+         template: PromptTemplate = DEFAULT_TEMPLATE) -> tuple[dict, list]:
+    """Choose the blend for prompts of `template`. Stage 1: score every validation example once per model, then search
+    blends on the cached rows by perplexity. Stage 2 (--select_by generation): decode the candidates on held-out papers,
+    keep the best ROUGE-L. -> (report dict, the candidates' generations)."""
     context = model_context(models)
-    examples = load_validation_examples(args, tokenizer, context, steer_args.seed)
+    examples = load_validation_examples(args, tokenizer, context, steer_args.seed, template)
     n = len(examples)
     n_holdout = min(round(n * args.holdout_fraction), n - 1)  # at least one example to tune on
     split = {"tune": examples[:n - n_holdout], "holdout": examples[n - n_holdout:]}
@@ -258,7 +272,7 @@ def tune(models: dict[str, Any], tokenizer, args: TuneArguments, steer_args: Ste
                     len(candidates), len(generation_examples), steer_args.max_new_tokens, n_tokens,
                     "sampled" if steer_args.do_sample else "greedy")
         started = time.perf_counter()
-        scores, rows = decode_candidates(models, tokenizer, candidates, generation_examples, steer_args)
+        scores, rows = decode_candidates(models, tokenizer, candidates, generation_examples, steer_args, template)
         seconds["generation"] = time.perf_counter() - started
         for name, figures in generation_figures(scores, rows, steer_args.seed).items():
             entries[name]["generation"] = figures
@@ -293,6 +307,7 @@ def tune(models: dict[str, Any], tokenizer, args: TuneArguments, steer_args: Ste
         "seconds": seconds,
         "normalisation": f"full vocabulary ({vocab_size} tokens)",
         "validation_data": str(args.validation_data),
+        "prompt_template": template.record(),
     }
     return report, rows
 
@@ -341,7 +356,7 @@ def write_tune_outputs(report: dict, rows: list[dict], config: dict, output_dir:
         k: report[k] for k in ("chosen", "selected_by", "warnings", "n_examples", "validation_data")}
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         Blend(**report["blend"]).save(tmp / "blend.json", report=summary, models=report.get("models"),
-                                      system=report.get("system"))
+                                      system=report.get("system"), prompt_template=report.get("prompt_template"))
         write_json(tmp / "tune_report.json", {**report, "config": config})
         if rows:
             with open(tmp / "candidate_generations.jsonl", "w", encoding="utf-8") as f:

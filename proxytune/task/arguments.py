@@ -10,6 +10,13 @@ from proxytune.foundation.validation import SEED_MAX, number_problems
 DEFAULT_DATASET = "zqz979/meta-review"
 
 
+# --prompt_template's help (proxytune/task/prompts.py: TEMPLATES, load_template); the scripts that read a run's record
+# add where their default comes from.
+TEMPLATE_HELP = ("The prompt template: meta_review (reviews -> meta-review), alpaca (Stanford Alpaca's instruction, "
+                 "input -> response), or a file: text with the fields {reviews}, or {instruction} and {input} (one "
+                 "trailing newline is dropped), or a prompt_template.json a run wrote.")
+
+
 # The fewest review tokens a prompt may keep; below this the target leaves no room for the reviews.
 MIN_REVIEW_TOKENS = 16
 
@@ -32,12 +39,15 @@ class ProcessingArguments:
         default="Input",
         metadata={"help": "Column with the reviews: a string, or a list of strings / of dicts with a 'review' key."},
     )
-    output_column: str = field(default="Output", metadata={"help": "Column with the meta-review."})
+    output_column: str = field(
+        default="Output", metadata={"help": "Column with the meta-review. Alpaca-style data (instruction, input, "
+                                    "output columns, no Input/Output) is read as instruction + input -> output."})
     review_separator: str | None = field(
         default=None,
         metadata={"help": "Split a string input column into several reviews at this separator (each then keeps "
                   "a fair share of the token budget). Default: the whole string is one review."},
     )
+    prompt_template: str = field(default="meta_review", metadata={"help": TEMPLATE_HELP})
     tokenizer_name: str = field(
         default="EleutherAI/pythia-70m",
         metadata={"help": "Tokenizer (Hub id or local dir) used to measure and tokenize."},

@@ -10,9 +10,9 @@ from typing import Any
 
 from proxytune.foundation.errors import UsageError, raise_problems
 from proxytune.foundation.validation import SEED_MAX, number_problems
-from proxytune.task.arguments import ProcessingArguments
+from proxytune.task.arguments import TEMPLATE_HELP, ProcessingArguments
 from proxytune.task.prompts import REVIEW_JOINER
-from proxytune.task.reviews import clean_text, example_id, normalise_decision, reviews_of
+from proxytune.task.reviews import clean_text, example_id, from_alpaca, is_alpaca, normalise_decision, reviews_of
 from proxytune.task.sources import load_raw_dataset, load_saved_split
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class DataArguments:
     max_length: int = field(
         default=2048, metadata={"help": "Prompt + generated tokens; capped by the models' context (Pythia: 2048)."}
     )
+    prompt_template: str | None = field(
+        default=None, metadata={"help": TEMPLATE_HELP + " Default: the template the small tuned model's final/ (or the "
+                                "--blend file) records, else meta_review."})
     decision_column: str = field(
         default="decision", metadata={"help": "With --decision_classifier: the column with the paper's real decision "
                                       "(normalised as proxytune.task.reviews.normalise_decision does)."})
@@ -82,13 +85,16 @@ def load_examples(data_args: DataArguments) -> list[dict[str, Any]]:
             table = raw[data_args.split]
         else:
             raise UsageError(f"--split {data_args.split} is not in {path} (splits: {', '.join(raw)}); pass one of them")
+    alpaca = is_alpaca(table.column_names)  # instruction (+ input) -> output rows: from_alpaca
     missing = [c for c in ("Input", "Output") if c not in table.column_names]
-    if missing:
+    if missing and not alpaca:
         raise UsageError(f"{path} has no column '{missing[0]}' (columns: {', '.join(table.column_names)}); "
-                         "evaluation needs Input (reviews) and Output (meta-review)")
+                         "evaluation needs Input (reviews) and Output (meta-review), or Alpaca's instruction, input "
+                         "and output")
 
     rows, skipped = [], 0
     for index, row in enumerate(table.to_list()):
+        row = from_alpaca(row) if alpaca else row
         reviews = reviews_of(row.get("reviews") or row["Input"])
         meta = clean_text(row["Output"], "whitespace") if isinstance(row["Output"], str) else ""
         if not reviews or not meta:

@@ -14,22 +14,40 @@ from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.outputs import atomic_directory, write_error, write_json
 from proxytune.foundation.progress import progress_bar
 from proxytune.task.arguments import MIN_REVIEW_TOKENS, ProcessingArguments
-from proxytune.task.prompts import PROMPT_TEMPLATE, build_prompt, encode_target, render_prompt, render_target
-from proxytune.task.reviews import check_text_columns, clean_rows, count_labels, label_columns_of, resolve_columns
+from proxytune.task.prompts import (
+    DEFAULT_TEMPLATE,
+    PromptTemplate,
+    build_prompt,
+    encode_target,
+    load_template,
+    render_target,
+    write_template,
+)
+from proxytune.task.reviews import (
+    check_text_columns,
+    clean_rows,
+    count_labels,
+    from_alpaca,
+    is_alpaca,
+    label_columns_of,
+    resolve_columns,
+)
 from proxytune.task.sources import SPLIT_PRIORITY, load_raw_dataset, normalise_splits
 
 logger = logging.getLogger(__name__)
 
 
-def min_max_length(tokenizer) -> int:
-    """The smallest --max_length with room for the template, MIN_REVIEW_TOKENS of one review and a one-token
-    meta-review with its EOS. Every script that cuts examples to --max_length gives this one number as the hint."""
-    template = len(tokenizer(render_prompt([""]), add_special_tokens=False)["input_ids"])
-    return template + MIN_REVIEW_TOKENS + 2
+def min_max_length(tokenizer, template: PromptTemplate = DEFAULT_TEMPLATE) -> int:
+    """The smallest --max_length with room for the template (with an input, if it has one), MIN_REVIEW_TOKENS of one
+    text and a one-token target with its EOS. Every script that cuts examples to --max_length gives this one number as
+    the hint."""
+    skeleton = template.render([""] * (2 if template.splits_input else 1))
+    return len(tokenizer(skeleton, add_special_tokens=False)["input_ids"]) + MIN_REVIEW_TOKENS + 2
 
 
-def check_max_length(tokenizer, max_length: int, flag: str = "--max_length") -> None:
-    needed = min_max_length(tokenizer)
+def check_max_length(tokenizer, max_length: int, flag: str = "--max_length",
+                     template: PromptTemplate = DEFAULT_TEMPLATE) -> None:
+    needed = min_max_length(tokenizer, template)
     if max_length < needed:
         raise UsageError(f"{flag} {max_length} leaves no room for the prompt template, reviews and a meta-review with "
                          f"this tokenizer; use at least {needed} (Pythia: 2048)")
@@ -66,15 +84,17 @@ def split_rows(rows: list[dict], validation_pct: float, test_pct: float, seed: i
     }
 
 
-def tokenize_example(row: dict, tokenizer, max_length: int) -> dict | None:
-    """Add prompt/target text and ids. The target (" " + meta-review + EOS) is never cut; the reviews
-    are, so that prompt + target <= max_length. Returns None if the target leaves no room for reviews."""
+def tokenize_example(row: dict, tokenizer, max_length: int,
+                     template: PromptTemplate = DEFAULT_TEMPLATE) -> dict | None:
+    """Add prompt/target text and ids. The target (" " + meta-review + EOS) is never cut; the reviews (or the
+    input, then the instruction) are, so that prompt + target <= max_length. Returns None if the target leaves no
+    room for them."""
     target_ids = encode_target(row["Output"], tokenizer)
-    overhead = len(tokenizer(render_prompt([""] * len(row["reviews"])), add_special_tokens=False)["input_ids"])
+    overhead = len(tokenizer(template.render([""] * len(row["reviews"])), add_special_tokens=False)["input_ids"])
     budget = max_length - len(target_ids)
     if budget < overhead + MIN_REVIEW_TOKENS:
         return None
-    prompt, truncated = build_prompt(row["reviews"], tokenizer, budget)
+    prompt, truncated = build_prompt(row["reviews"], tokenizer, budget, template)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return {
         **row,
@@ -95,15 +115,25 @@ def percentiles(values: list[int]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(("min", "p50", "p90", "p95", "p99", "max"), qs)}
 
 
-def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") -> tuple[Any, dict]:
+def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name",
+            template: PromptTemplate | None = None) -> tuple[Any, dict]:
     """Load, clean, split and tokenize. Returns (DatasetDict, stats). Writes nothing. Errors about the source name
-    `flag`."""
+    `flag`. The prompts are `template`'s, by default --prompt_template's."""
     import datasets
 
+    template = template or load_template(args.prompt_template)
     raw = normalise_splits(load_raw_dataset(args, flag))
     columns = next(iter(raw.values())).column_names
-    input_col, output_col = resolve_columns(columns, args, args.dataset_name)
-    check_text_columns(raw, input_col, output_col, args.dataset_name)
+    alpaca = is_alpaca(columns, args.input_column, args.output_column)
+    if alpaca:  # instruction (+ input) as the prompt's texts, output as the target: from_alpaca
+        check_text_columns(raw, "instruction", "output", args.dataset_name)
+        input_col, output_col = "Input", "Output"
+        if not template.splits_input:
+            logger.warning("%s holds instruction data (instruction, input, output) but the prompt template %s has no "
+                           "{instruction}/{input}; pass --prompt_template alpaca", args.dataset_name, template.name)
+    else:
+        input_col, output_col = resolve_columns(columns, args, args.dataset_name)
+        check_text_columns(raw, input_col, output_col, args.dataset_name)
     label_columns = label_columns_of(columns, args)
     stats: dict[str, Any] = {"source": args.dataset_name, "source_splits": sorted(raw), "rows_in": {},
                              "dropped": {}, "rows_kept": {}}
@@ -113,6 +143,8 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
     for name in SPLIT_PRIORITY:
         if name in raw:
             rows = raw[name].to_list()
+            if alpaca:
+                rows = [from_alpaca(row) for row in rows]
             if args.max_examples is not None:
                 rows = rows[: args.max_examples]
             stats["rows_in"][name] = len(rows)
@@ -135,7 +167,7 @@ def process(args: ProcessingArguments, tokenizer, flag: str = "--dataset_name") 
     for name in ("train", "validation", "test"):
         rows = []
         for row in progress_bar(cleaned[name], desc=f"tokenizing {name}", disable=len(cleaned[name]) < 200):
-            example = tokenize_example(row, tokenizer, args.max_length)
+            example = tokenize_example(row, tokenizer, args.max_length, template)
             if example is None:
                 drops["meta_review_exceeds_max_length"] = drops.get("meta_review_exceeds_max_length", 0) + 1
                 continue
@@ -211,7 +243,7 @@ def summarize(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def save(dataset, stats: dict, args: ProcessingArguments) -> None:
+def save(dataset, stats: dict, args: ProcessingArguments, template: PromptTemplate = DEFAULT_TEMPLATE) -> None:
     """Write everything into a temporary directory that replaces --output_dir only when complete; a write that
     fails midway (a full disk) leaves --output_dir as it was and removes the partial copy."""
     try:
@@ -219,7 +251,7 @@ def save(dataset, stats: dict, args: ProcessingArguments) -> None:
             dataset.save_to_disk(str(tmp))
             write_json(tmp / "stats.json", stats)
             write_json(tmp / "processing_config.json", to_jsonable(args))
-            (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+            write_template(tmp, template)
     except OSError as err:
         raise write_error(Path(args.output_dir), err, "--output_dir") from None
 

@@ -1,4 +1,5 @@
-"""Reviews and meta-reviews as text: extracting a paper's reviews, cleaning them, and the decision/rating labels."""
+"""Reviews and meta-reviews as text: extracting a paper's reviews (or an Alpaca row's instruction and input), cleaning
+them, and the decision/rating labels."""
 
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ def extract_reviews(value: Any, separator: str | None) -> list[str]:
                 reviews.append(item)
         return reviews
     return []
+
+
+def is_alpaca(columns: Sequence[str], input_column: str = "Input", output_column: str = "Output") -> bool:
+    """Instruction data in Alpaca's shape (tatsu-lab/alpaca: instruction, input, output) rather than Input/Output."""
+    return input_column not in columns and output_column not in columns and {"instruction", "output"} <= set(columns)
+
+
+def from_alpaca(row: dict) -> dict:
+    """An Alpaca row as an Input/Output row: its texts (Input) are [instruction, input], the input left out when
+    empty, so a {instruction}/{input} template renders the no-input prompt; the output is the target (Output).
+    `from_alpaca({"instruction": "Add.", "input": "", "output": "5"})` -> {..., 'Input': ['Add.'], 'Output': '5'};
+    a row without an instruction gets none (None: dropped as empty)."""
+    instruction, given = row.get("instruction"), row.get("input")
+    texts = [instruction] if isinstance(instruction, str) and instruction.strip() else []
+    if texts and isinstance(given, str) and given.strip():
+        texts.append(given)
+    return {**row, "Input": texts or None, "Output": row.get("output")}
 
 
 def resolve_columns(columns: list[str], args: ProcessingArguments, source: str) -> tuple[str, str]:

@@ -1,8 +1,10 @@
-"""Metrics on generated text against the reference meta-review: ROUGE, repetition, sentences."""
+"""Metrics on generated text: against the reference meta-review (ROUGE, sentences), and on its own (repetition,
+distinct n-grams)."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -33,3 +35,26 @@ def repetition_rate(text: str, n: int = 3) -> float:
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """`word_ngrams("the cat sat", 2)` -> [('the', 'cat'), ('cat', 'sat')]."""
+    words = text.split()
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of `texts` (words): `distinct_n(["a a", "a b"], 1)` -> 0.5."""
+    grams = [g for t in texts for g in word_ngrams(t, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_shares(texts: list[str], n: int) -> tuple[list[float], list[int]]:
+    """distinct_n as a ratio of per-text sums, so that texts can be resampled: (shares, counts), where counts[i] is
+    text i's number of n-grams and shares[i] gives each of its n-grams 1/c, c the n-gram's count over all `texts`.
+    sum(shares) is the number of distinct n-grams, sum(counts) the number of n-grams, and their ratio distinct_n.
+
+    `distinct_shares(["a a", "a b"], 1)` -> ([2/3, 4/3], [2, 2]): 'a' occurs 3 times, 'b' once; 2/4 = 0.5."""
+    grams = [word_ngrams(t, n) for t in texts]
+    count = Counter(g for gs in grams for g in gs)
+    return [sum(1 / count[g] for g in gs) for gs in grams], [len(gs) for gs in grams]

@@ -17,6 +17,7 @@ from proxytune.foundation.validation import SEED_MAX, number_problems
 from proxytune.models.adapters import NON_LINEARITIES, is_bottleneck_dir
 from proxytune.models.loading import DTYPES
 from proxytune.models.quantization import quantization_bits
+from proxytune.task.arguments import TEMPLATE_HELP
 
 DEFAULT_MODEL = "EleutherAI/pythia-70m"
 
@@ -155,7 +156,8 @@ class DataArguments:
     )
     text_column: str | None = field(
         default=None,
-        metadata={"help": "Plain-text mode: train a language model on this column (no prompt, loss on every token)."},
+        metadata={"help": "Plain-text mode: train a language model on this column (no prompt, loss on every token). "
+                  "With --classification_input text: the column the classifier reads (default: text)."},
     )
     packing: bool = field(
         default=True,
@@ -166,6 +168,9 @@ class DataArguments:
     output_column: str = field(
         default="Output", metadata={"help": "Raw meta-review data: column with the meta-review."}
     )
+    prompt_template: str | None = field(
+        default=None, metadata={"help": TEMPLATE_HELP + " Default: the template the processed --dataset_path records "
+                                "(processing_meta_review.py --prompt_template), else meta_review."})
     max_length: int = field(
         default=2048,
         metadata={"help": "Tokens per example (prompt + meta-review; or block size in plain-text mode). Pythia: 2048."},
@@ -196,12 +201,22 @@ class DataArguments:
     )
     label_column: str | None = field(
         default=None, metadata={"help": "classification/regression: the label column (decision, avg_rating). "
-                                "Default: decision for classification, avg_rating for regression."}
+                                "Default: decision for classification, avg_rating for regression; label with "
+                                "--classification_input text."}
     )
     classification_input: str = field(
         default="reviews", metadata={"help": "classification/regression: what the model reads, the reviews (predict "
-                                     "the decision) or the meta-review (which decision does it state?).",
-                                     "choices": ["reviews", "meta_review"]}
+                                     "the decision), the meta-review (which decision does it state?), or text: "
+                                     "plain labelled rows of --dataset_path (a .jsonl[.gz]/.csv/.parquet file, a "
+                                     "saved dataset or a Hub id), --text_column read, --label_column predicted "
+                                     "(e.g. IMDB sentiment).",
+                                     "choices": ["reviews", "meta_review", "text"]}
+    )
+    label_map: str | None = field(
+        default=None, metadata={"help": "classification: names for the label column's values, 'value=name,...' in "
+                                "class order, e.g. 0=negative,1=positive (the Hub's IMDB) or neg=negative,"
+                                "pos=positive; the names become id2label (rl_tune.py --reward_label positive). A "
+                                "value it does not name is an error. Default: the values as they are, sorted."}
     )
     class_weights: str = field(
         default="none", metadata={"help": "classification: 'balanced' weighs each class's loss by n / (k * n_class), "
@@ -254,9 +269,16 @@ class DataArguments:
             ranges["max_length"] = ("[2, inf)", "a block needs an input token and a label")
         problems = number_problems(self, ranges)
         if self.task != "language_modeling":
-            self.label_column = self.label_column or ("decision" if self.task == "classification" else "avg_rating")
-            if self.text_column:
-                problems.append(f"--task {self.task} reads Input/Output rows; drop --text_column")
+            text_input = self.classification_input == "text"
+            default_label = "decision" if self.task == "classification" else "avg_rating"
+            self.label_column = self.label_column or ("label" if text_input else default_label)
+            if text_input:
+                self.text_column = self.text_column or "text"
+            elif self.text_column:
+                problems.append(f"--task {self.task} --classification_input {self.classification_input} reads "
+                                "Input/Output rows; drop --text_column, or pass --classification_input text")
+        if self.label_map is not None and self.task != "classification":
+            problems.append(f"--label_map names classes; it needs --task classification (not {self.task})")
         if self.class_weights != "none" and self.task != "classification":
             problems.append(f"--class_weights {self.class_weights} needs --task classification")
         raise_problems(problems)

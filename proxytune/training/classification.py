@@ -1,6 +1,8 @@
 """Sequence classification and regression with fine_tune.py: a paper's decision (or average rating) from its reviews,
-or the decision a meta-review states. fine_tune.py dispatches here on --task; evaluation.py uses the trained classifier
-to ask whether a generated meta-review reaches the paper's real decision (--decision_classifier).
+the decision a meta-review states, or the label of plain text (e.g. IMDB sentiment). fine_tune.py dispatches here on
+--task; evaluation.py uses the trained classifier to ask whether a generated meta-review reaches the paper's real
+decision (--decision_classifier), and rl_tune.py and evaluation.py --text_dataset read a text classifier at a named
+class (proxytune.training.classifier_scores).
 
 Meta-review -> decision (the classifier evaluation.py --decision_classifier wants), a fresh tiny model on a split
 stratified by decision (processing_meta_review.py --stratify_by_column decision; a raw file works too):
@@ -16,6 +18,13 @@ Reviews -> average rating (regression; class weights do not apply):
 
 From the lab's pretrained L, on the lab's split, with the lab's systems read by it: `python bench/bench_decision.py`.
 
+Plain labelled text -> its label, e.g. a sentiment classifier for rl_tune.py's reward (IMDB's neg/pos named so that
+`--reward_label positive` reads it; a file without splits holds out --validation_split_percentage):
+    python fine_tune.py --task classification --classification_input text --text_column text \
+        --label_column label --label_map neg=negative,pos=positive --model_name_or_path outputs/lab/small/final \
+        --dataset_path ../shared/data/imdb/imdb_partial.jsonl.gz --max_length 64 --max_train_samples 4000 \
+        --eval_strategy epoch --save_strategy epoch --output_dir outputs/sentiment-classifier
+
 The model is GPTNeoXForSequenceClassification (AutoModelForSequenceClassification): a linear `score` head on the
 hidden state of the LAST REAL token. transformers 5.24 finds that token as the rightmost one whose id is not
 config.pad_token_id, whichever side the padding is on; so the pad id must never be a real last token. Pythia's
@@ -23,7 +32,8 @@ tokenizer has `<|padding|>` (id 1), distinct from EOS (id 0), and the input alwa
 so pad = eos (proxytune.models.loading.load_tokenizer's fallback) would be safe too.
 
 Input: `{header}{text}{cue}`, the text cut token-wise (its head kept) so the whole fits --max_length; the cue is the
-last token the head reads. The template, labels and settings are saved in final/classifier.json.
+last token the head reads. The template, labels and settings are saved in final/classifier.json, and whoever reads
+the classifier encodes with the template recorded there (template_of).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from typing import Any
 from proxytune.foundation.errors import UsageError
 from proxytune.models.loading import load_causal_lm, load_tokenizer
 from proxytune.task.reviews import normalise_label
-from proxytune.training.data import PreparedData, limit, load_meta_review_dataset
+from proxytune.training.data import PreparedData, limit, load_meta_review_dataset, load_text_dataset
 from proxytune.training.trainer import LMTrainer
 
 logger = logging.getLogger(__name__)
@@ -47,12 +57,14 @@ logger = logging.getLogger(__name__)
 TASKS = ("language_modeling", "classification", "regression")
 
 
-INPUTS = ("reviews", "meta_review")
+INPUTS = ("reviews", "meta_review", "text")
 
 
-# (header, cue) around the text; one template per input, shared by training and evaluation.py.
+# (header, cue) around the text; one template per input, shared by training and evaluation.py. Plain text has no
+# header (a review is read as it is) and a cue that names no task, since its labels can be anything.
 INPUT_TEMPLATES = {"reviews": ("Peer reviews of a paper:\n\n", "\n\nVerdict:"),
-                   "meta_review": ("Meta-review of a paper:\n\n", "\n\nVerdict:")}
+                   "meta_review": ("Meta-review of a paper:\n\n", "\n\nVerdict:"),
+                   "text": ("", "\n\nLabel:")}
 
 
 # Where the text comes from in a processed row (processing_meta_review.py's columns).
@@ -65,12 +77,20 @@ CLASSIFIER_INFO = "classifier.json"
 CLASS_WEIGHTS = ("none", "balanced")
 
 
-def encode_input(text: str, tokenizer, max_length: int, source: str) -> list[int]:
-    """The ids of `{header}{text}{cue}` with at most `max_length` tokens; only the text's tail is ever cut.
+def template_of(info: dict) -> tuple[str, str]:
+    """The (header, cue) a trained classifier was trained with: its classifier.json's `template`, else (older files)
+    the template of its `classification_input`."""
+    template = info.get("template")
+    return tuple(template) if template else INPUT_TEMPLATES[info["classification_input"]]
+
+
+def encode_input(text: str, tokenizer, max_length: int, source: str | tuple[str, str]) -> list[int]:
+    """The ids of `{header}{text}{cue}` with at most `max_length` tokens; only the text's tail is ever cut. `source`
+    is an input name (INPUT_TEMPLATES) or a (header, cue) template.
 
     `encode_input("Accept.", tok, 64, "meta_review")` -> ids of 'Meta-review of a paper:\\n\\nAccept.\\n\\nVerdict:'.
     """
-    header, cue = INPUT_TEMPLATES[source]
+    header, cue = INPUT_TEMPLATES[source] if isinstance(source, str) else source
     head_ids = tokenizer(header, add_special_tokens=False)["input_ids"]
     cue_ids = tokenizer(cue, add_special_tokens=False)["input_ids"]
     budget = max_length - len(head_ids) - len(cue_ids)
@@ -135,10 +155,54 @@ def check_label_column(dataset, column: str, source: str) -> None:
                          "re-run processing_meta_review.py on a source that has it")
 
 
-def class_names(train_labels: list[str], splits: dict[str, list[str]], column: str) -> list[str]:
-    """The classes, sorted, from the training labels; one class, or a class the training split never shows in
-    another split, is one error."""
+def parse_label_map(text: str) -> dict[str, str]:
+    """--label_map as {value: class name}, in class order: `parse_label_map("neg=negative,pos=positive")` ->
+    {"neg": "negative", "pos": "positive"}."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        value, sep, name = (x.strip() for x in item.partition("="))
+        if not sep or not value or not name:
+            raise UsageError(f"--label_map '{text}': '{item}' is not value=name; write e.g. 0=negative,1=positive")
+        if value in pairs:
+            raise UsageError(f"--label_map '{text}' names the value '{value}' twice; give each value one name")
+        pairs[value] = name
+    if len(set(pairs.values())) < 2:
+        raise UsageError(f"--label_map '{text}' gives fewer than two class names; classification needs two or more")
+    return pairs
+
+
+def label_key(value: Any) -> str | None:
+    """A label cell as --label_map writes values: `label_key(1)` and `label_key(1.0)` -> '1', text stripped, a blank
+    or missing cell None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip() or None
+
+
+def mapped_labels(values: list[Any], label_map: dict[str, str], column: str, split: str) -> list[str | None]:
+    """The class names --label_map gives the cells (None for a blank one); a value it does not name is one error."""
+    keys = [label_key(v) for v in values]
+    unnamed = sorted({k for k in keys if k is not None and k not in label_map})
+    if unnamed:
+        raise UsageError(f"--label_column {column} holds {unnamed[:5]} in split '{split}', which --label_map does not "
+                         f"name (it names {', '.join(label_map)}); add them, e.g. {unnamed[0]}=<name>")
+    return [None if k is None else label_map[k] for k in keys]
+
+
+def class_names(train_labels: list[str], splits: dict[str, list[str]], column: str,
+                order: list[str] | None = None) -> list[str]:
+    """The classes, sorted, from the training labels (or in `order`, --label_map's names, each of which the
+    training split must show); one class, or a class the training split never shows in another split, is one
+    error."""
     names = sorted(set(train_labels))
+    if order:
+        absent = [n for n in order if n not in names]
+        if absent:
+            raise UsageError(f"--label_map names {absent}, which no training row of --label_column {column} has; "
+                             "drop them from --label_map, or use a training split that has them")
+        names = list(order)
     if len(names) < 2:
         raise UsageError(f"--label_column {column} has a single class in the training split "
                          f"({names[0] if names else 'no labels'!r}); classification needs at least two")
@@ -165,13 +229,22 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
     import datasets
 
     task, column, source = data_args.task, data_args.label_column, data_args.classification_input
-    dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name, tokenize=False)
-    check_label_column(dataset, column, data_args.dataset_path)
+    if source == "text":  # plain labelled rows: the text column is renamed 'text'
+        dataset = load_text_dataset(data_args, seed, keep=[column])
+        text_column = "text"
+    else:
+        dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name, tokenize=False)
+        check_label_column(dataset, column, data_args.dataset_path)
+        text_column = INPUT_COLUMNS[source]
+    label_map = parse_label_map(data_args.label_map) if data_args.label_map else None
     texts: dict[str, list[str]] = {}
     labels: dict[str, list[Any]] = {}
     unlabelled = {}
     for name, split in dataset.items():
-        rows = [(row[INPUT_COLUMNS[source]], label_of(row.get(column), task, column, name)) for row in split]
+        cells = list(split[column]) if column in split.column_names else [None] * len(split)
+        named = mapped_labels(cells, label_map, column, name) if label_map else \
+            [label_of(v, task, column, name) for v in cells]
+        rows = list(zip(split[text_column], named))
         kept = [(t, y) for t, y in rows if y is not None and isinstance(t, str) and t.strip()]
         unlabelled[name] = len(rows) - len(kept)
         # --max_train_samples / --max_eval_samples: the same seeded sample as the language-modelling task
@@ -186,8 +259,13 @@ def prepare_classification_data(data_args, tokenizer, tokenizer_name: str, seed:
     info: dict[str, Any] = {"task": task, "label_column": column, "classification_input": source,
                             "max_length": data_args.max_length, "template": list(INPUT_TEMPLATES[source]),
                             "class_weights": data_args.class_weights, "unlabelled_rows": unlabelled}
+    if source == "text":
+        info["text_column"] = data_args.text_column
+    if label_map:
+        info["label_map"] = label_map
     if task == "classification":
-        names = class_names(labels["train"], {k: v for k, v in labels.items() if k != "train"}, column)
+        names = class_names(labels["train"], {k: v for k, v in labels.items() if k != "train"}, column,
+                            order=list(dict.fromkeys(label_map.values())) if label_map else None)
         label2id = {name: i for i, name in enumerate(names)}
         counts = {name: labels["train"].count(name) for name in names}
         info.update(labels=names, train_label_counts=counts,
@@ -475,7 +553,7 @@ def predict(model, tokenizer, info: dict, texts: list[str], batch_size: int = 16
     device = next(model.parameters()).device
     out: list[Any] = []
     for start in range(0, len(texts), batch_size):
-        rows = [{"input_ids": encode_input(t, tokenizer, info["max_length"], info["classification_input"]),
+        rows = [{"input_ids": encode_input(t, tokenizer, info["max_length"], template_of(info)),
                  "labels": 0} for t in texts[start:start + batch_size]]
         batch = collator(rows)
         with torch.no_grad():

@@ -15,6 +15,7 @@ from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.hub import hub_offline_reason, not_cached_error
 from proxytune.task.arguments import ProcessingArguments
 from proxytune.task.processing import _features, process, tokenize_example
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, choose_template, read_template
 from proxytune.training.arguments import DataArguments
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ def same_tokenization(split, tokenizer, n: int = 3) -> bool:
     return True
 
 
-def retokenize(dataset, tokenizer, max_length: int):
-    """Cut and tokenize the rows again for another max_length or tokenizer (processing_meta_review's code).
+def retokenize(dataset, tokenizer, max_length: int, template: PromptTemplate = DEFAULT_TEMPLATE):
+    """Cut and tokenize the rows again for another max_length, tokenizer or template (processing_meta_review's code).
 
     Returns (DatasetDict, {split: examples dropped because the meta-review alone leaves no room at max_length})."""
     import datasets
@@ -106,7 +107,8 @@ def retokenize(dataset, tokenizer, max_length: int):
     # Label columns (decision, avg_rating) ride along unchanged.
     features = _features({k: f.dtype for k, f in first.features.items() if k not in _features()})
     for name, split in dataset.items():
-        rows = [example for row in split.to_list() if (example := tokenize_example(row, tokenizer, max_length))]
+        rows = [example for row in split.to_list()
+                if (example := tokenize_example(row, tokenizer, max_length, template))]
         dropped[name] = len(split) - len(rows)
         # from_dict, not from_list: an empty list carries no keys, and from_list([]) then fails ("Keys mismatch").
         out[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
@@ -126,11 +128,20 @@ def check_splits_not_emptied(dataset, dropped: dict[str, int], max_length: int, 
                              "raise --max_length")
 
 
-def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name: str, tokenize: bool = True):
-    """The processed DatasetDict (train/validation[/test]) for `tokenizer` and --max_length.
+def dataset_template(data_args: DataArguments) -> PromptTemplate:
+    """The prompt template to train with: --prompt_template, else the one the processed --dataset_path records,
+    else meta_review (choose_template; a flag that differs from the record is warned about)."""
+    path = Path(data_args.dataset_path).expanduser()
+    recorded = read_template(path) if is_processed_dir(path) else None
+    return choose_template(data_args.prompt_template, [(str(path), recorded)])
+
+
+def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name: str, tokenize: bool = True,
+                             template: PromptTemplate = DEFAULT_TEMPLATE):
+    """The processed DatasetDict (train/validation[/test]) for `tokenizer`, --max_length and `template`.
 
     A directory from processing_meta_review.py is read as is, or re-tokenized when it was made for another
-    max_length or tokenizer; anything else goes through proxytune.task.processing.process(). `tokenize=False`
+    max_length, tokenizer or template; anything else goes through proxytune.task.processing.process(). `tokenize=False`
     (classification, which encodes its own inputs) keeps every row: nothing is re-cut or dropped for --max_length.
     """
     import datasets
@@ -153,11 +164,14 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
         made_with = json.loads((path / "processing_config.json").read_text(encoding="utf-8"))
         if not tokenize:
             return dataset
-        if made_with.get("max_length") != data_args.max_length or not same_tokenization(dataset["train"], tokenizer):
-            logger.info("re-tokenizing %s (made with max_length=%s, tokenizer %s) for max_length=%d, tokenizer %s",
-                        path, made_with.get("max_length"), made_with.get("tokenizer_name"), data_args.max_length,
-                        tokenizer_name)
-            dataset, dropped = retokenize(dataset, tokenizer, data_args.max_length)
+        made_template = read_template(path) or DEFAULT_TEMPLATE
+        if made_with.get("max_length") != data_args.max_length or not same_tokenization(dataset["train"], tokenizer) \
+                or not template.same_as(made_template):
+            logger.info("re-tokenizing %s (made with max_length=%s, tokenizer %s, prompt template %s) for "
+                        "max_length=%d, tokenizer %s, prompt template %s", path, made_with.get("max_length"),
+                        made_with.get("tokenizer_name"), made_template.name, data_args.max_length, tokenizer_name,
+                        template.name)
+            dataset, dropped = retokenize(dataset, tokenizer, data_args.max_length, template)
             check_splits_not_emptied(dataset, dropped, data_args.max_length, str(path))
         return dataset
     logger.info("processing %s on the fly with proxytune.task.processing.process()", data_args.dataset_path)
@@ -169,7 +183,7 @@ def load_meta_review_dataset(data_args: DataArguments, tokenizer, tokenizer_name
         max_length=data_args.max_length if tokenize else 10**9,  # classification: no row dropped for its length
         validation_split_percentage=data_args.validation_split_percentage,
     )
-    dataset, stats = process(pargs, tokenizer, flag="--dataset_path")
+    dataset, stats = process(pargs, tokenizer, flag="--dataset_path", template=template)
     logger.info("processed: kept %s, dropped %s", stats["rows_kept"], stats["dropped"] or "none")
     check_splits_not_emptied(dataset, stats["exceeding_max_length"], data_args.max_length, data_args.dataset_path)
     return dataset
@@ -180,8 +194,9 @@ def text_format(path: Path) -> str | None:
     return TEXT_FORMATS.get(split_compression(path)[0])
 
 
-def load_text_dataset(data_args: DataArguments, seed: int):
-    """Rows of plain text as a DatasetDict(train, validation) with one column, --text_column."""
+def load_text_dataset(data_args: DataArguments, seed: int, keep: Sequence[str] = ()):
+    """Rows of plain text as a DatasetDict(train, validation) with one column, --text_column (renamed 'text'), and the
+    columns `keep` (e.g. a classifier's label column) beside it."""
     import datasets
 
     name = data_args.dataset_path
@@ -215,11 +230,16 @@ def load_text_dataset(data_args: DataArguments, seed: int):
     if column not in raw["train"].column_names:
         raise UsageError(f"column '{column}' not found in {name} (columns: {', '.join(raw['train'].column_names)}); "
                          "pass --text_column")
-    keep = lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch[column]]  # noqa: E731
+    for extra in keep:
+        if extra not in raw["train"].column_names:
+            raise UsageError(f"--label_column {extra} is not a column of {name} (columns: "
+                             f"{', '.join(raw['train'].column_names)}); pass its label column")
+    columns = [column, *(c for c in keep if c != column)]
+    has_text = lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch[column]]  # noqa: E731
     val_name = next((s for s in ("validation", "valid", "val", "dev") if s in raw), None)
-    train = raw["train"].select_columns([column]).filter(keep, batched=True, keep_in_memory=True)
+    train = raw["train"].select_columns(columns).filter(has_text, batched=True, keep_in_memory=True)
     if val_name:
-        validation = raw[val_name].select_columns([column]).filter(keep, batched=True, keep_in_memory=True)
+        validation = raw[val_name].select_columns(columns).filter(has_text, batched=True, keep_in_memory=True)
     elif data_args.validation_split_percentage > 0 and len(train) > 1:
         import numpy as np
 
@@ -274,6 +294,7 @@ class PreparedData:
     test: Any = None  # meta-review mode: the test split, evaluated with --do_predict
     # classification/regression (training/classification.py): label map, template, head config
     label_info: dict | None = None
+    template: PromptTemplate | None = None  # the prompt template (meta-review mode): recorded in final/
 
 
 def check_dataset_path(name: str) -> None:

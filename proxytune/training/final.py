@@ -12,7 +12,7 @@ from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.outputs import atomic_directory, write_json
 from proxytune.models.adapters import has_bottleneck_adapters, save_bottleneck_adapters
 from proxytune.models.quantization import QUANTIZATION_RECORD, quantization_bits, quantization_record
-from proxytune.task.prompts import PROMPT_TEMPLATE
+from proxytune.task.prompts import DEFAULT_TEMPLATE, write_template
 from proxytune.training.arguments import FineTuneTrainingArguments
 from proxytune.training.checkpoints import FINAL_DIR, RUN_CONFIG
 from proxytune.training.classification import card_lines, write_classifier_files
@@ -134,8 +134,10 @@ def model_card(model_args, data_args, training_args, data: PreparedData, metrics
     if classifier:
         return "\n".join(lines + card_lines(data))
     if data.mode == "meta_review":
-        lines += ["## Prompt", "", "The target is ` <meta-review><|endoftext|>`; the prompt is:", "", "```text",
-                  PROMPT_TEMPLATE, "```", ""]
+        template = data.template or DEFAULT_TEMPLATE
+        target = "meta-review" if template.same_as(DEFAULT_TEMPLATE) else "response"
+        lines += ["## Prompt", "", f"The target is ` <{target}><|endoftext|>`; the prompt is:", "", "```text",
+                  template.describe(), "```", ""]
     lines += ["## Use", "", "```python", "from proxytune.models.loading import load_causal_lm, load_tokenizer",
               "model = load_causal_lm(\"<this directory>\")", "tokenizer = load_tokenizer(\"<this directory>\")",
               "```", ""]
@@ -176,7 +178,7 @@ def save_final(trainer, tokenizer, model_args, data_args, training_args, data: P
                                                                      model_args.bnb_4bit_use_double_quant,
                                                                      model_args.bnb_4bit_quant_type))
         if data.mode == "meta_review":
-            (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+            write_template(tmp, data.template or DEFAULT_TEMPLATE)
         if data.label_info is not None:
             write_classifier_files(tmp, data, metrics)
         # After save_pretrained: peft writes a README.md of its own that this card replaces.

@@ -10,6 +10,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from proxytune.foundation.errors import UsageError
 from proxytune.task.processing import check_max_length
+from proxytune.task.prompts import DEFAULT_TEMPLATE
 from proxytune.training.arguments import DataArguments, FineTuneTrainingArguments
 from proxytune.training.classification import build_classifier_trainer, evaluate_split, prepare_classification_data
 from proxytune.training.data import (
@@ -17,6 +18,7 @@ from proxytune.training.data import (
     CausalLMCollator,
     PreparedData,
     check_dataset_path,
+    dataset_template,
     limit,
     load_meta_review_dataset,
     load_text_dataset,
@@ -32,9 +34,11 @@ def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed:
     if data_args.task != "language_modeling":
         return prepare_classification_data(data_args, tokenizer, tokenizer_name, seed)
     mode = "text" if data_args.text_column else "meta_review"
+    template = None
     if mode == "meta_review":
-        check_max_length(tokenizer, data_args.max_length)
-        dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name)
+        template = dataset_template(data_args)
+        check_max_length(tokenizer, data_args.max_length, template=template)
+        dataset = load_meta_review_dataset(data_args, tokenizer, tokenizer_name, template=template)
         train = limit(dataset["train"], data_args.max_train_samples, seed)
         validation = limit(dataset["validation"], data_args.max_eval_samples, seed)
         test = limit(dataset["test"], data_args.max_eval_samples, seed) if "test" in dataset else None
@@ -43,7 +47,8 @@ def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed:
              "prompt": row["prompt"], "reference": row["Output"]}
             for row in validation.select(range(min(data_args.num_samples, len(validation))))
         ]
-        description = "meta-reviews (prompt masked, loss on meta-review + EOS)"
+        description = ("meta-reviews (prompt masked, loss on meta-review + EOS)" if template.same_as(DEFAULT_TEMPLATE)
+                       else f"prompt template {template.name} (prompt masked, loss on the response + EOS)")
     else:
         raw = load_text_dataset(data_args, seed)
         train = tokenize_texts(raw["train"], tokenizer, data_args.max_length, data_args.packing)
@@ -61,7 +66,8 @@ def prepare_data(data_args: DataArguments, tokenizer, tokenizer_name: str, seed:
         raise UsageError(f"no training examples from {data_args.dataset_path} at --max_length {data_args.max_length}; "
                          "check the data, or lower --max_length in plain-text mode")
     return PreparedData(to_training_features(train, mode), to_training_features(validation, mode), samples, mode,
-                        description, to_training_features(test, mode) if test is not None else None)
+                        description, to_training_features(test, mode) if test is not None else None,
+                        template=template)
 
 
 def build_trainer(model, tokenizer, data: PreparedData, training_args: FineTuneTrainingArguments,

@@ -444,7 +444,7 @@ def key_range(plan: Plan, column: str) -> str:
 
 
 def write_summary(wb: Workbook, ws: Worksheet, plan: Plan, summary: dict, run_info: dict, human: dict) -> None:
-    """One row per system (scores, live mean rating and win rate), then the ROUGE chart on the same page."""
+    """One row per system (scores, live mean rating and win rate), then the ROUGE chart (if any) on the same page."""
     metrics = metrics_of(summary)
     sheet, system_col, score = key_range(plan, "sheet"), key_range(plan, "system"), key_range(plan, "score")
     header = ["system", "model", "n", *metrics, "n_rated", "mean_rating"]
@@ -482,8 +482,11 @@ def write_summary(wb: Workbook, ws: Worksheet, plan: Plan, summary: dict, run_in
                                      f"{decision['n_unlabelled']}; classifier {decision['classifier']}")
         below += 4
 
+    rouge = [header.index(m) for m in metrics if m.startswith("rouge")]
+    if not rouge:  # evaluation.py --text_dataset: continuations without references have no ROUGE to chart
+        return
     chart = wb.add_chart({"type": "column"})
-    for c in (header.index(m) for m in metrics if m.startswith("rouge")):
+    for c in rouge:
         chart.add_series({"name": [ws.name, 0, c], "categories": [ws.name, 1, 0, len(rows), 0],
                           "values": [ws.name, 1, c, len(rows), c]})
     chart.set_title({"name": "ROUGE F1 (x100) per system"})

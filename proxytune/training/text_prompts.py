@@ -1,5 +1,6 @@
 """Prompts from plain text (the Mini-ChatGPT recipe): the first N tokens of a text, N and the completion's length
-drawn per text from ranges; the policy continues each prompt and a reward scores the continuation."""
+drawn per text from ranges; rl_tune.py's policy continues each prompt and a reward scores the continuation, and
+evaluation.py --text_dataset has every system continue them."""
 
 from __future__ import annotations
 
