@@ -95,6 +95,7 @@ def versions() -> str:
 BENCH_ORDER = ("bench_steering", "bench_speculative", "bench_fine_tune", "bench_adapters", "bench_evaluation",
                "bench_quantized",
                "bench_decision", "bench_hp_search", "lab_sizing", "steering_lab", "rl_lab", "rl_sweep",
+               "sentiment_lab",
                "render_workbook", "bench_server", "harness_lab", "transfer_lab")
 
 PREAMBLE = """# Benchmark results

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _util import ROOT, random_model, record  # noqa: E402
 
-from proxytune.integrations.server import create_app, serving
+from proxytune.integrations.server import ServeArguments, create_app, serving
 from proxytune.integrations.steered import SteeredModel
 from proxytune.models.loading import load_tokenizer
 from proxytune.steering.arguments import SteerArguments
@@ -89,6 +89,8 @@ def main() -> None:
                              "random weights reject every draft and the server's cost, not drafting, is measured")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a machine shared with other jobs)")
+    parser.add_argument("--batch_wait_ms", type=float, default=ServeArguments.batch_wait_ms,
+                        help="serve.py's --batch_wait_ms (default: serve.py's)")
     parser.add_argument("--no_record", action="store_true")
     args = parser.parse_args()
     if not TOKENIZER.is_dir() or not REVIEWS.is_file():
@@ -105,7 +107,7 @@ def main() -> None:
     blend = Blend.from_alpha(1.0)
     steered = SteeredModel(models, tokenizer, blend, speculative=args.speculative, draft_tokens=DRAFT_TOKENS)
     prompts = make_prompts(tokenizer, max(args.prompts, args.clients * args.requests_per_client), args.prompt_len)
-    app = create_app(steered, batch_size=args.clients)
+    app = create_app(steered, batch_size=args.clients, batch_wait_s=args.batch_wait_ms / 1000)
     with serving(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         steer_once(models, tokenizer, prompts[0], blend, args.new_tokens, args.speculative)  # warm-up, both sides
@@ -161,9 +163,12 @@ def main() -> None:
     header = ("what", "baseline", "server", "ratio", "target", "")
     title = (f"Server: L={args.large} shape, S={args.small} shape, {args.prompt_len}-token prompts, "
              f"{args.new_tokens} new tokens, greedy, "
-             f"{f'speculative k={DRAFT_TOKENS}' if args.speculative else 'plain decoding loop'}")
+             f"{f'speculative k={DRAFT_TOKENS}' if args.speculative else 'plain decoding loop'}"
+             + (f", batch wait {args.batch_wait_ms:g} ms"
+                if args.batch_wait_ms != ServeArguments.batch_wait_ms else ""))
     load = os.getloadavg()
-    notes = (f"torch threads {torch.get_num_threads()}; load average at the end {load[0]:.1f}/{load[1]:.1f}/"
+    notes = (f"batch wait {args.batch_wait_ms:g} ms; torch threads {torch.get_num_threads()}; load average at the end "
+             f"{load[0]:.1f}/{load[1]:.1f}/"
              f"{load[2]:.1f} (1/5/15 min). One client: {args.prompts} prompts, each decoded by steer.py's "
              "generate_texts (batch 1) and then requested from the server (official `openai` client over HTTP on "
              f"loopback, app in this process), {steer_n} and {serve_n} tokens. {args.clients} clients: threads, "

@@ -75,7 +75,7 @@ def decision_label(value) -> int | None:
 
 def write_tasks(lab, root: Path) -> list[dict]:
     """The test papers as JSONL and three task YAMLs (JSON is YAML) in `root`; returns the documents."""
-    (_, data_args, _, _) = parse_config(ARGUMENT_TYPES, evaluation_data(lab))
+    data_args = parse_config(ARGUMENT_TYPES, evaluation_data(lab))[1]  # (model, data, generation, ...)
     rows = load_examples(data_args)
     examples = [rows[i] for i in select_examples(len(rows), data_args.num_examples, data_args.seed)]
     tokenizer = load_tokenizer(lab.model("large"), padding_side="left")

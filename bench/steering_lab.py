@@ -768,7 +768,7 @@ def score_alpha_curve(lab: Lab) -> None:
 
 
     p = lab.profile
-    (_, data_args, _, _) = parse_config(ARGUMENT_TYPES, evaluation_data(lab))
+    data_args = parse_config(ARGUMENT_TYPES, evaluation_data(lab))[1]  # (model, data, generation, ...)
     rows = load_examples(data_args)
     examples = [rows[i] for i in select_examples(len(rows), data_args.num_examples, data_args.seed)]
     roles = {LARGE: "large", SMALL_TUNED: "small_tuned", SMALL_BASE: "small"}
