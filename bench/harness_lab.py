@@ -140,7 +140,7 @@ def lab_nll(lab, label: str) -> dict[str, tuple[float, int]]:
     """{example_id: (reference NLL in nats, target tokens)} from the lab's evaluation.py run (greedy; NLL does not
     depend on the decoding)."""
     path = lab.eval_dir / "greedy" / "main" / "predictions.jsonl"
-    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     return {r["example_id"]: (float(r["nll"]), int(r["target_tokens"])) for r in recs
             if r["system"] == LAB_SYSTEM[label]}
 

@@ -416,7 +416,7 @@ def system_labels(lab: Lab) -> list[tuple[str, str, str]]:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def per_prompt(lab: Lab, evals: dict[str, dict]) -> dict[str, list[dict]]:

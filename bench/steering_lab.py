@@ -805,7 +805,7 @@ def read_predictions(lab: Lab, decoding: str) -> dict[str, dict[str, Any]]:
     out, order = {}, None
     for label, run, system in SYSTEMS:
         path = lab.eval_dir / decoding / run / "predictions.jsonl"
-        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
         recs = {r["example_id"]: r for r in recs if r["system"] == system}
         order = order or sorted(recs)
         if sorted(recs) != order:

@@ -39,7 +39,7 @@ from proxytune.steering.blend import (
     slice_vocab,
 )
 from proxytune.steering.decoding import left_pad, prefill_rows, prefill_separately, steered_generate
-from proxytune.steering.generation import generate_texts
+from proxytune.steering.generation import generate_texts, read_prompt_texts
 from proxytune.steering.loading import resolve_model_args
 from proxytune.steering.records import blend_models
 from proxytune.steering.scoring import blend_nll, blend_nll_derivatives, score_targets
@@ -739,3 +739,13 @@ def test_a_zero_delta_decodes_large_greedy_output_through_a_built_near_tie():
     steps (this test then fails, on every kernel set of tests/exactness_kernels.sh)."""
     large = add_near_tie(make_tiny_model(V, seed=2, hidden_size=64, num_layers=3, padded_vocab=V + 12))
     check_zero_delta_decodes_large_through_a_near_tie(large, make_tiny_model(V, seed=0, padded_vocab=V + 12), V)
+
+
+def test_a_jsonl_prompts_file_with_unicode_line_separators_inside_strings_reads_row_by_row(tmp_path):
+    """json.dumps(ensure_ascii=False), as this project writes its JSONL, keeps U+2028/U+0085 raw inside strings;
+    a reader that splits on str.splitlines() would cut such a row in two."""
+    rows = [{"Input": "Review one\u2028continues here."}, {"Input": "Review two\x85also."}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    items = read_prompt_texts(SteerArguments(prompts_file=str(path)))
+    assert [item[1]["Input"] for item in items] == [r["Input"] for r in rows]

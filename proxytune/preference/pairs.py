@@ -25,7 +25,7 @@ def read_ratings(path: Path) -> list[dict]:
     if path.suffix.lower() == ".xlsx":
         return [judgment_record(j) for j in read_judgments(path).all()]
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -41,7 +41,7 @@ def read_eos_flags(directory: Path) -> dict[tuple[str, str], tuple[str, bool]]:
     if not path.is_file():
         return {}
     flags = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):
         if line.strip():
             rec = json.loads(line)
             flags[(str(rec["example_id"]), rec["system"])] = (rec.get("prediction", ""),
@@ -142,7 +142,7 @@ def build_file_pairs(path: Path, tokenizer, max_length: int) -> list[dict]:
         raise UsageError(f"--pairs_file {path} does not exist; pass a JSONL of {{prompt, chosen, rejected}}")
     eos = tokenizer.eos_token
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -42,7 +42,7 @@ def read_prompt_texts(args: SteerArguments) -> list[tuple[Any, dict]]:
         items = [(line, {}) for line in text.splitlines() if line.strip()]
     else:
         try:
-            rows = json.loads(text) if kind == ".json" else [json.loads(line) for line in text.splitlines()
+            rows = json.loads(text) if kind == ".json" else [json.loads(line) for line in text.split("\n")
                                                              if line.strip()]
         except json.JSONDecodeError as err:
             raise UsageError(f"--prompts_file {path} is not valid {kind[1:].upper()}: {err}") from None

@@ -82,7 +82,7 @@ def load_validation_examples(args: TuneArguments, tokenizer, context: int, seed:
             rows = [{"Input": row["reviews"], "Output": row["Output"]} for row in rows]
     else:
         rows = []
-        for number, line in enumerate(read_data_text(path, "--validation_data").splitlines(), start=1):
+        for number, line in enumerate(read_data_text(path, "--validation_data").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
