@@ -9,6 +9,32 @@ gets, without losing L's fluency:
     python bench/sentiment_lab.py --threads 1               # the full profile: about 22 min on 1 core; cached
     python bench/sentiment_lab.py --smoke                   # on outputs/lab-smoke: tiny, under a minute
 
+The real thing, on one GPU with the Hub (--preset pythia): S = EleutherAI/pythia-70m (RL-tuned), L =
+EleutherAI/pythia-410m or -1.4b (steered; L_rl = RLOO on L), Pythia's tokenizer, the reviews from ../shared when present
+else the Hub's stanfordnlp/imdb (train + test), the "pythia" profile (8,000 reviews per classifier cut to 128 tokens,
+1,000 RL steps of 64 completions, 1,024 held-out prompts), bf16 mixed precision for the classifiers and RLOO (our PPO
+refuses --bf16 and trains in float32), device cuda when available (--device to choose):
+
+    python bench/sentiment_lab.py --preset pythia --large 410m      # ESTIMATE: 25-35 min on one A100 80GB
+    python bench/sentiment_lab.py --preset pythia --large 1.4b      # ESTIMATE: 35-50 min on one A100 80GB
+    python bench/sentiment_lab.py --preset pythia --smoke           # the same path, tiny sizes: a few minutes
+
+Those times are an ESTIMATE, not a measurement: no GPU run of the preset has been made (its smoke path is tested on
+tiny random models under the Pythia ids, on CPU), and the profile's learning rates are the usual ones for pretrained
+models of these sizes, not piloted. How the estimate is made: compute at 6N FLOPs per trained token and 2N per
+forward token (N = non-embedding parameters + output head: 45M, 354M, 1.31B) at an assumed 100 TFLOP/s sustained in
+bf16 on an A100 (a third of its 312 peak): the judge on 0.9M tokens is 1.7 PFLOP (410m) or 6.7 PFLOP (1.4b), under
+2 min; RL on L is 1.5M tokens x ~12N (sampling, policy forward and backward, reference, reward) = 6.5 or 24 PFLOP, 1-4
+min. FLOPs do not bound it: sampling 16 tokens a step in batches of 64 is latency-bound, assumed ~0.4 ms per layer
+per decoding step (eager PyTorch kernel launches; 6 layers in 70m, 24 in 410m and 1.4b), plus ~0.1-0.2 s of Trainer
+overhead a step: ~0.3 s a step on S (RLOO and PPO: 10-12 min), 0.5-1.0 s on L (rl_large: 8-17 min); evaluation
+3-6 min; about 1 min of model loading per script run (11 runs) and the Hub download (0.9 or 2.9 GB). The CPU stage
+times below were not scaled: their models are too small for a FLOP ratio to carry the GPU's latency floor. H100:
+about 0.7-0.8x the A100's time (the latency-bound part does not follow its FLOPs). In money, at an assumed $1.5-2 an
+hour (A100) or $2.5-3.5 (H100), about $1-3 a run. Memory: RLOO on 1.4b with float32 master weights, Adam, gradients
+and the reference is about 30 GB, so a 40 GB card should do. Replace this estimate with the record's measured stage
+times after the first real run.
+
 Stages (each under --work_dir, reused when the settings recorded beside it, <stage>.stage.json, are today's: its
 command line, the steering lab's models, the stages it reads; one made with other settings runs again, with the
 stages after it, and a log line names the change):
@@ -79,15 +105,22 @@ import rl_tune
 from proxytune.evaluation.arguments import ARGUMENT_TYPES
 from proxytune.foundation.cli import run_cli, setup_logging
 from proxytune.foundation.config import parse_config
-from proxytune.foundation.errors import UsageError
+from proxytune.foundation.errors import UsageError, first_line
 from proxytune.foundation.outputs import write_json
 from proxytune.foundation.statistics import bootstrap_interval, resample_indices
+from proxytune.models.loading import default_device
 from proxytune.preference.arguments import parse_args as parse_rl_args
 from proxytune.training.arguments import parse_args as parse_fine_tune_args
 
 logger = logging.getLogger("sentiment_lab")
 
 IMDB = ROOT.parent / "shared" / "data" / "imdb" / "imdb_partial.jsonl.gz"
+HUB_IMDB = "stanfordnlp/imdb"  # --preset pythia's reviews where ../shared is absent (train + test, 50k labelled)
+PYTHIA_SMALL = "EleutherAI/pythia-70m"
+# --preset pythia --large: the judge's learning rate (classification from L's weights; S's reward classifier gets the
+# profile's reward_lr). A guess scaled as the steering lab's fine-tuning rates (a tenth of Pythia's pretraining peak
+# halved for a classification head), not tuned.
+PYTHIA_JUDGE_LR = {"410m": 2e-5, "1.4b": 1e-5}
 LABEL_MAP = "neg=negative,pos=positive"  # the shared file's labels, named so that --reward_label positive reads them
 POSITIVE = "positive"
 PROMPT_LENGTH, COMPLETION_LENGTH = "2,8", "4,16"  # the tutorial's
@@ -136,6 +169,19 @@ PROFILES = {
                      reward_lr=1e-3, judge_lr=1e-3, prompt_rows=64, eval_prompts=12, rl_steps=3, rl_prompts=4,
                      rl_generations=2, rloo_lr=1e-3, rloo_beta=0.05, ppo_lr=1e-3, ppo_init_kl=0.2, large_rl=True,
                      eval_batch=12, bootstrap_samples=100),
+    # --preset pythia: pretrained S (Pythia-70m) and L (410m or 1.4b) from the Hub, sized for one 40-80 GB GPU. Not
+    # piloted: the learning rates are the usual ones for pretrained models of these sizes (RLOO/PPO 1e-5/1.41e-5, the
+    # tutorial's PPO rate; classifiers 5e-5 for 70m, PYTHIA_JUDGE_LR for L), the steps 4x the CPU profile's, and 1,024
+    # held-out prompts give a positive rate's 95% interval about +-3 points.
+    "pythia": Profile(classifier_rows=8000, classifier_max_length=128, classifier_epochs=1, classifier_batch=32,
+                      reward_lr=5e-5, judge_lr=2e-5, prompt_rows=8000, eval_prompts=1024, rl_steps=1000,
+                      rl_prompts=16, rl_generations=4, rloo_lr=1e-5, rloo_beta=0.05, ppo_lr=1.41e-5, ppo_init_kl=0.2,
+                      large_rl=True, eval_batch=64, bootstrap_samples=1000),
+    # --preset pythia --smoke: the same path at the smoke profile's sizes (the Pythia rates).
+    "pythia-smoke": Profile(classifier_rows=64, classifier_max_length=32, classifier_epochs=1, classifier_batch=8,
+                            reward_lr=5e-5, judge_lr=2e-5, prompt_rows=64, eval_prompts=12, rl_steps=3, rl_prompts=4,
+                            rl_generations=2, rloo_lr=1e-5, rloo_beta=0.05, ppo_lr=1.41e-5, ppo_init_kl=0.2,
+                            large_rl=True, eval_batch=12, bootstrap_samples=100),
 }
 
 
@@ -147,8 +193,17 @@ class SentimentLabArguments:
     work_dir: str | None = field(default=None, metadata={
         "help": "Where every stage writes (default: outputs/sentiment_lab, or outputs/sentiment_lab-smoke)."})
     smoke: bool = field(default=False, metadata={"help": "Tiny everything: an end-to-end check in under a minute."})
-    data: str = field(default=str(IMDB), metadata={
-        "help": "Labelled reviews: a .jsonl or .jsonl.gz with text and label (neg/pos) fields."})
+    preset: str | None = field(default=None, metadata={
+        "help": f"'pythia': S = {PYTHIA_SMALL} and L = EleutherAI/pythia-<--large> from the Hub instead of the "
+                "steering lab's models (Pythia's tokenizer; bf16 on a GPU). With --smoke: the same path, tiny sizes."})
+    large: str = field(default="410m", metadata={"help": f"L with --preset pythia: {', '.join(PYTHIA_JUDGE_LR)}."})
+    data: str | None = field(default=None, metadata={
+        "help": "Labelled reviews: a .jsonl or .jsonl.gz with text and label (neg/pos) fields, or (with --preset) a "
+                "Hub dataset id. Default: ../shared/data/imdb/imdb_partial.jsonl.gz; with --preset, "
+                f"{HUB_IMDB} where that file is absent."})
+    device: str | None = field(default=None, metadata={
+        "help": "Device of evaluation.py (and, on a GPU, the classifiers' and RL's Trainer). Default: cpu, or with "
+                "--preset cuda when available."})
     large_rl: bool | None = field(default=None, metadata={
         "help": "Train L_rl (RLOO on L), the upper bound. Default: the profile's (on)."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
@@ -161,7 +216,18 @@ class SentimentLabArguments:
 
     def __post_init__(self):
         problems = []
-        if not Path(self.data).expanduser().is_file():
+        if self.data is None:
+            self.data = str(IMDB) if IMDB.is_file() or not self.preset else HUB_IMDB
+        if self.preset not in (None, "pythia"):
+            problems.append(f"--preset {self.preset}: unknown; the one preset is 'pythia' (leave it out for the "
+                            "steering lab's models)")
+        if self.large not in PYTHIA_JUDGE_LR:
+            problems.append(f"--large {self.large}: choose from {', '.join(PYTHIA_JUDGE_LR)}")
+        elif self.large != "410m" and not self.preset:
+            problems.append(f"--large {self.large} needs --preset pythia")
+        if self.preset and self.steering_lab_dir:
+            problems.append("--steering_lab_dir does not apply with --preset pythia (S and L come from the Hub)")
+        if (not self.preset or looks_local(self.data)) and not Path(self.data).expanduser().is_file():
             problems.append(f"--data {self.data} is not a file; pass a .jsonl[.gz] of labelled reviews (text, label)")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads {self.threads} must be >= 1")
@@ -173,26 +239,37 @@ class SentimentLabArguments:
 class Lab:
     args: SentimentLabArguments
     profile: Profile
-    steering: Path  # the steering lab's work dir
+    steering: Path | None  # the steering lab's work dir (None with --preset)
     work: Path
     results_file: Path
     figure: Path
     commands: list[str] = field(default_factory=list)
     times: dict[str, dict] = field(default_factory=dict)  # stage -> {seconds, cached}
+    device: str = "cpu"
+    pretrained: dict[str, str] = field(default_factory=dict)  # --preset: 'small'/'large' -> Hub id
 
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
 
     @property
     def small(self) -> str:
-        return str(self.steering / "small" / "final")
+        return self.pretrained.get("small") or str(self.steering / "small" / "final")
 
     @property
     def large(self) -> str:
-        return str(self.steering / "large" / "final")
+        return self.pretrained.get("large") or str(self.steering / "large" / "final")
+
+
+def looks_local(source: str) -> bool:
+    """'user/name' is a Hub id; an existing path, './x', '/x', '~/x', 'a/b/c' or 'x.jsonl[.gz]' is a file (as
+    bench/steering_lab.py reads its sources)."""
+    return (Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+            or source.endswith((".jsonl", ".jsonl.gz", ".json")))
 
 
 def resolve_lab(args: SentimentLabArguments) -> Lab:
+    if args.preset:
+        return resolve_preset(args)
     profile = PROFILES["smoke" if args.smoke else "full"]
     if args.large_rl is not None:
         profile = Profile(**{**asdict(profile), "large_rl": args.large_rl})
@@ -211,11 +288,29 @@ def resolve_lab(args: SentimentLabArguments) -> Lab:
     return Lab(args, profile, steering, work, results, figure)
 
 
+def resolve_preset(args: SentimentLabArguments) -> Lab:
+    """--preset pythia: S and L by their Hub ids, the "pythia" (or "pythia-smoke") profile with L's judge rate, the
+    device from default_device() unless --device says otherwise."""
+    profile = PROFILES["pythia-smoke" if args.smoke else "pythia"]
+    profile = Profile(**{**asdict(profile), "judge_lr": PYTHIA_JUDGE_LR[args.large],
+                         **({} if args.large_rl is None else {"large_rl": args.large_rl})})
+    name = f"pythia-{args.large}"
+    work = Path(args.work_dir or ROOT / f"outputs/sentiment_lab-{'smoke-' if args.smoke else ''}{name}").resolve()
+    results = Path(args.results_file) if args.results_file else (
+        work / "RESULTS.md" if args.smoke else ROOT / "bench" / "RESULTS.md")
+    figure = Path(args.figure) if args.figure else (
+        work / "sentiment_lab.png" if args.smoke else ROOT / "assets" / f"sentiment_lab_{name}.png")
+    return Lab(args, profile, None, work, results, figure, device=args.device or default_device(),
+               pretrained={"small": PYTHIA_SMALL, "large": f"EleutherAI/{name}"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a stage: cached by its settings, timed, logged as a command
 # ---------------------------------------------------------------------------------------------
 def lab_made(lab: Lab) -> dict:
     """When the steering lab made S and L (its stages.json), so that a rebuilt S or L makes every stage run again."""
+    if lab.steering is None:  # --preset: the Hub's models (their revision is the Hub's)
+        return {"pretrained": lab.pretrained}
     path = lab.steering / "stages.json"
     made = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return {name: made[name].get("finished") for name in LAB_STAGES if name in made}
@@ -274,7 +369,32 @@ def clean(text: str) -> str:
     return " ".join(text.replace("<br />", " ").split())
 
 
+def read_hub_reviews(source: str) -> list[dict]:
+    """The labelled splits of a Hub dataset (stanfordnlp/imdb: train and test, not its unlabelled `unsupervised`), in
+    split order; integer labels by the dataset's ClassLabel names, else IMDB's (0 = neg, 1 = pos)."""
+    import datasets
+
+    try:
+        data = datasets.load_dataset(source)
+    except Exception as err:  # the datasets library raises many types for a missing or unreadable source
+        raise UsageError(f"cannot load --data {source}: {first_line(err)}; pass a "
+                         "local file or a Hub dataset id (offline, one already in the datasets cache)") from None
+    rows = []
+    for split in sorted(data):
+        if split == "unsupervised" or "label" not in data[split].column_names:
+            continue
+        feature = data[split].features["label"]
+        names = getattr(feature, "names", None) or ["neg", "pos"]
+        rows += [{"text": r["text"], "label": names[r["label"]] if isinstance(r["label"], int) else r["label"]}
+                 for r in data[split] if not (isinstance(r["label"], int) and r["label"] < 0)]
+    return rows
+
+
 def read_reviews(path: str) -> list[dict]:
+    if not looks_local(path):
+        rows = read_hub_reviews(path)
+        return [{"line": i, "label": row["label"], "text": clean(row["text"])} for i, row in enumerate(rows)
+                if isinstance(row.get("text"), str) and row["text"].strip()]
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -341,7 +461,8 @@ def classifier_arguments(lab: Lab, name: str) -> list[str]:
             "--per_device_train_batch_size", str(p.classifier_batch), "--per_device_eval_batch_size", "64",
             "--learning_rate", str(lr), "--eval_strategy", "epoch", "--save_strategy", "epoch",
             "--logging_steps", "10", "--num_samples", "0", "--seed", str(lab.args.seed),
-            "--dataloader_num_workers", "0", *QUIET, "--output_dir", str(lab.path(name))]
+            "--dataloader_num_workers", "0", *QUIET, *precision_arguments(lab, "classifier"),
+            "--output_dir", str(lab.path(name))]
 
 
 def rl_arguments(lab: Lab, method: str, model: str, out: str) -> list[str]:
@@ -363,7 +484,22 @@ def rl_arguments(lab: Lab, method: str, model: str, out: str) -> list[str]:
                  "--beta", str(p.rloo_beta), "--temperature", "1.0"]
     else:
         argv += ["--learning_rate", str(p.ppo_lr), "--init_kl_coef", str(p.ppo_init_kl)]
-    return argv
+    return argv[:-2] + precision_arguments(lab, method) + argv[-2:] if lab.args.preset else argv
+
+
+def precision_arguments(lab: Lab, script: str) -> list[str]:
+    """--preset on a GPU: bf16 mixed precision (fp16 where the GPU has no bf16) for fine_tune.py's classifiers and TRL's
+    RLOO over float32 master weights (as fine_tune.py advises for Pythia's float16 checkpoints); our PPO refuses
+    --bf16/--fp16 and trains in float32. --device cpu keeps the Trainers off a GPU too. Nothing without --preset."""
+    if not lab.args.preset:
+        return []
+    import torch
+
+    if lab.device.startswith("cuda"):
+        if script == "ppo":
+            return []
+        return ["--bf16", "true"] if torch.cuda.is_bf16_supported() else ["--fp16", "true"]
+    return ["--use_cpu", "true"] if torch.cuda.is_available() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +531,7 @@ def evaluation_arguments(lab: Lab, method: str, alpha: float, systems: list[str]
             "--reward_model", str(lab.path("reward", "final")), "--reward_label", POSITIVE,
             "--judge_classifier", str(lab.path("judge", "final")), "--fluency_model", lab.large,
             "--batch_size", str(p.eval_batch), "--bootstrap_samples", str(p.bootstrap_samples),
-            "--seed", str(lab.args.seed), "--device", "cpu", "--pairwise", "none", "--output_dir", str(out)]
+            "--seed", str(lab.args.seed), "--device", lab.device, "--pairwise", "none", "--output_dir", str(out)]
     if "large_tuned" in systems:
         argv += ["--large_tuned_model", str(lab.path("rl_large", "final"))]
     return argv
@@ -583,9 +719,12 @@ def report(lab: Lab, evals: dict[str, dict], classifiers: dict[str, dict], rl: d
         f"{m['after'].get('reward', nan):.2f}" for name, m in rl.items())
     times = ", ".join(f"{k} {v['seconds']:.0f} s" + (" (cached)" if v.get("cached") else "")
                       for k, v in lab.times.items())
+    models = (f"`{lab.small}` and `{lab.large}` from the Hub (Pythia, pretrained on the Pile; Pythia's tokenizer; "
+              f"device {lab.device})" if lab.args.preset else
+              f"the steering lab's IMDB-pretrained models (`{display(Path(lab.small))}`, `{display(Path(lab.large))}`)")
+    source = display(Path(lab.args.data)) if looks_local(lab.args.data) else lab.args.data
     notes = [
-        f"**Design** ({'smoke' if lab.args.smoke else 'full'} profile). S and L: the steering lab's IMDB-pretrained "
-        f"models (`{display(Path(lab.small))}`, `{display(Path(lab.large))}`). `{display(Path(lab.args.data))}` "
+        f"**Design** ({profile_name(lab.args)} profile). S and L: {models}. `{source}` "
         f"shuffled (seed {lab.args.seed}) into disjoint halves: {split['reward']['rows']} reviews of half A "
         f"for the reward classifier, {split['prompts_train']['rows']} for the RL prompts and "
         f"{split['prompts_eval']['rows']} held out for evaluation; {split['judge']['rows']} of half B "
@@ -610,6 +749,9 @@ def report(lab: Lab, evals: dict[str, dict], classifiers: dict[str, dict], rl: d
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end): {times}; this invocation "
         f"{total_seconds / 60:.1f} min. Commands: `{display(lab.path('commands.sh'))}`."]
     title = f"Mini-ChatGPT recipe offline: RL on S, L steered by (S, S_rl) ({n} held-out IMDB prompts)"
+    if lab.args.preset:
+        title = f"Mini-ChatGPT recipe, pythia-70m + pythia-{lab.args.large}: RL on S, L steered by (S, S_rl) ({n} " \
+                "held-out IMDB prompts)"
     plot(lab.figure, summaries, f"{title}\njudge positive rate vs fluency, 95% intervals")
     notes.append(f"![sentiment lab]({display(lab.figure)})")
     text = "\n\n".join(notes)
@@ -621,6 +763,10 @@ def report(lab: Lab, evals: dict[str, dict], classifiers: dict[str, dict], rl: d
     summary = {"systems": summaries, "targets": targets, "times": lab.times, "classifiers": classifiers, "rl": rl}
     write_json(lab.path("report.json"), summary)
     return summary
+
+
+def profile_name(args: SentimentLabArguments) -> str:
+    return ("pythia-" if args.preset else "") + ("smoke" if args.smoke else "full")
 
 
 def display(path: Path) -> str:
@@ -635,16 +781,18 @@ def main(args: SentimentLabArguments) -> dict:
     """Run (or reuse) every stage, then write the report. Returns report.json's content."""
     setup_logging()
     lab = resolve_lab(args)
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(key, "1")  # everything is local; never wait on the Hub
+    if not args.preset:  # --preset reads the Hub (its own offline setting decides)
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(key, "1")  # everything is local; never wait on the Hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     lab.work.mkdir(parents=True, exist_ok=True)
-    logger.info("sentiment lab: profile %s, S and L from %s, work dir %s\n  %s", "smoke" if args.smoke else "full",
-                lab.steering, lab.work, json.dumps(asdict(lab.profile)))
+    logger.info("sentiment lab: profile %s, S and L from %s, work dir %s\n  %s", profile_name(args),
+                lab.steering or f"the Hub ({lab.small}, {lab.large}; device {lab.device})", lab.work,
+                json.dumps(asdict(lab.profile)))
     started = time.perf_counter()
     try:
         split = prepare(lab, "split", lab.path("split"), {"data": args.data, "seed": args.seed,
