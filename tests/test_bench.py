@@ -211,3 +211,12 @@ def test_a_run_at_another_thread_count_is_another_record(util, monkeypatch):
     content = util.RESULTS.read_text()
     assert len(records(content)) == 2  # the 1-thread record replaced, the 2-thread one kept
     assert "| batch 1 | c |" in content and "| batch 1 | b |" in content and "| batch 1 | a |" not in content
+
+
+def test_gpu_check_runs_on_cpu_in_ci_mode_and_speculation_keeps_the_greedy_tokens(tmp_path):
+    """bench/gpu_check.py is for a GPU; --ci runs its code path on CPU in float32, where the tokens must be equal."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--ci"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("batch ")]
+    assert len(lines) == 2 and all("greedy tokens equal: True" in line for line in lines), res.stdout
