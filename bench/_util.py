@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -326,6 +327,25 @@ def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{prefix}{key} {show(a)} -> {show(b)}")
     return changes
+
+
+def lab_stage_times(lab_dir: Path, stages: tuple[str, ...]) -> dict:
+    """When the steering lab in `lab_dir` finished each of `stages` (its stages.json), so that a stage built on them
+    runs again after the steering lab rebuilt one."""
+    path = lab_dir / "stages.json"
+    made = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {name: made[name].get("finished") for name in stages if name in made}
+
+
+def fit_stage(name: str, directory: Path, config: dict, upstream: dict[str, dict], log: logging.Logger) -> dict:
+    """`config` with the digests of the stages it reads (`upstream`: stage name -> its settings), and the stage's
+    outputs fit to it (prepare_stage), with one line on `log` when they are made again; returns the full config."""
+    if upstream:
+        config["upstream"] = {stage: stage_digest(settings) for stage, settings in upstream.items()}
+    reason = prepare_stage(directory, config)
+    if reason:
+        log.info("stage %s: made with other settings (%s); running it again", name, reason)
+    return config
 
 
 def stage_record(directory: Path) -> Path:

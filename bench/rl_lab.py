@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import ROOT, argv_flags, prepare_stage, record, stage_digest  # noqa: E402
+from _util import ROOT, argv_flags, fit_stage, lab_stage_times, record  # noqa: E402
 
 import rl_tune
 from proxytune.evaluation.generation import cut_at_eos
@@ -56,25 +56,13 @@ LAB_STAGES = ("data", "pretrain_small", "pretrain_large", "finetune_small")  # t
 logger = logging.getLogger("rl_lab")
 
 
-def lab_made(lab: Path) -> dict:
-    """When the steering lab made what this script reads (its stages.json), so a rebuilt lab redoes the stages here."""
-    path = lab / "stages.json"
-    made = json.loads(path.read_text()) if path.is_file() else {}
-    return {name: made[name].get("finished") for name in LAB_STAGES if name in made}
-
-
 def prepare(name: str, directory: Path, argv: list[str], lab: Path, **upstream: dict) -> dict:
     """The settings of the stage that writes `directory` (its command line less where it writes, when the lab made
     its inputs, the digests of the stages it reads), and its outputs fit to them (bench/_util.prepare_stage): a
     stage made with other settings is deleted, to run again, with one line naming what changed."""
-    config = {**argv_flags(argv), "lab": lab_made(lab)}
+    config = {**argv_flags(argv), "lab": lab_stage_times(lab, LAB_STAGES)}
     config.pop("--output_dir", None)
-    if upstream:
-        config["upstream"] = {stage: stage_digest(settings) for stage, settings in upstream.items()}
-    reason = prepare_stage(directory, config)
-    if reason:
-        logger.info("stage %s: made with other settings (%s); running it again", name, reason)
-    return config
+    return fit_stage(name, directory, config, upstream, logger)
 
 
 def run_grpo(args, lab: Path, work: Path) -> dict:

@@ -97,7 +97,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import ROOT, prepare_stage, record, stage_digest  # noqa: E402
+from _util import ROOT, fit_stage, lab_stage_times, record  # noqa: E402
 
 import evaluation
 import fine_tune
@@ -311,21 +311,13 @@ def lab_made(lab: Lab) -> dict:
     """When the steering lab made S and L (its stages.json), so that a rebuilt S or L makes every stage run again."""
     if lab.steering is None:  # --preset: the Hub's models (their revision is the Hub's)
         return {"pretrained": lab.pretrained}
-    path = lab.steering / "stages.json"
-    made = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {name: made[name].get("finished") for name in LAB_STAGES if name in made}
+    return lab_stage_times(lab.steering, LAB_STAGES)
 
 
 def prepare(lab: Lab, name: str, directory: Path, settings: dict, **upstream: dict) -> dict:
     """The stage's settings (`settings`, the steering lab's S and L, the digests of the stages it reads) and its outputs
     fit to them (bench/_util.prepare_stage): outputs made with other settings are deleted, to be made again."""
-    config = {**settings, "steering_lab": lab_made(lab)}
-    if upstream:
-        config["upstream"] = {stage: stage_digest(s) for stage, s in upstream.items()}
-    reason = prepare_stage(directory, config)
-    if reason:
-        logger.info("stage %s: made with other settings (%s); running it again", name, reason)
-    return config
+    return fit_stage(name, directory, {**settings, "steering_lab": lab_made(lab)}, upstream, logger)
 
 
 def run_stage(lab: Lab, name: str, done: Path, fn) -> None:

@@ -72,6 +72,16 @@ def jsonl_file(tmp_path, rows) -> Path:
     return path
 
 
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """IMDB-shaped rows (text, label) with IMDB's <br /> line breaks: 40 reviews, labels alternating 0/1."""
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"text": f"Film {i}. {REVIEWS[i % len(REVIEWS)]}<br /><br />{REVIEWS[(i + 1) % len(REVIEWS)]}",
+             "label": i % 2} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
     """A byte-level BPE with Pythia's special-token layout (<|endoftext|> = 0, <|padding|> = 1)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REVIEWS, make_tiny_model
+from conftest import make_tiny_model
 
 import evaluation
 from proxytune.evaluation.arguments import ARGUMENT_TYPES, ContinuationArguments
@@ -30,16 +30,6 @@ from proxytune.training.classifier_scores import load_reward_model
 
 SYSTEMS = ["small_base", "small_tuned", "large", "steered"]
 N_PROMPTS = 6
-
-
-@pytest.fixture
-def text_file(tmp_path) -> Path:
-    """IMDB-shaped rows (text, label) with IMDB's <br /> line breaks; a quarter is held out for the prompts."""
-    path = tmp_path / "reviews.jsonl"
-    rows = [{"text": f"Film {i}. {REVIEWS[i % len(REVIEWS)]}<br /><br />{REVIEWS[(i + 1) % len(REVIEWS)]}",
-             "label": i % 2} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def make_classifier(path: Path, tokenizer, labels: list[str], winner: int | None = None, seed: int = 0) -> Path:

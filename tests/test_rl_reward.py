@@ -40,16 +40,6 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def text_file(tmp_path) -> Path:
-    """IMDB-shaped rows (text, label), with IMDB's <br /> line breaks."""
-    path = tmp_path / "reviews.jsonl"
-    rows = [{"text": f"Film {i}. {REVIEWS[i % len(REVIEWS)]}<br /><br />{REVIEWS[(i + 1) % len(REVIEWS)]}",
-             "label": i % 2} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
 def sentiment_dir(tmp_path, tiny_tokenizer) -> Path:
     """A random two-class sequence classifier labelled NEGATIVE (0) / POSITIVE (1), with the tiny tokenizer."""
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
