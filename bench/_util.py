@@ -74,7 +74,8 @@ def machine() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{os.cpu_count()} CPU cores ({cpu}){gpu}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 

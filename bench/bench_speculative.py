@@ -65,6 +65,39 @@ NEVER_EOS = TOKENIZER_VOCAB + 10  # an id past the sliced vocabulary: every run 
 DRAFT_HEAVY = Blend(large_weight=1e-3, tuned_weight=1.0, base_weight=1e-3)
 
 
+def on_device(model, device: str):
+    """A random model on `device`: as built (float32) on the CPU, bfloat16 on a GPU (how one is run there)."""
+    return model.to(device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+
+
+def wait(device: str) -> None:
+    """Wait for the GPU's queued work (a timer read before it would stop early); nothing on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_name(device: str) -> str:
+    """'' on the CPU; ' on <GPU name> (bf16)' on a GPU, for a record's title: one record per device."""
+    return "" if device == "cpu" else f" on {torch.cuda.get_device_name(torch.device(device))} (bf16)"
+
+
+def interleaved(systems: dict, repeats: int, device: str) -> dict:
+    """Seconds of each system's runs: all once as a warm-up, then each once per repetition in turn (so a busy
+    machine's slow minute hits them alike) -> {key: [seconds, ...]}."""
+    times = {key: [] for key in systems}
+    with torch.inference_mode():
+        for fn in systems.values():  # warm-up: every shape each system runs
+            fn()
+        wait(device)
+        for _ in range(repeats):
+            for key, fn in systems.items():
+                t0 = time.perf_counter()
+                fn()
+                wait(device)
+                times[key].append(time.perf_counter() - t0)
+    return times
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Acceptance on the lab's models
 # ---------------------------------------------------------------------------------------------
@@ -317,9 +350,10 @@ def replaying_rate(rate: float, seed: int = 0):
     drawn = []
     real = speculative.RoundDecoder.agreement, speculative.RoundDecoder.accepts
 
-    def agreement(decoder, p, q):
-        drawn.append(float(torch.rand(1, generator=g)) < rate)
-        return float(drawn[-1])
+    def agreement(decoder, p, q):  # (n, V) each, one row per position -> (n,), as the real one
+        draws = [float(torch.rand(1, generator=g)) < rate for _ in range(p.shape[0])]
+        drawn.extend(draws)
+        return torch.tensor(draws, dtype=torch.float64)
 
     speculative.RoundDecoder.agreement = agreement
     speculative.RoundDecoder.accepts = lambda decoder, row, j, p, q, token: drawn[-1]
@@ -330,14 +364,16 @@ def replaying_rate(rate: float, seed: int = 0):
 
 
 def bench_fallback(shape: str, small: str, prompt_len: int, new_tokens: int, batch: int, repeats: int,
-                   lab_rate: float) -> list[tuple]:
+                   lab_rate: float, device: str = "cpu") -> list[tuple]:
     """Seconds per token of L alone, the plain loop, the default and k = 2 at three acceptances, one batch size;
     every system runs once per repetition, in turn (so a busy machine's slow minute hits them alike); medians."""
-    large, small_base, small_tuned = (random_model(shape, seed=0), random_model(small, seed=1),
-                                      random_model(small, seed=2))
+    large, small_base, small_tuned = (on_device(random_model(shape, seed=0), device),
+                                      on_device(random_model(small, seed=1), device),
+                                      on_device(random_model(small, seed=2), device))
     models = (large, small_base, small_tuned)
     g = torch.Generator().manual_seed(1)
     ids, mask = left_pad(torch.randint(2, TOKENIZER_VOCAB, (batch, prompt_len), generator=g).tolist(), 1)
+    ids, mask = ids.to(device), mask.to(device)
     kw = dict(max_new_tokens=new_tokens, eos_token_id=NEVER_EOS, pad_token_id=1, vocab_size=TOKENIZER_VOCAB)
     proxy = Blend.from_alpha(1.0)
     scenarios = {"acceptance 0 (random weights, alpha = 1)": (proxy, None),
@@ -356,15 +392,7 @@ def bench_fallback(shape: str, small: str, prompt_len: int, new_tokens: int, bat
                     speculative_generate(*models, ids, mask, blend, draft_tokens=draft_tokens, stats=stats[key],
                                          **kw)
             systems[(name, label)] = run
-    times = {key: [] for key in systems}
-    with torch.inference_mode():
-        for fn in systems.values():  # warm-up: every shape each system runs
-            fn()
-        for _ in range(repeats):
-            for key, fn in systems.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+    times = interleaved(systems, repeats, device)
     per_token = {key: statistics.median(t) / (batch * new_tokens) for key, t in times.items()}
     alone, plain = per_token["L alone `generate`"], per_token["plain steered loop (--speculative false)"]
     head = f"{shape}/{small}, batch {batch}"
@@ -385,16 +413,19 @@ def bench_fallback(shape: str, small: str, prompt_len: int, new_tokens: int, bat
 
 def main_fallback(args) -> None:
     t0 = time.perf_counter()
+    shapes = ", ".join(args.large) if args.device != "cpu" else args.large[0]
+    dtype = "" if args.device == "cpu" else " in bfloat16"
     rows = []
     for batch in args.batches:
-        rows += bench_fallback(args.large[0], args.small, args.prompt_len, args.new_tokens if batch == 1
-                               else args.batch_new_tokens, batch, args.repeats, args.lab_rate)
+        for shape in args.large if args.device != "cpu" else args.large[:1]:
+            rows += bench_fallback(shape, args.small, args.prompt_len, args.new_tokens if batch == 1
+                                   else args.batch_new_tokens, batch, args.repeats, args.lab_rate, args.device)
     header = ("what", "kept / drafted", "plain steps / rounds", "time / token", "vs plain loop", "vs L alone",
               "target")
     load = os.getloadavg()
     notes = (f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
-             f"{time.perf_counter() - t0:.0f} s in all. L = {args.large[0]}, S = S_tuned = {args.small} shapes, "
-             f"random weights, {args.prompt_len}-token prompts, {args.new_tokens} new tokens at batch 1, "
+             f"{time.perf_counter() - t0:.0f} s in all. L = {shapes}, S = S_tuned = {args.small} shapes, "
+             f"random weights{dtype}, {args.prompt_len}-token prompts, {args.new_tokens} new tokens at batch 1, "
              f"{args.batch_new_tokens} at bigger batches, greedy, no EOS; every system run once per repetition in "
              f"turn, {args.repeats} repetitions after a warm-up, medians; prompt passes included. `kept / drafted` "
              "and `plain steps / rounds` are of the last repetition. The lab's acceptance is replayed as independent "
@@ -406,7 +437,7 @@ def main_fallback(args) -> None:
         print(notes)
     else:
         print(record(f"Speculative steering falls back: the adaptive default vs k = 2, the plain loop and L alone, "
-                     f"{args.large[0]}/{args.small} shapes (part 4)", rows, header, notes))
+                     f"{shapes}/{args.small} shapes{device_name(args.device)} (part 4)", rows, header, notes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,16 +454,17 @@ def lora_on(base, seed: int = 3, rank: int = 16):
 
 
 def bench_pair(shape: str, small: str, prompt_len: int, new_tokens: int, batch: int, repeats: int,
-               lab_rate: float) -> list[tuple]:
+               lab_rate: float, device: str = "cpu") -> list[tuple]:
     """Seconds per token with a LoRA S_tuned on S: paired (one forward of 2B rows) vs two forwards (the adapter
     merged, as loading did before), in the plain loop and the default speculative decoding at the lab's acceptance
     (replayed), next to L alone; interleaved, medians."""
-    large, small_base = random_model(shape, seed=0), random_model(small, seed=1)
+    large, small_base = on_device(random_model(shape, seed=0), device), on_device(random_model(small, seed=1), device)
     tuned = share_or_merge(small_base, lora_on(small_base))
     assert paired_adapter(small_base, tuned), "the LoRA S_tuned was not paired with S"
     merged = copy.deepcopy(tuned).merge_and_unload().eval()
     g = torch.Generator().manual_seed(1)
     ids, mask = left_pad(torch.randint(2, TOKENIZER_VOCAB, (batch, prompt_len), generator=g).tolist(), 1)
+    ids, mask = ids.to(device), mask.to(device)
     kw = dict(max_new_tokens=new_tokens, eos_token_id=NEVER_EOS, pad_token_id=1, vocab_size=TOKENIZER_VOCAB)
     blend = Blend.from_alpha(1.0)
     stats = {}
@@ -453,15 +485,7 @@ def bench_pair(shape: str, small: str, prompt_len: int, new_tokens: int, batch: 
         "default speculative, lab acceptance replayed, two forwards (merged adapter)": speculate(merged, "two"),
         "default speculative, lab acceptance replayed, one paired forward": speculate(tuned, "one"),
     }
-    times = {key: [] for key in systems}
-    with torch.inference_mode():
-        for fn in systems.values():
-            fn()
-        for _ in range(repeats):
-            for key, fn in systems.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+    times = interleaved(systems, repeats, device)
     per_token = {key: statistics.median(t) / (batch * new_tokens) for key, t in times.items()}
     alone = per_token["L alone `generate`"]
     targets = {"plain steered loop, S and S_tuned one paired forward": "<= 1.10" if batch == 1 else "",
@@ -482,12 +506,13 @@ def main_pair(args) -> None:
     rows = []
     for batch in args.batches:
         rows += bench_pair(args.large[0], args.small, args.prompt_len, args.new_tokens if batch == 1
-                           else args.batch_new_tokens, batch, args.repeats, args.lab_rate)
+                           else args.batch_new_tokens, batch, args.repeats, args.lab_rate, args.device)
     header = ("what", "kept / drafted", "plain steps / rounds", "time / token", "vs L alone", "target")
     load = os.getloadavg()
     notes = (f"torch threads {torch.get_num_threads()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
              f"{time.perf_counter() - t0:.0f} s in all. L = {args.large[0]}, S = {args.small} shapes, random "
-             f"weights; S_tuned = a rank-16 LoRA on S (every linear layer of the blocks, random adapters); "
+             f"weights{'' if args.device == 'cpu' else ' in bfloat16'}; S_tuned = a rank-16 LoRA on S (every "
+             "linear layer of the blocks, random adapters); "
              f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens at batch 1, {args.batch_new_tokens} at "
              f"bigger batches, greedy, no EOS, alpha = 1; speculative rows replay the lab's acceptance "
              f"({args.lab_rate:.2f} per token) as independent per-token agreements. Two forwards: the adapter merged "
@@ -500,7 +525,7 @@ def main_pair(args) -> None:
         print(notes)
     else:
         print(record(f"A LoRA S_tuned: one paired forward for S and S_tuned vs two, {args.large[0]}/{args.small} "
-                     "shapes (part 5)", rows, header, notes))
+                     f"shapes{device_name(args.device)} (part 5)", rows, header, notes))
 
 
 def main() -> None:
@@ -529,7 +554,11 @@ def main() -> None:
                         "paired forward vs two, plain loop and default speculative decoding; defaults as --fallback")
     parser.add_argument("--lab_rate", type=float, default=0.69, help="part 4: the per-token acceptance replayed as "
                         "the lab's (0.69: bench/RESULTS.md, part 1, greedy K = 2)")
+    parser.add_argument("--device", default="cpu", help="parts 4 and 5 only: where the models run; on a GPU "
+                        "(cuda) in bfloat16, every --large shape (part 4; the CPU runs the first), titled with the GPU")
     args = parser.parse_args()
+    if args.device != "cpu" and not (args.fallback or args.pair):
+        parser.error("--device is for --fallback and --pair (parts 4 and 5)")
     if args.threads or args.ci:  # tiny shapes gain nothing from threads
         torch.set_num_threads(args.threads or 1)
     if args.ci:

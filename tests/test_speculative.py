@@ -16,6 +16,7 @@ from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, blen
 from proxytune.steering.decoding import NgramBlocker, left_pad, process_scores, steered_generate, warp_scores
 from proxytune.steering.speculative import (
     DraftSchedule,
+    FixedSchedule,
     RowState,
     SpeculativeStats,
     expected_tokens,
@@ -131,6 +132,48 @@ def test_a_batch_whose_masked_slots_fill_the_cache_is_packed_and_decodes_the_sam
                    draft_tokens=3, **kw)
         assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
     assert any(packs)  # the packing path ran
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("kw", [dict(), dict(repetition_penalty=1.6, no_repeat_ngram_size=2)])
+def test_plain_steps_alone_are_the_plain_loop(models64, kw):
+    """Rounds of k = 0 only (the fallback; the whole batch at once, RoundDecoder.plain_step): the plain loop's tokens
+    and forwards, one per model and step, with rows ending at different steps (EOS) and left padding."""
+    blend = BLENDS["mostly-draft"]
+    free, _ = run(steered_generate, models64, PROMPTS, blend, eos_token_id=V + 100)
+    eos = int(free[0, 3])  # row 0 ends early, the others later or never
+    plain = run(steered_generate, models64, PROMPTS, blend, eos_token_id=eos, **kw)
+    stats = SpeculativeStats()
+    spec = run(speculative_generate, models64, PROMPTS, blend, eos_token_id=eos, schedule=FixedSchedule(0),
+               stats=stats, **kw)
+    assert torch.equal(spec[0], plain[0]) and torch.equal(spec[1], plain[1])
+    steps = plain[0].shape[1]
+    assert stats.plain_steps == len(stats.batch_rounds) == steps and stats.drafted == 0
+    assert stats.forwards == {LARGE: steps, SMALL_BASE: steps, SMALL_TUNED: steps}
+
+
+@pytest.mark.exactness
+def test_the_host_knows_whether_a_cache_has_masked_slots(models64, monkeypatch):
+    """BatchCache.masked (kept on the host, so that no forward waits for the device to learn it) is True exactly
+    when a slot is masked out: left padding, a row that kept fewer tokens than another in a round, a finished row."""
+    from proxytune.steering import speculative
+
+    seen = []
+    real_keep, real_reserve = speculative.BatchCache.keep, speculative.BatchCache.reserve
+
+    def checked(real):
+        def method(self, *args):
+            real(self, *args)
+            seen.append(self.masked)
+            assert self.masked == (not bool(self.mask.all()))
+        return method
+
+    monkeypatch.setattr(speculative, "cache_capacity", lambda batch, width, new, k: width + new + k + 1)
+    monkeypatch.setattr(speculative.BatchCache, "keep", checked(real_keep))
+    monkeypatch.setattr(speculative.BatchCache, "reserve", checked(real_reserve))
+    for prompts in (PROMPTS, PROMPTS[:1], [PROMPTS[1]] * 2):
+        run(speculative_generate, models64, prompts, BLENDS["mostly-draft"], max_new_tokens=16, draft_tokens=3)
+    assert True in seen and False in seen
 
 
 @pytest.mark.exactness
@@ -281,10 +324,11 @@ def chi_square_p(counts: dict[tuple, int], dist: dict[tuple, float], n: int) -> 
     return float(chi2.sf(stat, len(expected) - 1))
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True, "plain steps"])
 def test_speculative_sampling_has_the_blends_distribution(adaptive):
-    """Fixed k = 2, and the adaptive schedule (a plain step, then drafting rounds: its choices depend on what was
-    decoded before, so each token is still distributed as the blend's)."""
+    """Fixed k = 2, the adaptive schedule (a plain step, then drafting rounds: its choices depend on what was
+    decoded before, so each token is still distributed as the blend's), and plain steps only (k = 0: the fallback,
+    the whole batch sampled at once)."""
     models = tiny_models(torch.float64, vocab=SV, padded=SV + 3, sharpen=3.0)
     blend = Blend(1.0, 1.0, 0.6, plausibility_top_p=0.95)
     prompt = [2, 3, 4]
@@ -297,19 +341,22 @@ def test_speculative_sampling_has_the_blends_distribution(adaptive):
     n = 1500
     ids, mask = left_pad([prompt] * n, PAD)
     stats = SpeculativeStats()
-    schedule = DraftSchedule(8, clock=lambda: sum(1 + 0.05 * k for _, k, _ in stats.batch_rounds)) if adaptive \
-        else None
+    schedule = FixedSchedule(0) if adaptive == "plain steps" else DraftSchedule(
+        8, clock=lambda: sum(1 + 0.05 * k for _, k, _ in stats.batch_rounds)) if adaptive else None
     tokens, ended = speculative_generate(
         models[LARGE], models[SMALL_BASE], models[SMALL_TUNED], ids, mask, blend, max_new_tokens=N_NEW,
         eos_token_id=EOS, pad_token_id=-1, vocab_size=SV, generator=torch.Generator().manual_seed(0),
         draft_tokens=2, stats=stats, schedule=schedule, **SAMPLE)
-    if adaptive:
+    if adaptive is True:
         assert stats.plain_steps >= 1 and stats.drafted > 0  # both kinds of round ran
+    if adaptive == "plain steps":
+        assert stats.drafted == 0 and stats.plain_steps == len(stats.batch_rounds)
     counts: dict[tuple, int] = {}
     for row in tokens.tolist():
         key = tuple(itertools.takewhile(lambda t: t != -1, row))
         counts[key] = counts.get(key, 0) + 1
-    assert 0.2 < stats.acceptance < 0.95  # both the keep and the resample rules were exercised
+    if adaptive != "plain steps":
+        assert 0.2 < stats.acceptance < 0.95  # both the keep and the resample rules were exercised
     assert chi_square_p(counts, target, n) > 1e-3
     assert chi_square_p(counts, draft, n) < 1e-6  # the test can tell the draft's distribution from the blend's
 

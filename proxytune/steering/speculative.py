@@ -102,6 +102,11 @@ class RowState:
         self.blocker = UndoableNgramBlocker(no_repeat_ngram_size, prompt) if no_repeat_ngram_size else None
         self.pushed: list[tuple[int, bool, tuple[int, int] | None]] = []  # (token, newly seen, blocker mark)
 
+    @property
+    def stateless(self) -> bool:
+        """No repetition penalty and no n-gram ban: the processing is the identity."""
+        return self.seen is None and self.blocker is None
+
     def scores(self, logp: torch.Tensor) -> torch.Tensor:
         """(1, V) blended log-probs -> (1, V) processed scores at the current position."""
         return process_scores(logp, self.seen, self.repetition_penalty, self.blocker, [0])
@@ -158,6 +163,7 @@ class BatchCache:
             self.pending = torch.log_softmax(slice_vocab(out.logits, vocab_size).float(), dim=-1).to(device)
             self.mask = mask.clone()
         self.kept = self.mask.sum(-1)  # (B,) kept tokens per row: the next token's position id
+        self.masked = not bool(self.mask.all())  # whether any slot is masked out: kept on the host (keep, reserve)
 
     @property
     def length(self) -> int:
@@ -179,7 +185,7 @@ class BatchCache:
         positions = self.kept[:, None] + torch.arange(n, device=self.mask.device)  # (B, n)
         self.mask = torch.cat([self.mask, self.mask.new_ones(batch, n)], dim=1)
         # No mask when nothing is masked (a batch of one): attention then takes the plain causal path.
-        mask = None if bool(self.mask.all()) else self.mask
+        mask = self.mask if self.masked else None
         out = self.model(input_ids=tokens.to(self.model.device), attention_mask=mask, position_ids=positions,
                          cache=self.cache, use_cache=True, logits_to_keep=n, **self.extra)
         self.cache, self.kept = out.cache, self.kept + n
@@ -187,12 +193,15 @@ class BatchCache:
         return logp if pending is None else torch.cat([pending, logp], dim=1)
 
     def keep(self, start: int, kept: torch.Tensor) -> None:
-        """Of the slots fed since length `start`, row r keeps the first kept[r] (B,); the rest are masked or cut."""
+        """Of the slots fed since length `start`, row r keeps the first kept[r] (B,, on the host); the rest are masked
+        or cut."""
+        most, least = int(kept.max()), int(kept.min())  # `kept` is on the host: no wait for the device
         kept = kept.to(self.mask.device)
         fed = self.length - start
         self.mask[:, start:] = torch.arange(fed, device=self.mask.device)[None] < kept[:, None]
         self.kept = self.kept - fed + kept
-        end = start + int(kept.max())
+        self.masked = self.masked or least < most  # a row that kept fewer than the most has masked slots
+        end = start + most
         if end < self.length:
             self.cache.crop(end - self.length)  # transformers 5: a negative count of tokens to remove
             self.mask = self.mask[:, :end]
@@ -215,6 +224,7 @@ class BatchCache:
             layer.values[:, :, :width] = layer.values[:, :, :self.length].gather(2, index)
             layer.cumulative_length.fill_(width)
         self.mask = self.mask.gather(1, take)
+        self.masked = not bool(self.mask.all())
 
 
 @dataclass
@@ -471,7 +481,8 @@ class RoundDecoder:
         # Sampling compares p*(x) / q(x): both renormalised after the nucleus cut.
         self.target = (lambda s: torch.log_softmax(warp_scores(s, temperature, top_p), dim=-1)) if do_sample \
             else (lambda s: s)
-        self.last = input_ids[:, -1].clone().to(device)  # (B,) each row's token not yet fed
+        self.last_ids = input_ids[:, -1].tolist()  # each row's token not yet fed, and on the device (B,):
+        self.last = input_ids[:, -1].clone().to(device)
         self.out: list[list[int]] = [[] for _ in range(batch)]
         self.done = [False] * batch
 
@@ -498,72 +509,16 @@ class RoundDecoder:
         for cache in (*self.caches.values(), self.draft):
             cache.reserve(k + 1)
         starts = {id(c): c.length for c in (*self.caches.values(), self.draft)}
+        if k == 0:
+            drafts, kept, new, agreements = [[] for _ in self.out], {r: 0 for r in active}, *self.plain_step(active)
+            bonus = True
+        else:
+            drafts, kept, new, agreements, k, bonus = self.draft_and_verify(active, limits, k)
 
-        # 1. S_tuned drafts k tokens per row; its log-probs at those positions are the blend's tuned term.
-        # (B, k); a finished row feeds its last token again: any real id serves, its slots are never kept.
-        drafts = self.last[:, None].repeat(1, k)
-        tuned, q_logps = [], {r: [] for r in active}  # tuned[j]: (B, V) S_tuned at position j
-        based = [] if self.adapter else None  # paired: based[j] (B, V) S at position j
-        feed = self.last
-        for i in range(k):
-            tuned.append(self.feed_draft(feed[:, None], based))
-            for r in active:
-                q = self.target(self.states[r].scores(tuned[i][r:r + 1]))  # (1, V) processed like the blend
-                q_logps[r].append(q)
-                drafts[r, i] = pick(q, self.do_sample, self.generator)
-                self.states[r].push(int(drafts[r, i]))
-                if drafts[r, i] == self.eos:  # nothing after a drafted EOS is checked
-                    limits[r] = min(limits[r], i + 1)
-            feed = drafts[:, i]
-            if all(limits[r] <= i + 1 for r in active):  # every row has drafted all it can use
-                k = i + 1
-                drafts = drafts[:, :k]
-                break
-        for r in active:
-            self.states[r].pop_to(0)
-        self.stats.forwards[SMALL_TUNED] += k
-
-        # 2. L and S: one forward each over [last, drafts], (B, k + 1, V) log-probs.
-        tokens = torch.cat([self.last[:, None], drafts], dim=1)  # (B, k + 1)
-        logps = {role: cache.feed(tokens, self.vocab_size, self.device) for role, cache in self.caches.items()}
-        for role in logps:
-            self.stats.forwards[role] += 1
-
-        # 3. Each row keeps the longest prefix the blend agrees with, then one token from the blend.
-        kept, new, stopped, agreements = {}, {}, [], []
-        for r in active:
-            limit = min(k, limits[r])
-            j = 0
-            while j < limit:
-                p = self.processed(r, j, logps, tuned, based)
-                d = int(drafts[r, j])
-                agreements.append(self.agreement(p, q_logps[r][j]))
-                if not self.accepts(r, j, p, q_logps[r][j], d):
-                    new[r] = pick(p, False, None) if not self.do_sample else pick_residual(p, q_logps[r][j],
-                                                                                           self.generator)
-                    break
-                self.states[r].push(d)
-                j += 1
-                if d == self.eos:
-                    new[r] = None
-                    break
-            kept[r] = j
-            if r not in new:
-                stopped.append(r)  # no draft rejected up to the limit: the token at `limit` comes from the blend
-        bonus = any(kept[r] == k for r in stopped)
-        if bonus:  # S_tuned's log-probs after the last draft (or after `last` when k == 0)
-            tuned.append(self.feed_draft(tokens[:, -1:], based))
-            self.stats.forwards[SMALL_TUNED] += 1
-        for r in stopped:
-            p = self.processed(r, kept[r], logps, tuned, based)
-            # What a draft here would have been: S_tuned ran at this position anyway (a plain step's free probe).
-            agreements.append(self.agreement(p, self.target(self.states[r].scores(tuned[kept[r]][r:r + 1]))))
-            new[r] = pick(p, self.do_sample, self.generator)
-
-        # 4. Emit, and keep in every cache each row's `last` and its kept drafts.
+        # Emit, and keep in every cache each row's `last` and its kept drafts.
         keep = torch.zeros(len(self.out), dtype=torch.long)
         for r in active:
-            emitted = drafts[r, :kept[r]].tolist() + ([new[r]] if new[r] is not None else [])
+            emitted = drafts[r][:kept[r]] + ([new[r]] if new[r] is not None else [])
             if new[r] is not None:
                 self.states[r].push(new[r])
             self.states[r].pushed.clear()  # the emitted tokens are final
@@ -578,11 +533,112 @@ class RoundDecoder:
                 self.done[r] = True
             else:
                 keep[r] = 1 + kept[r]
-                self.last[r] = new[r]
+                self.last_ids[r] = new[r]
+        self.last = torch.tensor(self.last_ids, dtype=torch.long, device=self.device)  # one copy to the device
         self.stats.batch_rounds.append((len(active), k, bonus))
         for cache in (*self.caches.values(), self.draft):
             cache.keep(starts[id(cache)], paired(keep) if self.adapter and cache is self.draft else keep)
-        return agreements
+        # The agreements as numbers: one wait for the device, after everything the round queued.
+        return torch.cat([a.to(self.device) for a in agreements]).tolist() if agreements else []
+
+    def plain_step(self, active: list[int]) -> tuple[dict, list]:
+        """A round of k = 0 for the whole batch at once: one forward per model, the blend, the processing and the pick
+        over (B, V) (per row only for a row's repetition penalty or n-gram ban) and one wait for the device, as a
+        step of decoding.steered_generate; on a GPU, per-row picks would each wait for it (issue 29: this is the
+        fallback, so it must cost no more than the plain loop's step). -> ({row: token}, [(B,) agreements])."""
+        tokens = self.last[:, None]  # (B, 1)
+        logps = {role: cache.feed(tokens, self.vocab_size, self.device)[:, 0] for role, cache in self.caches.items()}
+        for role in logps:
+            self.stats.forwards[role] += 1
+        based = [] if self.adapter else None
+        tuned = self.feed_draft(tokens, based)  # (B, V) S_tuned: the probe of what a draft would have been
+        self.stats.forwards[SMALL_TUNED] += 1
+        if based is not None:
+            logps[SMALL_BASE] = based[0]
+        p = self.target(self.rows_scores(blend_logprobs(logps.get(LARGE), tuned, logps.get(SMALL_BASE), self.blend),
+                                         active))  # (B, V)
+        q = self.target(self.rows_scores(tuned, active))  # (B, V) the draft S_tuned would have made, processed alike
+        picks = torch.multinomial(p.exp(), 1, generator=self.generator)[:, 0] if self.do_sample else p.argmax(dim=-1)
+        rows = active if len(active) < len(self.out) else slice(None)
+        agreement = self.agreement(p[rows], q[rows])  # (A,)
+        picks = picks.tolist()  # the step's wait for the device
+        return {r: picks[r] for r in active}, [agreement]
+
+    def rows_scores(self, logp: torch.Tensor, active: list[int]) -> torch.Tensor:
+        """(B, V) log-probs -> (B, V) each active row processed by its RowState (the same tensor when no row has a
+        repetition penalty or n-gram ban to apply)."""
+        if all(self.states[r].stateless for r in active):
+            return logp
+        out = logp.clone()
+        for r in active:
+            out[r:r + 1] = self.states[r].scores(logp[r:r + 1])
+        return out
+
+    def draft_and_verify(self, active: list[int], limits: dict[int, int], k: int):
+        """A round of k >= 1 drafts: S_tuned drafts, L and S verify in one forward each, each row keeps the longest
+        prefix the blend agrees with and one token from the blend. -> (drafts [B][k] ids, {row: kept},
+        {row: token or None after a kept EOS}, [agreement tensors], k as run, whether S_tuned ran the bonus)."""
+        # 1. S_tuned drafts k tokens per row; its log-probs at those positions are the blend's tuned term.
+        # A finished row feeds its last token again: any real id serves, its slots are never kept.
+        drafts = [[self.last_ids[r]] * k for r in range(len(self.out))]  # (B, k) on the host
+        tuned, q_logps = [], {r: [] for r in active}  # tuned[j]: (B, V) S_tuned at position j
+        based = [] if self.adapter else None  # paired: based[j] (B, V) S at position j
+        feed = self.last
+        for i in range(k):
+            tuned.append(self.feed_draft(feed[:, None], based))
+            for r in active:
+                q = self.target(self.states[r].scores(tuned[i][r:r + 1]))  # (1, V) processed like the blend
+                q_logps[r].append(q)
+                drafts[r][i] = pick(q, self.do_sample, self.generator)
+                self.states[r].push(drafts[r][i])
+                if drafts[r][i] == self.eos:  # nothing after a drafted EOS is checked
+                    limits[r] = min(limits[r], i + 1)
+            feed = torch.tensor([row[i] for row in drafts], dtype=torch.long, device=self.device)  # (B,)
+            if all(limits[r] <= i + 1 for r in active):  # every row has drafted all it can use
+                k = i + 1
+                drafts = [row[:k] for row in drafts]
+                break
+        for r in active:
+            self.states[r].pop_to(0)
+        self.stats.forwards[SMALL_TUNED] += k
+
+        # 2. L and S: one forward each over [last, drafts], (B, k + 1, V) log-probs.
+        tokens = torch.cat([self.last[:, None], torch.tensor(drafts, dtype=torch.long, device=self.device)],
+                           dim=1)  # (B, k + 1)
+        logps = {role: cache.feed(tokens, self.vocab_size, self.device) for role, cache in self.caches.items()}
+        for role in logps:
+            self.stats.forwards[role] += 1
+
+        # 3. Each row keeps the longest prefix the blend agrees with, then one token from the blend.
+        kept, new, stopped, agreements = {}, {}, [], []
+        for r in active:
+            limit = min(k, limits[r])
+            j = 0
+            while j < limit:
+                p = self.processed(r, j, logps, tuned, based)
+                d = drafts[r][j]
+                agreements.append(self.agreement(p, q_logps[r][j]))
+                if not self.accepts(r, j, p, q_logps[r][j], d):
+                    new[r] = pick(p, False, None) if not self.do_sample else pick_residual(p, q_logps[r][j],
+                                                                                           self.generator)
+                    break
+                self.states[r].push(d)
+                j += 1
+                if d == self.eos:
+                    new[r] = None
+                    break
+            kept[r] = j
+            if r not in new:
+                stopped.append(r)  # no draft rejected up to the limit: the token at `limit` comes from the blend
+        bonus = any(kept[r] == k for r in stopped)
+        if bonus:  # S_tuned's log-probs after the last draft
+            tuned.append(self.feed_draft(tokens[:, -1:], based))
+            self.stats.forwards[SMALL_TUNED] += 1
+        for r in stopped:
+            p = self.processed(r, kept[r], logps, tuned, based)
+            agreements.append(self.agreement(p, self.target(self.states[r].scores(tuned[kept[r]][r:r + 1]))))
+            new[r] = pick(p, self.do_sample, self.generator)
+        return drafts, kept, new, agreements, k, bonus
 
     def feed_draft(self, tokens: torch.Tensor, based: list | None) -> torch.Tensor:
         """S_tuned's forward of (B, 1) tokens -> (B, V) its log-probs; paired, S's (B, V) are appended to `based`."""
@@ -592,13 +648,14 @@ class RoundDecoder:
         based.append(base)
         return tuned
 
-    def agreement(self, p: torch.Tensor, q: torch.Tensor) -> float:
-        """How far S_tuned's draft agrees with the blend at one position (p, q: (1, V) target and draft, as
-        `accepts` takes them): greedy, 1.0 when their argmaxes are one token, else 0.0; sampling, the chance that a
-        draft is kept, sum_x min(p*(x), q(x)) = 1 - total variation distance (Leviathan et al. 2023, section 3.5)."""
+    def agreement(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """How far S_tuned's draft agrees with the blend, per row (p, q: (n, V) target and draft, as `accepts` takes
+        them) -> (n,): greedy, 1.0 where their argmaxes are one token, else 0.0; sampling, the chance that a draft is
+        kept, sum_x min(p*(x), q(x)) = 1 - total variation distance (Leviathan et al. 2023, section 3.5). A tensor on
+        the device: `round` reads them all at its end, so that no position waits for the device."""
         if not self.do_sample:
-            return float(int(p.argmax(dim=-1)[0]) == int(q.argmax(dim=-1)[0]))
-        return float(torch.minimum(p.exp(), q.exp()).sum())
+            return (p.argmax(dim=-1) == q.argmax(dim=-1)).to(torch.float64)
+        return torch.minimum(p.exp(), q.exp()).sum(dim=-1).to(torch.float64)
 
     def accepts(self, row: int, j: int, p: torch.Tensor, q: torch.Tensor, token: int) -> bool:
         """Whether row `row` keeps its j-th draft `token` (p, q: (1, V) target and draft). One place, so that
