@@ -8,6 +8,9 @@ on every group's held-out rows (resumable; matrix.csv/json and matrix.png in --o
 The same cells as cluster jobs, one per worker, from a template (default: Slurm); submit jobs/*.sh:
     python transfer.py --sources sources.yaml --fine_tune_config lora.yaml --step jobs --num_workers 4
 
+The prompts are in the fine-tune config's prompt_template, else the one its model's final/ records, else meta_review,
+and each group and subset records it, as processing_meta_review.py does.
+
 Estimate 50 random subsets of 3 groups from θ0 (the cell of all groups, a LoRA adapter), then compare the
 estimates with the real cells of the same plan:
     python transfer.py --sources sources.yaml --fine_tune_config lora.yaml --step estimate --plan random:50:3
@@ -38,7 +41,7 @@ from proxytune.transfer.jobs import read_template, write_jobs
 from proxytune.transfer.matrix import base_scores, base_settings, cell_paths, collect_matrix, run_cells
 from proxytune.transfer.plans import parse_subsets, plan_subsets
 from proxytune.transfer.sources import load_groups, parse_sources
-from proxytune.transfer.splits import load_held_out, load_train, settings_of, write_groups
+from proxytune.transfer.splits import fine_tune_template, load_held_out, load_train, settings_of, write_groups
 
 logger = logging.getLogger("transfer")
 
@@ -53,7 +56,9 @@ def main(args: TransferArguments, train=fine_tune.main) -> dict[str, Any]:
     model_args, data_args, _ = parse_fine_tune_args(list(args.fine_tune_config))
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, flag="--fine_tune_config's model")
-    check_max_length(tokenizer, data_args.max_length, "--fine_tune_config's max_length")
+    model = model_args.model_name_or_path
+    template = fine_tune_template(data_args, model)
+    check_max_length(tokenizer, data_args.max_length, "--fine_tune_config's max_length", template)
 
     # The groups, processed once into groups/<group>/ (train / validation / held-out test).
     out.mkdir(parents=True, exist_ok=True)
@@ -61,11 +66,11 @@ def main(args: TransferArguments, train=fine_tune.main) -> dict[str, Any]:
     if record_path.is_file() and sources.kmeans is not None:  # clustering again would cost a pass over every row
         rows = {g: [] for g in json.loads(record_path.read_text(encoding="utf-8"))["groups"]}
     elif sources.kmeans is not None:
-        rows = cluster_groups(sources, tokenizer, model_args.model_name_or_path, args.device)
+        rows = cluster_groups(sources, tokenizer, model, args.device, template)
     else:
         rows = load_groups(sources)
     record = write_groups(out, rows, tokenizer, settings_of(data_args, tokenizer_name, args.held_out_percentage,
-                                                            args.seed))
+                                                            args.seed, template), template)
     groups = list(record["groups"])
     subsets = parse_subsets(args.subsets, groups) if args.subsets else plan_subsets(args.plan, groups, args.seed)
     logger.info("%d groups (%s); %d training subsets; step %s", len(groups), ", ".join(groups), len(subsets),

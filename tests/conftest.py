@@ -4,6 +4,7 @@ directories, small meta-review fixtures, and access to ../shared (skipped with a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -80,6 +81,25 @@ def text_file(tmp_path) -> Path:
              "label": i % 2} for i in range(40)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+class TemplateWarnings(logging.Handler):
+    """The template warnings (the scripts' setup_logging replaces the root handlers, caplog's among them)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def template_warnings():
+    handler, logger = TemplateWarnings(), logging.getLogger("proxytune.task.prompts")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
 
 
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:

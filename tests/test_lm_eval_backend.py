@@ -140,3 +140,38 @@ def test_model_args_are_checked():
     with pytest.raises(UsageError, match="give one of blend=FILE, alpha=A"):
         SteeredLM(alpha=1.0, large_weight=1.0)
 
+
+
+def test_the_prompt_template_is_steer_pys_and_the_chat_template(models64, tiny_tokenizer, task_dir, tmp_path,
+                                                                 template_warnings):
+    """The template comes as steer.py's does (S_tuned's final/ records it; prompt_template= wins, warned), and the
+    harness's --apply_chat_template formats the tasks' prompts with it."""
+    from proxytune.task.prompts import TEMPLATES, write_template
+
+    alpaca = TEMPLATES["alpaca"]
+    lm = SteeredLM(SteeredModel(models64, tiny_tokenizer, Blend.from_alpha(1.0), template=alpaca), batch_size=3)
+    eos = tiny_tokenizer.decode(tiny_tokenizer.eos_token_id)
+    chat = [{"role": "system", "content": "Summarise the reviews."}, {"role": "user", "content": "Good paper."},
+            {"role": "assistant", "content": "Accept."}, {"role": "user", "content": "Weak baselines."}]
+    assert lm.apply_chat_template(chat) == (alpaca.render(["Summarise the reviews.", "Good paper."]) + " Accept." + eos
+                                            + alpaca.render(["Weak baselines."]))
+    assert lm.apply_chat_template(chat[:3], add_generation_prompt=False).endswith("### Response: Accept.")
+    assert lm.chat_template() == alpaca.describe() and lm.get_model_info()["prompt_template"]["name"] == "alpaca"
+    results = lm_eval.simple_evaluate(model=lm, tasks=["pt_gen"], apply_chat_template=True, log_samples=True,
+                                      task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                      batch_size=3, device="cpu")
+    contexts = [json.dumps(s["arguments"]) for s in results["samples"]["pt_gen"]]
+    assert contexts and all("### Instruction:" in c and "Meta-review:" in c for c in contexts)
+
+    roles = {"large": {"seed": 2, "hidden_size": 64, "num_layers": 3}, "small_base": {"seed": 0},
+             "small_tuned": {"seed": 1}}
+    for role, shape in roles.items():
+        make_tiny_model(len(tiny_tokenizer), **shape).save_pretrained(tmp_path / role)
+        tiny_tokenizer.save_pretrained(tmp_path / role)
+    write_template(tmp_path / "small_tuned", alpaca)  # as fine_tune.py records it in final/
+    flags = {f"{role}_model": str(tmp_path / role) for role in roles}
+    assert SteeredLM(alpha=1.0, **flags).steered.template.same_as(alpaca) and not template_warnings
+    assert SteeredLM(alpha=1.0, prompt_template="meta_review", **flags).steered.template.name == "meta_review"
+    assert any("differs from alpaca" in line and str(tmp_path / "small_tuned") in line for line in template_warnings)
+    with pytest.raises(UsageError, match="not both"):
+        SteeredLM(lm.steered, prompt_template="alpaca")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -50,25 +49,6 @@ requires_alpaca = pytest.mark.skipif(
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--dataloader_num_workers", "0"]
 
 MAX_LENGTH = 320  # the tiny tokenizer spends 157 tokens on Alpaca's template with an input
-
-
-class TemplateWarnings(logging.Handler):
-    """The template warnings (the scripts' setup_logging replaces the root handlers, caplog's among them)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def template_warnings():
-    handler, logger = TemplateWarnings(), logging.getLogger("proxytune.task.prompts")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 def alpaca_rows(n: int = 16) -> list[dict]:

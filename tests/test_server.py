@@ -338,3 +338,39 @@ def test_rows_of_one_batch_keep_their_own_lengths_and_stops(steered):
     together = steered.generate(prompts, max_new_tokens=[3, 9, 6], row_stops=[[], [stop], []])
     assert together[0] == alone[0] and together[2] == alone[2] and len(together[0].tokens) == 3
     assert together[1].text == text[:text.index(stop)] and together[1].finish_reason == "stop"
+
+
+def test_prompts_go_into_the_template_s_tuned_records_with_use_template(steered, model_dirs, tmp_path,
+                                                                        template_warnings):
+    """load_steered takes steer.py's template (S_tuned's final/ records it; a flag that differs wins, warned);
+    /v1/models lists it; with use_template a text prompt is put into it, cut to leave max_tokens, and answered as that
+    prompt sent as it is; without, prompts reach the models as sent."""
+    import dataclasses
+    import shutil
+
+    from proxytune.integrations.steered import load_steered
+    from proxytune.task.prompts import TEMPLATES, write_template
+
+    shutil.copytree(model_dirs, tmp_path / "models")
+    write_template(tmp_path / "models" / "small_tuned", TEMPLATES["alpaca"])  # as fine_tune.py records it in final/
+    flags = {f"{role}_model": str(tmp_path / "models" / role) for role in SEEDS}
+    assert load_steered(ModelArguments(**flags), Blend.from_alpha(1.0)).template.name == "alpaca"
+    assert not template_warnings
+    assert load_steered(ModelArguments(**flags), Blend.from_alpha(1.0),
+                        prompt_template="meta_review").template.name == "meta_review"
+    assert any("differs from alpaca" in line and "small_tuned" in line for line in template_warnings)
+
+    alpaca = dataclasses.replace(steered, template=TEMPLATES["alpaca"])
+    body = {"prompt": "Summarise the reviews. <sep> Good paper; weak baselines.", "max_tokens": 5, "temperature": 0,
+            "echo": True}
+    prompt = alpaca.templated(body["prompt"], alpaca.context - body["max_tokens"])
+    assert prompt == TEMPLATES["alpaca"].render(["Summarise the reviews.\nGood paper; weak baselines."])  # as --prompt
+    assert alpaca.templated(["Summarise.", "Good paper."]) == TEMPLATES["alpaca"].render(["Summarise.", "Good paper."])
+    with serving(create_app(alpaca, use_template=True)) as templated, serving(create_app(alpaca)) as plain:
+        status, ours = post(templated, body)
+        assert status == 200 and ours["choices"][0]["text"].startswith(prompt)
+        assert post(plain, {**body, "prompt": prompt})[1]["choices"][0]["text"] == ours["choices"][0]["text"]
+        assert post(plain, body)[1]["choices"][0]["text"].startswith(body["prompt"])  # as sent
+        assert post(templated, {**body, "prompt": " <sep> "})[0] == 400
+        with urllib.request.urlopen(templated + "/v1/models", timeout=60) as response:
+            assert json.loads(response.read())["data"][0]["prompt_template"]["name"] == "alpaca"

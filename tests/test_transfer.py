@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_rows
+from conftest import make_rows, make_tiny_model
 from transformers import TrainerCallback
 
 import fine_tune
@@ -119,6 +119,11 @@ def test_plans():
     assert len(plan_subsets("every", groups)) == 7
     assert plan_subsets("random:2:2", groups, seed=3) == plan_subsets("random:2:2", groups, seed=3)
     assert all(len(s) == 2 for s in plan_subsets("random:2:2", groups))
+    assert plan_subsets("with:B:2", groups) == [("B",), ("A", "B"), ("B", "C")]  # what to add to B's own data
+    assert len(plan_subsets("with:A:3", list("ABCDEFGH"))) == 1 + 7 + 21 and plan_subsets("with:A:9", groups)[-1] == (
+        "A", "B", "C")
+    with pytest.raises(UsageError, match="write with:G:K, G one of the groups"):
+        plan_subsets("with:D:2", groups)
     assert parse_subsets("B+A, C", groups) == [("A", "B"), ("C",)]
     with pytest.raises(UsageError, match=r"unknown group\(s\) \['D'\]"):
         parse_subsets("A+D", groups)
@@ -356,3 +361,42 @@ def test_estimate_without_a_lora_meta_initialisation_is_refused(tmp_path, year_r
     args[0].meta_init = str(tiny_model_dirs["small_base"])  # a full model, not an adapter
     with pytest.raises(UsageError, match="is not a LoRA adapter directory"):
         transfer.main(*args)
+
+
+def test_groups_and_subsets_use_the_fine_tune_template_and_a_differing_record_is_warned(
+        tmp_path, year_rows_file, tiny_tokenizer, template_warnings):
+    """The fine-tune config's prompt_template makes the groups' prompts (recorded beside them and the subsets, so the
+    cells' fine_tune.py reads the same), as steer.py's --prompt_template would; its model's recorded one is warned
+    about when it differs; a re-run with another template is refused rather than mixing the two."""
+    import datasets
+
+    from proxytune.task.prompts import TEMPLATES, read_template, write_template
+    from proxytune.transfer.splits import write_subset
+
+    model_dir = tmp_path / "tuned"  # a fine_tune.py final/ that records meta_review
+    make_tiny_model(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    write_template(model_dir, TEMPLATES["meta_review"])
+    sources = write_yaml(tmp_path, f"""
+defaults: {{dataset: {year_rows_file}}}
+groups:
+  y2018: {{filter: {{year: 2018}}}}
+  y2019: {{filter: {{year: 2019}}}}
+""")
+    config = write_yaml(tmp_path, f"model_name_or_path: {model_dir}\nmax_length: 256\nprompt_template: alpaca\n",
+                        "ft.yaml")
+    out = tmp_path / "out"
+    argv = ["--sources", str(sources), "--fine_tune_config", str(config), "--output_dir", str(out), "--step", "jobs"]
+    transfer.main(*parse_config([TransferArguments], argv))
+    assert any("prompt template alpaca" in line and str(model_dir) in line for line in template_warnings)
+    for group in ("y2018", "y2019"):
+        assert read_template(out / "groups" / group).same_as(TEMPLATES["alpaca"])
+        ids = datasets.load_from_disk(str(out / "groups" / group))["train"][0]["input_ids"]
+        assert tiny_tokenizer.decode(ids).startswith("Below is an instruction that describes a task")
+    assert read_template(write_subset(out, ["y2018", "y2019"])).same_as(TEMPLATES["alpaca"])
+    assert json.loads((out / "groups.json").read_text())["settings"]["prompt_template"]["name"] == "alpaca"
+
+    # No prompt_template in the config: the model's record, meta_review.
+    config.write_text(f"model_name_or_path: {model_dir}\nmax_length: 256\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="prompt_template .*alpaca.* -> .*meta_review"):
+        transfer.main(*parse_config([TransferArguments], argv))

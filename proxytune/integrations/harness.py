@@ -13,6 +13,11 @@ the blend as blend=FILE, alpha=A or the blend's fields (large_weight=..., tuned_
 speculative=false decodes with the plain loop, draft_tokens=K sets the draft length (0 = adaptive), seed=N seeds
 sampling. docs/integrations.md has the details.
 
+The prompt template is steer.py's: prompt_template=NAME_OR_FILE, else the one S_tuned's final/ or the blend records,
+else meta_review (a recorded one that differs is warned about). The tasks' prompts are scored and continued as the
+tasks write them; with the harness's --apply_chat_template, the template is the model's chat template
+(apply_chat_template: each user message is put into it, as steer.py puts --prompt).
+
 Scoring (loglikelihood, loglikelihood_rolling) is steering/scoring.py's teacher-forced pass under the blend;
 generate_until is steering/speculative.py's decode_steered, stopping a row at the task's `until` sequences.
 Tokenisation follows the harness's `hf` backend (its TemplateLM), so with S_tuned = S the results are the `hf`
@@ -68,21 +73,23 @@ class SteeredLM(TemplateLM):
     def __init__(self, steered: SteeredModel | None = None, *, blend: str | None = None, alpha: float | None = None,
                  batch_size: int | str | None = DEFAULT_BATCH_SIZE, max_batch_size: int | None = None,
                  device: str | None = None, speculative: bool = True, draft_tokens: int | None = DEFAULT_DRAFT_TOKENS,
-                 seed: int = 1234, **flags: Any):
+                 seed: int = 1234, prompt_template: str | None = None, **flags: Any):
         super().__init__()
         unknown = [k for k in flags if k not in MODEL_FLAGS and k not in BLEND_FIELDS]
         if unknown:
             raise UsageError(f"{MODEL_TYPE}: unknown model_args {', '.join(unknown)}; known: blend, alpha, "
-                             f"{', '.join(BLEND_FIELDS)}, {', '.join(MODEL_FLAGS)}, speculative, draft_tokens, seed")
+                             f"{', '.join(BLEND_FIELDS)}, {', '.join(MODEL_FLAGS)}, speculative, draft_tokens, seed, "
+                             "prompt_template")
         if steered is None:
             weights = {k: v for k, v in flags.items() if k in BLEND_FIELDS}
             model_args = ModelArguments(**{k: v for k, v in flags.items() if k in MODEL_FLAGS})
             if model_args.large_device is None:
                 model_args = dataclasses.replace(model_args, large_device=resolve_device(device))
             steered = load_steered(model_args, resolve_blend(blend, alpha, weights), blend, speculative,
-                                   draft_tokens or None)
-        elif blend is not None or alpha is not None or flags:
-            raise UsageError(f"{MODEL_TYPE}: give a loaded SteeredModel or the model flags and the blend, not both")
+                                   draft_tokens or None, prompt_template)
+        elif blend is not None or alpha is not None or prompt_template is not None or flags:
+            raise UsageError(f"{MODEL_TYPE}: give a loaded SteeredModel or the model flags, the blend and the prompt "
+                             "template, not both")
         self.steered = steered
         self.tokenizer = steered.tokenizer
         self._device = steered.device
@@ -205,6 +212,36 @@ class SteeredLM(TemplateLM):
         bar.close()
         return results
 
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        """The prompt template's text: what --apply_chat_template formats with (the harness records it)."""
+        return self.steered.template.describe()
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """--apply_chat_template: the conversation as the steered models were tuned to read it. Each user message,
+        after the system messages before it, is put into the prompt template as its texts (a system message and a
+        question become an Alpaca instruction and input; meta_review joins them as reviews); each assistant message
+        follows as a training target does, " " + text + EOS, the last one without EOS when it is to be continued
+        (add_generation_prompt false).
+
+        [{"role": "user", "content": "Good paper."}] -> 'Peer reviews of a paper:\n\nGood paper.\n\nMeta-review:'
+        """
+        eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
+        parts, system = [], []
+        for i, message in enumerate(chat_history):
+            role, content = message.get("role"), str(message.get("content") or "")
+            if role == "system":
+                system.append(content)
+            elif role == "user":
+                parts.append(self.steered.template.render([*system, content]))
+                system = []
+            elif role == "assistant":
+                last = i == len(chat_history) - 1 and not add_generation_prompt
+                parts.append(" " + content + ("" if last else eos))
+            else:
+                raise UsageError(f"{MODEL_TYPE}: chat message {i} has role {role!r}; system, user or assistant")
+        return "".join(parts)
+
     def get_model_info(self) -> dict:
         return {"model_type": MODEL_TYPE, "blend": self.steered.blend.to_dict(), "system": self.steered.describe(),
-                "models": {role: getattr(m, "name_or_path", None) for role, m in self.steered.models.items()}}
+                "models": {role: getattr(m, "name_or_path", None) for role, m in self.steered.models.items()},
+                "prompt_template": self.steered.template.record()}

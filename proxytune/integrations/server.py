@@ -32,6 +32,7 @@ from proxytune.foundation.errors import UsageError
 from proxytune.foundation.validation import SEED_MAX, number_problems
 from proxytune.integrations.batching import DecodeQueue, Job, JobResult, sampling_group, seeded_generator
 from proxytune.integrations.steered import SteeredModel
+from proxytune.task.arguments import TEMPLATE_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ class ServeArguments:
     draft_tokens: int = field(default=2, metadata={
         "help": "Tokens S_tuned drafts per speculative round (0 = adaptive)."})
     seed: int = field(default=0, metadata={"help": "Seed of sampled requests that give no seed of their own."})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": TEMPLATE_HELP + " Default: the template the --small_tuned_model directory (fine_tune.py's final/) or "
+                "the --blend file records, else meta_review (a recorded one that differs is warned about). "
+                "/v1/models lists it; --use_template puts prompts into it."})
+    use_template: bool = field(default=False, metadata={
+        "help": "Put each text prompt into the prompt template, as steer.py does --prompt (the text is the reviews, "
+                "or the instruction), its texts cut to leave max_tokens in the context; echo returns the templated "
+                "prompt. Default false: prompts reach the models as sent. Token-id prompts are always as sent."})
 
     def __post_init__(self):
         problems = number_problems(self, {"alpha": "[0, inf)", "port": "[0, 65535]", "batch_size": "[1, inf)",
@@ -143,14 +152,15 @@ def validation_error(err: RequestValidationError) -> ApiError:
 class Completions:
     """Turns a CompletionRequest into decode-queue jobs and their results into OpenAI's answer."""
 
-    def __init__(self, steered: SteeredModel, queue: DecodeQueue, model_name: str):
-        self.steered, self.queue, self.model_name = steered, queue, model_name
+    def __init__(self, steered: SteeredModel, queue: DecodeQueue, model_name: str, use_template: bool = False):
+        self.steered, self.queue, self.model_name, self.use_template = steered, queue, model_name, use_template
         self.tokenizer = steered.tokenizer
         self._ids = itertools.count()
 
     def prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """The prompts as token ids and as text (for echo): a string, a list of strings, a list of token ids or
-        a list of such lists. Each must be non-empty, with ids inside the vocabulary."""
+        a list of such lists. Each must be non-empty, with ids inside the vocabulary. With use_template, a string is
+        put into the steered model's prompt template first (cut to leave max_tokens)."""
         given = body.prompt
         if isinstance(given, str) or (given and isinstance(given[0], int)):
             given = [given]
@@ -159,6 +169,8 @@ class Completions:
         ids, texts = [], []
         for i, p in enumerate(given):
             if isinstance(p, str):
+                if self.use_template:
+                    p = self.templated(i, p, body.max_tokens)
                 tokens = self.tokenizer(p, add_special_tokens=False)["input_ids"]  # as steer.py encodes prompts
                 text = p
             else:
@@ -172,6 +184,17 @@ class Completions:
             ids.append(tokens)
             texts.append(text)
         return ids, texts
+
+    def templated(self, i: int, text: str, max_tokens: int | None) -> str:
+        """Prompt `i`'s text in the template, cut to leave `max_tokens` (None: uncut) in the context."""
+        budget = None if max_tokens is None else self.steered.context - max_tokens
+        if budget is not None and budget < 1:
+            raise ApiError(400, f"max_tokens {max_tokens} leaves no room for prompt {i} in this model's context of "
+                           f"{self.steered.context} tokens", "max_tokens", "context_length_exceeded")
+        try:
+            return self.steered.templated(text, budget)
+        except UsageError as err:
+            raise ApiError(400, f"prompt {i}: {err}", "prompt", "invalid_value") from None
 
     def jobs(self, body: CompletionRequest, prompts: list[list[int]],
              done_for: Callable[[int], Callable[[JobResult | BaseException], None]]) -> list[tuple[int, Job]]:
@@ -276,11 +299,11 @@ def key_check(api_key: str | None):
 
 
 def create_app(steered: SteeredModel, *, model_name: str = DEFAULT_MODEL_NAME, api_key: str | None = None,
-               batch_size: int = 8, batch_wait_s: float = 0.02, seed: int = 0) -> FastAPI:
+               batch_size: int = 8, batch_wait_s: float = 0.02, seed: int = 0, use_template: bool = False) -> FastAPI:
     """The FastAPI app over a loaded steered model; its decode queue runs while the app does
-    (`app.state.queue`)."""
+    (`app.state.queue`). `use_template`: text prompts go into the steered model's prompt template."""
     queue = DecodeQueue(steered, batch_size=batch_size, wait_s=batch_wait_s, seed=seed)
-    completions = Completions(steered, queue, model_name)
+    completions = Completions(steered, queue, model_name, use_template)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -316,7 +339,8 @@ def create_app(steered: SteeredModel, *, model_name: str = DEFAULT_MODEL_NAME, a
     @app.get("/v1/models", dependencies=authorized)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "proxytune", "max_model_len": steered.context}]}
+                                            "owned_by": "proxytune", "max_model_len": steered.context,
+                                            "prompt_template": steered.template.record()}]}
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""A steered model as the integrations use it: the three models, their tokenizer and the blend, loaded from the
-project's model flags or a blend.json; decoding a batch with stop sequences, and scoring continuations."""
+"""A steered model as the integrations use it: the three models, their tokenizer, the blend and the prompt template
+the models were tuned with, loaded from the project's model flags or a blend.json; decoding a batch with stop
+sequences, and scoring continuations."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from proxytune.steering.arguments import ModelArguments
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED, Blend, describe_blend
 from proxytune.steering.decoding import left_pad, model_context
 from proxytune.steering.loading import load_models, resolve_model_args
+from proxytune.steering.records import run_template
 from proxytune.steering.scoring import score_targets
 from proxytune.steering.speculative import DEFAULT_DRAFT_TOKENS, decode_steered
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_prompt
+from proxytune.task.reviews import reviews_of
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +107,15 @@ ROWS_PER_SCORING_PASS = 2**27  # log-prob values (V per target token) one token_
 
 @dataclass
 class SteeredModel:
-    """The models of a blend (roles large, small_base, small_tuned), their shared tokenizer and the blend."""
+    """The models of a blend (roles large, small_base, small_tuned), their shared tokenizer, the blend, and the prompt
+    template S_tuned was tuned with (what `templated` puts a text into; prompts are otherwise taken as given)."""
 
     models: dict[str, Any]
     tokenizer: Any
     blend: Blend
     speculative: bool = True
     draft_tokens: int | None = DEFAULT_DRAFT_TOKENS
+    template: PromptTemplate = DEFAULT_TEMPLATE
 
     def __post_init__(self):
         missing = [role for role in (LARGE, SMALL_BASE, SMALL_TUNED) if self.models.get(role) is None]
@@ -131,6 +137,16 @@ class SteeredModel:
 
     def describe(self) -> str:
         return f"{self.blend.describe()} ({describe_blend(self.blend)})"
+
+    def templated(self, texts: str | Sequence[str], max_tokens: int | None = None) -> str:
+        """The prompt of `texts` in the template, as steer.py makes it from --prompt (a string: one text, cleaned as
+        reviews are, MReD's <sep> becoming a line break) or a --prompts_file row (a list: the reviews, or an
+        instruction and its input); the texts are cut, never the template, so that the prompt has at most
+        `max_tokens` tokens (None: uncut)."""
+        reviews = reviews_of(texts)
+        if not reviews:
+            raise UsageError("the text to put into the prompt template is empty")
+        return build_prompt(reviews, self.tokenizer, max_tokens, self.template)[0]
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                  stop: Sequence[str] = (), row_stops: Sequence[Sequence[str]] | None = None, do_sample: bool = False,
@@ -212,11 +228,15 @@ class SteeredModel:
 
 
 def load_steered(model_args: ModelArguments, blend: Blend, blend_file: str | None = None, speculative: bool = True,
-                 draft_tokens: int | None = DEFAULT_DRAFT_TOKENS) -> SteeredModel:
+                 draft_tokens: int | None = DEFAULT_DRAFT_TOKENS, prompt_template: str | None = None) -> SteeredModel:
     """Load L, S and S_tuned as steer.py does (model flags left out come from the blend file's record, else the
-    defaults; each role's device, dtype and 4/8-bit flags) into a SteeredModel."""
-    models, tokenizer = load_models(resolve_model_args(model_args, blend_file))
-    steered = SteeredModel(models, tokenizer, blend, speculative, draft_tokens)
-    logger.info("steered model: blend %s, context %d tokens, %s", steered.describe(), steered.context,
-                "speculative decoding" if speculative else "the plain decoding loop")
+    defaults; each role's device, dtype and 4/8-bit flags) into a SteeredModel, with steer.py's prompt template:
+    `prompt_template` (a name or file) when given, else the one S_tuned's final/ or the blend file records, else
+    meta_review; a recorded one that differs is warned about (run_template)."""
+    model_args = resolve_model_args(model_args, blend_file)
+    template = run_template(prompt_template, model_args.small_tuned_model, blend_file)
+    models, tokenizer = load_models(model_args)
+    steered = SteeredModel(models, tokenizer, blend, speculative, draft_tokens, template)
+    logger.info("steered model: blend %s, context %d tokens, %s, prompt template %s", steered.describe(),
+                steered.context, "speculative decoding" if speculative else "the plain decoding loop", template.name)
     return steered

@@ -14,7 +14,7 @@ from typing import Any
 from proxytune.foundation.errors import UsageError
 from proxytune.foundation.progress import progress_bar
 from proxytune.models.loading import load_causal_lm
-from proxytune.task.prompts import build_prompt
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_prompt
 from proxytune.task.reviews import reviews_of
 from proxytune.transfer.sources import Sources, as_meta_review_rows, make_group, read_rows
 
@@ -22,13 +22,14 @@ logger = logging.getLogger(__name__)
 
 
 def mean_prompt_states(model, tokenizer, rows: list[dict[str, Any]], max_prompt_tokens: int,
-                       batch_size: int = 8):
-    """(N, H) float32 numpy: each row's last-layer hidden state averaged over its prompt tokens (padding left out)."""
+                       batch_size: int = 8, template: PromptTemplate = DEFAULT_TEMPLATE):
+    """(N, H) float32 numpy: each row's last-layer hidden state averaged over its prompt tokens (padding left out);
+    the prompts are `template`'s, the fine-tune's."""
     import numpy as np
     import torch
 
     device = next(model.parameters()).device
-    prompts = [build_prompt(reviews_of(r["Input"]) or [""], tokenizer, max_prompt_tokens)[0] for r in rows]
+    prompts = [build_prompt(reviews_of(r["Input"]) or [""], tokenizer, max_prompt_tokens, template)[0] for r in rows]
     out = []
     for start in progress_bar(range(0, len(prompts), batch_size), desc="embedding prompts",
                               disable=len(prompts) < 200):
@@ -48,10 +49,10 @@ def kmeans_labels(features, clusters: int, seed: int):
     return KMeans(n_clusters=clusters, random_state=seed, n_init=10).fit_predict(features)
 
 
-def cluster_groups(sources: Sources, tokenizer, default_model: str, device: str | None = None
-                   ) -> dict[str, list[dict[str, Any]]]:
+def cluster_groups(sources: Sources, tokenizer, default_model: str, device: str | None = None,
+                   template: PromptTemplate = DEFAULT_TEMPLATE) -> dict[str, list[dict[str, Any]]]:
     """The kmeans shortcut's groups: {cluster-k: rows}. `default_model` (the fine-tune's base) unless the file names
-    `kmeans.model`."""
+    `kmeans.model`; the prompts are `template`'s (the fine-tune's)."""
     spec = sources.kmeans or {}
     where = f"sources file {sources.path}: kmeans"
     base = make_group("all", sources.defaults)
@@ -64,7 +65,7 @@ def cluster_groups(sources: Sources, tokenizer, default_model: str, device: str 
                          "'clusters'")
     model = load_causal_lm(spec.get("model") or default_model, dtype="float32", device=device,
                            flag=f"{where}: model")
-    features = mean_prompt_states(model, tokenizer, rows, int(spec.get("max_prompt_tokens", 512)))
+    features = mean_prompt_states(model, tokenizer, rows, int(spec.get("max_prompt_tokens", 512)), template=template)
     labels = kmeans_labels(features, k, int(spec.get("seed", 0)))
     groups: dict[str, list[dict[str, Any]]] = {f"cluster-{c}": [] for c in range(k)}
     for row, label in zip(rows, labels):

@@ -21,7 +21,7 @@ from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import atomic_directory, write_json
 from proxytune.task.arguments import ProcessingArguments
 from proxytune.task.processing import process, save
-from proxytune.task.prompts import PROMPT_TEMPLATE
+from proxytune.task.prompts import DEFAULT_TEMPLATE, PromptTemplate, choose_template, read_template, write_template
 from proxytune.transfer.plans import subset_name
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ GROUPS_DIR, SUBSETS_DIR, GROUPS_RECORD = "groups", "subsets", "groups.json"
 
 
 # Settings that change what a group's splits hold: a re-run with other values would mix old cells with new data.
-SETTINGS = ("tokenizer_name", "max_length", "held_out_percentage", "validation_percentage", "seed")
+SETTINGS = ("tokenizer_name", "max_length", "held_out_percentage", "validation_percentage", "seed", "prompt_template")
+# groups.json written before the prompt template was a setting: its groups were made with the default.
+SETTING_DEFAULTS = {"prompt_template": DEFAULT_TEMPLATE.record()}
 
 
 def group_dir(out: Path, group: str) -> Path:
@@ -42,14 +44,16 @@ def subset_dir(out: Path, subset: Sequence[str]) -> Path:
     return out / SUBSETS_DIR / subset_name(subset)
 
 
-def write_groups(out: Path, rows: dict[str, list[dict[str, Any]]], tokenizer, settings: dict[str, Any]) -> dict:
-    """Process every group (clean, split, tokenize with proxytune.task.processing) into groups/<group>/; a group
-    already processed with the same settings is kept. Returns groups.json's content."""
+def write_groups(out: Path, rows: dict[str, list[dict[str, Any]]], tokenizer, settings: dict[str, Any],
+                 template: PromptTemplate = DEFAULT_TEMPLATE) -> dict:
+    """Process every group (clean, split, tokenize with proxytune.task.processing, prompts in `template`, recorded
+    beside each group) into groups/<group>/; a group already processed with the same settings (settings_of's, the
+    template's record among them) is kept. Returns groups.json's content."""
     record_path = out / GROUPS_RECORD
     if record_path.is_file():
         old = json.loads(record_path.read_text(encoding="utf-8"))
-        changed = [f"{k} {old['settings'].get(k)!r} -> {settings.get(k)!r}" for k in SETTINGS
-                   if old["settings"].get(k) != settings.get(k)]
+        was = {k: old["settings"].get(k, SETTING_DEFAULTS.get(k)) for k in SETTINGS}
+        changed = [f"{k} {was[k]!r} -> {settings.get(k)!r}" for k in SETTINGS if was[k] != settings.get(k)]
         if set(old["groups"]) != set(rows):
             changed.append(f"groups {sorted(old['groups'])} -> {sorted(rows)}")
         if changed:
@@ -70,13 +74,13 @@ def write_groups(out: Path, rows: dict[str, list[dict[str, Any]]], tokenizer, se
             validation_split_percentage=settings["validation_percentage"],
             test_split_percentage=settings["held_out_percentage"], seed=settings["seed"],
             output_dir=str(group_dir(out, name)), overwrite_output_dir=True)
-        dataset, stats = process(args, tokenizer, flag=f"group '{name}'")
+        dataset, stats = process(args, tokenizer, flag=f"group '{name}'", template=template)
         for split in ("train", "test"):
             if len(dataset[split]) == 0:
                 raise UsageError(f"group '{name}' has no {'held-out' if split == 'test' else 'training'} rows after "
                                  f"cleaning and splitting ({len(group_rows)} rows in, kept {stats['rows_kept']}); "
                                  "give it more rows or merge it with another group")
-        save(dataset, stats, args)
+        save(dataset, stats, args, template)
         sizes[name] = {"rows": len(group_rows), **{s: len(dataset[s]) for s in dataset}}
         logger.info("group %s: %d rows -> train %d, validation %d, held-out %d", name, len(group_rows),
                     sizes[name]["train"], sizes[name]["validation"], sizes[name]["test"])
@@ -86,8 +90,9 @@ def write_groups(out: Path, rows: dict[str, list[dict[str, Any]]], tokenizer, se
 
 
 def write_subset(out: Path, subset: Sequence[str]) -> Path:
-    """subsets/<A+B>/: the concatenated splits of its groups, with group A's processing record (same tokenizer
-    and max_length for all), so fine_tune.py reads it as processed. Kept when already there."""
+    """subsets/<A+B>/: the concatenated splits of its groups, with group A's processing record and prompt template
+    (the same tokenizer, max_length and template for all), so fine_tune.py reads it as processed. Kept when already
+    there."""
     import datasets
 
     path = subset_dir(out, subset)
@@ -106,7 +111,7 @@ def write_subset(out: Path, subset: Sequence[str]) -> Path:
         write_json(tmp / "processing_config.json", {**config, "dataset_name": subset_name(subset),
                                                     "groups": list(subset)})
         write_json(tmp / "stats.json", {"groups": list(subset), **{s: len(d) for s, d in merged.items()}})
-        (tmp / "prompt_template.txt").write_text(PROMPT_TEMPLATE + "\n", encoding="utf-8")
+        write_template(tmp, read_template(first) or DEFAULT_TEMPLATE)
     return path
 
 
@@ -124,8 +129,19 @@ def load_train(out: Path, groups: Sequence[str]) -> dict[str, Any]:
     return {g: datasets.load_from_disk(str(group_dir(out, g)))["train"] for g in groups}
 
 
-def settings_of(data_args, tokenizer_name: str, held_out_percentage: float, seed: int) -> dict[str, Any]:
-    """The group settings from the fine-tune's data flags (its max_length and validation share)."""
+def fine_tune_template(data_args, model_name_or_path: str) -> PromptTemplate:
+    """The prompt template of the groups and the cells, chosen as steer.py and rl_tune.py choose theirs
+    (choose_template): the fine-tune config's prompt_template, else the one its model's directory records (a
+    fine_tune.py final/), else meta_review; a recorded one that differs from the one used is warned about."""
+    return choose_template(data_args.prompt_template,
+                           [(f"--fine_tune_config's model {model_name_or_path}", read_template(model_name_or_path))],
+                           flag="--fine_tune_config's prompt_template")
+
+
+def settings_of(data_args, tokenizer_name: str, held_out_percentage: float, seed: int,
+                template: PromptTemplate = DEFAULT_TEMPLATE) -> dict[str, Any]:
+    """The group settings from the fine-tune's data flags (its max_length and validation share) and prompt template."""
     return {"tokenizer_name": tokenizer_name, "max_length": data_args.max_length,
             "held_out_percentage": held_out_percentage,
-            "validation_percentage": data_args.validation_split_percentage, "seed": seed}
+            "validation_percentage": data_args.validation_split_percentage, "seed": seed,
+            "prompt_template": template.record()}
