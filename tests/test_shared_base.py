@@ -171,6 +171,11 @@ def test_steer_loads_a_lora_s_tuned_on_s_as_a_pair_and_any_other_as_before(tiny_
     lora_of(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["small_base"])).save_pretrained(adapter_dir)
     tiny_tokenizer.save_pretrained(adapter_dir)  # fine_tune.py saves it beside the adapter
     flags = dict(large_model=str(tiny_model_dirs["large"]), small_tuned_model=str(adapter_dir), large_device="cpu")
+    # By default (no --pair_small_models) two forwards, the adapter merged: one measured no faster.
+    models, _ = load_models(ModelArguments(small_base_model=str(tiny_model_dirs["small_base"]), **flags))
+    assert paired_adapter(models[SMALL_BASE], models[SMALL_TUNED]) is None
+    assert not hasattr(models[SMALL_TUNED], "peft_config")
+    flags["pair_small_models"] = True
     models, _ = load_models(ModelArguments(small_base_model=str(tiny_model_dirs["small_base"]), **flags))
     assert paired_adapter(models[SMALL_BASE], models[SMALL_TUNED]) == "default"
     # S another model: the adapter is merged, as before, and S and S_tuned run two forwards.
@@ -179,5 +184,5 @@ def test_steer_loads_a_lora_s_tuned_on_s_as_a_pair_and_any_other_as_before(tiny_
     assert not hasattr(models[SMALL_TUNED], "peft_config")
     rows = run_main(["--large_model", flags["large_model"], "--small_base_model", str(tiny_model_dirs["small_base"]),
                      "--small_tuned_model", str(adapter_dir), "--large_device", "cpu", "--alpha", "1.0",
-                     "--prompt", "Strong results. Accept.", "--max_new_tokens", "6"])
+                     "--prompt", "Strong results. Accept.", "--max_new_tokens", "6", "--pair_small_models", "true"])
     assert rows[0]["n_new_tokens"] == 6 or rows[0]["ended_with_eos"]

@@ -96,6 +96,11 @@ def test_both_loaders_pair_a_bottleneck_s_tuned_on_s_and_keep_any_other(tiny_mod
     flags = dict(large_model=str(tiny_model_dirs["large"]), small_tuned_model=str(adapter_dir))
     models, _ = load_models(ModelArguments(small_base_model=str(tiny_model_dirs["small_base"]), large_device="cpu",
                                            **flags))
+    assert paired_adapter(models[SMALL_BASE], models[SMALL_TUNED]) is None  # by default: two forwards
+    assert has_bottleneck_adapters(models[SMALL_TUNED])
+    flags["pair_small_models"] = True
+    models, _ = load_models(ModelArguments(small_base_model=str(tiny_model_dirs["small_base"]), large_device="cpu",
+                                           **flags))
     assert paired_adapter(models[SMALL_BASE], models[SMALL_TUNED]) == BOTTLENECK_ADAPTER
     # S another model: the adapter stays as it is (it cannot be merged), and S and S_tuned run two forwards.
     models, _ = load_models(ModelArguments(small_base_model=str(tiny_model_dirs["small_tuned"]), large_device="cpu",

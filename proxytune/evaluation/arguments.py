@@ -68,6 +68,12 @@ class ModelArguments(QuantizationArguments):
     dtype: str = field(
         default="auto", metadata={"help": "Weights dtype ('auto': float32 on CPU).", "choices": list(DTYPES)}
     )
+    pair_small_models: bool = field(
+        default=False, metadata={"help": "When S_tuned is a LoRA or bottleneck adapter on S's own weights: "
+                                 "true = S and S_tuned run as one forward of 2B rows (PEFT's adapter_names), one "
+                                 "copy of S's weights in memory; false (default) = two forwards, a LoRA S_tuned "
+                                 "merged into a copy of S. Measured: one forward is no faster on CPU and 1.1-1.6x "
+                                 "slower per token on an H200 (bench/RESULTS.md#bench_speculative, part 5)."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... Default: cuda if available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
 

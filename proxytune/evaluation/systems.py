@@ -194,13 +194,15 @@ def load_models(model_args: ModelArguments, systems: list[str], device: str) -> 
         if key not in by_path:
             logger.info("loading %s from %s%s", role, path, f" ({key[1]}-bit)" if key[1] else "")
             # A LoRA S_tuned loads unmerged: paired with S (one forward for both, steering/shared_base.py) when
-            # its base weights are S's, merged otherwise; a bottleneck S_tuned alike, never merged.
+            # --pair_small_models and its base weights are S's, merged otherwise; a bottleneck S_tuned alike,
+            # never merged.
             alone = role == "small_tuned" and list(paths.values()).count(path) == 1
             by_path[key] = load_causal_lm(path, dtype=model_args.dtype, device=device,
                                           trust_remote_code=model_args.trust_remote_code, flag=f"--{role}_model",
                                           quantize=key[1], quantize_prefix=f"--{role}_", merge_adapter=not alone)
             if alone:
-                by_path[key] = share_or_merge(models.get("small_base"), by_path[key], merge=not key[1])
+                by_path[key] = share_or_merge(models.get("small_base"), by_path[key], merge=not key[1],
+                                              pair=model_args.pair_small_models)
         models[role] = by_path[key]
         rows = models[role].get_output_embeddings().weight.shape[0]
         if rows < vocab_size_of(tokenizer):

@@ -141,13 +141,15 @@ def load_models(args: ModelArguments, with_large_tuned: bool = False) -> tuple[d
         key = (path, getattr(args, f"{role}_device") or large_device, getattr(args, f"{role}_dtype"),
                args.quantization_of(role))
         if key not in loaded:  # a path given for two roles (same device, dtype, quantisation) loads once
-            # A LoRA S_tuned loads unmerged: share_or_merge below pairs it with S (one forward for both) when its
-            # base weights are S's, and merges it otherwise; a bottleneck S_tuned alike, never merged.
+            # A LoRA S_tuned loads unmerged: share_or_merge below pairs it with S (one forward for both) when
+            # --pair_small_models and its base weights are S's, and merges it otherwise; a bottleneck S_tuned
+            # alike, never merged.
             loaded[key] = load_causal_lm(path, dtype=key[2], device=key[1], trust_remote_code=args.trust_remote_code,
                                          flag=f"--{role}_model", quantize=key[3], quantize_prefix=f"--{role}_",
                                          merge_adapter=role != SMALL_TUNED)
             if role == SMALL_TUNED:
-                loaded[key] = share_or_merge(models.get(SMALL_BASE), loaded[key], merge=not key[3])
+                loaded[key] = share_or_merge(models.get(SMALL_BASE), loaded[key], merge=not key[3],
+                                             pair=args.pair_small_models)
                 if paired_adapter(models.get(SMALL_BASE), loaded[key]):
                     logger.info("%s is a %s adapter on %s's weights: one forward serves both (mixed-row batches)",
                                 role, "LoRA" if hasattr(loaded[key], "peft_config") else "bottleneck", SMALL_BASE)

@@ -11,8 +11,13 @@ S_tuned's, serves both models in one forward and streams the base weights once:
     logits[:B] = S(x),  logits[B:] = S_tuned(x)        for  model(input_ids=cat([x, x]), adapter_names=pair_names)
 
 PEFT's constraints: the adapter is not merged (a merged one is in the weights of every row), no DoRA, eval mode.
-steering/loading.py (and evaluation's loader) load a LoRA S_tuned unmerged and call `share_or_merge`: when its base
-weights equal S's, bit for bit, it is marked as S's twin; otherwise it is merged as before (a fully fine-tuned
+Opt-in (`--pair_small_models` of steer.py and evaluation.py): on the machines measured it does not pay. Per token,
+at pythia-410m/70m shapes, one forward against two was 0.98x (plain loop) and 1.10x (speculative) on a 2-core CPU
+and 1.10-1.55x on an H200 in bf16 (bench/RESULTS.md#bench_speculative, part 5): PEFT's mixed-row path adds more
+small kernels and index copies than the second forward of a 70m model costs. What it saves is memory: one copy of S.
+
+With it, steering/loading.py (and evaluation's loader) load a LoRA S_tuned unmerged and call `share_or_merge`: when
+its base weights equal S's, bit for bit, it is marked as S's twin; otherwise it is merged as before (a fully fine-tuned
 S_tuned, or an adapter on another base, keeps two forwards). A bottleneck S_tuned is never merged (it cannot be):
 a twin, or as it is. tests/test_shared_base.py (LoRA) and tests/test_shared_base_bottleneck.py compare the paired
 forward with two separate ones in float64, left-padded batches and single rows, in every decoder and in scoring.
@@ -60,14 +65,15 @@ def base_weights_of(model) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
 
 
-def share_or_merge(small_base, small_tuned, merge: bool = True):
-    """After loading S_tuned unmerged: mark it as S's twin when it is a LoRA or bottleneck model whose base weights
-    equal S's (same names, shapes, dtypes, devices, values) and return it; otherwise return it merged
+def share_or_merge(small_base, small_tuned, merge: bool = True, pair: bool = True):
+    """After loading S_tuned unmerged: with `pair`, mark it as S's twin when it is a LoRA or bottleneck model whose
+    base weights equal S's (same names, shapes, dtypes, devices, values) and return it; otherwise return it merged
     (merge_and_unload) when it is a PEFT model and `merge` (False: an adapter on a quantised base, which stays
-    unmerged), or as it is (a full model; a bottleneck model, which cannot be merged)."""
+    unmerged), or as it is (a full model; a bottleneck model, which cannot be merged). The scripts pair only when
+    asked (--pair_small_models): one forward of 2B rows measured no faster than two on CPU and slower on a GPU."""
     if small_base is None or small_tuned is None or small_base is small_tuned:
         return small_tuned
-    if mixed_rows_adapter(small_tuned) is not None:
+    if pair and mixed_rows_adapter(small_tuned) is not None:
         base, tuned = small_base.state_dict(), base_weights_of(small_tuned)
         if base.keys() == tuned.keys() and all(
                 base[k].shape == tuned[k].shape and base[k].dtype == tuned[k].dtype

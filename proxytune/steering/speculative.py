@@ -483,6 +483,7 @@ class RoundDecoder:
             else (lambda s: s)
         self.last_ids = input_ids[:, -1].tolist()  # each row's token not yet fed, and on the device (B,):
         self.last = input_ids[:, -1].clone().to(device)
+        self.best: list[list[int]] | None = None  # a greedy round's blend argmaxes per row and position (`blended`)
         self.out: list[list[int]] = [[] for _ in range(batch)]
         self.done = [False] * batch
 
@@ -581,19 +582,20 @@ class RoundDecoder:
         # 1. S_tuned drafts k tokens per row; its log-probs at those positions are the blend's tuned term.
         # A finished row feeds its last token again: any real id serves, its slots are never kept.
         drafts = [[self.last_ids[r]] * k for r in range(len(self.out))]  # (B, k) on the host
-        tuned, q_logps = [], {r: [] for r in active}  # tuned[j]: (B, V) S_tuned at position j
+        tuned, q_logps = [], []  # tuned[j]: (B, V) S_tuned at position j; q_logps[j]: (B, V) the draft there
         based = [] if self.adapter else None  # paired: based[j] (B, V) S at position j
         feed = self.last
         for i in range(k):
             tuned.append(self.feed_draft(feed[:, None], based))
+            q_logps.append(self.target(self.rows_scores(tuned[i], active)))  # (B, V) processed like the blend
+            feed = torch.multinomial(q_logps[i].exp(), 1, generator=self.generator)[:, 0] if self.do_sample \
+                else q_logps[i].argmax(dim=-1)  # (B,) the drafts, fed next; a finished row's serve as any id
+            for r, token in enumerate(feed.tolist()):  # the draft step's wait for the device
+                drafts[r][i] = token
             for r in active:
-                q = self.target(self.states[r].scores(tuned[i][r:r + 1]))  # (1, V) processed like the blend
-                q_logps[r].append(q)
-                drafts[r][i] = pick(q, self.do_sample, self.generator)
                 self.states[r].push(drafts[r][i])
                 if drafts[r][i] == self.eos:  # nothing after a drafted EOS is checked
                     limits[r] = min(limits[r], i + 1)
-            feed = torch.tensor([row[i] for row in drafts], dtype=torch.long, device=self.device)  # (B,)
             if all(limits[r] <= i + 1 for r in active):  # every row has drafted all it can use
                 k = i + 1
                 drafts = [row[:k] for row in drafts]
@@ -610,17 +612,19 @@ class RoundDecoder:
             self.stats.forwards[role] += 1
 
         # 3. Each row keeps the longest prefix the blend agrees with, then one token from the blend.
+        # Greedy, where no row's processing has state: the blend at every position of every row at once, and its
+        # argmaxes in one wait for the device (self.best), instead of one per position.
+        blended = self.blended(logps, tuned, based, active, k)  # (B, k, V) or None
         kept, new, stopped, agreements = {}, {}, [], []
         for r in active:
             limit = min(k, limits[r])
             j = 0
             while j < limit:
-                p = self.processed(r, j, logps, tuned, based)
-                d = drafts[r][j]
-                agreements.append(self.agreement(p, q_logps[r][j]))
-                if not self.accepts(r, j, p, q_logps[r][j], d):
-                    new[r] = pick(p, False, None) if not self.do_sample else pick_residual(p, q_logps[r][j],
-                                                                                           self.generator)
+                p = blended[r, j][None] if blended is not None else self.processed(r, j, logps, tuned, based)
+                d, q = drafts[r][j], q_logps[j][r:r + 1]
+                agreements.append(self.agreement(p, q))
+                if not self.accepts(r, j, p, q, d):
+                    new[r] = self.best_token(r, j, p) if not self.do_sample else pick_residual(p, q, self.generator)
                     break
                 self.states[r].push(d)
                 j += 1
@@ -635,10 +639,29 @@ class RoundDecoder:
             tuned.append(self.feed_draft(tokens[:, -1:], based))
             self.stats.forwards[SMALL_TUNED] += 1
         for r in stopped:
-            p = self.processed(r, kept[r], logps, tuned, based)
+            p = blended[r, kept[r]][None] if blended is not None and kept[r] < k else \
+                self.processed(r, kept[r], logps, tuned, based)
             agreements.append(self.agreement(p, self.target(self.states[r].scores(tuned[kept[r]][r:r + 1]))))
-            new[r] = pick(p, self.do_sample, self.generator)
+            new[r] = self.best_token(r, kept[r], p) if not self.do_sample else pick(p, True, self.generator)
+        self.best = None
         return drafts, kept, new, agreements, k, bonus
+
+    def blended(self, logps: dict, tuned: list, based: list | None, active: list[int], k: int):
+        """Greedy with stateless processing: (B, k, V) the blend at the round's first k positions of every row, its
+        argmaxes read into self.best ([B][k], the verification's one wait for the device); else None (each
+        position is then processed in turn, after the row's earlier tokens: `processed`)."""
+        if self.do_sample or not all(self.states[r].stateless for r in active):
+            return None
+        at = {role: lp[:, :k] for role, lp in logps.items()}  # (B, k, V) each
+        if based is not None:
+            at[SMALL_BASE] = torch.stack(based[:k], dim=1)
+        mixed = blend_logprobs(at.get(LARGE), torch.stack(tuned[:k], dim=1), at.get(SMALL_BASE), self.blend)
+        self.best = mixed.argmax(dim=-1).tolist()
+        return mixed
+
+    def best_token(self, r: int, j: int, p: torch.Tensor) -> int:
+        """The blend's greedy token at row r's position j (p: (1, V) its processed blend there)."""
+        return self.best[r][j] if self.best is not None and j < len(self.best[r]) else pick(p, False, None)
 
     def feed_draft(self, tokens: torch.Tensor, based: list | None) -> torch.Tensor:
         """S_tuned's forward of (B, 1) tokens -> (B, V) its log-probs; paired, S's (B, V) are appended to `based`."""
@@ -660,6 +683,8 @@ class RoundDecoder:
     def accepts(self, row: int, j: int, p: torch.Tensor, q: torch.Tensor, token: int) -> bool:
         """Whether row `row` keeps its j-th draft `token` (p, q: (1, V) target and draft). One place, so that
         bench/bench_speculative.py can replay measured acceptance at shapes with no trained weights."""
+        if not self.do_sample and self.best is not None:
+            return self.best[row][j] == token  # the argmax of p, read with the round's others
         return keep_draft(p, q, token, self.do_sample, self.generator)
 
     def processed(self, r: int, j: int, logps: dict, tuned: list, based: list | None = None) -> torch.Tensor:
