@@ -281,6 +281,45 @@ def test_load_loses_and_duplicates_nothing_and_batches(steered):
     assert max(rows) > 1, f"no two requests were decoded together: {rows[:20]}"
 
 
+def test_the_first_batch_gathers_clients_that_start_together_and_a_lone_client_then_waits_no_more(monkeypatch):
+    """Clients that start together reach the queue some milliseconds apart: the first batch waits (up to wait_s) for
+    a full batch instead of decoding the first request alone, which kept the others a batch behind it for good.
+    Once a batch of one is answered, the next batch expects one row (a lone client waits no more)."""
+    from types import SimpleNamespace
+
+    from proxytune.integrations import batching
+    from proxytune.integrations.steered import Completion
+
+    monkeypatch.setattr(batching, "decode_jobs", lambda steered, jobs, generator=None: [
+        batching.JobResult(Completion([], "", "length"), None) for _ in jobs])
+    queue = batching.DecodeQueue(SimpleNamespace(device="cpu"), batch_size=8, wait_s=60.0)
+    queue.start()
+    answered = threading.Semaphore(0)
+
+    def job() -> batching.Job:
+        return batching.Job(prompt=[5, 6], max_tokens=1, done=lambda result: answered.release())
+
+    try:
+        queue.submit([job()])
+        time.sleep(0.05)  # the other clients arrive a little later
+        queue.submit([job() for _ in range(7)])
+        for _ in range(8):
+            assert answered.acquire(timeout=120)
+        assert queue.batch_rows == [8]
+    finally:
+        queue.close()
+    lone = batching.DecodeQueue(SimpleNamespace(device="cpu"), batch_size=8, wait_s=0.2)
+    lone.start()
+    try:
+        for _ in range(2):
+            lone.submit([job()])
+            assert answered.acquire(timeout=120)
+            assert lone._expected == 1  # answered alone with nothing waiting: the next batch starts at once
+        assert lone.batch_rows == [1, 1]
+    finally:
+        lone.close()
+
+
 def test_serve_arguments_are_checked():
     with pytest.raises(UsageError, match="--port"):
         ServeArguments(port=70000)

@@ -11,7 +11,10 @@ rows may differ in max_tokens, stop sequences, log-probs and echo.
 Gathering: the clients a batch answered come back within milliseconds, and a batch started without them would
 leave them queued behind it (at 8 clients: a batch of 7, then one of 1, and so on). So the worker expects as many
 rows as the last batch answered plus those that waited when it ended (up to `batch_size`), and waits up to `wait_s`
-for them before it starts. A lone client is answered and comes back alone, so it never waits.
+for them before it starts. The first batch expects `batch_size` rows: clients that start together reach the server
+some milliseconds apart, and a first batch of the first one alone put the others a batch behind it for good
+(bench_server, 8 clients: batches of 1, 8, 8, 2, 5 rows). A lone client waits `wait_s` once, on its first request;
+answered alone, it then never waits.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ class DecodeQueue:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._expected = 1  # rows the next batch expects: the last batch's, plus those that waited as it ended
+        self._expected = batch_size  # rows the next batch expects: the last batch's, plus those that waited as it ended
         self._thread = threading.Thread(target=self._run, name="decode-queue", daemon=True)
         self.batch_rows: list[int] = []  # rows of each batch decoded so far (what batching did)
 
