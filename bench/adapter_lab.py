@@ -1,6 +1,6 @@
 """Bottleneck adapters against LoRA as S_tuned in the steering lab: what L steered by each gives (issue 28).
 
-    python bench/adapter_lab.py --threads 1                          # the lab in outputs/lab; ~25 min at 1 thread
+    python bench/adapter_lab.py --threads 1                          # the lab in outputs/lab; ~16 min at 1 thread
     python bench/adapter_lab.py --lab_dir /elsewhere/outputs/lab --threads 1
     python bench/adapter_lab.py --smoke                              # outputs/lab-smoke's models; record stays there
 

@@ -13,7 +13,8 @@ each learning rate of LEARNING_RATES; the best validation loss over them is repo
 is judged at a learning rate that suits only the other. Matched sizes: LoRA on all four GPT-NeoX linear layers trains
 16·r·d parameters per layer, bottleneck adapters 2·(2·d·d/f + d/f + d): r = 4 against f = 6 (16 units) on d = 96.
 
-Not measured here: the steered result with each as S_tuned (it needs the lab's L; docs/your-task-your-model.md).
+Not measured here: the steered result with each as S_tuned (it needs the lab's L: bench/adapter_lab.py measures it
+on a finished steering lab; docs/your-task-your-model.md).
 """
 
 from __future__ import annotations
