@@ -94,8 +94,8 @@ def versions() -> str:
 
 # The sections of bench/RESULTS.md: one per bench script (its file stem, which is also the section's heading and
 # link anchor, e.g. bench/RESULTS.md#bench_speculative), in this order; a script not listed gets a section at the end.
-BENCH_ORDER = ("bench_steering", "bench_speculative", "bench_fine_tune", "bench_adapters", "adapter_lab",
-               "bench_evaluation",
+BENCH_ORDER = ("bench_steering", "bench_speculative", "bench_process", "bench_fine_tune", "bench_adapters",
+               "adapter_lab", "bench_evaluation",
                "bench_quantized",
                "bench_decision", "bench_hp_search", "lab_sizing", "steering_lab", "rl_lab", "rl_sweep",
                "sentiment_lab",

@@ -46,6 +46,13 @@ def test_bench_speculative_ci(tmp_path):
     assert "t(k) ms" in out and "speculative K = 2" in out
 
 
+@requires_shared
+def test_bench_process_ci(tmp_path):
+    """Whole steer.py processes (default, plain loop) beside L alone's, on models saved with the real tokenizer."""
+    out = run_bench_ci("bench_process.py", tmp_path)
+    assert "steer.py (default: adaptive speculative)" in out and "L alone" in out
+
+
 @pytest.mark.parametrize("part", ["--fallback", "--pair"])
 def test_bench_speculative_fallback_and_pair_ci(tmp_path, part):
     """Parts 4 and 5 (issue 29): the adaptive default next to k = 2, the plain loop and L alone; a LoRA S_tuned
