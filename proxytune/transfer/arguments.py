@@ -27,7 +27,7 @@ class TransferArguments:
                 "subsets; compare: estimates against the real cells.", "choices": list(STEPS)})
     plan: str = field(default="every", metadata={
         "help": "Training subsets, comma-separated kinds: every (all combinations), alone, all, leave_one_out, pairs, "
-                "random:N:K (N random subsets of K groups)."})
+                "random:N:K (N random subsets of K groups), with:G:K (every subset of at most K groups holding G)."})
     subsets: str | None = field(default=None, metadata={
         "help": "An explicit list instead of --plan: groups joined by '+', subsets by ',' (A+B,A,B)."})
     held_out_percentage: float = field(default=20.0, metadata={

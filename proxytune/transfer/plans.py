@@ -8,6 +8,7 @@ A plan is a comma-separated list of kinds, their union in a fixed order:
     leave_one_out  all groups but one
     pairs          every two groups
     random:N:K     N random subsets of K groups (seeded)
+    with:G:K       every subset of at most K groups that holds group G (what to add to a target's own data)
 or an explicit list of subsets, groups joined by '+': `A+B,A,C` (`--subsets`).
 A subset is named by its groups joined by '+', in the sources file's order: 'A+B'.
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 from proxytune.foundation.errors import UsageError
 
-KINDS = ("every", "alone", "all", "leave_one_out", "pairs", "random:N:K")
+KINDS = ("every", "alone", "all", "leave_one_out", "pairs", "random:N:K", "with:G:K")
 
 
 # 2^n - 1 fine-tunes grows fast: beyond this, ask for a smaller plan rather than start a week of training.
@@ -83,6 +84,15 @@ def plan_subsets(plan: str, groups: Sequence[str], seed: int = 0, flag: str = "-
             combinations = list(itertools.combinations(groups, k))
             for subset in rng.sample(combinations, min(n, len(combinations))):
                 add(subset)
+        elif kind.startswith("with:"):
+            target, _, size = kind[len("with:"):].rpartition(":")
+            if target not in order or not size.isdigit() or int(size) < 1:
+                raise UsageError(f"{flag} {kind}: write with:G:K, G one of the groups ({', '.join(groups)}) and "
+                                 f"K >= 1, e.g. with:{groups[0]}:3")
+            others = [g for g in groups if g != target]
+            for k in range(min(int(size), len(groups))):
+                for more in itertools.combinations(others, k):
+                    add([target, *more])
         else:
             raise UsageError(f"{flag}: unknown plan '{kind}'; use {', '.join(KINDS)}")
     return found
