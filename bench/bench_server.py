@@ -173,8 +173,8 @@ def main() -> None:
              "generate_texts (batch 1) and then requested from the server (official `openai` client over HTTP on "
              f"loopback, app in this process), {steer_n} and {serve_n} tokens. {args.clients} clients: threads, "
              f"{args.requests_per_client} requests each one after another, {sum(tokens)} tokens in "
-             f"{many_s:.1f} s; rows per decoded batch: {rows_per_batch} (the first client's first request starts "
-             "alone: the queue does not know that seven more are coming). Throughput = generated tokens / wall "
+             f"{many_s:.1f} s; rows per decoded batch: {rows_per_batch} (the queue gathers a batch until no row "
+             "arrived for the batch wait, or it is full). Throughput = generated tokens / wall "
              f"time. Ceiling: steer.py's generate_texts on the {args.clients} clients' first prompts with --batch_size "
              f"{args.clients} against --batch_size 1 ({batch_n} and {single_n} tokens), no server: the most a queue "
              "that batches perfectly could give on this machine.")

@@ -320,6 +320,30 @@ def test_the_first_batch_gathers_clients_that_start_together_and_a_lone_client_t
         lone.close()
 
 
+def test_a_batch_gathers_rows_that_arrive_in_a_trickle(monkeypatch):
+    """Rows that keep arriving, each within wait_s of the one before (over more than wait_s in all), make one batch:
+    the wait is a quiet time. (The spacing leaves a margin of 1.4 s against a slow machine.)"""
+    from types import SimpleNamespace
+
+    from proxytune.integrations import batching
+    from proxytune.integrations.steered import Completion
+
+    monkeypatch.setattr(batching, "decode_jobs", lambda steered, jobs, generator=None: [
+        batching.JobResult(Completion([], "", "length"), None) for _ in jobs])
+    queue = batching.DecodeQueue(SimpleNamespace(device="cpu"), batch_size=8, wait_s=2.0)
+    answered = threading.Semaphore(0)
+    queue.start()
+    try:
+        for _ in range(5):  # 5 rows over 2.4 s: past one wait_s, never 2 s apart
+            queue.submit([batching.Job(prompt=[5, 6], max_tokens=1, done=lambda result: answered.release())])
+            time.sleep(0.6)
+        for _ in range(5):
+            assert answered.acquire(timeout=120)
+        assert queue.batch_rows == [5]
+    finally:
+        queue.close()
+
+
 def test_serve_arguments_are_checked():
     with pytest.raises(UsageError, match="--port"):
         ServeArguments(port=70000)

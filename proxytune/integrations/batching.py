@@ -14,7 +14,10 @@ rows as the last batch answered plus those that waited when it ended (up to `bat
 for them before it starts. The first batch expects `batch_size` rows: clients that start together reach the server
 some milliseconds apart, and a first batch of the first one alone put the others a batch behind it for good
 (bench_server, 8 clients: batches of 1, 8, 8, 2, 5 rows). A lone client waits `wait_s` once, on its first request;
-answered alone, it then never waits.
+answered alone, it then never waits. The wait is a quiet time, not a deadline: each row that arrives while the
+batch gathers waits `wait_s` more for the next (up to GATHER_LIMIT x `wait_s` in all), because clients come back in
+a trickle whose spread grows with the machine's load (on 2 busy cores 8 clients spread over more than 20 ms, and a
+fixed 20 ms window cut their batches into 2, 8, 7, 6, 1 rows).
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ def decode_jobs(steered: SteeredModel, jobs: list[Job], generator: torch.Generat
 class DecodeQueue:
     """Jobs in, batches decoded by one worker thread (start() it; close() fails what still waits)."""
 
+    GATHER_LIMIT = 10  # the longest a batch gathers, in wait_s: rows that keep arriving extend the wait up to it
+
     def __init__(self, steered: SteeredModel, batch_size: int = 8, wait_s: float = 0.02, seed: int = 0):
         self.steered, self.batch_size, self.wait_s = steered, batch_size, wait_s
         self.generator = seeded_generator(steered.device, seed)  # sampled rows without a seed
@@ -158,9 +163,12 @@ class DecodeQueue:
                 return None
             group = self._queue[0].group
             want = min(self._expected, self.batch_size)
-            deadline = time.monotonic() + self.wait_s
-            while not self._closed and self._waiting(group) < want and (left := deadline - time.monotonic()) > 0:
+            start, waiting = time.monotonic(), self._waiting(group)
+            deadline, limit = start + self.wait_s, start + self.GATHER_LIMIT * self.wait_s
+            while not self._closed and waiting < want and (left := min(deadline, limit) - time.monotonic()) > 0:
                 self._cond.wait(left)
+                if (now_waiting := self._waiting(group)) > waiting:  # a row arrived: wait for the next one
+                    waiting, deadline = now_waiting, time.monotonic() + self.wait_s
             if self._closed:  # close() failed the jobs that waited
                 return None
             batch = [job for job in self._queue if job.group == group][:self.batch_size]

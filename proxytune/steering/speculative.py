@@ -291,11 +291,15 @@ class DraftSchedule:
 
     - Plain steps first, until FIRST_OBSERVATIONS positions are observed (one per row and step): the time of a
       step, and a first acceptance, so that an S_tuned that disagrees from the start costs no draft at all.
-    - a: an exponential moving average (weight ACCEPTANCE_STEP per observed position, from ACCEPTANCE_PRIOR) of the
-      draft's agreement with the blend at every position the blend picked or checked, plain steps included:
-      S_tuned runs there anyway, so a plain step measures the acceptance a draft would have had for free (greedy:
-      1 if S_tuned's processed argmax is the blend's, sampling: sum_x min(p*(x), q(x)), the chance a draft is kept).
-      That is the "probe" of a plain step: it costs nothing.
+    - a: the draft's agreement with the blend over the recent rounds, at every position the blend picked or
+      checked, plain steps included: S_tuned runs there anyway, so a plain step measures the acceptance a draft
+      would have had for free (greedy: 1 if S_tuned's processed argmax is the blend's, sampling:
+      sum_x min(p*(x), q(x)), the chance a draft is kept). That is the "probe" of a plain step: it costs nothing.
+      "Recent" is counted in rounds, not positions: a = sum of agreements / number of positions, both decayed by
+      ACCEPTANCE_DECAY per round (starting from one position at ACCEPTANCE_PRIOR). A batch of 8 observes 8 to 80
+      positions a round; weighted per position, the last rows of one round would decide the next round's length
+      (at a per-token acceptance of 0.69 that sent half the rounds of a batch of 8 to plain steps, 0.98x the plain
+      loop on an H200 where k = 2 took 0.74-0.80x: bench/RESULTS.md#bench_speculative, part 4).
     - c(k): the seconds of a round of k drafts over the seconds of a plain step as last measured (both moving
       averages, weight COST_STEP), so that a machine that gets busier or quieter changes both alike. A length is
       tried one above the longest measured when it would pay at an optimistic price (the longest measured
@@ -310,7 +314,7 @@ class DraftSchedule:
     """
 
     ACCEPTANCE_PRIOR = 0.5
-    ACCEPTANCE_STEP = 0.3
+    ACCEPTANCE_DECAY = 0.8
     FIRST_OBSERVATIONS = 4
     COST_STEP = 0.5
     COST_PRIOR_SLOPE = 0.15
@@ -320,6 +324,7 @@ class DraftSchedule:
     def __init__(self, max_k: int = MAX_DRAFT_TOKENS, clock: Callable[[], float] = time.perf_counter):
         self.max_k, self.clock = max_k, clock
         self.acceptance, self.observed = self.ACCEPTANCE_PRIOR, 0
+        self.agreed, self.positions = self.ACCEPTANCE_PRIOR, 1.0  # decayed sums behind `acceptance`
         self.step_seconds: float | None = None  # a plain step's time, moving average
         self.cost: dict[int, float] = {}  # k >= 1 -> a round's time in plain steps, moving average
         self.plain_run, self.probe_every = 0, self.PROBE_EVERY
@@ -365,8 +370,9 @@ class DraftSchedule:
         elif self.step_seconds:
             ratio, old = seconds / self.step_seconds, self.cost.get(k)
             self.cost[k] = ratio if old is None else old + self.COST_STEP * (ratio - old)
-        for x in agreements:
-            self.acceptance += self.ACCEPTANCE_STEP * (x - self.acceptance)
+        self.agreed = self.ACCEPTANCE_DECAY * self.agreed + sum(agreements)
+        self.positions = self.ACCEPTANCE_DECAY * self.positions + len(agreements)
+        self.acceptance = self.agreed / self.positions
         self.observed += len(agreements)
 
 
