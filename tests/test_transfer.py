@@ -219,6 +219,30 @@ def tokenized_rows(tokenizer, n: int = 6) -> list[dict]:
             for r in make_rows(n)]
 
 
+def test_scores_from_the_target_positions_alone_equal_those_from_every_position(lora_model, tiny_tokenizer):
+    """target_logits puts only the positions that predict a target through the output layer; the loss and the
+    outputs s_i equal those computed from the logits of every position (float64), rows of different prompt lengths
+    in one batch."""
+    from proxytune.transfer.losses import batches, log_odds_output, target_loss, token_nll
+
+    model = lora_model.double()
+    rows = tokenized_rows(tiny_tokenizer)
+    assert len({r["prompt_length"] for r in rows}) > 1
+    pad = tiny_tokenizer.pad_token_id
+    total, count, outputs = 0.0, 0, []
+    with torch.no_grad():
+        for batch in batches(rows, 4, pad, "cpu"):
+            full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, mask = token_nll(full, batch["labels"])
+            total, count = total + float(nll.sum()), count + int(mask.sum())
+            outputs += log_odds_output(full, batch["labels"]).tolist()
+    try:
+        assert target_loss(model, rows, pad, batch_size=4) == pytest.approx(total / count, rel=1e-12)
+        np.testing.assert_allclose(outputs_of(model, rows, pad, batch_size=4), outputs, rtol=1e-12)
+    finally:
+        model.float()
+
+
 def test_linearisation_error_vanishes_with_the_step(lora_model, tiny_tokenizer):
     rows = tokenized_rows(tiny_tokenizer)
     params = lora_parameters(lora_model, "test")

@@ -38,7 +38,7 @@ from proxytune.foundation.errors import UsageError
 from proxytune.foundation.outputs import atomic_directory, format_bytes, write_json
 from proxytune.foundation.progress import progress_bar
 from proxytune.training.data import CausalLMCollator, build_labels
-from proxytune.transfer.losses import log_odds_output, target_loss
+from proxytune.transfer.losses import log_odds_output, target_logits, target_loss
 from proxytune.transfer.plans import subset_name
 
 logger = logging.getLogger(__name__)
@@ -172,8 +172,7 @@ def outputs_of(model, rows: Sequence[dict], pad_token_id: int, batch_size: int =
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = example_batch(rows[start:start + batch_size], pad_token_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.append(log_odds_output(logits, batch["labels"]).double().cpu().numpy())
+            out.append(log_odds_output(*target_logits(model, batch)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -197,8 +196,7 @@ def outputs_and_projected_gradients(model, params, rows: Sequence[dict], pad_tok
         grads = torch.zeros(len(chunk), n_params, dtype=torch.float32, device=device)  # (B, D)
         for j, row in enumerate(chunk):
             batch = example_batch([row], pad_token_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (1, T, V)
-            s = log_odds_output(logits, batch["labels"])[0]
+            s = log_odds_output(*target_logits(model, batch))[0]
             g = torch.autograd.grad(s, params)
             grads[j] = torch.cat([x.reshape(-1) for x in g]).float()
             outputs.append(float(s.detach()))
