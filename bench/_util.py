@@ -70,6 +70,14 @@ def timeit(fn, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def wait_for_device(device) -> None:
+    """Wait for a GPU's queued work before a timer is read (it would stop early); nothing on the CPU."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def machine() -> str:
     import torch
 

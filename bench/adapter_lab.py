@@ -42,6 +42,7 @@ from steering_lab import (  # noqa: E402
     LabArguments,
     evaluation_arguments,
     finetune_arguments,
+    paper_scores,
     resolve_lab,
     run_script,
 )
@@ -188,18 +189,13 @@ def evaluate_adapters(lab, out: Path, kept: dict[str, dict], timer: Timer, lab_t
 def read_systems(sources: dict[str, tuple[Path, str]]) -> dict[str, dict]:
     """{label: per-paper arrays (nll, tokens, rougeL, eos, words), papers in one order} from evaluation.py's
     predictions.jsonl files; `sources`: label -> (predictions file, system in it). Every file holds the same papers."""
-    import numpy as np
-
+    keys = {"nll": "nll", "tokens": "target_tokens", "rougeL": "rougeL", "eos": "ended_with_eos", "words": "words"}
     out, order = {}, None
     for label, (path, system) in sources.items():
-        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-        recs = {r["example_id"]: r for r in recs if r["system"] == system}
-        order = order or sorted(recs)
-        if sorted(recs) != order:
+        ids, out[label] = paper_scores(path, system, keys)
+        order = order or ids
+        if ids != order:
             raise UsageError(f"{path} scored other papers than the lab's evaluation; delete it and run again")
-        get = lambda key: np.array([float(recs[i][key]) for i in order])  # noqa: E731
-        out[label] = {"nll": get("nll"), "tokens": get("target_tokens"), "rougeL": get("rougeL"),
-                      "eos": get("ended_with_eos"), "words": get("words")}
     return out
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _util import ROOT, TOKENIZER_VOCAB, random_model, record, timeit  # noqa: E402
+from _util import ROOT, TOKENIZER_VOCAB, random_model, record, timeit, wait_for_device  # noqa: E402
 
 from proxytune.models.loading import load_causal_lm, load_tokenizer
 from proxytune.steering import speculative
@@ -70,12 +70,6 @@ def on_device(model, device: str):
     return model.to(device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
 
 
-def wait(device: str) -> None:
-    """Wait for the GPU's queued work (a timer read before it would stop early); nothing on the CPU."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def device_name(device: str) -> str:
     """'' on the CPU; ' on <GPU name> (bf16)' on a GPU, for a record's title: one record per device."""
     return "" if device == "cpu" else f" on {torch.cuda.get_device_name(torch.device(device))} (bf16)"
@@ -88,12 +82,12 @@ def interleaved(systems: dict, repeats: int, device: str) -> dict:
     with torch.inference_mode():
         for fn in systems.values():  # warm-up: every shape each system runs
             fn()
-        wait(device)
+        wait_for_device(device)
         for _ in range(repeats):
             for key, fn in systems.items():
                 t0 = time.perf_counter()
                 fn()
-                wait(device)
+                wait_for_device(device)
                 times[key].append(time.perf_counter() - t0)
     return times
 

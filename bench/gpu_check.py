@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import random_model  # noqa: E402
+from _util import random_model, wait_for_device  # noqa: E402
 
 from proxytune.steering.blend import Blend
 from proxytune.steering.decoding import steered_generate
@@ -30,19 +30,14 @@ from proxytune.steering.speculative import speculative_generate
 VOCAB = 50277  # the Pythia tokenizer's size (random models have 50,304 rows)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn, device: str, repeats: int = 3) -> float:
     fn()  # warm-up
-    sync(device)
+    wait_for_device(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync(device)
+        wait_for_device(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -54,10 +49,10 @@ def forward_cost(model, device: str, prompt: int, ks: list[int]) -> dict[int, fl
     for k in ks:
         def step(k=k):
             cache = model(ids[:, :prompt], use_cache=True).past_key_values
-            sync(device)
+            wait_for_device(device)
             start = time.perf_counter()
             model(ids[:, prompt:prompt + k], cache=cache, use_cache=True)
-            sync(device)
+            wait_for_device(device)
             return time.perf_counter() - start
         step()
         out[k] = sorted(step() for _ in range(5))[2]

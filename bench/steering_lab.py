@@ -797,23 +797,30 @@ def score_alpha_curve(lab: Lab) -> None:
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
+def paper_scores(path: Path, system: str, keys: dict[str, str]) -> tuple[list, dict[str, Any]]:
+    """One system's per-paper scores in an evaluation.py predictions.jsonl -> (its papers' example ids, sorted;
+    {name: array of each paper's record[key]} in that order) for `keys` {name: record key}. The caller checks that
+    its systems scored the same papers."""
+    import numpy as np
+
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    recs = {r["example_id"]: r for r in recs if r["system"] == system}
+    ids = sorted(recs)
+    return ids, {name: np.array([float(recs[i][key]) for i in ids]) for name, key in keys.items()}
+
+
 def read_predictions(lab: Lab, decoding: str) -> dict[str, dict[str, Any]]:
     """{system label: per-paper arrays (nll, tokens, rouge*, new_tokens, eos), papers in one shared order} of one
     decoding's evaluation runs."""
-    import numpy as np
-
+    keys = {"nll": "nll", "tokens": "target_tokens", "rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeL",
+            "new_tokens": "new_tokens", "words": "words", "eos": "ended_with_eos", "repetition": "repetition"}
     out, order = {}, None
     for label, run, system in SYSTEMS:
         path = lab.eval_dir / decoding / run / "predictions.jsonl"
-        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-        recs = {r["example_id"]: r for r in recs if r["system"] == system}
-        order = order or sorted(recs)
-        if sorted(recs) != order:
+        ids, out[label] = paper_scores(path, system, keys)
+        order = order or ids
+        if ids != order:
             raise RuntimeError(f"{path}: the evaluation runs scored different papers; re-run with --redo evaluate")
-        get = lambda key: np.array([float(recs[i][key]) for i in order])  # noqa: E731
-        out[label] = {"nll": get("nll"), "tokens": get("target_tokens"), "rouge1": get("rouge1"),
-                      "rouge2": get("rouge2"), "rougeL": get("rougeL"), "new_tokens": get("new_tokens"),
-                      "words": get("words"), "eos": get("ended_with_eos"), "repetition": get("repetition")}
     return out
 
 

@@ -10,6 +10,7 @@ from proxytune.foundation.errors import UsageError, raise_problems
 from proxytune.foundation.validation import SEED_MAX, decoding_problems, number_problems
 from proxytune.models.loading import DEFAULT_MODELS, DTYPES
 from proxytune.models.quantization import QuantizationArguments, quantization_flags_last
+from proxytune.steering.shared_base import PAIR_SMALL_MODELS_HELP
 from proxytune.task.papers import DataArguments
 from proxytune.training.classifier_scores import REWARD_INPUTS, REWARD_SCORES
 from proxytune.training.text_prompts import parse_token_range
@@ -68,12 +69,7 @@ class ModelArguments(QuantizationArguments):
     dtype: str = field(
         default="auto", metadata={"help": "Weights dtype ('auto': float32 on CPU).", "choices": list(DTYPES)}
     )
-    pair_small_models: bool = field(
-        default=False, metadata={"help": "When S_tuned is a LoRA or bottleneck adapter on S's own weights: "
-                                 "true = S and S_tuned run as one forward of 2B rows (PEFT's adapter_names), one "
-                                 "copy of S's weights in memory; false (default) = two forwards, a LoRA S_tuned "
-                                 "merged into a copy of S. Measured: one forward is no faster on CPU and 1.1-1.6x "
-                                 "slower per token on an H200 (bench/RESULTS.md#bench_speculative, part 5)."})
+    pair_small_models: bool = field(default=False, metadata={"help": PAIR_SMALL_MODELS_HELP})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... Default: cuda if available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models to run their own code."})
 

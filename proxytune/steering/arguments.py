@@ -10,6 +10,7 @@ from proxytune.models.loading import DEFAULT_MODELS, DTYPES
 from proxytune.models.quantization import QuantizationArguments, quantization_flags_last
 from proxytune.steering.blend import LARGE, SMALL_BASE, SMALL_TUNED
 from proxytune.steering.scoring import CACHE_DTYPES
+from proxytune.steering.shared_base import PAIR_SMALL_MODELS_HELP
 from proxytune.task.arguments import TEMPLATE_HELP
 
 # Search ranges for --tune. A weight is an inverse temperature (see Blend), so [1/3, 3] for the temperature
@@ -55,12 +56,7 @@ class ModelArguments(QuantizationArguments):
     small_tuned_dtype: str = field(default="auto", metadata={"help": "dtype of S_tuned.", "choices": list(DTYPES)})
     large_tuned_dtype: str = field(default="auto", metadata={"help": "dtype of L_tuned.", "choices": list(DTYPES)})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub models/tokenizers to run their code."})
-    pair_small_models: bool = field(
-        default=False, metadata={"help": "When S_tuned is a LoRA or bottleneck adapter on S's own weights: "
-                                 "true = S and S_tuned run as one forward of 2B rows (PEFT's adapter_names), one "
-                                 "copy of S's weights in memory; false (default) = two forwards, a LoRA S_tuned "
-                                 "merged into a copy of S. Measured: one forward is no faster on CPU and 1.1-1.6x "
-                                 "slower per token on an H200 (bench/RESULTS.md#bench_speculative, part 5)."})
+    pair_small_models: bool = field(default=False, metadata={"help": PAIR_SMALL_MODELS_HELP})
 
 
 @dataclass

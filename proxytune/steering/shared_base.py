@@ -32,6 +32,13 @@ import torch
 
 from proxytune.models.adapters import BASE_ROWS, BOTTLENECK_ADAPTER, base_state_dict, has_bottleneck_adapters
 
+# The --pair_small_models flag of steer.py, evaluation.py and serve.py (their argument classes share it).
+PAIR_SMALL_MODELS_HELP = (
+    "When S_tuned is a LoRA or bottleneck adapter on S's own weights: true = S and S_tuned run as one forward of 2B "
+    "rows (PEFT's adapter_names), one copy of S's weights in memory; false (default) = two forwards, a LoRA S_tuned "
+    "merged into a copy of S. Measured: one forward is no faster on CPU and 1.1-1.6x slower per token on an H200 "
+    "(bench/RESULTS.md#bench_speculative, part 5).")
+
 
 def lora_adapter_name(model) -> str | None:
     """The active adapter of an unmerged PEFT LoRA model without DoRA (what mixed batches support), else None."""
